@@ -1,0 +1,325 @@
+"""The executor: a pool of sandbox workers fed from one queue of (job, tests) chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rlef_hpc.sandbox.protocol import read_frame, write_frame
+from rlef_hpc.sandbox.types import Job, Limits, TestCase, TestResult, Verdict
+
+__all__ = ["Executor", "SandboxUnavailableError", "capabilities", "default_cache_dir"]
+
+# Each executor's workers get uids of their own: RLIMIT_NPROC counts per uid, and a test can
+# signal nothing that runs under another uid.
+_UID_BASE = 1_000_000
+_UIDS_PER_EXECUTOR = 64
+_executor_ids = itertools.count()
+
+
+class SandboxUnavailableError(RuntimeError):
+    """The machine cannot give the isolation the caller asked for."""
+
+
+class WorkerDied(Exception):
+    pass
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("RLEF_HPC_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "rlef_hpc"
+    )
+    return Path(root) / "sandbox"
+
+
+def _as_bytes(text: str | bytes | None) -> bytes | None:
+    return text.encode() if isinstance(text, str) else text
+
+
+class _JobState:
+    def __init__(self, job: Job, future: concurrent.futures.Future[list[TestResult]], parts: int):
+        self.job = job
+        self.future = future
+        self.results: list[TestResult | None] = [None] * len(job.tests)
+        self.parts_left = parts
+        self.lock = threading.Lock()
+
+    def part_done(self) -> None:
+        with self.lock:
+            self.parts_left -= 1
+            if self.parts_left:
+                return
+        if self.job.stop_on_first_failure:  # the tests after the first failure never ran
+            ran = list(itertools.takewhile(lambda r: r is not None, self.results))
+        else:
+            ran = self.results
+        self.future.set_result(ran)  # type: ignore[arg-type]
+
+
+class _Worker:
+    """One worker process, from the executor's side."""
+
+    def __init__(self, config: dict[str, Any], log_path: str) -> None:
+        self.log_path = log_path
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-m", "rlef_hpc.sandbox.worker", json.dumps(config)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, close_fds=True,
+                cwd="/", env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            )  # fmt: skip
+        self.rfd, self.wfd = self.proc.stdout.fileno(), self.proc.stdin.fileno()  # type: ignore[union-attr]
+        hello = read_frame(self.rfd)
+        if hello is None:
+            raise SandboxUnavailableError(f"sandbox worker failed to start:\n{self.log_tail()}")
+        self.capabilities: dict[str, Any] = hello["capabilities"]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self) -> str:
+        try:
+            return Path(self.log_path).read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def send(self, message: dict[str, Any]) -> None:
+        try:
+            write_frame(self.wfd, message)
+        except OSError as e:
+            raise WorkerDied(str(e)) from None
+
+    def receive(self) -> dict[str, Any]:
+        message = read_frame(self.rfd)
+        if message is None:
+            raise WorkerDied(f"exit status {self.proc.wait()}")
+        if message["type"] == "fatal":
+            raise WorkerDied(message["message"])
+        return message
+
+    def close(self) -> None:
+        try:
+            write_frame(self.wfd, {"type": "exit"})
+        except OSError:
+            pass
+        for stream in (self.proc.stdin, self.proc.stdout):
+            stream.close()  # type: ignore[union-attr]
+        try:
+            self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Executor:
+    """Runs untrusted solutions on tests, isolated, on `workers` long-lived worker processes.
+
+    Each worker enters fresh namespaces once, drops to its own unprivileged uid (when started as
+    root), and runs each test in a fork (Python) or exec (C++) with rlimits and a seccomp policy.
+    Without seccomp it refuses to run anything unless `unsafe=True`.
+
+        with Executor(workers=2) as ex:
+            results = ex.run("python", source, [{"input": "1 2\\n", "output": "3\\n"}])
+    """
+
+    def __init__(
+        self,
+        workers: int = 2,
+        *,
+        unsafe: bool = False,
+        allow_subprocesses: bool = False,
+        cache_dir: str | os.PathLike[str] | None = None,
+        keep_bytes: int = 4096,
+        scratch_mb: int = 256,
+    ) -> None:
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        self.workers = workers
+        self.unsafe = unsafe
+        self.allow_subprocesses = allow_subprocesses
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._root = tempfile.mkdtemp(prefix="rlef-sandbox-")
+        os.chmod(self._root, 0o755)  # the sandbox uid must reach its scratch directory
+        slot = (os.getpid() * 7919 + next(_executor_ids)) % 100_000
+        self.uids = [_UID_BASE + slot * _UIDS_PER_EXECUTOR + i for i in range(workers)]
+        self._config = {
+            "cache_dir": str(self.cache_dir), "keep_bytes": keep_bytes, "scratch_mb": scratch_mb,
+            "isolate": True, "seccomp": True,
+        }  # fmt: skip
+        self._queue: queue.SimpleQueue[tuple[_JobState, list[int]] | None] = queue.SimpleQueue()
+        self._procs: list[_Worker | None] = [None] * workers
+        self._closed = False
+        # Start every worker now, in parallel: a machine that cannot sandbox fails here, at
+        # construction, not in the middle of a training step.
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            started = list(pool.map(self._start, range(workers)))
+        self.capabilities: dict[str, Any] = started[0].capabilities
+        if not unsafe and not self.capabilities["seccomp"]:
+            self._shutdown_workers()
+            shutil.rmtree(self._root, ignore_errors=True)
+            raise SandboxUnavailableError(
+                "seccomp filters are unavailable here, so untrusted code would run with rlimits "
+                "only; refusing. Pass unsafe=True (CLI: --unsafe) to run it anyway."
+            )
+        self._threads = [
+            threading.Thread(target=self._serve, args=(i,), name=f"sandbox-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self._root, True)
+
+    # --- public API ------------------------------------------------------------------------------
+
+    def run(
+        self,
+        language: str,
+        source: str,
+        tests: Iterable[TestCase | Mapping[str, Any] | Sequence[Any]],
+        limits: Limits | None = None,
+        stop_on_first_failure: bool = False,
+        compare: str = "tokens",
+    ) -> list[TestResult]:
+        """Runs `source` on every test (or up to the first failure) and returns one result each."""
+        job = Job.build(language, source, tests, limits, stop_on_first_failure, compare)
+        return self.submit(job).result()
+
+    def submit(self, job: Job) -> concurrent.futures.Future[list[TestResult]]:
+        if self._closed:
+            raise RuntimeError("executor is closed")
+        if not isinstance(job, Job):
+            raise TypeError(f"submit() takes a Job, got {type(job).__name__}")
+        future: concurrent.futures.Future[list[TestResult]] = concurrent.futures.Future()
+        n = len(job.tests)
+        if n == 0:
+            future.set_result([])
+            return future
+        # Independent tests spread over all workers; a stop-on-failure job runs in order on one.
+        size = n if job.stop_on_first_failure else -(-n // self.workers)
+        chunks = [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+        state = _JobState(job, future, len(chunks))
+        for chunk in chunks:
+            self._queue.put((state, chunk))
+        return future
+
+    def run_many(self, jobs: Iterable[Job], progress: bool = False) -> list[list[TestResult]]:
+        """Runs many jobs with every worker kept busy; results in the order of `jobs`."""
+        futures = [self.submit(job) for job in jobs]
+        if progress:
+            from tqdm import tqdm
+
+            with tqdm(total=len(futures), desc="sandbox", unit="job") as bar:
+                for _ in concurrent.futures.as_completed(futures):
+                    bar.update()
+        return [f.result() for f in futures]
+
+    async def run_async(self, language: str, source: str, tests: Iterable[Any], **kwargs: Any) -> list[TestResult]:
+        """`run` for asyncio code: awaits without blocking the event loop."""
+        job = Job.build(language, source, tests, **kwargs)
+        return await asyncio.wrap_future(self.submit(job))
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the worker processes (as seen from here), e.g. to watch or kill them."""
+        return [w.pid for w in self._procs if w is not None]
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join()
+        self._shutdown_workers()
+        self._finalizer()
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- workers ---------------------------------------------------------------------------------
+
+    def _start(self, i: int) -> _Worker:
+        scratch = os.path.join(self._root, f"w{i}")
+        os.makedirs(scratch, exist_ok=True)
+        config = {**self._config, "scratch": scratch, "uid": self.uids[i], "gid": self.uids[i]}
+        worker = _Worker(config, os.path.join(self._root, f"w{i}.log"))
+        self._procs[i] = worker
+        return worker
+
+    def _shutdown_workers(self) -> None:
+        for i, w in enumerate(self._procs):
+            if w is not None:
+                w.close()
+                self._procs[i] = None
+
+    def _serve(self, i: int) -> None:
+        while (item := self._queue.get()) is not None:
+            state, chunk = item
+            try:
+                self._run_chunk(i, state, chunk)
+            except BaseException as e:  # noqa: BLE001 - never leave a caller waiting forever
+                if not state.future.done():
+                    state.future.set_exception(e)
+                continue
+            state.part_done()
+
+    def _run_chunk(self, i: int, state: _JobState, chunk: list[int]) -> None:
+        job = state.job
+        pending = list(chunk)
+        crashes = 0
+        while pending:
+            worker = self._procs[i] or self._start(i)
+            try:
+                worker.send({
+                    "type": "run", "language": job.language, "source": job.source,
+                    "tests": [(_as_bytes(job.tests[k].input), _as_bytes(job.tests[k].output))
+                              for k in pending],
+                    "first_index": pending[0], "limits": asdict(job.limits),
+                    "stop_on_first_failure": job.stop_on_first_failure, "compare": job.compare,
+                    "allow_subprocesses": self.allow_subprocesses,
+                })  # fmt: skip
+                while (message := worker.receive())["type"] != "done":
+                    k = message.pop("index")
+                    message.pop("type")
+                    state.results[k] = TestResult(verdict=Verdict(message.pop("verdict")), **message)
+                    pending.remove(k)
+                return
+            except WorkerDied as e:
+                # The test in flight is retried once on a fresh worker (the crash may not be
+                # its doing); if the worker dies again it is reported, never silently dropped.
+                self._procs[i] = None
+                log = worker.log_tail()
+                worker.close()
+                crashes += 1
+                if crashes >= 2:
+                    state.results[pending.pop(0)] = TestResult(
+                        Verdict.SANDBOX_VIOLATION, 0.0, 0.0, 0, "",
+                        f"sandbox worker died twice while running this test ({e})\n{log[-2000:]}", -1,
+                    )  # fmt: skip
+                    crashes = 0
+                    if job.stop_on_first_failure:
+                        return
+
+
+def capabilities() -> dict[str, Any]:
+    """The isolation a worker achieves on this machine (namespaces, seccomp, uid drop, ...)."""
+    with Executor(workers=1, unsafe=True) as ex:
+        return dict(ex.capabilities)

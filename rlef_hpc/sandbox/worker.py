@@ -1,0 +1,314 @@
+"""A sandbox worker: a long-lived server that runs untrusted tests one at a time.
+
+Started by `Executor` as `python -I -m rlef_hpc.sandbox.worker CONFIG` from a clean environment
+(never forked from the trainer). It isolates itself once (see csrc/executor.cc), pre-imports the
+stdlib modules solutions use, and then serves jobs over a pipe: per test a fork of this warm
+interpreter (Python) or a vfork+exec of a cached binary (C++), supervised from outside.
+"""
+
+from __future__ import annotations
+
+import builtins
+import gc
+import io
+import json
+import linecache
+import os
+import signal
+import shutil
+import sys
+import traceback
+from collections import OrderedDict
+from typing import Any
+
+from rlef_hpc.sandbox import _executor
+from rlef_hpc.sandbox.compare import outputs_match
+from rlef_hpc.sandbox.cpp import CompileError, Compiler
+from rlef_hpc.sandbox.protocol import read_frame, write_frame
+from rlef_hpc.sandbox.types import Verdict
+
+SOLUTION_FILE = "solution.py"
+SETUP_FAILED = b"rlef-sandbox-setup-failed"
+REASON_WALL, REASON_OUTPUT = 1, 2
+STDERR_CAPTURE = 1 << 20
+# What solutions commonly import, loaded once here so that no test pays for it. Not threading:
+# it registers fork handlers that every test's fork would then run.
+PRELOAD = (
+    "array bisect collections copy decimal fractions functools heapq io itertools linecache "
+    "math operator random re statistics string typing"
+).split()
+
+
+class SandboxSetupError(RuntimeError):
+    """The sandbox, not the solution, failed: the test was not run."""
+
+
+def _address_space_kb() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        pages = int(f.read().split()[0])
+    return pages * (os.sysconf("SC_PAGE_SIZE") // 1024)
+
+
+class Worker:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.scratch: str = config["scratch"]
+        self.cache_dir: str = config["cache_dir"]
+        self.uid: int = config["uid"]
+        self.gid: int = config["gid"]
+        self.keep_bytes: int = config["keep_bytes"]
+        self.capabilities: dict[str, Any] = {
+            "user_ns": False, "pid_ns": False, "net_ns": False, "ipc_ns": False,
+            "mount_ns": False, "uts_ns": False, "proc_private": False, "readonly_root": False,
+            "scratch_tmpfs": False, "seccomp": False, "uid_drop": False, "rlimits": True,
+        }  # fmt: skip
+        if config["isolate"]:
+            try:
+                self.capabilities.update(
+                    _executor.isolate(self.scratch, [self.cache_dir], config["scratch_mb"])
+                )
+            except OSError as e:
+                self.capabilities["isolation_error"] = str(e)
+        if config["seccomp"] and _executor.seccomp_available():
+            _executor.build_policies()
+            self.capabilities["seccomp"] = True
+        # Dropping to a per-worker uid needs real root: in a user namespace only one uid exists.
+        self.drop_uid = os.geteuid() == 0 and not self.capabilities["user_ns"]
+        self.capabilities["uid_drop"] = self.drop_uid
+        self.safe = self.capabilities["seccomp"]
+        self.workdir = os.path.join(self.scratch, "work")
+        self.bindir = os.path.join(self.scratch, "bin")
+        self.compiledir = os.path.join(self.scratch, "compile")
+        for d in (self.workdir, self.bindir, self.compiledir):
+            os.makedirs(d, exist_ok=True)
+            if self.drop_uid and d != self.bindir:
+                os.chown(d, self.uid, self.gid)
+        os.chdir(self.workdir)
+        os.environ.clear()
+        os.environ.update({"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": self.workdir})
+        for name in PRELOAD:
+            __import__(name)
+        self.codes: OrderedDict[str, Any] = OrderedDict()
+        self.compiler: Compiler | None = None
+        _prepare_stdio()
+        gc.freeze()  # a collection in a test's process would touch (and copy) every page
+        self.python_baseline_kb = self._python_baseline_kb()
+
+    def _python_baseline_kb(self) -> int:
+        """Peak RSS of a Python test that does nothing: what the warm interpreter itself costs,
+        subtracted from each Python test's peak so that `memory_kb` is the solution's own."""
+        empty = compile("pass", SOLUTION_FILE, "exec")
+        pid, out_fd, err_fd = _executor.spawn(
+            False, False, self.safe, self.drop_uid, self.uid, self.gid, b"", None,
+            (1 << 40, 10, 1 << 20, 64, 64, 8 << 20),
+        )  # fmt: skip
+        if pid == 0:
+            _run_python_child(empty, "pass")
+        return _executor.supervise(pid, out_fd, err_fd, 10.0, 1 << 16, 1 << 16)["max_rss_kb"]
+
+    # --- programs ------------------------------------------------------------------------------
+
+    def python_program(self, source: str) -> Any:
+        key = source
+        if key in self.codes:
+            self.codes.move_to_end(key)
+            return self.codes[key]
+        try:
+            code = compile(source, SOLUTION_FILE, "exec")
+        except (SyntaxError, ValueError) as e:  # ValueError: NUL bytes in the source
+            raise CompileError("".join(traceback.format_exception_only(type(e), e))) from None
+        self.codes[key] = code
+        if len(self.codes) > 256:
+            self.codes.popitem(last=False)
+        return code
+
+    def cpp_program(self, source: str) -> str:
+        if self.compiler is None:
+            self.compiler = Compiler(self.cache_dir, self.compiledir, self.uid if self.drop_uid else None)
+        cached = self.compiler.binary(source)
+        local = os.path.join(self.bindir, os.path.basename(cached))
+        if not os.path.exists(local):
+            # Tests exec from the scratch tmpfs: the cache may not be reachable by the sandbox
+            # uid, and one copy per solution costs far less than its compile.
+            for old in sorted(os.scandir(self.bindir), key=lambda e: e.stat().st_mtime)[:-16]:
+                os.unlink(old.path)
+            shutil.copyfile(cached, local + ".tmp")
+            os.chmod(local + ".tmp", 0o555)
+            os.rename(local + ".tmp", local)
+        return local
+
+    # --- tests ---------------------------------------------------------------------------------
+
+    def run_job(self, req: dict[str, Any], send: Any) -> None:
+        native = req["language"] == "cpp"
+        try:
+            program = self.cpp_program(req["source"]) if native else self.python_program(req["source"])
+        except CompileError as e:
+            for i in range(1 if req["stop_on_first_failure"] else len(req["tests"])):
+                send({"index": req["first_index"] + i, "verdict": Verdict.COMPILE_ERROR.value,
+                      "time_s": 0.0, "wall_s": 0.0, "memory_kb": 0, "output": "",
+                      "output_truncated": False, "stderr": str(e)[-4096:], "exit_code": 0})  # fmt: skip
+            return
+        limits = req["limits"]
+        mem = limits["memory_mb"] << 20
+        vm_kb = _address_space_kb()
+        # A forked Python test starts with the worker's address space mapped: the solution's
+        # budget comes on top of it.
+        address_space = mem + (0 if native else vm_kb * 1024)
+        rlimits = (
+            address_space,
+            int(limits["time_s"]) + 2,  # CPU backstop; the wall clock ends a test earlier
+            limits["file_size_mb"] << 20,
+            limits["open_files"],
+            limits["processes"],
+            mem,
+        )
+        for i, (stdin, expected) in enumerate(req["tests"]):
+            result = self.run_test(native, program, req, stdin, expected, rlimits)
+            result["index"] = req["first_index"] + i
+            send(result)
+            if req["stop_on_first_failure"] and result["verdict"] != Verdict.OK.value:
+                return
+
+    def run_test(self, native: bool, program: Any, req: dict[str, Any], stdin: bytes,
+                 expected: bytes | None, rlimits: tuple[int, ...]) -> dict[str, Any]:  # fmt: skip
+        limits = req["limits"]
+        pid, out_fd, err_fd = _executor.spawn(
+            native, req["allow_subprocesses"], self.safe, self.drop_uid, self.uid, self.gid,
+            stdin, program if native else None, rlimits,
+        )  # fmt: skip
+        if pid == 0:
+            _run_python_child(program, req["source"])  # never returns
+        obs = _executor.supervise(
+            pid, out_fd, err_fd, limits["time_s"] + limits["wall_slack_s"],
+            limits["output_bytes"], STDERR_CAPTURE,
+        )  # fmt: skip
+        code, stdout, stderr = obs["code"], obs["stdout"], obs["stderr"]
+        if code == 120 and SETUP_FAILED in stderr:
+            raise SandboxSetupError(stderr.decode(errors="replace"))
+        memory_kb = obs["max_rss_kb"] if native else max(0, obs["max_rss_kb"] - self.python_baseline_kb)
+        if obs["reason"] == REASON_OUTPUT:
+            verdict = Verdict.OUTPUT_LIMIT
+        elif code == -signal.SIGSYS:
+            verdict = Verdict.SANDBOX_VIOLATION
+        elif obs["reason"] == REASON_WALL or obs["cpu_s"] > limits["time_s"] or code == -signal.SIGXCPU:
+            verdict = Verdict.TIME_LIMIT
+        elif code != 0:
+            out_of_memory = b"MemoryError" in stderr[-512:] or b"std::bad_alloc" in stderr[-512:]
+            out_of_memory |= memory_kb >= 0.98 * (limits["memory_mb"] << 10)
+            verdict = Verdict.MEMORY_LIMIT if out_of_memory else Verdict.RUNTIME_ERROR
+        elif expected is None or outputs_match(expected, stdout, req["compare"]):
+            verdict = Verdict.OK
+        else:
+            verdict = Verdict.WRONG_ANSWER
+        if os.listdir(self.workdir):  # nothing a test writes may reach the next one
+            _clear(self.workdir)
+        return {
+            "verdict": verdict.value, "time_s": obs["cpu_s"], "wall_s": obs["wall_s"],
+            "memory_kb": memory_kb, "exit_code": code,
+            "output": stdout[: self.keep_bytes].decode(errors="replace"),
+            "output_truncated": len(stdout) > self.keep_bytes,
+            "stderr": stderr[-4096:].decode(errors="replace"),
+        }  # fmt: skip
+
+
+def _clear(directory: str) -> None:
+    for entry in os.scandir(directory):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            os.unlink(entry.path)
+
+
+_STDIO: tuple[Any, Any, Any] | None = None
+
+
+def _prepare_stdio() -> None:
+    """Builds the test's sys.stdin/stdout/stderr once, here, rather than in every test's
+    process (where they cost a quarter of a millisecond). They are created over descriptors of
+    the kinds a test gets (a memfd, pipes) so that what they cache about them holds there."""
+    global _STDIO
+    saved = [os.dup(fd) for fd in (0, 1, 2)]
+    memfd = os.memfd_create("stdin")
+    r, w = os.pipe()
+    os.dup2(memfd, 0)
+    os.dup2(w, 1)
+    os.dup2(w, 2)
+    stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)))
+    stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False), 1 << 16))
+    stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True)
+    for stream in (stdin, stdout, stderr):
+        stream.buffer.seekable()
+    for fd, old in zip((0, 1, 2), saved, strict=True):
+        os.dup2(old, fd)
+        os.close(old)
+    for fd in (memfd, r, w):
+        os.close(fd)
+    _STDIO = (stdin, stdout, stderr)
+
+
+_OUT_OF_MEMORY = b"Traceback (most recent call last):\n  (omitted: out of memory)\nMemoryError\n"
+
+
+def _run_python_child(code: Any, source: str) -> None:
+    """The test's process, already inside the sandbox: run the solution as __main__."""
+    status = 0
+    try:
+        sys.stdin, sys.stdout, sys.stderr = _STDIO  # type: ignore[misc]
+        sys.argv = [SOLUTION_FILE]
+        exec(code, {"__name__": "__main__", "__builtins__": builtins})
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            status = (e.code or 0) & 0xFF
+        else:
+            status = 1
+            _write_stderr(f"{e.code}\n".encode())
+    except MemoryError:
+        # The traceback still holds the frames that filled memory; formatting it could fail.
+        status = 1
+        os.write(2, _OUT_OF_MEMORY)
+    except BaseException as e:  # noqa: BLE001 - everything the solution raises is its verdict
+        status = 1
+        linecache.cache[SOLUTION_FILE] = (len(source), None, source.splitlines(True), SOLUTION_FILE)
+        tb = e.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename != SOLUTION_FILE:
+            tb = tb.tb_next  # drop the sandbox's own frames
+        _write_stderr("".join(traceback.format_exception(type(e), e, tb)).encode())
+    try:
+        sys.stdout.flush()
+    except BaseException:  # noqa: BLE001 - stdout closed by the solution: its output is what it is
+        pass
+    os._exit(status)
+
+
+def _write_stderr(data: bytes) -> None:
+    try:
+        os.write(2, data)
+    except OSError:
+        pass
+
+
+def main() -> None:
+    config = json.loads(sys.argv[1])
+    # The executor's channel moves off stdin/stdout so that nothing printed by accident (or by
+    # a test, whose stdio are its own pipes) can corrupt it.
+    rfd, wfd = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    worker = Worker(config)
+    write_frame(wfd, {"type": "hello", "capabilities": worker.capabilities})
+    while True:
+        req = read_frame(rfd)
+        if req is None or req["type"] == "exit":
+            return
+        try:
+            worker.run_job(req, lambda r: write_frame(wfd, {"type": "result", **r}))
+            write_frame(wfd, {"type": "done"})
+        except SandboxSetupError as e:
+            write_frame(wfd, {"type": "fatal", "message": str(e)})
+            raise
+
+
+if __name__ == "__main__":
+    main()
