@@ -187,6 +187,15 @@ PyObject* isolate(PyObject*, PyObject* args) {
                        PyBool_FromLong(scratch_tmpfs));
 }
 
+PyObject* bind_readonly(PyObject*, PyObject* args) {
+  const char *source, *target;
+  if (!PyArg_ParseTuple(args, "ss", &source, &target)) return nullptr;
+  if (mount(source, target, nullptr, MS_BIND, nullptr) != 0) return os_error("bind mount");
+  unsigned long flags = MS_REMOUNT | MS_BIND | MS_RDONLY | locked_flags(target);
+  if (mount(nullptr, target, nullptr, flags, nullptr) != 0) return os_error("remount read-only");
+  Py_RETURN_NONE;
+}
+
 // --- policies ---------------------------------------------------------------------------------
 
 PyObject* build_policies(PyObject*, PyObject*) {
@@ -501,6 +510,8 @@ PyObject* supervise(PyObject*, PyObject* args) {
 PyMethodDef kMethods[] = {
     {"isolate", isolate, METH_VARARGS,
      "isolate(scratch, writable, scratch_mb) -> dict: become PID 1 of new namespaces."},
+    {"bind_readonly", bind_readonly, METH_VARARGS,
+     "bind_readonly(source, target): make source visible, read-only, at target."},
     {"build_policies", build_policies, METH_NOARGS, "Build the seccomp filters (once)."},
     {"seccomp_available", seccomp_available, METH_NOARGS, "Whether seccomp filters can be used."},
     {"spawn", spawn, METH_VARARGS,

@@ -13,7 +13,7 @@ from typing import Any
 from rlef_hpc.sandbox.compare import outputs_match
 from rlef_hpc.sandbox.types import LANGUAGES, Job, Limits, TestCase, TestResult, Verdict
 
-_LAZY = ("Executor", "SandboxUnavailableError", "capabilities", "default_cache_dir")
+_LAZY = ("Executor", "SandboxError", "SandboxUnavailableError", "capabilities", "default_cache_dir")
 
 __all__ = [*_LAZY, "LANGUAGES", "Job", "Limits", "TestCase", "TestResult", "Verdict", "outputs_match"]
 

@@ -73,9 +73,14 @@ def _check(argv: Sequence[str], cwd: str) -> bytes:
 
 
 class Compiler:
-    """Compiles solutions into `cache_dir`, shared by all workers (and runs) on the machine."""
+    """Compiles solutions into `cache_dir`, shared by all workers (and runs) on the machine.
 
-    def __init__(self, cache_dir: str, workdir: str, uid: int | None) -> None:
+    `view` is where the compiler (running as `uid`) sees the toolchain directory: the cache
+    itself may sit under a home directory that uid cannot enter, so the worker binds it, read-
+    only, inside its scratch space.
+    """
+
+    def __init__(self, cache_dir: str, workdir: str, uid: int | None, view: str | None = None) -> None:
         self.workdir = workdir  # writable by `uid`: the untrusted compile happens here
         self.uid = uid
         import hashlib
@@ -89,6 +94,11 @@ class Compiler:
         self.guard = os.path.join(self.dir, "exec_guard.o")
         with self._lock("toolchain"):
             self._build_toolchain()
+        self.view = self.dir
+        if view is not None:
+            os.makedirs(view, exist_ok=True)
+            _executor.bind_readonly(self.dir, view)
+            self.view = view
 
     def _lock(self, name: str) -> _FileLock:
         return _FileLock(os.path.join(self.dir, "locks", f"{name}.lock"))
@@ -128,10 +138,15 @@ class Compiler:
         out = os.path.join(self.workdir, "solution")
         with open(src, "w") as f:
             f.write(source)
-        pch_dir = os.path.join(self.dir, "pch")
-        argv = [CXX, *CXX_FLAGS, "-I", pch_dir, self.guard, "solution.cpp", *LINK_FLAGS, "-o", "solution"]
+        pch_dir = os.path.join(self.view, "pch")
+        guard = os.path.join(self.view, "exec_guard.o")
+        argv = [CXX, *CXX_FLAGS, "-I", pch_dir, guard, "solution.cpp", *LINK_FLAGS, "-o", "solution"]
         try:
             code, _, err = run_command(argv, self.workdir, uid=self.uid)
+            if code != 0 and b"solution.cpp" not in err:
+                # Not the solution's fault (no compiler, no memory, a broken toolchain): never
+                # cache it as a compile error, let the caller see it.
+                raise RuntimeError(f"C++ toolchain failed ({code}): {err.decode(errors='replace')}")
             tmp = f"{cached if code == 0 else failed}.{os.getpid()}.tmp"
             if code == 0:
                 shutil.copyfile(out, tmp)

@@ -22,7 +22,7 @@ from typing import Any
 from rlef_hpc.sandbox.protocol import read_frame, write_frame
 from rlef_hpc.sandbox.types import Job, Limits, TestCase, TestResult, Verdict
 
-__all__ = ["Executor", "SandboxUnavailableError", "capabilities", "default_cache_dir"]
+__all__ = ["Executor", "SandboxError", "SandboxUnavailableError", "capabilities", "default_cache_dir"]
 
 # Each executor's workers get uids of their own: RLIMIT_NPROC counts per uid, and a test can
 # signal nothing that runs under another uid.
@@ -33,6 +33,10 @@ _executor_ids = itertools.count()
 
 class SandboxUnavailableError(RuntimeError):
     """The machine cannot give the isolation the caller asked for."""
+
+
+class SandboxError(RuntimeError):
+    """The executor could not run a job (not a verdict about the solution)."""
 
 
 class WorkerDied(Exception):
@@ -109,6 +113,8 @@ class _Worker:
             raise WorkerDied(f"exit status {self.proc.wait()}")
         if message["type"] == "fatal":
             raise WorkerDied(message["message"])
+        if message["type"] == "error":
+            raise SandboxError(f"sandbox worker failed on this job:\n{message['message']}")
         return message
 
     def close(self) -> None:

@@ -82,6 +82,8 @@ class Worker:
             os.makedirs(d, exist_ok=True)
             if self.drop_uid and d != self.bindir:
                 os.chown(d, self.uid, self.gid)
+        if self.drop_uid and self.capabilities["mount_ns"]:
+            self._expose_python_path()
         os.chdir(self.workdir)
         os.environ.clear()
         os.environ.update({"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": self.workdir})
@@ -105,6 +107,34 @@ class Worker:
             _run_python_child(empty, "pass")
         return _executor.supervise(pid, out_fd, err_fd, 10.0, 1 << 16, 1 << 16)["max_rss_kb"]
 
+    def _expose_python_path(self) -> None:
+        """Makes the interpreter's library directories importable by the sandbox uid.
+
+        Python often lives under a home directory the uid cannot enter (pyenv in /root, conda
+        in ~). Each such sys.path entry is bound, read-only, under the scratch directory and
+        sys.path points there instead, so `import ctypes` in a test finds it."""
+        import importlib
+
+        moved = {}
+        for i, entry in enumerate(sys.path):
+            if not os.path.isdir(entry) or _world_reachable(entry):
+                continue
+            view = os.path.join(self.scratch, "pylib", str(i))
+            os.makedirs(view, exist_ok=True)
+            _executor.bind_readonly(entry, view)
+            sys.path[i] = moved[entry.rstrip("/") + "/"] = view
+        # Packages already imported (encodings, email, ...) find submodules via __path__.
+        for module in list(sys.modules.values()):
+            search = getattr(module, "__path__", None)
+            if not isinstance(search, list):
+                continue
+            for j, path in enumerate(search):
+                for old, view in moved.items():
+                    if path.startswith(old):
+                        search[j] = os.path.join(view, path[len(old) :])
+        sys.path_importer_cache.clear()
+        importlib.invalidate_caches()
+
     # --- programs ------------------------------------------------------------------------------
 
     def python_program(self, source: str) -> Any:
@@ -123,7 +153,9 @@ class Worker:
 
     def cpp_program(self, source: str) -> str:
         if self.compiler is None:
-            self.compiler = Compiler(self.cache_dir, self.compiledir, self.uid if self.drop_uid else None)
+            view = os.path.join(self.scratch, "toolchain") if self.capabilities["mount_ns"] else None
+            uid = self.uid if self.drop_uid else None
+            self.compiler = Compiler(self.cache_dir, self.compiledir, uid, view)
         cached = self.compiler.binary(source)
         local = os.path.join(self.bindir, os.path.basename(cached))
         if not os.path.exists(local):
@@ -154,13 +186,15 @@ class Worker:
         # A forked Python test starts with the worker's address space mapped: the solution's
         # budget comes on top of it.
         address_space = mem + (0 if native else vm_kb * 1024)
+        # Half the memory for the stack: deep recursion works, and a runaway one ends as a
+        # stack overflow (RUNTIME_ERROR) before it could pass for memory exhaustion.
         rlimits = (
             address_space,
             int(limits["time_s"]) + 2,  # CPU backstop; the wall clock ends a test earlier
             limits["file_size_mb"] << 20,
             limits["open_files"],
             limits["processes"],
-            mem,
+            mem // 2,
         )
         for i, (stdin, expected) in enumerate(req["tests"]):
             result = self.run_test(native, program, req, stdin, expected, rlimits)
@@ -209,6 +243,20 @@ class Worker:
             "output_truncated": len(stdout) > self.keep_bytes,
             "stderr": stderr[-4096:].decode(errors="replace"),
         }  # fmt: skip
+
+
+def _world_reachable(path: str) -> bool:
+    """Whether a uid that is neither owner nor group can list `path` (and so import from it)."""
+    import stat
+
+    path = os.path.abspath(path)
+    if os.stat(path).st_mode & (stat.S_IROTH | stat.S_IXOTH) != (stat.S_IROTH | stat.S_IXOTH):
+        return False
+    while path != "/":
+        path = os.path.dirname(path)
+        if not os.stat(path).st_mode & stat.S_IXOTH:
+            return False
+    return True
 
 
 def _clear(directory: str) -> None:
@@ -308,6 +356,8 @@ def main() -> None:
         except SandboxSetupError as e:
             write_frame(wfd, {"type": "fatal", "message": str(e)})
             raise
+        except Exception:  # noqa: BLE001 - the job fails, the worker keeps serving
+            write_frame(wfd, {"type": "error", "message": traceback.format_exc()})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,5 @@
+// expect: SANDBOX_VIOLATION
+#include <unistd.h>
+int main() {
+  for (;;) fork();
+}

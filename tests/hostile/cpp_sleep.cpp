@@ -1,0 +1,3 @@
+// expect: TIME_LIMIT
+#include <unistd.h>
+int main() { sleep(1000); }

@@ -1,0 +1,5 @@
+# expect: SANDBOX_VIOLATION
+import os
+
+while True:
+    os.fork()

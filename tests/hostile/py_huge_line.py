@@ -1,0 +1,4 @@
+# expect: OUTPUT_LIMIT
+import sys
+
+sys.stdout.write("x" * 50_000_000)

@@ -1,0 +1,3 @@
+# expect: TIME_LIMIT
+while True:
+    pass

@@ -1,0 +1,3 @@
+# expect: OUTPUT_LIMIT
+while True:
+    print("spam" * 100)

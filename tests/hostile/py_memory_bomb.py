@@ -1,0 +1,4 @@
+# expect: MEMORY_LIMIT
+hoard = []
+while True:
+    hoard.append(bytearray(10**7))

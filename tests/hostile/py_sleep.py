@@ -1,0 +1,4 @@
+# expect: TIME_LIMIT
+import time
+
+time.sleep(1000)

@@ -1,0 +1,5 @@
+# expect: SANDBOX_VIOLATION
+import socket
+
+s = socket.create_connection(("127.0.0.1", 22), timeout=1)
+s.sendall(b"hello")
