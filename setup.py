@@ -12,7 +12,13 @@ setup(
             include_dirs=["csrc"],
             libraries=["seccomp"],
             language="c++",
-            extra_compile_args=["-std=c++17", "-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
+            extra_compile_args=[
+                "-std=c++17",
+                "-O2",
+                "-Wall",
+                "-Wextra",
+                "-Wno-missing-field-initializers",
+            ],
         )
     ]
 )

@@ -92,7 +92,9 @@ def permissive_executor(executor: Executor):
         yield ex
 
 
-def test_setsid_grandchild_cannot_hold_the_test_open(permissive_executor: Executor, guarded_files: None):
+def test_setsid_grandchild_cannot_hold_the_test_open(
+    permissive_executor: Executor, guarded_files: None
+):
     source = (HOSTILE / "py_setsid_grandchild.py").read_text()
     start = time.monotonic()
     [result] = permissive_executor.run("python", source, [TestCase("", "3\n")], Limits(time_s=5))
@@ -101,7 +103,9 @@ def test_setsid_grandchild_cannot_hold_the_test_open(permissive_executor: Execut
     assert sandbox_processes(permissive_executor.uids) == []
 
 
-def test_fork_bomb_is_bounded_by_the_process_limit(permissive_executor: Executor, guarded_files: None):
+def test_fork_bomb_is_bounded_by_the_process_limit(
+    permissive_executor: Executor, guarded_files: None
+):
     source = (HOSTILE / "py_fork_bomb.py").read_text()
     limits = Limits(time_s=2, processes=16)
     [result] = permissive_executor.run("python", source, [TestCase("", None)], limits)
@@ -128,7 +132,9 @@ def test_crashed_worker_is_restarted_and_its_test_rerun():
     with Executor(workers=1) as ex:
         first = ex.worker_pids()
         killer = _kill_worker_when_busy(ex, times=1)
-        results = ex.run("python", source, [TestCase("", "3\n"), TestCase("", "3\n")], Limits(time_s=3))
+        results = ex.run(
+            "python", source, [TestCase("", "3\n"), TestCase("", "3\n")], Limits(time_s=3)
+        )
         killer.join()
         assert [r.verdict for r in results] == [Verdict.OK, Verdict.OK]
         assert ex.worker_pids() != first

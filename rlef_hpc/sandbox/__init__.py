@@ -15,7 +15,16 @@ from rlef_hpc.sandbox.types import LANGUAGES, Job, Limits, TestCase, TestResult,
 
 _LAZY = ("Executor", "SandboxError", "SandboxUnavailableError", "capabilities", "default_cache_dir")
 
-__all__ = [*_LAZY, "LANGUAGES", "Job", "Limits", "TestCase", "TestResult", "Verdict", "outputs_match"]
+__all__ = [
+    *_LAZY,
+    "LANGUAGES",
+    "Job",
+    "Limits",
+    "TestCase",
+    "TestResult",
+    "Verdict",
+    "outputs_match",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -11,6 +11,7 @@ FLOAT_TOLERANCE = 1e-5
 # Only plain decimal numbers are compared numerically: Python's float() also accepts "1_000",
 # "nan" and "infinity", which a judge must compare as text.
 _NUMBER = re.compile(rb"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_INTEGER = re.compile(rb"[+-]?\d+")
 
 
 def _as_bytes(text: str | bytes) -> bytes:
@@ -22,6 +23,10 @@ def tokens_equal(expected: bytes, actual: bytes, tol: float = FLOAT_TOLERANCE) -
         return True
     if not (_NUMBER.fullmatch(expected) and _NUMBER.fullmatch(actual)):
         return False
+    if _INTEGER.fullmatch(expected) and _INTEGER.fullmatch(actual):
+        # Integers are exact ("1000000000001" is not within 1e-5 of "999999999999"), but the
+        # same number may be written differently ("+5", "05").
+        return int(expected) == int(actual)
     a, b = float(expected), float(actual)
     if math.isinf(a) or math.isinf(b):
         return a == b
@@ -32,7 +37,8 @@ def outputs_match(expected: str | bytes, actual: str | bytes, mode: str = "token
     """True when `actual` is an accepted answer for `expected` under `mode`.
 
     tokens: both split on whitespace (any amount, any kind, leading and trailing ignored) into
-        the same number of tokens, each equal as text or as numbers within 1e-5 abs. or rel.
+        the same number of tokens, each equal as text, as integers, or (when either is written
+        with a point or an exponent) as reals within 1e-5 absolute or relative.
     exact: identical bytes, except whitespace at the very end of the output.
     """
     exp, act = _as_bytes(expected), _as_bytes(actual)
@@ -44,5 +50,5 @@ def outputs_match(expected: str | bytes, actual: str | bytes, mode: str = "token
     if exp_tokens == act_tokens:
         return True
     return len(exp_tokens) == len(act_tokens) and all(
-        tokens_equal(e, a) for e, a in zip(exp_tokens, act_tokens)
+        tokens_equal(e, a) for e, a in zip(exp_tokens, act_tokens, strict=True)
     )

@@ -45,9 +45,11 @@ def run_command(
             os.dup2(out_w, 1)
             os.dup2(err_w, 2)
             os.closerange(3, 1 << 16)
-            for res, value in ((resource.RLIMIT_CPU, int(timeout_s)),
-                               (resource.RLIMIT_AS, COMPILE_MEMORY),
-                               (resource.RLIMIT_FSIZE, 256 << 20)):  # fmt: skip
+            for res, value in (
+                (resource.RLIMIT_CPU, int(timeout_s)),
+                (resource.RLIMIT_AS, COMPILE_MEMORY),
+                (resource.RLIMIT_FSIZE, 256 << 20),
+            ):
                 resource.setrlimit(res, (value, value))
             if uid is not None:
                 os.setgroups([])
@@ -80,7 +82,9 @@ class Compiler:
     only, inside its scratch space.
     """
 
-    def __init__(self, cache_dir: str, workdir: str, uid: int | None, view: str | None = None) -> None:
+    def __init__(
+        self, cache_dir: str, workdir: str, uid: int | None, view: str | None = None
+    ) -> None:
         self.workdir = workdir  # writable by `uid`: the untrusted compile happens here
         self.uid = uid
         import hashlib
@@ -140,7 +144,17 @@ class Compiler:
             f.write(source)
         pch_dir = os.path.join(self.view, "pch")
         guard = os.path.join(self.view, "exec_guard.o")
-        argv = [CXX, *CXX_FLAGS, "-I", pch_dir, guard, "solution.cpp", *LINK_FLAGS, "-o", "solution"]
+        argv = [
+            CXX,
+            *CXX_FLAGS,
+            "-I",
+            pch_dir,
+            guard,
+            "solution.cpp",
+            *LINK_FLAGS,
+            "-o",
+            "solution",
+        ]
         try:
             code, _, err = run_command(argv, self.workdir, uid=self.uid)
             if code != 0 and b"solution.cpp" not in err:

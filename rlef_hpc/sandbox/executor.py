@@ -22,13 +22,22 @@ from typing import Any
 from rlef_hpc.sandbox.protocol import read_frame, write_frame
 from rlef_hpc.sandbox.types import Job, Limits, TestCase, TestResult, Verdict
 
-__all__ = ["Executor", "SandboxError", "SandboxUnavailableError", "capabilities", "default_cache_dir"]
+__all__ = [
+    "Executor",
+    "SandboxError",
+    "SandboxUnavailableError",
+    "capabilities",
+    "default_cache_dir",
+]
 
 # Each executor's workers get uids of their own: RLIMIT_NPROC counts per uid, and a test can
 # signal nothing that runs under another uid.
 _UID_BASE = 1_000_000
 _UIDS_PER_EXECUTOR = 64
 _executor_ids = itertools.count()
+# A fixed mmap threshold: glibc otherwise raises it after large frees and keeps big inputs in
+# the worker's heap for good, and every page the worker holds makes each test's fork slower.
+_WORKER_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 class SandboxUnavailableError(RuntimeError):
@@ -82,9 +91,13 @@ class _Worker:
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", "-m", "rlef_hpc.sandbox.worker", json.dumps(config)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, close_fds=True,
-                cwd="/", env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-            )  # fmt: skip
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                close_fds=True,
+                cwd="/",
+                env=_WORKER_ENV,
+            )
         self.rfd, self.wfd = self.proc.stdout.fileno(), self.proc.stdin.fileno()  # type: ignore[union-attr]
         hello = read_frame(self.rfd)
         if hello is None:
@@ -136,7 +149,9 @@ class Executor:
 
     Each worker enters fresh namespaces once, drops to its own unprivileged uid (when started as
     root), and runs each test in a fork (Python) or exec (C++) with rlimits and a seccomp policy.
-    Without seccomp it refuses to run anything unless `unsafe=True`.
+    Without seccomp (unavailable, or `seccomp=False`) it refuses to run anything unless
+    `unsafe=True`. `allow_subprocesses` lets tests fork (bounded by `Limits.processes`); by
+    default creating a process is a SANDBOX_VIOLATION.
 
         with Executor(workers=2) as ex:
             results = ex.run("python", source, [{"input": "1 2\\n", "output": "3\\n"}])
@@ -147,6 +162,7 @@ class Executor:
         workers: int = 2,
         *,
         unsafe: bool = False,
+        seccomp: bool = True,
         allow_subprocesses: bool = False,
         cache_dir: str | os.PathLike[str] | None = None,
         keep_bytes: int = 4096,
@@ -164,9 +180,12 @@ class Executor:
         slot = (os.getpid() * 7919 + next(_executor_ids)) % 100_000
         self.uids = [_UID_BASE + slot * _UIDS_PER_EXECUTOR + i for i in range(workers)]
         self._config = {
-            "cache_dir": str(self.cache_dir), "keep_bytes": keep_bytes, "scratch_mb": scratch_mb,
-            "isolate": True, "seccomp": True,
-        }  # fmt: skip
+            "cache_dir": str(self.cache_dir),
+            "keep_bytes": keep_bytes,
+            "scratch_mb": scratch_mb,
+            "isolate": True,
+            "seccomp": seccomp,
+        }
         self._queue: queue.SimpleQueue[tuple[_JobState, list[int]] | None] = queue.SimpleQueue()
         self._procs: list[_Worker | None] = [None] * workers
         self._closed = False
@@ -234,7 +253,9 @@ class Executor:
                     bar.update()
         return [f.result() for f in futures]
 
-    async def run_async(self, language: str, source: str, tests: Iterable[Any], **kwargs: Any) -> list[TestResult]:
+    async def run_async(
+        self, language: str, source: str, tests: Iterable[Any], **kwargs: Any
+    ) -> list[TestResult]:
         """`run` for asyncio code: awaits without blocking the event loop."""
         job = Job.build(language, source, tests, **kwargs)
         return await asyncio.wrap_future(self.submit(job))
@@ -294,18 +315,28 @@ class Executor:
         while pending:
             worker = self._procs[i] or self._start(i)
             try:
-                worker.send({
-                    "type": "run", "language": job.language, "source": job.source,
-                    "tests": [(_as_bytes(job.tests[k].input), _as_bytes(job.tests[k].output))
-                              for k in pending],
-                    "first_index": pending[0], "limits": asdict(job.limits),
-                    "stop_on_first_failure": job.stop_on_first_failure, "compare": job.compare,
-                    "allow_subprocesses": self.allow_subprocesses,
-                })  # fmt: skip
+                worker.send(
+                    {
+                        "type": "run",
+                        "language": job.language,
+                        "source": job.source,
+                        "tests": [
+                            (_as_bytes(job.tests[k].input), _as_bytes(job.tests[k].output))
+                            for k in pending
+                        ],
+                        "first_index": pending[0],
+                        "limits": asdict(job.limits),
+                        "stop_on_first_failure": job.stop_on_first_failure,
+                        "compare": job.compare,
+                        "allow_subprocesses": self.allow_subprocesses,
+                    }
+                )
                 while (message := worker.receive())["type"] != "done":
                     k = message.pop("index")
                     message.pop("type")
-                    state.results[k] = TestResult(verdict=Verdict(message.pop("verdict")), **message)
+                    state.results[k] = TestResult(
+                        verdict=Verdict(message.pop("verdict")), **message
+                    )
                     pending.remove(k)
                 return
             except WorkerDied as e:
@@ -317,9 +348,14 @@ class Executor:
                 crashes += 1
                 if crashes >= 2:
                     state.results[pending.pop(0)] = TestResult(
-                        Verdict.SANDBOX_VIOLATION, 0.0, 0.0, 0, "",
-                        f"sandbox worker died twice while running this test ({e})\n{log[-2000:]}", -1,
-                    )  # fmt: skip
+                        Verdict.SANDBOX_VIOLATION,
+                        0.0,
+                        0.0,
+                        0,
+                        "",
+                        f"sandbox worker died twice while running this test ({e})\n{log[-2000:]}",
+                        -1,
+                    )
                     crashes = 0
                     if job.stop_on_first_failure:
                         return

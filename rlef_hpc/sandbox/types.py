@@ -12,7 +12,7 @@ LANGUAGES = ("python", "cpp")
 COMPARE_MODES = ("tokens", "exact")
 
 
-class Verdict(str, enum.Enum):
+class Verdict(enum.StrEnum):
     OK = "OK"
     WRONG_ANSWER = "WRONG_ANSWER"
     TIME_LIMIT = "TIME_LIMIT"
@@ -21,9 +21,6 @@ class Verdict(str, enum.Enum):
     OUTPUT_LIMIT = "OUTPUT_LIMIT"
     COMPILE_ERROR = "COMPILE_ERROR"
     SANDBOX_VIOLATION = "SANDBOX_VIOLATION"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)
@@ -87,7 +84,9 @@ class TestCase:
         for name in ("input", "output"):
             v = getattr(test, name)
             if not (isinstance(v, (str, bytes)) or (name == "output" and v is None)):
-                raise ValueError(f"{where}: field '{name}' must be a string, got {type(v).__name__}")
+                raise ValueError(
+                    f"{where}: field '{name}' must be a string, got {type(v).__name__}"
+                )
         return test
 
 
@@ -144,12 +143,18 @@ class Job:
     ) -> Job:
         """Validates everything a caller can get wrong, naming what is wrong."""
         if language not in LANGUAGES:
-            raise ValueError(f"unknown language {language!r}; expected one of {', '.join(LANGUAGES)}")
+            raise ValueError(
+                f"unknown language {language!r}; expected one of {', '.join(LANGUAGES)}"
+            )
         if not isinstance(source, str):
             raise ValueError(f"source must be a string, got {type(source).__name__}")
         if compare not in COMPARE_MODES:
-            raise ValueError(f"unknown compare mode {compare!r}; expected one of {', '.join(COMPARE_MODES)}")
+            raise ValueError(
+                f"unknown compare mode {compare!r}; expected one of {', '.join(COMPARE_MODES)}"
+            )
         if limits is not None and not isinstance(limits, Limits):
             raise ValueError(f"limits must be a Limits, got {type(limits).__name__}")
         checked = tuple(TestCase.coerce(t, f"test {i}") for i, t in enumerate(tests))
-        return cls(language, source, checked, limits or Limits(), bool(stop_on_first_failure), compare)
+        return cls(
+            language, source, checked, limits or Limits(), bool(stop_on_first_failure), compare
+        )

@@ -14,8 +14,8 @@ import io
 import json
 import linecache
 import os
-import signal
 import shutil
+import signal
 import sys
 import traceback
 from collections import OrderedDict
@@ -43,10 +43,12 @@ class SandboxSetupError(RuntimeError):
     """The sandbox, not the solution, failed: the test was not run."""
 
 
-def _address_space_kb() -> int:
+def _memory_kb() -> tuple[int, int]:
+    """(address space, private resident memory) of this process."""
     with open("/proc/self/statm", "rb") as f:
-        pages = int(f.read().split()[0])
-    return pages * (os.sysconf("SC_PAGE_SIZE") // 1024)
+        size, resident, shared = map(int, f.read().split()[:3])
+    page_kb = os.sysconf("SC_PAGE_SIZE") // 1024
+    return size * page_kb, (resident - shared) * page_kb
 
 
 class Worker:
@@ -57,10 +59,19 @@ class Worker:
         self.gid: int = config["gid"]
         self.keep_bytes: int = config["keep_bytes"]
         self.capabilities: dict[str, Any] = {
-            "user_ns": False, "pid_ns": False, "net_ns": False, "ipc_ns": False,
-            "mount_ns": False, "uts_ns": False, "proc_private": False, "readonly_root": False,
-            "scratch_tmpfs": False, "seccomp": False, "uid_drop": False, "rlimits": True,
-        }  # fmt: skip
+            "user_ns": False,
+            "pid_ns": False,
+            "net_ns": False,
+            "ipc_ns": False,
+            "mount_ns": False,
+            "uts_ns": False,
+            "proc_private": False,
+            "readonly_root": False,
+            "scratch_tmpfs": False,
+            "seccomp": False,
+            "uid_drop": False,
+            "rlimits": True,
+        }
         if config["isolate"]:
             try:
                 self.capabilities.update(
@@ -93,16 +104,26 @@ class Worker:
         self.compiler: Compiler | None = None
         _prepare_stdio()
         gc.freeze()  # a collection in a test's process would touch (and copy) every page
-        self.python_baseline_kb = self._python_baseline_kb()
+        self.baseline_kb = self._python_baseline_kb()
+        self.baseline_private_kb = _memory_kb()[1]
 
     def _python_baseline_kb(self) -> int:
         """Peak RSS of a Python test that does nothing: what the warm interpreter itself costs,
-        subtracted from each Python test's peak so that `memory_kb` is the solution's own."""
+        subtracted from each Python test's peak so that `memory_kb` is the solution's own. A
+        fork starts with the worker's private pages counted, so their growth since this
+        measurement is subtracted too (see run_job)."""
         empty = compile("pass", SOLUTION_FILE, "exec")
         pid, out_fd, err_fd = _executor.spawn(
-            False, False, self.safe, self.drop_uid, self.uid, self.gid, b"", None,
+            False,
+            False,
+            self.safe,
+            self.drop_uid,
+            self.uid,
+            self.gid,
+            b"",
+            None,
             (1 << 40, 10, 1 << 20, 64, 64, 8 << 20),
-        )  # fmt: skip
+        )
         if pid == 0:
             _run_python_child(empty, "pass")
         return _executor.supervise(pid, out_fd, err_fd, 10.0, 1 << 16, 1 << 16)["max_rss_kb"]
@@ -153,7 +174,9 @@ class Worker:
 
     def cpp_program(self, source: str) -> str:
         if self.compiler is None:
-            view = os.path.join(self.scratch, "toolchain") if self.capabilities["mount_ns"] else None
+            view = (
+                os.path.join(self.scratch, "toolchain") if self.capabilities["mount_ns"] else None
+            )
             uid = self.uid if self.drop_uid else None
             self.compiler = Compiler(self.cache_dir, self.compiledir, uid, view)
         cached = self.compiler.binary(source)
@@ -173,16 +196,29 @@ class Worker:
     def run_job(self, req: dict[str, Any], send: Any) -> None:
         native = req["language"] == "cpp"
         try:
-            program = self.cpp_program(req["source"]) if native else self.python_program(req["source"])
+            program = (
+                self.cpp_program(req["source"]) if native else self.python_program(req["source"])
+            )
         except CompileError as e:
             for i in range(1 if req["stop_on_first_failure"] else len(req["tests"])):
-                send({"index": req["first_index"] + i, "verdict": Verdict.COMPILE_ERROR.value,
-                      "time_s": 0.0, "wall_s": 0.0, "memory_kb": 0, "output": "",
-                      "output_truncated": False, "stderr": str(e)[-4096:], "exit_code": 0})  # fmt: skip
+                send(
+                    {
+                        "index": req["first_index"] + i,
+                        "verdict": Verdict.COMPILE_ERROR.value,
+                        "time_s": 0.0,
+                        "wall_s": 0.0,
+                        "memory_kb": 0,
+                        "output": "",
+                        "output_truncated": False,
+                        "stderr": str(e)[-4096:],
+                        "exit_code": 0,
+                    }
+                )
             return
         limits = req["limits"]
         mem = limits["memory_mb"] << 20
-        vm_kb = _address_space_kb()
+        vm_kb, private_kb = _memory_kb()
+        self.python_baseline_kb = self.baseline_kb + private_kb - self.baseline_private_kb
         # A forked Python test starts with the worker's address space mapped: the solution's
         # budget comes on top of it.
         address_space = mem + (0 if native else vm_kb * 1024)
@@ -203,28 +239,52 @@ class Worker:
             if req["stop_on_first_failure"] and result["verdict"] != Verdict.OK.value:
                 return
 
-    def run_test(self, native: bool, program: Any, req: dict[str, Any], stdin: bytes,
-                 expected: bytes | None, rlimits: tuple[int, ...]) -> dict[str, Any]:  # fmt: skip
+    def run_test(
+        self,
+        native: bool,
+        program: Any,
+        req: dict[str, Any],
+        stdin: bytes,
+        expected: bytes | None,
+        rlimits: tuple[int, ...],
+    ) -> dict[str, Any]:
         limits = req["limits"]
         pid, out_fd, err_fd = _executor.spawn(
-            native, req["allow_subprocesses"], self.safe, self.drop_uid, self.uid, self.gid,
-            stdin, program if native else None, rlimits,
-        )  # fmt: skip
+            native,
+            req["allow_subprocesses"],
+            self.safe,
+            self.drop_uid,
+            self.uid,
+            self.gid,
+            stdin,
+            program if native else None,
+            rlimits,
+        )
         if pid == 0:
             _run_python_child(program, req["source"])  # never returns
         obs = _executor.supervise(
-            pid, out_fd, err_fd, limits["time_s"] + limits["wall_slack_s"],
-            limits["output_bytes"], STDERR_CAPTURE,
-        )  # fmt: skip
+            pid,
+            out_fd,
+            err_fd,
+            limits["time_s"] + limits["wall_slack_s"],
+            limits["output_bytes"],
+            STDERR_CAPTURE,
+        )
         code, stdout, stderr = obs["code"], obs["stdout"], obs["stderr"]
         if code == 120 and SETUP_FAILED in stderr:
             raise SandboxSetupError(stderr.decode(errors="replace"))
-        memory_kb = obs["max_rss_kb"] if native else max(0, obs["max_rss_kb"] - self.python_baseline_kb)
+        memory_kb = (
+            obs["max_rss_kb"] if native else max(0, obs["max_rss_kb"] - self.python_baseline_kb)
+        )
         if obs["reason"] == REASON_OUTPUT:
             verdict = Verdict.OUTPUT_LIMIT
         elif code == -signal.SIGSYS:
             verdict = Verdict.SANDBOX_VIOLATION
-        elif obs["reason"] == REASON_WALL or obs["cpu_s"] > limits["time_s"] or code == -signal.SIGXCPU:
+        elif (
+            obs["reason"] == REASON_WALL
+            or obs["cpu_s"] > limits["time_s"]
+            or code == -signal.SIGXCPU
+        ):
             verdict = Verdict.TIME_LIMIT
         elif code != 0:
             out_of_memory = b"MemoryError" in stderr[-512:] or b"std::bad_alloc" in stderr[-512:]
@@ -237,12 +297,15 @@ class Worker:
         if os.listdir(self.workdir):  # nothing a test writes may reach the next one
             _clear(self.workdir)
         return {
-            "verdict": verdict.value, "time_s": obs["cpu_s"], "wall_s": obs["wall_s"],
-            "memory_kb": memory_kb, "exit_code": code,
+            "verdict": verdict.value,
+            "time_s": obs["cpu_s"],
+            "wall_s": obs["wall_s"],
+            "memory_kb": memory_kb,
+            "exit_code": code,
             "output": stdout[: self.keep_bytes].decode(errors="replace"),
             "output_truncated": len(stdout) > self.keep_bytes,
             "stderr": stderr[-4096:].decode(errors="replace"),
-        }  # fmt: skip
+        }
 
 
 def _world_reachable(path: str) -> bool:

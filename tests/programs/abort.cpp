@@ -1,0 +1,4 @@
+// problem: sum first
+// expect: RUNTIME_ERROR
+#include <cstdlib>
+int main() { abort(); }

@@ -1,0 +1,3 @@
+// problem: sum
+// expect: COMPILE_ERROR COMPILE_ERROR COMPILE_ERROR
+int main() { return undefined_name; }

@@ -1,0 +1,3 @@
+// problem: sum first
+// expect: RUNTIME_ERROR
+int main() { return 3; }

@@ -1,0 +1,5 @@
+# problem: sum first
+# expect: OK
+print(3)
+exit()
+print(4)

@@ -1,0 +1,4 @@
+# problem: sum first
+# expect: TIME_LIMIT
+while True:
+    pass

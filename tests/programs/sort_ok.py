@@ -1,0 +1,4 @@
+# problem: sort
+# expect: OK OK OK
+input()
+print(*sorted(map(int, input().split())))

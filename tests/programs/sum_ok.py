@@ -1,0 +1,4 @@
+# problem: sum
+# expect: OK OK OK
+a, b = map(int, input().split())
+print(a + b)

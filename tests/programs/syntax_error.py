@@ -1,0 +1,4 @@
+# problem: sum
+# expect: COMPILE_ERROR COMPILE_ERROR COMPILE_ERROR
+def f(:
+    pass

@@ -1,0 +1,185 @@
+"""Verdicts on known programs, in both languages, and the executor's public contract."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+
+import pytest
+
+from rlef_hpc import sandbox
+from rlef_hpc.sandbox import Executor, Job, Limits, TestCase, Verdict
+from tests.test_hostile import header
+
+PROGRAMS = sorted((Path(__file__).parent / "programs").iterdir())
+PROBLEMS = {
+    "sum": [
+        TestCase("1 2\n", "3\n"),
+        TestCase("-5 5\n", "0\n"),
+        TestCase("1000000000000 1\n", "1000000000001\n"),
+    ],
+    "sort": [
+        TestCase("3\n3 1 2\n", "1 2 3\n"),
+        TestCase("1\n7\n", "7\n"),
+        TestCase("4\n4 4 1 0\n", "0 1 4 4\n"),
+    ],
+    "mean": [TestCase("3\n1 2 4\n", "2.333333333\n"), TestCase("2\n0.1 0.2\n", "0.15\n")],
+}
+
+
+@pytest.mark.parametrize("path", PROGRAMS, ids=[p.name for p in PROGRAMS])
+def test_verdicts_on_known_programs(executor: Executor, path: Path) -> None:
+    """Each program names its problem (`first`: only its first test) and expected verdicts."""
+    meta = header(path)
+    problem, *first = meta["problem"].split()
+    tests = PROBLEMS[problem][:1] if first else PROBLEMS[problem]
+    language = "python" if path.suffix == ".py" else "cpp"
+    results = executor.run(language, path.read_text(), tests, Limits(time_s=1))
+    assert [r.verdict.value for r in results] == meta["expect"].split(), [r.stderr for r in results]
+
+
+def test_python_traceback_is_clean_of_sandbox_frames(executor: Executor) -> None:
+    source = "def f(x):\n    return 1 // x\n\nprint(f(int(input())))\n"
+    [r] = executor.run("python", source, [TestCase("0\n", "1\n")])
+    assert r.verdict == Verdict.RUNTIME_ERROR
+    assert r.stderr.startswith('Traceback (most recent call last):\n  File "solution.py", line 4')
+    assert "return 1 // x" in r.stderr and r.stderr.endswith(
+        "ZeroDivisionError: integer division or modulo by zero\n"
+    )
+    assert "worker" not in r.stderr and "rlef_hpc" not in r.stderr
+
+
+def test_output_before_a_crash_is_kept(executor: Executor) -> None:
+    [r] = executor.run(
+        "python", "print('partial')\nraise ValueError('boom')\n", [TestCase("", "x\n")]
+    )
+    assert r.verdict == Verdict.RUNTIME_ERROR
+    assert r.output == "partial\n" and "ValueError: boom" in r.stderr
+
+
+def test_time_and_memory_are_measured(executor: Executor) -> None:
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3:\n    pass\n"
+    [r] = executor.run("python", spin, [TestCase("", None)])
+    assert 0.28 <= r.time_s <= 0.6 and r.wall_s >= 0.28
+    [small, big] = executor.run_many(
+        [
+            Job.build("python", "print(1)\n", [TestCase("", "1\n")]),
+            Job.build(
+                "python",
+                "x = bytearray(100 << 20)\nx[::4096] = b'1' * len(x[::4096])\nprint(1)\n",
+                [TestCase("", "1\n")],
+            ),
+        ]
+    )
+    assert small[0].memory_kb < 8 << 10
+    assert 95 << 10 <= big[0].memory_kb <= 130 << 10
+
+
+def test_memory_limit_is_enforced(executor: Executor) -> None:
+    grab = "x = bytearray({} << 20)\nx[::4096] = b'1' * len(x[::4096])\nprint(1)\n"
+    [fits] = executor.run("python", grab.format(100), [TestCase("", "1\n")], Limits(memory_mb=200))
+    [over] = executor.run("python", grab.format(300), [TestCase("", "1\n")], Limits(memory_mb=200))
+    assert fits.verdict == Verdict.OK and over.verdict == Verdict.MEMORY_LIMIT
+
+
+def test_stop_on_first_failure(executor: Executor) -> None:
+    tests = [TestCase("1 1\n", "2\n"), TestCase("1 1\n", "3\n"), TestCase("1 1\n", "2\n")]
+    source = "a, b = map(int, input().split())\nprint(a + b)\n"
+    stopped = executor.run("python", source, tests, stop_on_first_failure=True)
+    assert [r.verdict for r in stopped] == [Verdict.OK, Verdict.WRONG_ANSWER]
+    full = executor.run("python", source, tests)
+    assert [r.verdict for r in full] == [Verdict.OK, Verdict.WRONG_ANSWER, Verdict.OK]
+
+
+def test_nothing_leaks_between_tests(executor: Executor) -> None:
+    source = "import os\nprint(sorted(os.listdir('.')))\nopen('state.txt', 'w').write('x')\n"
+    results = executor.run("python", source, [TestCase("", "[]\n")] * 6, stop_on_first_failure=True)
+    assert [r.verdict for r in results] == [Verdict.OK] * 6
+
+
+def test_run_many_keeps_order_and_results(executor: Executor) -> None:
+    jobs = [
+        Job.build(
+            "python",
+            f"print({i} + int(input()))\n",
+            [TestCase(f"{j}\n", f"{i + j}\n") for j in range(5)],
+        )
+        for i in range(20)
+    ]
+    results = executor.run_many(jobs)
+    assert len(results) == 20 and all(len(r) == 5 and all(t.passed for t in r) for r in results)
+
+
+def test_run_async(executor: Executor) -> None:
+    async def main() -> list[list[sandbox.TestResult]]:
+        return await asyncio.gather(
+            *(
+                executor.run_async(
+                    "python", "print(int(input()) * 2)\n", [TestCase(f"{i}\n", f"{2 * i}\n")]
+                )
+                for i in range(8)
+            )
+        )
+
+    assert all(r[0].passed for r in asyncio.run(main()))
+
+
+def test_exact_compare_mode(executor: Executor) -> None:
+    [tokens] = executor.run("python", "print('1  2')\n", [TestCase("", "1 2\n")])
+    [exact] = executor.run("python", "print('1  2')\n", [TestCase("", "1 2\n")], compare="exact")
+    assert tokens.passed and exact.verdict == Verdict.WRONG_ANSWER
+
+
+def test_capabilities_report_the_isolation(executor: Executor) -> None:
+    caps = executor.capabilities
+    assert caps["seccomp"] and caps["rlimits"]
+    assert caps["pid_ns"] and caps["net_ns"] and caps["mount_ns"]
+    assert caps == sandbox.capabilities()
+
+
+def test_refuses_without_seccomp_unless_unsafe() -> None:
+    with pytest.raises(sandbox.SandboxUnavailableError, match="unsafe=True"):
+        Executor(workers=1, seccomp=False)
+    with Executor(workers=1, seccomp=False, unsafe=True) as ex:
+        assert ex.capabilities["seccomp"] is False
+        assert ex.run("python", "print(2)\n", [TestCase("", "2\n")])[0].passed
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda ex: ex.run("rust", "fn main(){}", []),
+            "unknown language 'rust'; expected one of python, cpp",
+        ),
+        (lambda ex: ex.run("python", b"print(1)", []), "source must be a string"),
+        (
+            lambda ex: ex.run("python", "print(1)", [{"output": "1"}]),
+            "test 0: missing field 'input'",
+        ),
+        (
+            lambda ex: ex.run("python", "print(1)", [{"input": 5}]),
+            "test 0: field 'input' must be a string",
+        ),
+        (lambda ex: ex.run("python", "print(1)", [("1",)]), "test 0: expected"),
+        (
+            lambda ex: ex.run("python", "print(1)", [], compare="fuzzy"),
+            "unknown compare mode 'fuzzy'",
+        ),
+        (lambda ex: Limits(time_s=-1), "limits.time_s must be positive, got -1"),
+        (lambda ex: Limits(memory_mb=math.nan), "limits.memory_mb must be positive"),
+        (lambda ex: Executor(workers=0), "workers must be a positive integer"),
+    ],
+)
+def test_bad_input_gives_one_clear_error(executor: Executor, call, message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        call(executor)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_problem_limits_default_to_rlef() -> None:
+    assert Limits.for_problem() == Limits(time_s=10.0, memory_mb=1024)
+    assert Limits.for_problem(2.5, 256 << 20) == Limits(time_s=2.5, memory_mb=256)
+    assert Limits.for_problem(0, 0).time_s == 10.0  # CodeContests stores 0 for "none given"
