@@ -377,6 +377,155 @@ PyObject* spawn(PyObject*, PyObject* args) {
   return Py_BuildValue("(iii)", pid, out[0], err[0]);
 }
 
+// --- prefork: a Python test's process, forked before its test arrives ------------------------
+//
+// Forking the worker and warming the child's copy of it (copy-on-write faults, fork handlers)
+// is most of a Python test's cost. The worker forks the next test's process while it waits for
+// work; dispatch() hands it the test, and it enters the sandbox only then, with that test's
+// limits and policy. The spare is the only child the worker has between tests.
+
+struct GoHeader {
+  uint32_t payload_len;
+  uint8_t allow_sub, safe, drop_uid, pad;
+  uint32_t uid, gid;
+  Limits limits;
+};
+
+struct Spare {
+  pid_t pid = 0;
+  int go = -1, out = -1, err = -1;  // in the worker: write end of go, read ends of out/err
+};
+Spare g_spare;
+
+bool read_all(int fd, void* buf, size_t len) {
+  char* p = static_cast<char*>(buf);
+  while (len > 0) {
+    ssize_t n = read(fd, p, len);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    p += n;
+    len -= n;
+  }
+  return true;
+}
+
+bool write_all(int fd, const void* buf, size_t len) {
+  const char* p = static_cast<const char*>(buf);
+  while (len > 0) {
+    ssize_t n = write(fd, p, len);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    p += n;
+    len -= n;
+  }
+  return true;
+}
+
+void close_spare() {
+  for (int* fd : {&g_spare.go, &g_spare.out, &g_spare.err}) {
+    if (*fd >= 0) close(*fd);
+    *fd = -1;
+  }
+  g_spare.pid = 0;
+}
+
+PyObject* drop_spare(PyObject*, PyObject*) {
+  if (g_spare.pid > 0) {
+    kill(g_spare.pid, SIGKILL);
+    while (waitpid(g_spare.pid, nullptr, 0) < 0 && errno == EINTR) {
+    }
+  }
+  close_spare();
+  Py_RETURN_NONE;
+}
+
+// In the spare: the worker's ends of its pipes, closed there, and ours.
+int g_go_r = -1, g_out_w = -1, g_err_w = -1;
+
+PyObject* prefork(PyObject*, PyObject*) {
+  if (g_spare.pid > 0) return PyLong_FromLong(g_spare.pid);
+  if (g_stdin_rw < 0 && !fill_stdin("", 0)) return os_error("stdin memfd");
+  int go[2], out[2], err[2];
+  if (pipe2(go, O_CLOEXEC) != 0) return os_error("pipe");
+  if (pipe2(out, O_CLOEXEC) != 0 || pipe2(err, O_CLOEXEC) != 0) {
+    int saved = errno;
+    for (int fd : {go[0], go[1], out[0], out[1]}) close(fd);
+    errno = saved;
+    return os_error("pipe");
+  }
+  fcntl(out[0], F_SETPIPE_SZ, 1 << 20);
+  PyOS_BeforeFork();
+  pid_t pid = fork();
+  if (pid == 0) {
+    PyOS_AfterFork_Child();
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    close(go[1]);
+    close(out[0]);
+    close(err[0]);
+    g_go_r = go[0];
+    g_out_w = out[1];
+    g_err_w = err[1];
+    return PyLong_FromLong(0);
+  }
+  PyOS_AfterFork_Parent();
+  int saved = errno;
+  close(go[0]);
+  close(out[1]);
+  close(err[1]);
+  if (pid < 0) {
+    for (int fd : {go[1], out[0], err[0]}) close(fd);
+    errno = saved;
+    return os_error("fork");
+  }
+  g_spare = {pid, go[1], out[0], err[0]};
+  return PyLong_FromLong(pid);
+}
+
+PyObject* await_go(PyObject*, PyObject*) {
+  GoHeader h;
+  // EOF: the worker is done with us (it exited, or dropped the spare).
+  if (!read_all(g_go_r, &h, sizeof h)) _exit(0);
+  PyObject* payload = PyBytes_FromStringAndSize(nullptr, h.payload_len);
+  if (payload == nullptr || !read_all(g_go_r, PyBytes_AS_STRING(payload), h.payload_len)) _exit(0);
+  ChildSpec spec{h.limits, g_out_w, g_err_w, h.uid, h.gid, h.drop_uid != 0,
+                 h.safe ? &g_policies[0][h.allow_sub ? 1 : 0] : nullptr};
+  int e = enter_sandbox(spec);
+  if (e != 0) setup_failed(e);
+  return payload;
+}
+
+PyObject* dispatch(PyObject*, PyObject* args) {
+  GoHeader h{};
+  int allow_sub, safe, drop_uid;
+  const char *stdin_data, *payload;
+  Py_ssize_t stdin_len, payload_len;
+  Limits& l = h.limits;
+  if (!PyArg_ParseTuple(args, "pppIIy#y#(KKKKKK)", &allow_sub, &safe, &drop_uid, &h.uid, &h.gid,
+                        &stdin_data, &stdin_len, &payload, &payload_len, &l.address_space,
+                        &l.cpu_s, &l.file_size, &l.open_files, &l.processes, &l.stack))
+    return nullptr;
+  if (g_spare.pid <= 0) return PyErr_Format(PyExc_RuntimeError, "no spare process");
+  if (safe && !g_policies_ready) return PyErr_Format(PyExc_RuntimeError, "policies not built");
+  h.payload_len = static_cast<uint32_t>(payload_len);
+  h.allow_sub = allow_sub;
+  h.safe = safe;
+  h.drop_uid = drop_uid;
+  if (!fill_stdin(stdin_data, stdin_len)) return os_error("stdin memfd");
+  g_spawn_time = now_s();
+  bool sent = write_all(g_spare.go, &h, sizeof h) && write_all(g_spare.go, payload, payload_len);
+  Spare spare = g_spare;
+  close(spare.go);
+  g_spare = Spare{};
+  if (!sent) {  // the spare died waiting (killed from outside): the caller spawns afresh
+    kill(spare.pid, SIGKILL);
+    waitpid(spare.pid, nullptr, 0);
+    close(spare.out);
+    close(spare.err);
+    Py_RETURN_NONE;
+  }
+  return Py_BuildValue("(iii)", spare.pid, spare.out, spare.err);
+}
+
 // --- supervise --------------------------------------------------------------------------------
 
 enum Reason { kExited = 0, kWallClock = 1, kOutputCap = 2 };
@@ -522,6 +671,14 @@ PyMethodDef kMethods[] = {
     {"spawn", spawn, METH_VARARGS,
      "spawn(native, allow_subprocesses, safe, drop_uid, uid, gid, stdin, exec_path, limits)"
      " -> (pid, stdout_fd, stderr_fd); pid 0 in the (sandboxed) Python child."},
+    {"prefork", prefork, METH_NOARGS,
+     "prefork() -> pid: fork the next Python test's process now; 0 in that process."},
+    {"await_go", await_go, METH_NOARGS,
+     "In the spare: wait for the test, enter the sandbox, return the worker's payload."},
+    {"dispatch", dispatch, METH_VARARGS,
+     "dispatch(allow_subprocesses, safe, drop_uid, uid, gid, stdin, payload, limits)"
+     " -> (pid, stdout_fd, stderr_fd), or None if the spare is gone."},
+    {"drop_spare", drop_spare, METH_NOARGS, "Kill and reap the spare, if any."},
     {"supervise", supervise, METH_VARARGS,
      "supervise(pid, stdout_fd, stderr_fd, wall_limit_s, stdout_cap, stderr_cap) -> dict"},
     {nullptr, nullptr, 0, nullptr}};

@@ -13,6 +13,7 @@ import gc
 import io
 import json
 import linecache
+import marshal
 import os
 import shutil
 import signal
@@ -43,11 +44,17 @@ class SandboxSetupError(RuntimeError):
     """The sandbox, not the solution, failed: the test was not run."""
 
 
+_PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+_statm = -1  # opened once, after isolation made this process the worker (reopening: 60 us)
+
+
 def _memory_kb() -> tuple[int, int]:
     """(address space, private resident memory) of this process."""
-    with open("/proc/self/statm", "rb") as f:
-        size, resident, shared = map(int, f.read().split()[:3])
-    page_kb = os.sysconf("SC_PAGE_SIZE") // 1024
+    global _statm
+    if _statm < 0:
+        _statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+    size, resident, shared = map(int, os.pread(_statm, 256, 0).split()[:3])
+    page_kb = _PAGE_KB
     return size * page_kb, (resident - shared) * page_kb
 
 
@@ -100,7 +107,7 @@ class Worker:
         os.environ.update({"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": self.workdir})
         for name in PRELOAD:
             __import__(name)
-        self.codes: OrderedDict[str, Any] = OrderedDict()
+        self.codes: OrderedDict[str, bytes] = OrderedDict()
         self.compiler: Compiler | None = None
         _prepare_stdio()
         gc.freeze()  # a collection in a test's process would touch (and copy) every page
@@ -112,21 +119,31 @@ class Worker:
         subtracted from each Python test's peak so that `memory_kb` is the solution's own. A
         fork starts with the worker's private pages counted, so their growth since this
         measurement is subtracted too (see run_job)."""
-        empty = compile("pass", SOLUTION_FILE, "exec")
-        pid, out_fd, err_fd = _executor.spawn(
-            False,
-            False,
-            self.safe,
-            self.drop_uid,
-            self.uid,
-            self.gid,
-            b"",
-            None,
-            (1 << 40, 10, 1 << 20, 64, 64, 8 << 20),
-        )
-        if pid == 0:
-            _run_python_child(empty, "pass")
+        empty = _python_payload("pass")
+        rlimits = (1 << 40, 10, 1 << 20, 64, 64, 8 << 20)
+        pid, out_fd, err_fd = self._start(False, empty, b"", False, rlimits)
         return _executor.supervise(pid, out_fd, err_fd, 10.0, 1 << 16, 1 << 16)["max_rss_kb"]
+
+    def _start(
+        self, native: bool, program: Any, stdin: bytes, allow_sub: bool, rlimits: tuple[int, ...]
+    ) -> tuple[int, int, int]:
+        """Starts a test's process: the spare (Python) or a vfork+exec of the binary (C++)."""
+        ids = (self.safe, self.drop_uid, self.uid, self.gid)
+        if native:
+            _executor.drop_spare()  # the test's cleanup must reach only the test's processes
+            return _executor.spawn(True, allow_sub, *ids, stdin, program, rlimits)
+        while True:
+            self.ensure_spare()
+            started = _executor.dispatch(allow_sub, *ids, stdin, program, rlimits)
+            if started is not None:
+                return started
+
+    def ensure_spare(self) -> None:
+        """Forks the next Python test's process ahead of its test (see csrc: prefork)."""
+        if _executor.prefork() == 0:
+            # The spare: wait for a test, then run it inside the sandbox. Never returns.
+            code, source = marshal.loads(_executor.await_go())
+            _run_python_child(code, source)
 
     def _expose_python_path(self) -> None:
         """Makes the interpreter's library directories importable by the sandbox uid.
@@ -158,21 +175,22 @@ class Worker:
 
     # --- programs ------------------------------------------------------------------------------
 
-    def python_program(self, source: str) -> Any:
-        key = source
-        if key in self.codes:
-            self.codes.move_to_end(key)
-            return self.codes[key]
+    def python_program(self, source: str) -> bytes:
+        """The compiled solution as the spare receives it; cached per distinct source."""
+        if source in self.codes:
+            self.codes.move_to_end(source)
+            return self.codes[source]
         try:
-            code = compile(source, SOLUTION_FILE, "exec")
+            payload = _python_payload(source)
         except (SyntaxError, ValueError) as e:  # ValueError: NUL bytes in the source
             raise CompileError("".join(traceback.format_exception_only(type(e), e))) from None
-        self.codes[key] = code
+        self.codes[source] = payload
         if len(self.codes) > 256:
             self.codes.popitem(last=False)
-        return code
+        return payload
 
     def cpp_program(self, source: str) -> str:
+        _executor.drop_spare()  # compiling cleans up after the compiler as after a test
         if self.compiler is None:
             view = (
                 os.path.join(self.scratch, "toolchain") if self.capabilities["mount_ns"] else None
@@ -236,6 +254,8 @@ class Worker:
             result = self.run_test(native, program, req, stdin, expected, rlimits)
             result["index"] = req["first_index"] + i
             send(result)
+            if not native and i + 1 < len(req["tests"]):
+                self.ensure_spare()  # for the last test, only after "done" (see main)
             if req["stop_on_first_failure"] and result["verdict"] != Verdict.OK.value:
                 return
 
@@ -249,19 +269,9 @@ class Worker:
         rlimits: tuple[int, ...],
     ) -> dict[str, Any]:
         limits = req["limits"]
-        pid, out_fd, err_fd = _executor.spawn(
-            native,
-            req["allow_subprocesses"],
-            self.safe,
-            self.drop_uid,
-            self.uid,
-            self.gid,
-            stdin,
-            program if native else None,
-            rlimits,
+        pid, out_fd, err_fd = self._start(
+            native, program, stdin, req["allow_subprocesses"], rlimits
         )
-        if pid == 0:
-            _run_python_child(program, req["source"])  # never returns
         obs = _executor.supervise(
             pid,
             out_fd,
@@ -306,6 +316,10 @@ class Worker:
             "output_truncated": len(stdout) > self.keep_bytes,
             "stderr": stderr[-4096:].decode(errors="replace"),
         }
+
+
+def _python_payload(source: str) -> bytes:
+    return marshal.dumps((compile(source, SOLUTION_FILE, "exec"), source))
 
 
 def _world_reachable(path: str) -> bool:
@@ -409,6 +423,7 @@ def main() -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     worker = Worker(config)
     write_frame(wfd, {"type": "hello", "capabilities": worker.capabilities})
+    worker.ensure_spare()
     while True:
         req = read_frame(rfd)
         if req is None or req["type"] == "exit":
@@ -416,6 +431,8 @@ def main() -> None:
         try:
             worker.run_job(req, lambda r: write_frame(wfd, {"type": "result", **r}))
             write_frame(wfd, {"type": "done"})
+            if req["language"] == "python":  # the next job is likely Python too: be ready
+                worker.ensure_spare()
         except SandboxSetupError as e:
             write_frame(wfd, {"type": "fatal", "message": str(e)})
             raise
