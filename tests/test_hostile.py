@@ -61,6 +61,8 @@ def check_hostile(executor: Executor, path: Path, limits: Limits = LIMITS) -> No
     meta = header(path)
     language = "python" if path.suffix == ".py" else "cpp"
     stdin = "7" * (int(meta["stdin-mb"]) << 20) if "stdin-mb" in meta else "1 2\n"
+    if "output-hex" in meta:
+        meta["output"] = bytes.fromhex(meta["output-hex"]).decode()
     test = TestCase(stdin, meta["output"] + "\n" if "output" in meta else None)
     if language == "cpp":  # compile outside the timed run
         executor.run("cpp", path.read_text(), [TestCase("", None)], Limits(time_s=0.01))

@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from rlef_hpc.sandbox.compare import outputs_match
 from rlef_hpc.sandbox.protocol import read_frame, write_frame
 from rlef_hpc.sandbox.types import Job, Limits, TestCase, TestResult, Verdict
 
@@ -172,6 +173,8 @@ class Executor:
             raise ValueError(f"workers must be a positive integer, got {workers!r}")
         self.workers = workers
         self.unsafe = unsafe
+        self.keep_bytes = keep_bytes
+        self._jobs = itertools.count()
         self.allow_subprocesses = allow_subprocesses
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -181,7 +184,6 @@ class Executor:
         self.uids = [_UID_BASE + slot * _UIDS_PER_EXECUTOR + i for i in range(workers)]
         self._config = {
             "cache_dir": str(self.cache_dir),
-            "keep_bytes": keep_bytes,
             "scratch_mb": scratch_mb,
             "isolate": True,
             "seccomp": seccomp,
@@ -314,30 +316,32 @@ class Executor:
         crashes = 0
         while pending:
             worker = self._procs[i] or self._start(i)
+            seq = next(self._jobs)
+            stopped = False
             try:
+                # Inputs only: expected outputs never enter the worker (see Worker.run_job).
                 worker.send(
                     {
                         "type": "run",
+                        "job": seq,
                         "language": job.language,
                         "source": job.source,
-                        "tests": [
-                            (_as_bytes(job.tests[k].input), _as_bytes(job.tests[k].output))
-                            for k in pending
-                        ],
+                        "inputs": [_as_bytes(job.tests[k].input) for k in pending],
                         "first_index": pending[0],
                         "limits": asdict(job.limits),
                         "stop_on_first_failure": job.stop_on_first_failure,
-                        "compare": job.compare,
                         "allow_subprocesses": self.allow_subprocesses,
                     }
                 )
                 while (message := worker.receive())["type"] != "done":
-                    k = message.pop("index")
-                    message.pop("type")
-                    state.results[k] = TestResult(
-                        verdict=Verdict(message.pop("verdict")), **message
-                    )
+                    k = message["index"]
+                    if stopped:  # ran before the worker saw the stop: not part of the answer
+                        continue
+                    state.results[k] = result = self._judge(job, k, message)
                     pending.remove(k)
+                    if job.stop_on_first_failure and not result.passed:
+                        stopped = True
+                        worker.send({"type": "stop", "job": seq})
                 return
             except WorkerDied as e:
                 # The test in flight is retried once on a fresh worker (the crash may not be
@@ -347,18 +351,32 @@ class Executor:
                 worker.close()
                 crashes += 1
                 if crashes >= 2:
+                    message = f"sandbox worker died twice while running this test ({e})\n"
                     state.results[pending.pop(0)] = TestResult(
-                        Verdict.SANDBOX_VIOLATION,
-                        0.0,
-                        0.0,
-                        0,
-                        "",
-                        f"sandbox worker died twice while running this test ({e})\n{log[-2000:]}",
-                        -1,
+                        Verdict.SANDBOX_VIOLATION, 0.0, 0.0, 0, "", message + log[-2000:], -1
                     )
                     crashes = 0
                     if job.stop_on_first_failure:
                         return
+
+    def _judge(self, job: Job, k: int, message: dict[str, Any]) -> TestResult:
+        """The worker's observation of test k, with the output compared here."""
+        stdout: bytes = message["stdout"]
+        verdict = Verdict(message["verdict"])
+        expected = job.tests[k].output
+        if verdict is Verdict.OK and expected is not None:
+            if not outputs_match(expected, stdout, job.compare):
+                verdict = Verdict.WRONG_ANSWER
+        return TestResult(
+            verdict=verdict,
+            time_s=message["time_s"],
+            wall_s=message["wall_s"],
+            memory_kb=message["memory_kb"],
+            output=stdout[: self.keep_bytes].decode(errors="replace"),
+            stderr=message["stderr"],
+            exit_code=message["exit_code"],
+            output_truncated=len(stdout) > self.keep_bytes,
+        )
 
 
 def capabilities() -> dict[str, Any]:
