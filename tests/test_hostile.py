@@ -53,6 +53,7 @@ def guarded_files():
     TARGET.chmod(0o666)  # even a world-writable file must stay untouched
     yield
     assert TARGET.read_text() == "original", "a test modified a file outside its scratch dir"
+    TARGET.unlink()
     for s in SENTINELS:
         assert not s.exists(), f"a test created {s} outside its scratch dir"
 
@@ -73,6 +74,7 @@ def check_hostile(executor: Executor, path: Path, limits: Limits = LIMITS) -> No
     assert result.wall_s <= limits.time_s + 1.0
     assert elapsed <= limits.time_s + 1.0
     assert sandbox_processes(executor.uids) == []
+    assert executor.leftover_processes() == []
     [check] = executor.run("python", A_PLUS_B, [TestCase("2 3\n", "5\n")])
     assert check.verdict == Verdict.OK, check.stderr
 
@@ -103,6 +105,7 @@ def test_setsid_grandchild_cannot_hold_the_test_open(
     assert result.verdict == Verdict.OK, result.stderr
     assert time.monotonic() - start < 1.0  # did not wait for the sleeping grandchild
     assert sandbox_processes(permissive_executor.uids) == []
+    assert permissive_executor.leftover_processes() == []
 
 
 def test_fork_bomb_is_bounded_by_the_process_limit(
@@ -114,6 +117,7 @@ def test_fork_bomb_is_bounded_by_the_process_limit(
     assert result.verdict == Verdict.RUNTIME_ERROR, result.stderr
     assert "BlockingIOError" in result.stderr
     assert sandbox_processes(permissive_executor.uids) == []
+    assert permissive_executor.leftover_processes() == []
 
 
 def _kill_worker_when_busy(ex: Executor, times: int) -> threading.Thread:

@@ -30,11 +30,17 @@ class CompileError(Exception):
 
 
 def run_command(
-    argv: Sequence[str], cwd: str, *, uid: int | None = None, timeout_s: float = COMPILE_TIME_S
+    argv: Sequence[str],
+    cwd: str,
+    *,
+    uid: int | None = None,
+    landlock: int = -1,
+    timeout_s: float = COMPILE_TIME_S,
 ) -> tuple[int, bytes, bytes]:
-    """Runs a trusted program (the compiler) under rlimits, optionally as `uid`, killing its
-    whole process tree at the deadline. os.fork rather than subprocess: subprocess would load
-    threading into the worker, and every Python module there makes each test's fork slower."""
+    """Runs a trusted program (the compiler) under rlimits, optionally as `uid` and confined by
+    a Landlock ruleset, killing its whole process tree at the deadline. os.fork rather than
+    subprocess: subprocess would load threading into the worker, and every Python module there
+    makes each test's fork slower."""
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     pid = os.fork()
@@ -44,6 +50,7 @@ def run_command(
             os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
             os.dup2(out_w, 1)
             os.dup2(err_w, 2)
+            _executor.landlock_apply(landlock)
             os.closerange(3, 1 << 16)
             for res, value in (
                 (resource.RLIMIT_CPU, int(timeout_s)),
@@ -83,10 +90,16 @@ class Compiler:
     """
 
     def __init__(
-        self, cache_dir: str, workdir: str, uid: int | None, view: str | None = None
+        self,
+        cache_dir: str,
+        workdir: str,
+        uid: int | None,
+        view: str | None = None,
+        landlock: int = -1,
     ) -> None:
         self.workdir = workdir  # writable by `uid`: the untrusted compile happens here
         self.uid = uid
+        self.landlock = landlock  # confines the untrusted compile's writes to workdir
         import hashlib
 
         self._sha256 = hashlib.sha256
@@ -156,7 +169,7 @@ class Compiler:
             "solution",
         ]
         try:
-            code, _, err = run_command(argv, self.workdir, uid=self.uid)
+            code, _, err = run_command(argv, self.workdir, uid=self.uid, landlock=self.landlock)
             if code != 0 and b"solution.cpp" not in err:
                 # Not the solution's fault (no compiler, no memory, a broken toolchain): never
                 # cache it as a compile error, let the caller see it.

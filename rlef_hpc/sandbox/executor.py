@@ -266,6 +266,31 @@ class Executor:
         """Pids of the worker processes (as seen from here), e.g. to watch or kill them."""
         return [w.pid for w in self._procs if w is not None]
 
+    def leftover_processes(self) -> list[str]:
+        """Processes in the workers' namespaces other than the workers and their prepared
+        (not yet started) test processes: whatever a test left behind. Always empty, unless
+        something escaped the cleanup; read from /proc, so it works whatever the uids."""
+        namespaces = set()
+        for launcher in self.worker_pids():
+            try:
+                children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+                namespaces.update(os.readlink(f"/proc/{c}/ns/pid") for c in children)
+            except OSError:
+                continue  # a worker being restarted
+        found = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if os.readlink(proc / "ns/pid") not in namespaces:
+                    continue
+                status = dict(
+                    line.split(":\t", 1) for line in (proc / "status").read_text().splitlines()
+                )
+            except (OSError, ValueError):
+                continue  # gone meanwhile, or not ours to look at
+            if status["NSpid"].split()[-1] != "1" and status["Name"] != "rlef-spare":
+                found.append(f"pid {proc.name} ({status['Name']}, {status['State']})")
+        return found
+
     def close(self) -> None:
         if self._closed:
             return

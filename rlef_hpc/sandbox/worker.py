@@ -74,6 +74,7 @@ class Worker:
             "proc_private": False,
             "readonly_root": False,
             "scratch_tmpfs": False,
+            "landlock": False,
             "seccomp": False,
             "uid_drop": False,
             "rlimits": True,
@@ -99,6 +100,10 @@ class Worker:
             os.makedirs(d, exist_ok=True)
             if self.drop_uid and d != self.bindir:
                 os.chown(d, self.uid, self.gid)
+        self.compile_landlock = _executor.landlock_ruleset(self.compiledir)
+        test_landlock = _executor.landlock_ruleset(self.workdir)
+        _executor.set_test_landlock(test_landlock)
+        self.capabilities["landlock"] = test_landlock >= 0
         if self.drop_uid and self.capabilities["mount_ns"]:
             self._expose_python_path()
         os.chdir(self.workdir)
@@ -140,7 +145,9 @@ class Worker:
     def ensure_spare(self) -> None:
         """Forks the next Python test's process ahead of its test (see csrc: prefork)."""
         if _executor.prefork() == 0:
-            # The spare: wait for a test, then run it inside the sandbox. Never returns.
+            # The spare: wait for a test, then run it inside the sandbox. Never returns. Other
+            # solutions' code stays out of its reach (one might have passed these tests).
+            self.codes.clear()
             code, source = marshal.loads(_executor.await_go())
             _run_python_child(code, source)
 
@@ -195,7 +202,8 @@ class Worker:
                 os.path.join(self.scratch, "toolchain") if self.capabilities["mount_ns"] else None
             )
             uid = self.uid if self.drop_uid else None
-            self.compiler = Compiler(self.cache_dir, self.compiledir, uid, view)
+            landlock = self.compile_landlock
+            self.compiler = Compiler(self.cache_dir, self.compiledir, uid, view, landlock)
         cached = self.compiler.binary(source)
         local = os.path.join(self.bindir, os.path.basename(cached))
         if not os.path.exists(local):
