@@ -16,6 +16,7 @@ import threading
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,11 @@ def default_cache_dir() -> Path:
 
 def _as_bytes(text: str | bytes | None) -> bytes | None:
     return text.encode() if isinstance(text, str) else text
+
+
+@lru_cache(maxsize=256)
+def _limits_message(limits: Limits) -> dict[str, Any]:
+    return asdict(limits)  # asdict is slow, and most jobs share a handful of Limits
 
 
 class _JobState:
@@ -190,6 +196,8 @@ class Executor:
         }
         self._queue: queue.SimpleQueue[tuple[_JobState, list[int]] | None] = queue.SimpleQueue()
         self._procs: list[_Worker | None] = [None] * workers
+        # Held while a thread talks to worker i: its serving thread, or a caller running inline.
+        self._slots = [threading.Lock() for _ in range(workers)]
         self._closed = False
         # Start every worker now, in parallel: a machine that cannot sandbox fails here, at
         # construction, not in the middle of a training step.
@@ -224,7 +232,8 @@ class Executor:
     ) -> list[TestResult]:
         """Runs `source` on every test (or up to the first failure) and returns one result each."""
         job = Job.build(language, source, tests, limits, stop_on_first_failure, compare)
-        return self.submit(job).result()
+        inline = self._run_inline(job)
+        return inline if inline is not None else self.submit(job).result()
 
     def submit(self, job: Job) -> concurrent.futures.Future[list[TestResult]]:
         if self._closed:
@@ -326,14 +335,33 @@ class Executor:
 
     def _serve(self, i: int) -> None:
         while (item := self._queue.get()) is not None:
-            state, chunk = item
-            try:
-                self._run_chunk(i, state, chunk)
-            except BaseException as e:  # noqa: BLE001 - never leave a caller waiting forever
-                if not state.future.done():
-                    state.future.set_exception(e)
-                continue
-            state.part_done()
+            with self._slots[i]:
+                self._run_part(i, *item)
+
+    def _run_part(self, i: int, state: _JobState, chunk: list[int]) -> None:
+        try:
+            self._run_chunk(i, state, chunk)
+        except BaseException as e:  # noqa: BLE001 - never leave a caller waiting forever
+            if not state.future.done():
+                state.future.set_exception(e)
+            return
+        state.part_done()
+
+    def _run_inline(self, job: Job) -> list[TestResult] | None:
+        """A job that would be one chunk anyway runs in the caller's thread when a worker is
+        idle: two thread hand-offs less on the latency of a single test."""
+        if not (len(job.tests) == 1 or job.stop_on_first_failure) or self._closed:
+            return None
+        for i, slot in enumerate(self._slots):
+            if slot.acquire(blocking=False):
+                try:
+                    future: concurrent.futures.Future[list[TestResult]]
+                    future = concurrent.futures.Future()
+                    self._run_part(i, _JobState(job, future, 1), list(range(len(job.tests))))
+                    return future.result()
+                finally:
+                    slot.release()
+        return None
 
     def _run_chunk(self, i: int, state: _JobState, chunk: list[int]) -> None:
         job = state.job
@@ -353,7 +381,7 @@ class Executor:
                         "source": job.source,
                         "inputs": [_as_bytes(job.tests[k].input) for k in pending],
                         "first_index": pending[0],
-                        "limits": asdict(job.limits),
+                        "limits": _limits_message(job.limits),
                         "stop_on_first_failure": job.stop_on_first_failure,
                         "allow_subprocesses": self.allow_subprocesses,
                     }
