@@ -1,0 +1,2 @@
+"""Models: the tokenizer here; the Megatron-core policy and value networks come with the PPO
+issue. Nothing in this package's namespace imports torch or megatron eagerly."""

@@ -1,0 +1,199 @@
+"""Episodes with scripted policies: turn logic, rewards, feedback wording, token spans."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlef_hpc.data import Problem
+from rlef_hpc.episodes import (
+    EpisodeConfig,
+    EpisodeRunner,
+    Generation,
+    ScriptedPolicy,
+    Templates,
+    extract_code,
+    truncate,
+)
+from rlef_hpc.models.tokenizer import build_tokenizer
+from rlef_hpc.sandbox import TestCase
+
+SUM = Problem(
+    name="sum",
+    description="Read two integers a and b and print a + b",
+    public_tests=[TestCase("1 2\n", "3\n"), TestCase("5 5\n", "10\n")],
+    private_tests=[TestCase("100 200\n", "300\n"), TestCase("-4 4\n", "0\n")],
+    time_limit_s=1.0,
+    memory_limit_bytes=256 << 20,
+)
+RIGHT = "Here it is:\n```python\na, b = map(int, input().split())\nprint(a + b)\n```"
+WRONG = "```python\na, b = map(int, input().split())\nprint(a - b)\n```"
+NO_CODE = "I am not sure how to solve this."
+SYNTAX = "```python\nprint(\n```"
+HARDCODED = "```python\nprint({'1 2': 3, '5 5': 10}[input().strip()])\n```"
+LOOP = "```python\nwhile True:\n    pass\n```"
+CRASH = "```python\ndef f(x):\n    return 10 // x\nprint(f(0))\n```"
+HOG = "```python\nx = bytearray(1 << 30)\n```"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    corpus = [
+        RIGHT,
+        WRONG,
+        NO_CODE,
+        SUM.description,
+        Templates().initial,
+        Templates().feedback_footer,
+    ]
+    return build_tokenizer(corpus * 20, vocab_size=400)
+
+
+def run(tokenizer, executor, rollouts, problem=SUM, **config):
+    policy = ScriptedPolicy(tokenizer, [problem], {problem.name: rollouts})
+    runner = EpisodeRunner(tokenizer, executor, policy, EpisodeConfig(**config))
+    return runner.run([problem] * len(rollouts))
+
+
+def test_pass_at_turn_one(tokenizer, executor):
+    [t] = run(tokenizer, executor, [[RIGHT]])
+    assert t.success and len(t.turns) == 1
+    assert [turn.reward for turn in t.turns] == [1.0]
+    assert t.turns[0].public_verdicts == ["OK", "OK"] and t.turns[0].feedback is None
+
+
+def test_fail_then_fix(tokenizer, executor):
+    [t] = run(tokenizer, executor, [[WRONG, RIGHT]])
+    assert t.success and [turn.reward for turn in t.turns] == [0.0, 1.0]
+    assert t.turns[0].feedback == (
+        "Your code failed the following tests:\n"
+        "- input '1 2' failed: Expected output '3' but got '-1'\n"
+        "- input '5 5' failed: Expected output '10' but got '0'\n"
+        "Give it another try.\nYour code should be enclosed in triple backticks like so: "
+        "```python YOUR CODE HERE ```. Use the backticks for your code only."
+    )
+
+
+def test_invalid_code_then_valid(tokenizer, executor):
+    [t] = run(tokenizer, executor, [[NO_CODE, RIGHT]])
+    assert t.success
+    assert [turn.reward for turn in t.turns] == [-0.2, 1.0]
+    assert t.total_reward == pytest.approx(0.8)
+    assert not t.turns[0].valid and t.turns[0].code is None
+    assert t.turns[0].feedback.startswith("Your answer did not contain any code.")
+
+
+def test_all_turns_invalid(tokenizer, executor):
+    [t] = run(tokenizer, executor, [[NO_CODE, SYNTAX, NO_CODE]])
+    assert not t.success and len(t.turns) == 3
+    assert [turn.reward for turn in t.turns] == pytest.approx([-0.2, -0.2, -1.2])
+    assert t.total_reward == pytest.approx(-1.6)
+    assert t.turns[1].public_verdicts == ["COMPILE_ERROR", "COMPILE_ERROR"]
+    assert "SyntaxError" in t.turns[1].feedback
+    assert t.turns[1].feedback.count("- input") == 1  # one compiler message, not one per test
+
+
+def test_public_pass_private_fail(tokenizer, executor):
+    [t] = run(tokenizer, executor, [[HARDCODED, RIGHT]])
+    assert len(t.turns) == 1  # public tests passed: the episode stops there
+    assert t.turns[0].passed_public and not t.success
+    assert t.turns[0].reward == -1.0
+
+
+def test_timeouts_errors_and_memory_in_the_papers_wording(tokenizer, executor):
+    [t] = run(tokenizer, executor, [[LOOP, CRASH, HOG]])
+    assert not t.success and [turn.reward for turn in t.turns] == [0.0, 0.0, -1.0]
+    assert "- input '1 2' failed: Execution took too long." in t.turns[0].feedback
+    crash = t.turns[1].feedback
+    assert "- input '1 2' failed: Traceback (most recent call last):" in crash
+    assert 'File "solution.py", line 3, in <module>' in crash
+    assert crash.count("ZeroDivisionError: integer division or modulo by zero") == 2
+    assert t.turns[2].public_verdicts == ["MEMORY_LIMIT", "MEMORY_LIMIT"]
+    assert t.turns[2].feedback is None  # last turn: no feedback follows
+
+
+def test_memory_feedback(tokenizer, executor):
+    [t] = run(tokenizer, executor, [[HOG, RIGHT]])
+    assert "- input '1 2' failed: Out of memory." in t.turns[0].feedback
+
+
+def test_token_spans_are_exact(tokenizer, executor):
+    [t] = run(tokenizer, executor, [[WRONG, NO_CODE, RIGHT]])
+    eot = tokenizer.eos_token_id
+    previous_end = 0
+    for turn, response in zip(t.turns, [WRONG, NO_CODE, RIGHT], strict=True):
+        assert turn.prompt_start == previous_end
+        assert turn.prompt_start < turn.prompt_end < turn.response_end
+        sampled = tokenizer.encode(response, add_special_tokens=False) + [eot]
+        assert t.tokens[turn.prompt_end : turn.response_end] == sampled
+        assert turn.behaviour_logprobs == [-0.5] * len(sampled)
+        assert turn.value_index == turn.prompt_end - 1
+        # The value is read at the last token of the assistant header: the prompt's end.
+        assert tokenizer.decode(t.tokens[: turn.prompt_end]).endswith(
+            "assistant<|end_header_id|>\n\n"
+        )
+        previous_end = turn.response_end
+    assert previous_end == len(t.tokens)
+    mask = t.response_mask()
+    assert sum(mask) == sum(turn.response_end - turn.prompt_end for turn in t.turns)
+    rendered = tokenizer.apply_chat_template(t.messages, tokenize=False)
+    assert tokenizer.decode(t.tokens) == rendered  # re-tokenises to the same text
+
+
+def test_response_cut_short_is_closed_in_the_next_prompt(tokenizer, executor):
+    eot = tokenizer.eos_token_id
+
+    def truncated(prompts):
+        # Never samples end-of-turn: as if every answer hit the token limit.
+        tokens = tokenizer.encode(WRONG, add_special_tokens=False)
+        return [Generation(tokens, [-1.0] * len(tokens)) for _ in prompts]
+
+    runner = EpisodeRunner(tokenizer, executor, truncated, EpisodeConfig(max_turns=2))
+    [t] = runner.run([SUM])
+    first, second = t.turns
+    assert t.tokens[first.response_end] == eot  # closed as part of the next prompt
+    assert second.prompt_start == first.response_end and eot not in t.tokens[second.prompt_end :]
+
+
+def test_many_episodes_at_once_keep_their_own_scripts(tokenizer, executor):
+    rollouts = [[RIGHT], [WRONG, RIGHT], [NO_CODE, NO_CODE, NO_CODE], [WRONG, WRONG, WRONG]] * 3
+    trajectories = run(tokenizer, executor, rollouts, generation_batch=5)
+    assert [len(t.turns) for t in trajectories] == [1, 2, 3, 3] * 3
+    assert [t.success for t in trajectories] == [True, True, False, False] * 3
+
+
+def test_single_turn_config(tokenizer, executor):
+    [t] = run(tokenizer, executor, [[WRONG, RIGHT]], max_turns=1)
+    assert len(t.turns) == 1 and not t.success and t.turns[0].reward == -1.0
+
+
+@pytest.mark.parametrize(
+    ("answer", "code"),
+    [
+        ("```python\nprint(1)\n```", "print(1)\n"),
+        ("```py\nprint(1)\n```\nand\n```python\nprint(2)\n```", "print(2)\n"),  # last one wins
+        ("```\nprint(3)\n```", "print(3)\n"),  # untagged
+        ("```cpp\nint main(){}\n```", None),  # another language is never taken
+        ("```python\nprint(4)", "print(4)\n"),  # unterminated: runs to the end
+        ("```python print(5) ```", "print(5)\n"),  # the instruction's one-line form
+        ("```python\nx = 6\nprint(x)```", "x = 6\nprint(x)\n"),
+        ("no code at all", None),
+        ("```python\n\n```", None),
+    ],
+)
+def test_code_extraction_rules(answer, code):
+    assert extract_code(answer, "python") == code
+
+
+def test_truncation_is_deterministic_and_marked():
+    text = "".join(str(i % 10) for i in range(1000))
+    cut = truncate(text, 100)
+    assert cut == truncate(text, 100) and len(cut) <= 100
+    assert cut.startswith(text[:30]) and cut.endswith(text[-30:])
+    assert "characters omitted" in cut
+    assert truncate("short", 100) == "short"
+
+
+def test_template_overrides_name_the_bad_key():
+    assert Templates.from_dict({"feedback_header": "Failed:"}).feedback_header == "Failed:"
+    with pytest.raises(ValueError, match="unknown template 'feedbak_header'; expected one of"):
+        Templates.from_dict({"feedbak_header": "x"})
