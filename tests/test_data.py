@@ -130,3 +130,25 @@ def test_every_bundled_reference_passes_and_every_wrong_solution_fails(executor:
         assert all(r.passed for r in verdicts), (problem.name, [r.verdict for r in verdicts])
     for problem, verdicts in zip(problems, results[len(problems) :], strict=True):
         assert not all(r.passed for r in verdicts), f"the wrong solution of {problem.name} passes"
+
+
+def test_synthetic_problems_are_seeded_split_and_solved_by_their_references(executor: Executor):
+    from rlef_hpc.data import synthetic
+
+    train = synthetic.generate(40, "train", seed=3)
+    heldout = synthetic.generate(15, "heldout", seed=3)
+    assert [p.name for p in train] == [p.name for p in synthetic.generate(40, "train", seed=3)]
+    assert not {p.name for p in train} & {p.name for p in heldout}
+    assert {p.tags[1] for p in train} == {f.name for f in synthetic.FAMILIES}
+    for p in train + heldout:
+        assert len(p.public_tests) == 2 and len(p.private_tests) == 8
+    jobs = [
+        Job.build("python", p.reference().source, p.judge_tests, p.limits())
+        for p in train + heldout
+    ]
+    for problem, verdicts in zip(train + heldout, executor.run_many(jobs), strict=True):
+        assert all(r.passed for r in verdicts), (problem.name, [r.stderr for r in verdicts])
+    with pytest.raises(ValueError, match="unknown split 'valid'; expected one of train, heldout"):
+        synthetic.generate(1, "valid")
+    with pytest.raises(ValueError, match="cannot draw 10000 distinct heldout problems"):
+        synthetic.generate(10000, "heldout")
