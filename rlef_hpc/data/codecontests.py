@@ -115,7 +115,7 @@ def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _field(
+def require_field(
     record: Mapping[str, Any],
     name: str,
     kind: type | tuple[type, ...],
@@ -145,7 +145,7 @@ def _strings(value: Any, name: str, where: str) -> list[str]:
 
 
 def _tests(record: Mapping[str, Any], name: str, where: str) -> list[TestCase]:
-    tests = _field(record, name, dict, where, default={})
+    tests = require_field(record, name, dict, where, default={})
     inputs = _strings(tests.get("input", []), f"{name}.input", where)
     outputs = _strings(tests.get("output", []), f"{name}.output", where)
     if len(inputs) != len(outputs):
@@ -156,7 +156,7 @@ def _tests(record: Mapping[str, Any], name: str, where: str) -> list[TestCase]:
 
 
 def _solutions(record: Mapping[str, Any], name: str, where: str) -> list[Solution]:
-    block = _field(record, name, dict, where, default={})
+    block = require_field(record, name, dict, where, default={})
     languages = block.get("language", [])
     sources = _strings(block.get("solution", []), f"{name}.solution", where)
     if not isinstance(languages, list) or len(languages) != len(sources):
@@ -176,22 +176,23 @@ def _solutions(record: Mapping[str, Any], name: str, where: str) -> list[Solutio
 
 def parse_problem(record: Mapping[str, Any], where: str = "<record>") -> Problem:
     """One CodeContests record (as published) to a Problem; `where` prefixes every error."""
-    name = _field(record, "name", str, where)
-    time_limit = _field(record, "time_limit", dict, where, default=None)
+    name = require_field(record, "name", str, where)
+    time_limit = require_field(record, "time_limit", dict, where, default=None)
     seconds = None
     if time_limit:
-        s = _field(time_limit, "seconds", int, f"{where}: field 'time_limit'", default=0)
-        ns = _field(time_limit, "nanos", int, f"{where}: field 'time_limit'", default=0)
+        s = require_field(time_limit, "seconds", int, f"{where}: field 'time_limit'", default=0)
+        ns = require_field(time_limit, "nanos", int, f"{where}: field 'time_limit'", default=0)
         seconds = s + ns * 1e-9 or None
     return Problem(
         name=name,
-        description=_field(record, "description", str, where),
+        description=require_field(record, "description", str, where),
         public_tests=_tests(record, "public_tests", where),
         private_tests=_tests(record, "private_tests", where),
         generated_tests=_tests(record, "generated_tests", where),
         time_limit_s=seconds,
-        memory_limit_bytes=_field(record, "memory_limit_bytes", int, where, default=0) or None,
-        difficulty=_field(record, "difficulty", int, where, default=0),
+        memory_limit_bytes=require_field(record, "memory_limit_bytes", int, where, default=0)
+        or None,
+        difficulty=require_field(record, "difficulty", int, where, default=0),
         solutions=_solutions(record, "solutions", where),
         incorrect_solutions=_solutions(record, "incorrect_solutions", where),
         source=where,

@@ -32,6 +32,13 @@ class Problem:
     incorrect_solutions: Sequence[Solution] = ()
     source: str = ""  # where it came from: a file and line, or a generator and seed
     tags: Sequence[str] = field(default=())
+    # Code run after the solution's (function problems: it reads the test, calls the function
+    # and prints the result); empty for stdin/stdout problems.
+    harness: str = ""
+
+    def program(self, code: str) -> str:
+        """What runs for a test: the submitted code, then the harness if any."""
+        return f"{code.rstrip()}\n\n{self.harness}" if self.harness else code
 
     @property
     def judge_tests(self) -> list[TestCase]:

@@ -145,8 +145,9 @@ class EpisodeRunner:
         episode.turns.append(turn)
         if code is None:
             return None
+        problem = episode.problem
         job = Job.build(
-            self.config.language, code, episode.problem.public_tests, episode.problem.limits()
+            self.config.language, problem.program(code), problem.public_tests, problem.limits()
         )
         return self.executor.submit(job)
 
@@ -182,7 +183,8 @@ class EpisodeRunner:
         """The final answer passed the public tests: now the private ones decide."""
         code = episode.turns[-1].code
         problem = episode.problem
-        job = Job.build(self.config.language, code, problem.private_tests, problem.limits())
+        program = problem.program(code)
+        job = Job.build(self.config.language, program, problem.private_tests, problem.limits())
         return self.executor.submit(job)
 
     def _finish(self, episode: _Episode, bar: Any) -> None:
