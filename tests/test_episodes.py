@@ -49,7 +49,8 @@ def tokenizer():
 
 
 def run(tokenizer, executor, rollouts, problem=SUM, **config):
-    policy = ScriptedPolicy(tokenizer, [problem], {problem.name: rollouts})
+    language = config.get("language", "python")
+    policy = ScriptedPolicy(tokenizer, [problem], {problem.name: rollouts}, language=language)
     runner = EpisodeRunner(tokenizer, executor, policy, EpisodeConfig(**config))
     return runner.run([problem] * len(rollouts))
 
@@ -197,3 +198,58 @@ def test_template_overrides_name_the_bad_key():
     assert Templates.from_dict({"feedback_header": "Failed:"}).feedback_header == "Failed:"
     with pytest.raises(ValueError, match="unknown template 'feedbak_header'; expected one of"):
         Templates.from_dict({"feedbak_header": "x"})
+
+
+CPP_RIGHT = (
+    "```cpp\n#include <iostream>\n"
+    "int main() { long long a, b; std::cin >> a >> b; std::cout << a + b << '\\n'; }\n```"
+)
+CPP_BROKEN = "```cpp\nint main() { return missing; }\n```"
+
+
+def test_cpp_episode_compile_error_then_fix(tokenizer, executor):
+    [t] = run(tokenizer, executor, [[CPP_BROKEN, CPP_RIGHT]], language="cpp")
+    assert t.success and [turn.reward for turn in t.turns] == pytest.approx([-0.2, 1.0])
+    assert not t.turns[0].valid and t.turns[0].public_verdicts == ["COMPILE_ERROR"] * 2
+    assert "'missing' was not declared" in t.turns[0].feedback
+    assert t.turns[0].feedback.endswith(
+        "```cpp YOUR CODE HERE ```. Use the backticks for your code only."
+    )
+    assert t.messages[0]["content"].startswith("Provide a C++ solution for the following")
+
+
+def test_generation_overlaps_execution(tokenizer, executor):
+    """While one batch is generated, the code of the previous batch is running."""
+    slow = "```python\nimport time\ntime.sleep(0.3)\nprint(sum(map(int, input().split())))\n```"
+    in_flight_during_generate = []
+
+    class CountingExecutor:
+        def __init__(self):
+            self.futures = []
+
+        def submit(self, job):
+            future = executor.submit(job)
+            self.futures.append(future)
+            return future
+
+    counting = CountingExecutor()
+    policy = ScriptedPolicy(tokenizer, [SUM], {SUM.name: [[slow]] * 4})
+
+    def generate(prompts):
+        in_flight_during_generate.append(sum(not f.done() for f in counting.futures))
+        return policy(prompts)
+
+    runner = EpisodeRunner(tokenizer, counting, generate, EpisodeConfig(generation_batch=1))
+    trajectories = runner.run([SUM] * 4)
+    assert all(t.success for t in trajectories)
+    assert max(in_flight_during_generate[1:]) >= 1
+
+
+def test_templates_from_yaml(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("feedback_header: 'These tests failed:'\nmax_input_chars: 50\n")
+    t = Templates.from_yaml(path)
+    assert t.feedback_header == "These tests failed:" and t.max_input_chars == 50
+    path.write_text("max_input_chars: lots\n")
+    with pytest.raises(ValueError, match="t.yaml: template 'max_input_chars' must be int"):
+        Templates.from_yaml(path)

@@ -9,6 +9,7 @@ parts, joined by a marker naming what was left out, e.g. "12345...(980 character
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 from rlef_hpc.sandbox import TestResult, Verdict
@@ -58,6 +59,19 @@ class Templates:
             if not isinstance(value, expected) or isinstance(value, bool):
                 raise ValueError(f"template '{key}' must be {expected.__name__}, got {value!r}")
         return replace(cls(), **overrides)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Templates:
+        """Templates from a YAML mapping of field names to replacements."""
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of template names to texts")
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 def fill(template: str, **values: str) -> str:

@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metrics", default="1@3,10@100", help="comma-separated n@k (default 1@3,10@100)"
     )
+    p.add_argument("--templates", type=Path, help="YAML file overriding prompt/feedback templates")
     p.add_argument("--temperature", type=float, default=0.2)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=1024)
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from rlef_hpc.data.codecontests import ProblemFormatError, load_problems
+    from rlef_hpc.episodes import Templates
     from rlef_hpc.eval.metrics import parse_metric
 
     try:
@@ -90,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         if not problems:
             raise UsageError(f"no problems in {args.problems}")
         scripts = read_answers(args.answers, {p.name for p in problems}) if args.answers else None
-    except (UsageError, ValueError, FileNotFoundError, ProblemFormatError) as e:
+        args.templates = Templates.from_yaml(args.templates) if args.templates else Templates()
+    except (UsageError, ValueError, OSError, ProblemFormatError) as e:
         parser.exit(2, f"rlef-eval: error: {e}\n")
     report, trajectories = run(args, problems, scripts, metrics)
     print(report.table())
@@ -104,14 +107,18 @@ def run(args: argparse.Namespace, problems: list[Any], scripts: Any, metrics: li
     from rlef_hpc.eval.report import evaluate
     from rlef_hpc.sandbox import Executor
 
-    config = EpisodeConfig(max_turns=args.max_turns, language=args.language)
+    config = EpisodeConfig(
+        max_turns=args.max_turns, language=args.language, templates=args.templates
+    )
     if scripts is not None:
         from rlef_hpc.models.tokenizer import build_tokenizer
 
         # Replaying text needs a tokenizer only to keep the conversation: any will do.
         corpus = [t for rollouts in scripts.values() for r in rollouts for t in r]
         tokenizer = build_tokenizer(corpus + [p.description for p in problems], vocab_size=400)
-        policy = ScriptedPolicy(tokenizer, problems, scripts, language=args.language, strict=False)
+        policy = ScriptedPolicy(
+            tokenizer, problems, scripts, args.templates, args.language, strict=False
+        )
         episodes = [p for p in problems if p.name in scripts for _ in scripts[p.name]]
     else:
         from transformers import AutoTokenizer
