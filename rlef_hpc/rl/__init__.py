@@ -1,0 +1,1 @@
+"""RL: the RLEF PPO objective and the update step. Knows models; never imports vLLM."""

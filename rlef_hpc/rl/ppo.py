@@ -1,0 +1,185 @@
+"""The RLEF PPO objective, on padded batches of trajectories.
+
+Positions: `logp[:, i]` is log p(tokens[i] | tokens[:i]) (position 0 is unused), so a response
+token at position i is trained through the logits at i - 1. Per turn t of a trajectory:
+
+  R_t = r_t - beta * mean_{i in response t} (logp_old[i] - logp_ref[i])   (KL in the reward: the
+        log-ratio of the whole response as the geometric mean of its token probabilities)
+  G_t = sum_{s >= t} R_s                                                    (Monte-Carlo, gamma 1)
+  A_t = G_t - V_old(c_t),  V read at the turn's last prompt token; normalised over the batch's
+        turns (each turn once, whatever its length)
+  policy loss, per response token i of turn t, averaged over all response tokens:
+        -w_i * min(rho_i A_t, clip(rho_i, 1 - eps, 1 + eps) A_t),
+        rho_i = exp(logp[i] - logp_old[i]),  w_i = stopgrad(min(exp(logp_old[i] - logp_beh[i]), 1))
+        (the truncated importance weight corrects for rollouts sampled by an older policy)
+  value loss, per turn: 0.5 * max((V - G)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - G)^2)
+
+"old" is the policy at the start of this batch's updates, as the trainer computes it; the
+engine's own log-probs (`behaviour`) only enter through w, since its numerics differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+ADVANTAGE_NORMALISATION = ("turn", "none")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    kl_coef: float = 0.05
+    clip: float = 0.2
+    value_clip: float = 0.2
+    value_coef: float = 1.0  # the value network is separate; this scales its loss for logging
+    truncate_is: bool = True
+    advantage_normalisation: str = "turn"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and value < 0:
+                raise ValueError(f"ppo.{f.name} must be non-negative, got {value}")
+        if self.advantage_normalisation not in ADVANTAGE_NORMALISATION:
+            raise ValueError(
+                f"ppo.advantage_normalisation: unknown {self.advantage_normalisation!r}; "
+                f"expected one of {', '.join(ADVANTAGE_NORMALISATION)}"
+            )
+
+
+@dataclass
+class PPOBatch:
+    """Padded trajectories. B sequences of T tokens, at most K turns each."""
+
+    tokens: torch.Tensor  # [B, T] long
+    response_mask: torch.Tensor  # [B, T] bool: tokens the policy produced
+    turn_of_token: torch.Tensor  # [B, T] long: the turn a response token belongs to, else -1
+    value_index: torch.Tensor  # [B, K] long: the last prompt token of each turn
+    turn_mask: torch.Tensor  # [B, K] bool
+    turn_reward: torch.Tensor  # [B, K] float: environment reward (penalties, terminal)
+    logp_behaviour: torch.Tensor  # [B, T] float: the engine's log-probs of sampled tokens
+
+    def to(self, device: Any) -> PPOBatch:
+        return PPOBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+    def select(self, rows: slice | torch.Tensor) -> PPOBatch:
+        return PPOBatch(*(getattr(self, f.name)[rows] for f in fields(self)))
+
+
+def collate(trajectories: list[Any], pad_id: int = 0) -> PPOBatch:
+    """Trajectories (rlef_hpc.data.Trajectory) into a padded batch."""
+    b = len(trajectories)
+    t = max(len(x.tokens) for x in trajectories)
+    k = max(len(x.turns) for x in trajectories)
+    tokens = torch.full((b, t), pad_id, dtype=torch.long)
+    response = torch.zeros((b, t), dtype=torch.bool)
+    turn_of = torch.full((b, t), -1, dtype=torch.long)
+    value_index = torch.zeros((b, k), dtype=torch.long)
+    turn_mask = torch.zeros((b, k), dtype=torch.bool)
+    reward = torch.zeros((b, k))
+    behaviour = torch.zeros((b, t))
+    for row, traj in enumerate(trajectories):
+        tokens[row, : len(traj.tokens)] = torch.tensor(traj.tokens)
+        for j, turn in enumerate(traj.turns):
+            span = slice(turn.prompt_end, turn.response_end)
+            response[row, span] = True
+            turn_of[row, span] = j
+            behaviour[row, span] = torch.tensor(turn.behaviour_logprobs)
+            value_index[row, j] = turn.value_index
+            turn_mask[row, j] = True
+            reward[row, j] = turn.reward
+    return PPOBatch(tokens, response, turn_of, value_index, turn_mask, reward, behaviour)
+
+
+def per_turn_mean(values: torch.Tensor, batch: PPOBatch) -> torch.Tensor:
+    """[B, T] token values -> [B, K] means over each turn's response tokens."""
+    k = batch.turn_mask.shape[1]
+    index = batch.turn_of_token.clamp(min=0)
+    weight = batch.response_mask.to(values.dtype)
+    sums = torch.zeros(values.shape[0], k, dtype=values.dtype).scatter_add_(
+        1, index, values * weight
+    )
+    counts = torch.zeros(values.shape[0], k, dtype=values.dtype).scatter_add_(1, index, weight)
+    return sums / counts.clamp(min=1)
+
+
+def rewards_with_kl(
+    batch: PPOBatch, logp_old: torch.Tensor, logp_ref: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R [B, K], the per-turn KL estimate [B, K])."""
+    kl = per_turn_mean(logp_old - logp_ref, batch)
+    return (batch.turn_reward - kl_coef * kl) * batch.turn_mask, kl * batch.turn_mask
+
+
+def monte_carlo_returns(rewards: torch.Tensor, turn_mask: torch.Tensor) -> torch.Tensor:
+    rewards = rewards * turn_mask
+    return (rewards.flip(1).cumsum(1).flip(1)) * turn_mask
+
+
+def advantages(
+    returns: torch.Tensor, values_old: torch.Tensor, turn_mask: torch.Tensor, normalisation: str
+) -> torch.Tensor:
+    adv = (returns - values_old) * turn_mask
+    if normalisation == "turn":
+        valid = adv[turn_mask]
+        std = valid.std(unbiased=False) if valid.numel() > 1 else torch.ones(())
+        adv = (adv - valid.mean()) / (std + 1e-8) * turn_mask
+    return adv
+
+
+def token_advantages(adv: torch.Tensor, batch: PPOBatch) -> torch.Tensor:
+    """[B, K] per-turn advantages -> [B, T], zero outside responses."""
+    return adv.gather(1, batch.turn_of_token.clamp(min=0)) * batch.response_mask
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
+    logp_behaviour: torch.Tensor,
+    token_adv: torch.Tensor,
+    mask: torch.Tensor,
+    config: PPOConfig,
+    num_tokens: int | torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sum over `mask` tokens divided by `num_tokens` (the whole batch's count, so that micro-
+    batches and data-parallel ranks add up to the batch mean)."""
+    mask = mask.to(logp.dtype)
+    log_ratio = (logp - logp_old) * mask
+    ratio = torch.exp(log_ratio)
+    if config.truncate_is:
+        weight = torch.exp((logp_old - logp_behaviour) * mask).clamp(max=1.0).detach()
+    else:
+        weight = torch.ones_like(ratio)
+    unclipped = ratio * token_adv
+    clipped = ratio.clamp(1.0 - config.clip, 1.0 + config.clip) * token_adv
+    loss = -(weight * torch.minimum(unclipped, clipped) * mask).sum() / num_tokens
+    with torch.no_grad():
+        metrics = {
+            "clip_fraction": (((ratio - 1).abs() > config.clip).to(logp.dtype) * mask).sum()
+            / num_tokens,
+            "approx_kl": (((ratio - 1) - log_ratio) * mask).sum() / num_tokens,
+            "is_weight": (weight * mask).sum() / num_tokens,
+        }
+    return loss, metrics
+
+
+def value_loss(
+    values: torch.Tensor,
+    values_old: torch.Tensor,
+    returns: torch.Tensor,
+    turn_mask: torch.Tensor,
+    config: PPOConfig,
+    num_turns: int | torch.Tensor,
+) -> torch.Tensor:
+    mask = turn_mask.to(values.dtype)
+    clipped = values_old + (values - values_old).clamp(-config.value_clip, config.value_clip)
+    loss = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    return 0.5 * (loss * mask).sum() / num_turns
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    v, g = values[mask], returns[mask]
+    var = g.var(unbiased=False)
+    return float(1 - (g - v).var(unbiased=False) / var) if var > 0 else float("nan")
