@@ -1,0 +1,132 @@
+"""Model and parallel-layout configs: Llama-3.1 presets, any Llama-architecture HF config.json,
+and the checks that must fail before any process group starts, naming the field."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_query_groups: int  # key/value heads (GQA)
+    ffn_hidden_size: int
+    max_position_embeddings: int = 8192
+    rope_theta: float = 500000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    # Llama 3.1 RoPE scaling (megatron hard-codes low 1, high 4, original 8192: others rejected)
+    rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, source: str | Path | dict[str, Any]) -> ModelConfig:
+        """From a Hugging Face LlamaConfig (a dict, a config.json, or a model directory)."""
+        if not isinstance(source, dict):
+            path = Path(source)
+            path = path / "config.json" if path.is_dir() else path
+            source = json.loads(path.read_text())
+        hf = source
+        arch = hf.get("model_type")
+        if arch != "llama":
+            raise ValueError(f"model_type: expected 'llama', got {arch!r}")
+        scaling = hf.get("rope_scaling") or {}
+        if scaling:
+            expected = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192}  # fmt: skip
+            for key, value in expected.items():
+                if scaling.get(key, scaling.get("type")) != value and key != "rope_type":
+                    raise ValueError(f"rope_scaling.{key}: megatron supports only {value}, got {scaling.get(key)}")
+        heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_query_groups=hf.get("num_key_value_heads", heads),
+            ffn_hidden_size=hf["intermediate_size"],
+            max_position_embeddings=hf.get("max_position_embeddings", 8192),
+            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            rope_scaling=bool(scaling),
+            rope_scaling_factor=float(scaling.get("factor", 8.0)),
+        )
+
+
+PRESETS = {
+    "llama3_8b": ModelConfig(128256, 4096, 32, 32, 8, 14336, 131072, rope_scaling=True),
+    "llama3_70b": ModelConfig(128256, 8192, 80, 64, 8, 28672, 131072, rope_scaling=True),
+    # Small enough for 2 CPU cores; head_dim 32, which vLLM's CPU attention supports.
+    "tiny": ModelConfig(512, 64, 4, 2, 1, 128, 2048, rope_theta=10000.0),
+}
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    data: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor * self.pipeline * self.data
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    dtype: str = "float32"  # "bfloat16" on GPUs
+    fp8: str | None = None  # None, "e4m3" or "hybrid"
+    fp8_recipe: str = "delayed"
+    fp8_first_last_bf16: bool = True
+
+
+def validate(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
+             compute_capability: tuple[int, int] | None = None) -> None:  # fmt: skip
+    """Everything that would otherwise fail deep inside megatron, on every rank, at once."""
+    for f in fields(parallel):
+        if getattr(parallel, f.name) < 1:
+            raise ValueError(f"parallel.{f.name} must be at least 1, got {getattr(parallel, f.name)}")
+    tp = parallel.tensor
+    if model.num_attention_heads % tp:
+        raise ValueError(f"parallel.tensor={tp} must divide model.num_attention_heads={model.num_attention_heads}")
+    if model.num_query_groups % tp:
+        raise ValueError(f"parallel.tensor={tp} must divide model.num_query_groups={model.num_query_groups}")
+    if model.num_attention_heads % model.num_query_groups:
+        raise ValueError("model.num_query_groups must divide model.num_attention_heads")
+    if model.ffn_hidden_size % tp:
+        raise ValueError(f"parallel.tensor={tp} must divide model.ffn_hidden_size={model.ffn_hidden_size}")
+    if model.num_layers % parallel.pipeline:
+        raise ValueError(f"parallel.pipeline={parallel.pipeline} must divide model.num_layers={model.num_layers}")
+    if model.hidden_size % model.num_attention_heads:
+        raise ValueError("model.num_attention_heads must divide model.hidden_size")
+    if precision.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"precision.dtype: unknown {precision.dtype!r}; expected float32, bfloat16 or float16")
+    if precision.fp8 is None:
+        return
+    if precision.fp8 not in ("e4m3", "hybrid"):
+        raise ValueError(f"precision.fp8: unknown {precision.fp8!r}; expected e4m3 or hybrid")
+    if precision.fp8_recipe not in FP8_RECIPES:
+        raise ValueError(f"precision.fp8_recipe: unknown {precision.fp8_recipe!r}; expected one of {', '.join(FP8_RECIPES)}")
+    if compute_capability is None:
+        raise ValueError("precision.fp8 needs a GPU with compute capability >= 8.9; none found")
+    if compute_capability < (8, 9):
+        raise ValueError(f"precision.fp8 needs compute capability >= 8.9, this GPU has {compute_capability}")
+    if precision.fp8_recipe == "blockwise" and compute_capability[0] != 9:
+        raise ValueError(f"precision.fp8_recipe=blockwise needs Hopper (9.x), this GPU has {compute_capability}")
+
+
+def with_vocab(model: ModelConfig, vocab_size: int) -> ModelConfig:
+    return replace(model, vocab_size=vocab_size)

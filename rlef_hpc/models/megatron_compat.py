@@ -1,0 +1,99 @@
+"""megatron-core on CPU: the few narrow shims it needs where it assumes CUDA. Active only
+without CUDA, written for (and checked against) one megatron-core version, in one place.
+
+The shim is a stand-in for the name `torch` inside the few megatron modules that call CUDA
+unconditionally (the current device for RoPE and buffers, "cuda" tensors in the pipeline
+schedules, synchronize() in p2p): there, torch.cuda.current_device() is the CPU,
+synchronize() does nothing, and tensors asked for on "cuda" are made on the CPU. Everything
+else, and every other module, sees the real torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+SUPPORTED = ("0.16.1",)
+# The modules of megatron-core 0.16.1 that call CUDA whatever the configuration.
+PATCHED_MODULES = (
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.transformer.utils",
+    "megatron.core.utils",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.tensor_parallel.random",
+)
+_installed = False
+
+
+def _cpu_device(kwargs: dict[str, Any]) -> dict[str, Any]:
+    device = kwargs.get("device")
+    if device is not None and str(device).startswith("cuda") or isinstance(device, int):
+        kwargs["device"] = "cpu"
+    return kwargs
+
+
+class _CudaOnCpu:
+    def current_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def synchronize(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    # The model-parallel RNG tracker keeps "CUDA" generator states: here, the CPU generator's.
+    def get_rng_state(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    def set_rng_state(self, state: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        torch.set_rng_state(state)
+
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+
+class _TorchOnCpu:
+    cuda = _CudaOnCpu()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(torch, name)
+        if name in ("zeros", "ones", "empty", "full", "tensor", "arange", "randn", "rand"):
+            return lambda *args, **kwargs: attr(*args, **_cpu_device(kwargs))
+        return attr
+
+
+def install() -> None:
+    """Idempotent; does nothing where CUDA exists."""
+    global _installed
+    if _installed or torch.cuda.is_available():
+        return
+    import megatron.core
+
+    if megatron.core.__version__ not in SUPPORTED:
+        raise RuntimeError(
+            f"megatron-core {megatron.core.__version__} on CPU: the shims in {__name__} were "
+            f"written for {', '.join(SUPPORTED)}; check them against this version first"
+        )
+    proxy = _TorchOnCpu()
+    for name in PATCHED_MODULES:
+        module = importlib.import_module(name)
+        if getattr(module, "torch", None) is torch:
+            module.torch = proxy
+    from megatron.core.tensor_parallel import random
+
+    random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    _installed = True
+
+
+def seed(value: int) -> None:
+    """Seeds torch and megatron's model-parallel RNG tracker (CPU or CUDA alike)."""
+    from megatron.core import tensor_parallel
+
+    install()
+    torch.manual_seed(value)
+    tensor_parallel.model_parallel_cuda_manual_seed(value)
