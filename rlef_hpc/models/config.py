@@ -48,7 +48,9 @@ class ModelConfig:
                         "original_max_position_embeddings": 8192}  # fmt: skip
             for key, value in expected.items():
                 if scaling.get(key, scaling.get("type")) != value and key != "rope_type":
-                    raise ValueError(f"rope_scaling.{key}: megatron supports only {value}, got {scaling.get(key)}")
+                    raise ValueError(
+                        f"rope_scaling.{key}: megatron supports only {value}, got {scaling.get(key)}"
+                    )
         heads = hf["num_attention_heads"]
         return cls(
             vocab_size=hf["vocab_size"],
@@ -98,34 +100,52 @@ def validate(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionC
     """Everything that would otherwise fail deep inside megatron, on every rank, at once."""
     for f in fields(parallel):
         if getattr(parallel, f.name) < 1:
-            raise ValueError(f"parallel.{f.name} must be at least 1, got {getattr(parallel, f.name)}")
+            raise ValueError(
+                f"parallel.{f.name} must be at least 1, got {getattr(parallel, f.name)}"
+            )
     tp = parallel.tensor
     if model.num_attention_heads % tp:
-        raise ValueError(f"parallel.tensor={tp} must divide model.num_attention_heads={model.num_attention_heads}")
+        raise ValueError(
+            f"parallel.tensor={tp} must divide model.num_attention_heads={model.num_attention_heads}"
+        )
     if model.num_query_groups % tp:
-        raise ValueError(f"parallel.tensor={tp} must divide model.num_query_groups={model.num_query_groups}")
+        raise ValueError(
+            f"parallel.tensor={tp} must divide model.num_query_groups={model.num_query_groups}"
+        )
     if model.num_attention_heads % model.num_query_groups:
         raise ValueError("model.num_query_groups must divide model.num_attention_heads")
     if model.ffn_hidden_size % tp:
-        raise ValueError(f"parallel.tensor={tp} must divide model.ffn_hidden_size={model.ffn_hidden_size}")
+        raise ValueError(
+            f"parallel.tensor={tp} must divide model.ffn_hidden_size={model.ffn_hidden_size}"
+        )
     if model.num_layers % parallel.pipeline:
-        raise ValueError(f"parallel.pipeline={parallel.pipeline} must divide model.num_layers={model.num_layers}")
+        raise ValueError(
+            f"parallel.pipeline={parallel.pipeline} must divide model.num_layers={model.num_layers}"
+        )
     if model.hidden_size % model.num_attention_heads:
         raise ValueError("model.num_attention_heads must divide model.hidden_size")
     if precision.dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"precision.dtype: unknown {precision.dtype!r}; expected float32, bfloat16 or float16")
+        raise ValueError(
+            f"precision.dtype: unknown {precision.dtype!r}; expected float32, bfloat16 or float16"
+        )
     if precision.fp8 is None:
         return
     if precision.fp8 not in ("e4m3", "hybrid"):
         raise ValueError(f"precision.fp8: unknown {precision.fp8!r}; expected e4m3 or hybrid")
     if precision.fp8_recipe not in FP8_RECIPES:
-        raise ValueError(f"precision.fp8_recipe: unknown {precision.fp8_recipe!r}; expected one of {', '.join(FP8_RECIPES)}")
+        raise ValueError(
+            f"precision.fp8_recipe: unknown {precision.fp8_recipe!r}; expected one of {', '.join(FP8_RECIPES)}"
+        )
     if compute_capability is None:
         raise ValueError("precision.fp8 needs a GPU with compute capability >= 8.9; none found")
     if compute_capability < (8, 9):
-        raise ValueError(f"precision.fp8 needs compute capability >= 8.9, this GPU has {compute_capability}")
+        raise ValueError(
+            f"precision.fp8 needs compute capability >= 8.9, this GPU has {compute_capability}"
+        )
     if precision.fp8_recipe == "blockwise" and compute_capability[0] != 9:
-        raise ValueError(f"precision.fp8_recipe=blockwise needs Hopper (9.x), this GPU has {compute_capability}")
+        raise ValueError(
+            f"precision.fp8_recipe=blockwise needs Hopper (9.x), this GPU has {compute_capability}"
+        )
 
 
 def with_vocab(model: ModelConfig, vocab_size: int) -> ModelConfig:

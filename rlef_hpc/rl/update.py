@@ -1,0 +1,268 @@
+"""The PPO update step over megatron-core models, under any TP x PP x DP layout.
+
+One `PPOUpdate.step(batch)` (the batch being this data-parallel rank's share):
+1. log-probs of the sampled tokens under the current policy (pi_old) and the frozen initial
+   policy (the KL reference), and the value model's V_old at each turn's last prompt token:
+   forward-only passes;
+2. rewards with the KL penalty, Monte-Carlo returns, advantages normalised over the whole
+   batch's turns (statistics all-reduced over data-parallel ranks);
+3. forward/backward of the policy with the clipped, importance-weighted surrogate, and of the
+   value model with the clipped value loss, micro-batch by micro-batch through megatron's
+   pipeline schedules; gradients summed over data-parallel ranks (losses are already divided
+   by the whole batch's token and turn counts), clipped by their global norm, AdamW.
+Only the last pipeline stage sees logits, so steps 1-2 and the losses happen there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rlef_hpc.rl import ppo
+from rlef_hpc.rl.logprobs import token_logprobs
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 2e-7
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+
+
+def _ps() -> Any:
+    from megatron.core import parallel_state
+
+    return parallel_state
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> tuple[Any, Any]:
+    """AdamW without weight decay on norms and biases, and a linear warm-up."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    warmup = max(cfg.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup)
+    )
+    return optimizer, scheduler
+
+
+def global_grad_norm(model: torch.nn.Module) -> torch.Tensor:
+    """L2 norm of the whole model's gradient: tensor-parallel shards count once each,
+    replicated parameters once per model, over every pipeline stage."""
+    ps = _ps()
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    total = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+            total += p.grad.double().pow(2).sum()
+    dist.all_reduce(total, group=ps.get_model_parallel_group())
+    return total.sqrt()
+
+
+def _causal_mask(seq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool), diagonal=1)
+
+
+class PPOUpdate:
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        value: torch.nn.Module,
+        reference: torch.nn.Module,
+        ppo_config: ppo.PPOConfig | None = None,
+        optim_config: OptimConfig | None = None,
+        micro_batch_size: int = 1,
+        temperature: float = 1.0,
+    ) -> None:
+        self.policy, self.value, self.reference = policy, value, reference
+        for p in reference.parameters():
+            p.requires_grad_(False)
+        self.ppo = ppo_config or ppo.PPOConfig()
+        self.optim = optim_config or OptimConfig()
+        self.policy_opt = make_optimizer(policy, self.optim)
+        self.value_opt = make_optimizer(value, self.optim)
+        self.mbs = micro_batch_size
+        self.temperature = temperature
+
+    # --- passes -----------------------------------------------------------------------------
+
+    def _run(
+        self, model: torch.nn.Module, batch: ppo.PPOBatch, loss: Callable, forward_only: bool
+    ) -> list:
+        """Micro-batches of `batch` through `model`; returns what `loss` reported per micro-batch
+        (on the last pipeline stage; nothing elsewhere)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        b, seq = batch.tokens.shape
+        if b % self.mbs:
+            raise ValueError(
+                f"batch of {b} sequences is not a multiple of micro_batch_size={self.mbs}"
+            )
+        n = b // self.mbs
+        chunks = iter(
+            [(i, batch.select(slice(i * self.mbs, (i + 1) * self.mbs))) for i in range(n)]
+        )
+        positions = torch.arange(seq).expand(self.mbs, seq)
+        mask = _causal_mask(seq)
+
+        def forward_step(data: Any, model: torch.nn.Module) -> Any:
+            i, chunk = next(data)
+            return model(chunk.tokens, positions, mask), partial(loss, i, chunk, n)
+
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=chunks, model=[model],
+            num_microbatches=n, seq_length=seq, micro_batch_size=self.mbs, forward_only=forward_only,
+        )  # fmt: skip
+        return [o for o in out if o] if isinstance(out, list) else []
+
+    def _token_logprobs(
+        self, logits: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [b, s, vocab shard] -> (logp, entropy) [b, s], position 0 zero."""
+        ps = _ps()
+        shard = logits.shape[-1]
+        logp, entropy = token_logprobs(
+            logits[:, :-1], tokens[:, 1:], self.temperature,
+            vocab_start=ps.get_tensor_model_parallel_rank() * shard,
+            group=ps.get_tensor_model_parallel_group(),
+        )  # fmt: skip
+        pad = torch.zeros(logp.shape[0], 1, dtype=logp.dtype)
+        return torch.cat([pad, logp], 1), torch.cat([pad, entropy], 1)
+
+    def _collect_logprobs(self, model: torch.nn.Module, batch: ppo.PPOBatch) -> torch.Tensor | None:
+        def loss(i, chunk, n, logits):
+            logp, _ = self._token_logprobs(logits.detach(), chunk.tokens)
+            return torch.zeros(()), {"logp": logp}
+
+        parts = self._run(model, batch, loss, forward_only=True)
+        return torch.cat([p["logp"] for p in parts]) if parts else None
+
+    def _collect_values(self, batch: ppo.PPOBatch) -> torch.Tensor | None:
+        def loss(i, chunk, n, values):
+            v = values.detach().squeeze(-1).float().gather(1, chunk.value_index)
+            return torch.zeros(()), {"values": v}
+
+        parts = self._run(self.value, batch, loss, forward_only=True)
+        return torch.cat([p["values"] for p in parts]) if parts else None
+
+    # --- the update -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prepare(self, batch: ppo.PPOBatch) -> dict[str, torch.Tensor] | None:
+        """pi_old, reference log-probs, V_old, returns, advantages (last stage only)."""
+        ps = _ps()
+        logp_old = self._collect_logprobs(self.policy, batch)
+        logp_ref = self._collect_logprobs(self.reference, batch)
+        values_old = self._collect_values(batch)
+        if not ps.is_pipeline_last_stage():
+            return None
+        rewards, kl = ppo.rewards_with_kl(batch, logp_old, logp_ref, self.ppo.kl_coef)
+        returns = ppo.monte_carlo_returns(rewards, batch.turn_mask)
+        raw = (returns - values_old) * batch.turn_mask
+        dp = ps.get_data_parallel_group()
+        stats = torch.stack([raw.sum(), (raw**2).sum(), batch.turn_mask.sum().float(),
+                             batch.response_mask.sum().float()]).double()  # fmt: skip
+        dist.all_reduce(stats, group=dp)
+        total, squares, turns, tokens = stats.tolist()
+        adv = raw
+        if self.ppo.advantage_normalisation == "turn":
+            mean = total / turns
+            std = math.sqrt(max(squares / turns - mean**2, 0.0))
+            adv = (raw - mean) / (std + 1e-8) * batch.turn_mask
+        return {
+            "logp_old": logp_old, "logp_ref": logp_ref, "values_old": values_old,
+            "returns": returns, "adv": adv, "kl": kl, "num_tokens": torch.tensor(tokens),
+            "num_turns": torch.tensor(turns),
+        }  # fmt: skip
+
+    def step(self, batch: ppo.PPOBatch) -> dict[str, float]:
+        ps = _ps()
+        prep = self.prepare(batch)
+        rows = lambda i, t: t[i * self.mbs : (i + 1) * self.mbs]  # noqa: E731
+
+        def policy_loss(i, chunk, n, logits):
+            logp, entropy = self._token_logprobs(logits, chunk.tokens)
+            token_adv = ppo.token_advantages(rows(i, prep["adv"]), chunk)
+            loss, metrics = ppo.policy_loss(
+                logp, rows(i, prep["logp_old"]), chunk.logp_behaviour, token_adv,
+                chunk.response_mask, self.ppo, prep["num_tokens"],
+            )  # fmt: skip
+            mask = chunk.response_mask
+            metrics["entropy"] = (entropy.detach() * mask).sum() / prep["num_tokens"]
+            mismatch = (rows(i, prep["logp_old"]) - chunk.logp_behaviour).abs() * mask
+            metrics["mismatch_mean"] = mismatch.sum() / prep["num_tokens"]
+            metrics["mismatch_max"] = mismatch.max()
+            metrics["policy_loss"] = loss.detach()
+            # The schedule divides by the number of micro-batches; ours is a global mean already.
+            return loss * n, metrics
+
+        def value_loss(i, chunk, n, values):
+            v = values.squeeze(-1).float().gather(1, chunk.value_index)
+            loss = ppo.value_loss(
+                v, rows(i, prep["values_old"]), rows(i, prep["returns"]), chunk.turn_mask,
+                self.ppo, prep["num_turns"],
+            )  # fmt: skip
+            return loss * n, {"value_loss": loss.detach(), "values": v.detach()}
+
+        metrics: dict[str, float] = {}
+        for model, (opt, sched), loss_fn in (
+            (self.policy, self.policy_opt, policy_loss),
+            (self.value, self.value_opt, value_loss),
+        ):
+            opt.zero_grad(set_to_none=True)
+            parts = self._run(model, batch, loss_fn, forward_only=False)
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, group=ps.get_data_parallel_group())
+            norm = global_grad_norm(model)
+            if self.optim.grad_clip > 0 and norm > self.optim.grad_clip:
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(self.optim.grad_clip / (norm + 1e-6))
+            opt.step()
+            sched.step()
+            name = "policy" if model is self.policy else "value"
+            metrics[f"{name}_grad_norm"] = float(norm)
+            metrics.update(self._reduce(parts, ps))
+        return metrics
+
+    def _reduce(self, parts: list[dict[str, torch.Tensor]], ps: Any) -> dict[str, float]:
+        """Per-update metrics, summed over micro-batches and data-parallel ranks, from the last
+        stage (broadcast so that every rank reports the same numbers)."""
+        keys = [
+            "policy_loss",
+            "clip_fraction",
+            "approx_kl",
+            "entropy",
+            "mismatch_mean",
+            "value_loss",
+        ]
+        present = [k for k in keys if parts and k in parts[0]]
+        out: dict[str, float] = {}
+        if ps.is_pipeline_last_stage() and parts:
+            sums = torch.stack([sum(p[k] for p in parts) for k in present]).double()
+            dist.all_reduce(sums, group=ps.get_data_parallel_group())
+            out = dict(zip(present, sums.tolist(), strict=True))
+            if "mismatch_max" in parts[0]:
+                top = torch.stack([p["mismatch_max"] for p in parts]).max().double()
+                dist.all_reduce(top, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+                out["mismatch_max"] = float(top)
+        return out

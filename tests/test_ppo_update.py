@@ -1,0 +1,65 @@
+"""One PPO update under TP=2, PP=2, TP2xPP2 and DP=2 gives the losses and weights of TP=1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("ppo_worker.py")
+LAYOUTS = {"tp1": (1, 1, 1), "tp2": (2, 1, 2), "pp2": (1, 2, 2), "tp2pp2": (2, 2, 4), "dp2": (1, 1, 2)}
+TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}
+
+
+def torchrun(nproc: int, *args: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent.parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(port), str(WORKER), *args]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, dict]:
+    tmp = tmp_path_factory.mktemp("ppo")
+    init = tmp / "init.pt"
+    torchrun(1, "--make-init", str(init))
+    out = {}
+    for name, (tp, pp, nproc) in LAYOUTS.items():
+        torchrun(nproc, "--tp", str(tp), "--pp", str(pp), "--init", str(init), "--out", str(tmp / name))
+        stages = [torch.load(f"{tmp / name}.stage{s}") for s in range(pp)]
+        merged = {"policy": {}, "value": {}, "metrics": stages[-1]["metrics"]}
+        for stage in stages:
+            for model in ("policy", "value"):
+                merged[model].update(stage["state"][model])
+        out[name] = merged
+    out["init"] = torch.load(init)
+    return out
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2pp2", "dp2"])
+def test_layout_matches_tp1(results, layout):
+    ref, got = results["tp1"], results[layout]
+    for key in ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "entropy", "mismatch_mean"):
+        assert got["metrics"][key] == pytest.approx(ref["metrics"][key], abs=1e-5), key
+    for model in ("policy", "value"):
+        assert got[model].keys() == ref[model].keys()
+        for name, tensor in ref[model].items():
+            torch.testing.assert_close(got[model][name], tensor, **TOLERANCE, msg=f"{model} {name}")
+
+
+def test_the_update_changed_the_weights(results):
+    before, after = results["init"]["policy"], results["tp1"]["policy"]
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert len(changed) == len(before)  # every parameter of the policy moved
+    metrics = results["tp1"]["metrics"]
+    assert metrics["policy_grad_norm"] > 0 and metrics["value_grad_norm"] > 0
+    assert metrics["mismatch_max"] > 0 and torch.isfinite(torch.tensor(list(metrics.values()))).all()
