@@ -1,7 +1,7 @@
 """One PPO update on a fixed batch under a given layout (run by torchrun from test_ppo_update).
 
-    torchrun --nproc-per-node N tests/ppo_worker.py --tp T --pp P --init init.pt --out out.pt
-    python tests/ppo_worker.py --make-init init.pt
+torchrun --nproc-per-node N tests/ppo_worker.py --tp T --pp P --init init.pt --out out.pt
+python tests/ppo_worker.py --make-init init.pt
 """
 
 from __future__ import annotations
@@ -19,8 +19,15 @@ from rlef_hpc.models.megatron_compat import seed
 from rlef_hpc.rl.ppo import PPOBatch, PPOConfig
 from rlef_hpc.rl.update import OptimConfig, PPOUpdate
 
-MODEL = ModelConfig(vocab_size=128, hidden_size=64, num_layers=4, num_attention_heads=4,
-                    num_query_groups=2, ffn_hidden_size=128, max_position_embeddings=64)  # fmt: skip
+MODEL = ModelConfig(
+    vocab_size=128,
+    hidden_size=64,
+    num_layers=4,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=128,
+    max_position_embeddings=64,
+)
 BATCH, SEQ = 4, 16
 
 
@@ -43,6 +50,43 @@ def fixed_batch() -> PPOBatch:
     return PPOBatch(tokens, response, turn_of, value_index, turn_mask, reward, behaviour)
 
 
+def answer_logprob(policy, tokens: torch.Tensor) -> float:
+    """log p(tokens[-1] | tokens[:-1]) under the policy."""
+    seq = tokens.shape[0]
+    mask = torch.triu(torch.ones(1, 1, seq, seq, dtype=torch.bool), diagonal=1)
+    with torch.no_grad():
+        logits = policy(tokens[None], torch.arange(seq)[None], mask)[0, -2].float()
+    return float(torch.log_softmax(logits, -1)[tokens[-1]])
+
+
+def reinforce(policy, value, reference, reward: float) -> None:
+    """Half the rollouts answer X (rewarded `reward`), half answer Y (rewarded -reward)."""
+    prompt = torch.tensor([3, 17, 42, 8, 99, 23, 5])
+    x, y = 60, 61
+    rows = [torch.cat([prompt, torch.tensor([a])]) for a in (x, y) * 4]
+    tokens = torch.stack(rows)
+    b, seq = tokens.shape
+    response = torch.zeros(b, seq, dtype=torch.bool)
+    response[:, -1] = True
+    turn_of = torch.where(response, 0, -1)
+    value_index = torch.full((b, 1), seq - 2)
+    turn_mask = torch.ones(b, 1, dtype=torch.bool)
+    rewards = torch.tensor([[reward], [-reward]] * 4)
+    before = answer_logprob(policy, rows[0])
+    behaviour = torch.full((b, seq), before) * response  # sampled by this very policy
+    batch = PPOBatch(tokens, response, turn_of, value_index, turn_mask, rewards, behaviour)
+    update = PPOUpdate(
+        policy,
+        value,
+        reference,
+        PPOConfig(),
+        OptimConfig(lr=1e-3, warmup_steps=1),
+        micro_batch_size=2,
+    )
+    update.step(batch)
+    print(f"logp(X) {before:.6f} -> {answer_logprob(policy, rows[0]):.6f}")
+
+
 def init_dist() -> None:
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -59,21 +103,30 @@ def main() -> None:
     p.add_argument("--init")
     p.add_argument("--out")
     p.add_argument("--make-init")
+    p.add_argument("--direction", type=float, help="reward of the answer to reinforce (+1 or -1)")
     args = p.parse_args()
+    dp = int(os.environ.get("WORLD_SIZE", "1")) // (args.tp * args.pp)
+    validate(MODEL, ParallelConfig(args.tp, args.pp, dp), PrecisionConfig())  # before any group
     init_dist()
     from megatron.core import parallel_state as ps
 
-    dp = dist.get_world_size() // (args.tp * args.pp)
-    validate(MODEL, ParallelConfig(args.tp, args.pp, dp), PrecisionConfig())
     ps.initialize_model_parallel(args.tp, args.pp)
     seed(1234)
     per_stage = MODEL.num_layers // args.pp
     policy = build_gpt(MODEL, PrecisionConfig())
     value = build_gpt(MODEL, PrecisionConfig(), value=True)
     reference = build_gpt(MODEL, PrecisionConfig())
+    if args.direction is not None:
+        reinforce(policy, value, reference, args.direction)
+        return
     if args.make_init:
-        torch.save({"policy": gather_full_state(policy, per_stage),
-                    "value": gather_full_state(value, per_stage)}, args.make_init)  # fmt: skip
+        torch.save(
+            {
+                "policy": gather_full_state(policy, per_stage),
+                "value": gather_full_state(value, per_stage),
+            },
+            args.make_init,
+        )
         return
     init = torch.load(args.init)
     load_full_state(policy, init["policy"], per_stage)
@@ -81,12 +134,24 @@ def main() -> None:
     # The value model's trunk starts from the policy's weights, its head from the init file.
     load_full_state(value, init["value"], per_stage)
     batch = fixed_batch()
-    rows = BATCH // dp
-    mine = batch.select(slice(ps.get_data_parallel_rank() * rows, (ps.get_data_parallel_rank() + 1) * rows))
-    update = PPOUpdate(policy, value, reference, PPOConfig(),
-                       OptimConfig(lr=1e-3, warmup_steps=1, grad_clip=1.0), micro_batch_size=1)  # fmt: skip
-    metrics = update.step(mine)
-    state = {"policy": gather_full_state(policy, per_stage), "value": gather_full_state(value, per_stage)}
+    # Rows interleaved over data-parallel ranks: the m-th minibatch of every rank together is
+    # the m-th minibatch of the whole batch, as in a single process.
+    mine = batch.select(torch.arange(ps.get_data_parallel_rank(), BATCH, dp))
+    update = PPOUpdate(
+        policy,
+        value,
+        reference,
+        PPOConfig(),
+        # Small enough that Adam's update (~lr * sign) keeps layout rounding differences
+        # below the comparison's 1e-5; large enough that every weight visibly moves.
+        OptimConfig(lr=1e-4, warmup_steps=1, grad_clip=1.0),
+        micro_batch_size=1,
+    )
+    metrics = update.step(mine, num_minibatches=2)
+    state = {
+        "policy": gather_full_state(policy, per_stage),
+        "value": gather_full_state(value, per_stage),
+    }
     if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
         stage = ps.get_pipeline_model_parallel_rank()
         torch.save({"state": state, "metrics": metrics}, f"{args.out}.stage{stage}")

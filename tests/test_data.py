@@ -80,18 +80,28 @@ def _broken(tmp_path, change) -> Path:
     [
         (lambda r: r.pop("description"), "broken.jsonl:3: missing field 'description'"),
         (lambda r: r.update(name=7), "broken.jsonl:3: field 'name': expected str, got int"),
-        (lambda r: r["public_tests"].update(output=[1]),
-         "broken.jsonl:3: field 'public_tests.output': expected a list of strings"),
-        (lambda r: r["private_tests"].update(output=[]),
-         "broken.jsonl:3: field 'private_tests': 1 inputs but 0 outputs"),
-        (lambda r: r["solutions"].update(language=[9]),
-         "broken.jsonl:3: field 'solutions.language': unknown language 9"),
-        (lambda r: r.update(time_limit={"seconds": "2"}),
-         "broken.jsonl:3: field 'time_limit': field 'seconds': expected int, got str"),
-        (lambda r: r.update(memory_limit_bytes=True),
-         "broken.jsonl:3: field 'memory_limit_bytes': expected int, got bool"),
+        (
+            lambda r: r["public_tests"].update(output=[1]),
+            "broken.jsonl:3: field 'public_tests.output': expected a list of strings",
+        ),
+        (
+            lambda r: r["private_tests"].update(output=[]),
+            "broken.jsonl:3: field 'private_tests': 1 inputs but 0 outputs",
+        ),
+        (
+            lambda r: r["solutions"].update(language=[9]),
+            "broken.jsonl:3: field 'solutions.language': unknown language 9",
+        ),
+        (
+            lambda r: r.update(time_limit={"seconds": "2"}),
+            "broken.jsonl:3: field 'time_limit': field 'seconds': expected int, got str",
+        ),
+        (
+            lambda r: r.update(memory_limit_bytes=True),
+            "broken.jsonl:3: field 'memory_limit_bytes': expected int, got bool",
+        ),
     ],
-)  # fmt: skip
+)
 def test_malformed_records_name_file_line_and_field(tmp_path, change, message):
     with pytest.raises(ProblemFormatError) as err:
         load_problems(_broken(tmp_path, change))

@@ -97,11 +97,18 @@ def tiny_model(tmp_path_factory) -> Path:
         [p.description for p in problems] + [fenced(p.reference().source) for p in problems]
     )
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -111,9 +118,22 @@ def tiny_model(tmp_path_factory) -> Path:
 def test_model_directory_is_evaluated_with_vllm(tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = run(
-        "--model", str(tiny_model), "--limit", "2", "--rollouts", "2", "--max-tokens", "24",
-        "--temperature", "1.0", "--metrics", "1@3,1@6", "--out", str(out), timeout=600,
-    )  # fmt: skip
+        "--model",
+        str(tiny_model),
+        "--limit",
+        "2",
+        "--rollouts",
+        "2",
+        "--max-tokens",
+        "24",
+        "--temperature",
+        "1.0",
+        "--metrics",
+        "1@3,1@6",
+        "--out",
+        str(out),
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| 1@3 |" in proc.stdout and "| 1@6 |" in proc.stdout
     trajectories = [json.loads(x) for x in (out / "trajectories.jsonl").read_text().splitlines()]

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 WORKER = Path(__file__).with_name("ppo_worker.py")
-LAYOUTS = {"tp1": (1, 1, 1), "tp2": (2, 1, 2), "pp2": (1, 2, 2), "tp2pp2": (2, 2, 4), "dp2": (1, 1, 2)}
+LAYOUTS = {
+    "tp1": (1, 1, 1),
+    "tp2": (2, 1, 2),
+    "pp2": (1, 2, 2),
+    "tp2pp2": (2, 2, 4),
+    "dp2": (1, 1, 2),
+}
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}
 
 
@@ -21,8 +27,19 @@ def torchrun(nproc: int, *args: str) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent.parent)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(port), str(WORKER), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        str(WORKER),
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
@@ -34,7 +51,9 @@ def results(tmp_path_factory) -> dict[str, dict]:
     torchrun(1, "--make-init", str(init))
     out = {}
     for name, (tp, pp, nproc) in LAYOUTS.items():
-        torchrun(nproc, "--tp", str(tp), "--pp", str(pp), "--init", str(init), "--out", str(tmp / name))
+        torchrun(
+            nproc, "--tp", str(tp), "--pp", str(pp), "--init", str(init), "--out", str(tmp / name)
+        )
         stages = [torch.load(f"{tmp / name}.stage{s}") for s in range(pp)]
         merged = {"policy": {}, "value": {}, "metrics": stages[-1]["metrics"]}
         for stage in stages:
@@ -48,7 +67,14 @@ def results(tmp_path_factory) -> dict[str, dict]:
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2pp2", "dp2"])
 def test_layout_matches_tp1(results, layout):
     ref, got = results["tp1"], results[layout]
-    for key in ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "entropy", "mismatch_mean"):
+    for key in (
+        "policy_loss",
+        "value_loss",
+        "clip_fraction",
+        "approx_kl",
+        "entropy",
+        "mismatch_mean",
+    ):
         assert got["metrics"][key] == pytest.approx(ref["metrics"][key], abs=1e-5), key
     for model in ("policy", "value"):
         assert got[model].keys() == ref[model].keys()
@@ -62,4 +88,31 @@ def test_the_update_changed_the_weights(results):
     assert len(changed) == len(before)  # every parameter of the policy moved
     metrics = results["tp1"]["metrics"]
     assert metrics["policy_grad_norm"] > 0 and metrics["value_grad_norm"] > 0
-    assert metrics["mismatch_max"] > 0 and torch.isfinite(torch.tensor(list(metrics.values()))).all()
+    assert (
+        metrics["mismatch_max"] > 0 and torch.isfinite(torch.tensor(list(metrics.values()))).all()
+    )
+
+
+def logp_change(direction: float) -> tuple[float, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent.parent)}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        env["MASTER_PORT"] = str(s.getsockname()[1])
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), "--direction", str(direction)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("logp(X)"))
+    before, after = (float(v) for v in line.split()[1::2])
+    return before, after
+
+
+def test_rewarded_answer_becomes_more_likely_and_punished_less():
+    before, after = logp_change(+1.0)
+    assert after > before + 1e-3
+    before, after = logp_change(-1.0)
+    assert after < before - 1e-3

@@ -27,8 +27,12 @@ class UsageError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlef-eval", description=__doc__.splitlines()[0])
-    p.add_argument("--problems", type=Path, default=BUNDLED,
-                   help="CodeContests file or directory (default: the bundled set)")  # fmt: skip
+    p.add_argument(
+        "--problems",
+        type=Path,
+        default=BUNDLED,
+        help="CodeContests file or directory (default: the bundled set)",
+    )
     p.add_argument("--split", choices=("train", "valid", "test"), help="split, for a directory")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="Hugging Face model directory, generated with vLLM")

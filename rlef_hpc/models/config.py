@@ -42,14 +42,20 @@ class ModelConfig:
         arch = hf.get("model_type")
         if arch != "llama":
             raise ValueError(f"model_type: expected 'llama', got {arch!r}")
-        scaling = hf.get("rope_scaling") or {}
+        # transformers < 5: rope_theta and rope_scaling; >= 5: rope_parameters holding both.
+        rope = hf.get("rope_parameters") or {}
+        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type") == "llama3" else {})
+        theta = hf.get("rope_theta") or rope.get("rope_theta") or 10000.0
         if scaling:
-            expected = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                        "original_max_position_embeddings": 8192}  # fmt: skip
+            expected = {
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            }
             for key, value in expected.items():
-                if scaling.get(key, scaling.get("type")) != value and key != "rope_type":
+                if scaling.get(key, value) != value:
                     raise ValueError(
-                        f"rope_scaling.{key}: megatron supports only {value}, got {scaling.get(key)}"
+                        f"rope_scaling.{key}: megatron supports only {value}, got {scaling[key]}"
                     )
         heads = hf["num_attention_heads"]
         return cls(
@@ -60,7 +66,7 @@ class ModelConfig:
             num_query_groups=hf.get("num_key_value_heads", heads),
             ffn_hidden_size=hf["intermediate_size"],
             max_position_embeddings=hf.get("max_position_embeddings", 8192),
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rope_theta=float(theta),
             norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             rope_scaling=bool(scaling),
@@ -95,33 +101,25 @@ class PrecisionConfig:
     fp8_first_last_bf16: bool = True
 
 
-def validate(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
-             compute_capability: tuple[int, int] | None = None) -> None:  # fmt: skip
+def validate(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    compute_capability: tuple[int, int] | None = None,
+) -> None:
     """Everything that would otherwise fail deep inside megatron, on every rank, at once."""
     for f in fields(parallel):
         if getattr(parallel, f.name) < 1:
             raise ValueError(
                 f"parallel.{f.name} must be at least 1, got {getattr(parallel, f.name)}"
             )
-    tp = parallel.tensor
-    if model.num_attention_heads % tp:
-        raise ValueError(
-            f"parallel.tensor={tp} must divide model.num_attention_heads={model.num_attention_heads}"
-        )
-    if model.num_query_groups % tp:
-        raise ValueError(
-            f"parallel.tensor={tp} must divide model.num_query_groups={model.num_query_groups}"
-        )
+    for axis, field in [("tensor", "num_attention_heads"), ("tensor", "num_query_groups"),
+                        ("tensor", "ffn_hidden_size"), ("pipeline", "num_layers")]:  # fmt: skip
+        divisor, value = getattr(parallel, axis), getattr(model, field)
+        if value % divisor:
+            raise ValueError(f"parallel.{axis}={divisor} must divide model.{field}={value}")
     if model.num_attention_heads % model.num_query_groups:
         raise ValueError("model.num_query_groups must divide model.num_attention_heads")
-    if model.ffn_hidden_size % tp:
-        raise ValueError(
-            f"parallel.tensor={tp} must divide model.ffn_hidden_size={model.ffn_hidden_size}"
-        )
-    if model.num_layers % parallel.pipeline:
-        raise ValueError(
-            f"parallel.pipeline={parallel.pipeline} must divide model.num_layers={model.num_layers}"
-        )
     if model.hidden_size % model.num_attention_heads:
         raise ValueError("model.num_attention_heads must divide model.hidden_size")
     if precision.dtype not in ("float32", "bfloat16", "float16"):
@@ -133,8 +131,9 @@ def validate(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionC
     if precision.fp8 not in ("e4m3", "hybrid"):
         raise ValueError(f"precision.fp8: unknown {precision.fp8!r}; expected e4m3 or hybrid")
     if precision.fp8_recipe not in FP8_RECIPES:
+        known = ", ".join(FP8_RECIPES)
         raise ValueError(
-            f"precision.fp8_recipe: unknown {precision.fp8_recipe!r}; expected one of {', '.join(FP8_RECIPES)}"
+            f"precision.fp8_recipe: unknown {precision.fp8_recipe!r}; expected one of {known}"
         )
     if compute_capability is None:
         raise ValueError("precision.fp8 needs a GPU with compute capability >= 8.9; none found")

@@ -18,8 +18,11 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, tp: int, 
     dtype = getattr(torch, precision.dtype)
     extra: dict[str, Any] = {}
     if precision.fp8 is not None:
-        extra.update(fp8=precision.fp8, fp8_recipe=precision.fp8_recipe,
-                     first_last_layers_bf16=precision.fp8_first_last_bf16)  # fmt: skip
+        extra.update(
+            fp8=precision.fp8,
+            fp8_recipe=precision.fp8_recipe,
+            first_last_layers_bf16=precision.fp8_first_last_bf16,
+        )
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -90,9 +93,11 @@ def build_gpt(model: ModelConfig, precision: PrecisionConfig, value: bool = Fals
 
     megatron_compat.install()
     config = transformer_config(
-        model, precision, ps.get_tensor_model_parallel_world_size(),
+        model,
+        precision,
+        ps.get_tensor_model_parallel_world_size(),
         ps.get_pipeline_model_parallel_world_size(),
-    )  # fmt: skip
+    )
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(),

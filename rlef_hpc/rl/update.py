@@ -128,9 +128,14 @@ class PPOUpdate:
             return model(chunk.tokens, positions, mask), partial(loss, i, chunk, n)
 
         out = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=chunks, model=[model],
-            num_microbatches=n, seq_length=seq, micro_batch_size=self.mbs, forward_only=forward_only,
-        )  # fmt: skip
+            forward_step_func=forward_step,
+            data_iterator=chunks,
+            model=[model],
+            num_microbatches=n,
+            seq_length=seq,
+            micro_batch_size=self.mbs,
+            forward_only=forward_only,
+        )
         return [o for o in out if o] if isinstance(out, list) else []
 
     def _token_logprobs(
@@ -140,10 +145,12 @@ class PPOUpdate:
         ps = _ps()
         shard = logits.shape[-1]
         logp, entropy = token_logprobs(
-            logits[:, :-1], tokens[:, 1:], self.temperature,
+            logits[:, :-1],
+            tokens[:, 1:],
+            self.temperature,
             vocab_start=ps.get_tensor_model_parallel_rank() * shard,
             group=ps.get_tensor_model_parallel_group(),
-        )  # fmt: skip
+        )
         pad = torch.zeros(logp.shape[0], 1, dtype=logp.dtype)
         return torch.cat([pad, logp], 1), torch.cat([pad, entropy], 1)
 
@@ -178,33 +185,86 @@ class PPOUpdate:
         returns = ppo.monte_carlo_returns(rewards, batch.turn_mask)
         raw = (returns - values_old) * batch.turn_mask
         dp = ps.get_data_parallel_group()
-        stats = torch.stack([raw.sum(), (raw**2).sum(), batch.turn_mask.sum().float(),
-                             batch.response_mask.sum().float()]).double()  # fmt: skip
+        residual = (returns - values_old) * batch.turn_mask
+        stats = torch.stack(
+            [
+                raw.sum(),
+                (raw**2).sum(),
+                batch.turn_mask.sum().float(),
+                returns.sum(),
+                (returns**2).sum(),
+                residual.sum(),
+                (residual**2).sum(),
+            ]
+        ).double()
         dist.all_reduce(stats, group=dp)
-        total, squares, turns, tokens = stats.tolist()
+        total, squares, turns, g_sum, g_sq, r_sum, r_sq = stats.tolist()
         adv = raw
         if self.ppo.advantage_normalisation == "turn":
             mean = total / turns
             std = math.sqrt(max(squares / turns - mean**2, 0.0))
             adv = (raw - mean) / (std + 1e-8) * batch.turn_mask
+        var_g = g_sq / turns - (g_sum / turns) ** 2
+        var_r = r_sq / turns - (r_sum / turns) ** 2
         return {
-            "logp_old": logp_old, "logp_ref": logp_ref, "values_old": values_old,
-            "returns": returns, "adv": adv, "kl": kl, "num_tokens": torch.tensor(tokens),
-            "num_turns": torch.tensor(turns),
-        }  # fmt: skip
+            "logp_old": logp_old,
+            "logp_ref": logp_ref,
+            "values_old": values_old,
+            "returns": returns,
+            "adv": adv,
+            "kl": kl,
+            "explained_variance": torch.tensor(1 - var_r / var_g if var_g > 0 else float("nan")),
+        }
 
-    def step(self, batch: ppo.PPOBatch) -> dict[str, float]:
+    def step(self, batch: ppo.PPOBatch, num_minibatches: int = 1) -> dict[str, float]:
+        """Prepare once (pi_old, reference, V_old, advantages over the whole batch), then one
+        optimizer step per minibatch (RLEF: 1024 rollouts, 4 updates of 256). `batch` is this
+        data-parallel rank's share: the m-th minibatch of every rank together is the m-th
+        minibatch of the whole batch. Metrics are averaged over the minibatches."""
         ps = _ps()
         prep = self.prepare(batch)
+        b = batch.tokens.shape[0]
+        if b % num_minibatches or (b // num_minibatches) % self.mbs:
+            raise ValueError(
+                f"{b} sequences do not split into {num_minibatches} minibatches of whole "
+                f"micro-batches of {self.mbs}"
+            )
+        size = b // num_minibatches
+        totals: dict[str, float] = {}
+        for m in range(num_minibatches):
+            rows = slice(m * size, (m + 1) * size)
+            sub = batch.select(rows)
+            sub_prep = None
+            if prep is not None:
+                sub_prep = {k: v[rows] if v.dim() else v for k, v in prep.items()}
+                counts = torch.stack([sub.response_mask.sum(), sub.turn_mask.sum()]).double()
+                dist.all_reduce(counts, group=ps.get_data_parallel_group())
+                sub_prep["num_tokens"], sub_prep["num_turns"] = counts[0], counts[1]
+            for key, value in self._update(sub, sub_prep).items():
+                totals[key] = totals.get(key, 0.0) + value / num_minibatches
+        if prep is not None:
+            totals["explained_variance"] = float(prep["explained_variance"])
+            totals["kl"] = float(prep["kl"].sum() / batch.turn_mask.sum())
+        return totals
+
+    def _update(
+        self, batch: ppo.PPOBatch, prep: dict[str, torch.Tensor] | None
+    ) -> dict[str, float]:
+        ps = _ps()
         rows = lambda i, t: t[i * self.mbs : (i + 1) * self.mbs]  # noqa: E731
 
         def policy_loss(i, chunk, n, logits):
             logp, entropy = self._token_logprobs(logits, chunk.tokens)
             token_adv = ppo.token_advantages(rows(i, prep["adv"]), chunk)
             loss, metrics = ppo.policy_loss(
-                logp, rows(i, prep["logp_old"]), chunk.logp_behaviour, token_adv,
-                chunk.response_mask, self.ppo, prep["num_tokens"],
-            )  # fmt: skip
+                logp,
+                rows(i, prep["logp_old"]),
+                chunk.logp_behaviour,
+                token_adv,
+                chunk.response_mask,
+                self.ppo,
+                prep["num_tokens"],
+            )
             mask = chunk.response_mask
             metrics["entropy"] = (entropy.detach() * mask).sum() / prep["num_tokens"]
             mismatch = (rows(i, prep["logp_old"]) - chunk.logp_behaviour).abs() * mask
@@ -217,10 +277,14 @@ class PPOUpdate:
         def value_loss(i, chunk, n, values):
             v = values.squeeze(-1).float().gather(1, chunk.value_index)
             loss = ppo.value_loss(
-                v, rows(i, prep["values_old"]), rows(i, prep["returns"]), chunk.turn_mask,
-                self.ppo, prep["num_turns"],
-            )  # fmt: skip
-            return loss * n, {"value_loss": loss.detach(), "values": v.detach()}
+                v,
+                rows(i, prep["values_old"]),
+                rows(i, prep["returns"]),
+                chunk.turn_mask,
+                self.ppo,
+                prep["num_turns"],
+            )
+            return loss * n, {"value_loss": loss.detach()}
 
         metrics: dict[str, float] = {}
         for model, (opt, sched), loss_fn in (

@@ -24,9 +24,12 @@ class SamplingConfig:
 
 class VLLMGenerator:
     def __init__(
-        self, model: str, sampling: SamplingConfig | None = None, kv_cache_gib: float = 1.0,
+        self,
+        model: str,
+        sampling: SamplingConfig | None = None,
+        kv_cache_gib: float = 1.0,
         **engine_args: Any,
-    ) -> None:  # fmt: skip
+    ) -> None:
         try:
             import torch
             from vllm import LLM, SamplingParams
