@@ -137,3 +137,12 @@ def test_cpu_shim_refuses_other_megatron_versions(monkeypatch):
         RuntimeError, match="megatron-core 0.99.0 on CPU: the shims .* were written for 0.16.1"
     ):
         megatron_compat.install()
+
+
+def test_fp8_is_refused_on_this_cpu_machine():
+    from rlef_hpc.models.config import check
+
+    with pytest.raises(
+        ValueError, match="precision.fp8 needs a GPU with compute capability >= 8.9; none found"
+    ):
+        check(PRESETS["tiny"], ParallelConfig(), PrecisionConfig("bfloat16", "e4m3"))

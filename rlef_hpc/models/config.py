@@ -147,5 +147,17 @@ def validate(
         )
 
 
+def compute_capability() -> tuple[int, int] | None:
+    """This machine's GPU compute capability, or None without CUDA."""
+    import torch
+
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+
+
+def check(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig) -> None:
+    """validate() against this machine's hardware: call it before starting process groups."""
+    validate(model, parallel, precision, compute_capability())
+
+
 def with_vocab(model: ModelConfig, vocab_size: int) -> ModelConfig:
     return replace(model, vocab_size=vocab_size)

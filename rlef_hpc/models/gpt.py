@@ -92,6 +92,17 @@ def build_gpt(model: ModelConfig, precision: PrecisionConfig, value: bool = Fals
     from rlef_hpc.models import megatron_compat
 
     megatron_compat.install()
+    from rlef_hpc.models.config import ParallelConfig, check
+
+    check(
+        model,
+        ParallelConfig(
+            ps.get_tensor_model_parallel_world_size(),
+            ps.get_pipeline_model_parallel_world_size(),
+            ps.get_data_parallel_world_size(),
+        ),
+        precision,
+    )
     config = transformer_config(
         model,
         precision,
