@@ -113,6 +113,7 @@ def test_presets_validate_at_their_layouts():
     ],
 )
 def test_bad_configs_name_the_field(model, parallel, precision, capability, message):
+    """(A vocab TP cannot divide is checked too: see test_vocab_must_divide.)"""
     with pytest.raises(ValueError) as err:
         validate(PRESETS[model], ParallelConfig(*parallel), PrecisionConfig(*precision), capability)
     assert message in str(err.value)
@@ -146,3 +147,16 @@ def test_fp8_is_refused_on_this_cpu_machine():
         ValueError, match="precision.fp8 needs a GPU with compute capability >= 8.9; none found"
     ):
         check(PRESETS["tiny"], ParallelConfig(), PrecisionConfig("bfloat16", "e4m3"))
+
+
+def test_vocab_must_divide_by_tensor_parallel():
+    odd = ModelConfig(
+        vocab_size=255,
+        hidden_size=64,
+        num_layers=2,
+        num_attention_heads=2,
+        num_query_groups=2,
+        ffn_hidden_size=128,
+    )
+    with pytest.raises(ValueError, match="parallel.tensor=2 must divide model.vocab_size=255"):
+        validate(odd, ParallelConfig(2, 1, 1), PrecisionConfig())

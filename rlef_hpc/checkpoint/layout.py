@@ -57,17 +57,25 @@ def full_of(
 
 
 def load_full_state(
-    model: torch.nn.Module, full: dict[str, torch.Tensor], layers_per_stage: int
+    model: torch.nn.Module,
+    full: dict[str, torch.Tensor],
+    layers_per_stage: int,
+    strict: bool = True,
 ) -> None:
-    """Copies this rank's shards of a full (TP=1, PP=1 named) state into `model`."""
+    """Copies this rank's shards of a full (TP=1, PP=1 named) state into `model`; with
+    strict=False, parameters the state lacks keep their initialisation (a new value head)."""
     from megatron.core import parallel_state as ps
 
     stage = ps.get_pipeline_model_parallel_rank()
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            whole = full[global_name(name, stage, layers_per_stage)]
-            param.copy_(shard_of(name, param, whole, tp_rank, tp))
+            key = global_name(name, stage, layers_per_stage)
+            if key not in full:
+                if strict:
+                    raise KeyError(f"the state to load has no {key!r}")
+                continue
+            param.copy_(shard_of(name, param, full[key], tp_rank, tp))
 
 
 def gather_full_state(model: torch.nn.Module, layers_per_stage: int) -> dict[str, torch.Tensor]:

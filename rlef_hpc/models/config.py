@@ -114,7 +114,8 @@ def validate(
                 f"parallel.{f.name} must be at least 1, got {getattr(parallel, f.name)}"
             )
     for axis, field in [("tensor", "num_attention_heads"), ("tensor", "num_query_groups"),
-                        ("tensor", "ffn_hidden_size"), ("pipeline", "num_layers")]:  # fmt: skip
+                        ("tensor", "ffn_hidden_size"), ("tensor", "vocab_size"),
+                        ("pipeline", "num_layers")]:  # fmt: skip
         divisor, value = getattr(parallel, axis), getattr(model, field)
         if value % divisor:
             raise ValueError(f"parallel.{axis}={divisor} must divide model.{field}={value}")

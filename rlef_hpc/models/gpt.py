@@ -76,12 +76,13 @@ class ValueHead(torch.nn.Module):
 
     def __init__(self, hidden_size: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.linear = torch.nn.Linear(hidden_size, 1, bias=True, dtype=dtype)
-        torch.nn.init.zeros_(self.linear.weight)  # V = 0 at the start: no bias in advantages
-        torch.nn.init.zeros_(self.linear.bias)
+        # Named like the output layer's (output_layer.weight / .bias), which megatron's
+        # checkpointing expects; zero, so that V = 0 at the start and advantages start unbiased.
+        self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
 
     def forward(self, hidden: torch.Tensor, weight: Any = None, runtime_gather_output: Any = None):
-        return self.linear(hidden), None
+        return F.linear(hidden, self.weight, self.bias), None
 
 
 def build_gpt(model: ModelConfig, precision: PrecisionConfig, value: bool = False) -> Any:

@@ -3,7 +3,7 @@ without CUDA, written for (and checked against) one megatron-core version, in on
 
 The shim is a stand-in for the name `torch` inside the few megatron modules that call CUDA
 unconditionally (the current device for RoPE and buffers, "cuda" tensors in the pipeline
-schedules, synchronize() in p2p): there, torch.cuda.current_device() is the CPU,
+schedules, synchronize() in p2p and in the checkpoint writers): there, torch.cuda.current_device() is the CPU,
 synchronize() does nothing, and tensors asked for on "cuda" are made on the CPU. Everything
 else, and every other module, sees the real torch.
 """
@@ -24,6 +24,10 @@ PATCHED_MODULES = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.pipeline_parallel.p2p_communication",
     "megatron.core.tensor_parallel.random",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
 )
 _installed = False
 

@@ -1,0 +1,111 @@
+"""Hugging Face Llama <-> megatron GPTModel (local spec) parameter names and layouts, for full
+(unsharded, TP=1, global layer numbers) tensors. The one place that knows them: conversion in
+both directions and the rollout engine's refit use it.
+
+- q/k/v_proj <-> linear_qkv: megatron interleaves per query group,
+  [q_g0 (heads per group), k_g0, v_g0, q_g1, ...], each head `head_dim` rows.
+- gate_proj, up_proj <-> linear_fc1 = [gate; up].
+- RoPE: megatron's default rotate-half equals HF's, so Q and K rows need no permutation.
+- The value model exports its trunk under the usual names and its head (megatron's
+  output_layer.weight / .bias there) as `value_head.weight` [1, hidden] and `value_head.bias` [1].
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import torch
+
+from rlef_hpc.models.config import ModelConfig
+
+# megatron suffix -> HF suffix, per layer (the fused ones are handled apart)
+_LAYER_RENAMES = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+_GLOBAL_RENAMES = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+_VALUE_HEAD = {"output_layer.weight": "value_head.weight", "output_layer.bias": "value_head.bias"}
+_MEGATRON_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    groups, d, hidden = cfg.num_query_groups, cfg.head_dim, cfg.hidden_size
+    per_group = cfg.num_attention_heads // groups
+    q = q.reshape(groups, per_group * d, hidden)
+    k = k.reshape(groups, d, hidden)
+    v = v.reshape(groups, d, hidden)
+    return torch.cat([q, k, v], dim=1).reshape(-1, hidden)
+
+
+def split_qkv(
+    qkv: torch.Tensor, cfg: ModelConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    groups, d, hidden = cfg.num_query_groups, cfg.head_dim, cfg.hidden_size
+    per_group = cfg.num_attention_heads // groups
+    view = qkv.reshape(groups, (per_group + 2) * d, hidden)
+    q = view[:, : per_group * d].reshape(-1, hidden)
+    k = view[:, per_group * d : (per_group + 1) * d].reshape(-1, hidden)
+    v = view[:, (per_group + 1) * d :].reshape(-1, hidden)
+    return q, k, v
+
+
+def megatron_to_hf(
+    name: str, tensor: torch.Tensor, cfg: ModelConfig, value: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """One full megatron tensor -> its HF tensor(s); `value`: of the value model."""
+    if value and name in _VALUE_HEAD:
+        yield _VALUE_HEAD[name], tensor
+        return
+    if name in _GLOBAL_RENAMES:
+        yield _GLOBAL_RENAMES[name], tensor
+        return
+    m = _MEGATRON_LAYER.match(name)
+    if m is None:
+        raise KeyError(f"no Hugging Face name for megatron parameter {name!r}")
+    prefix, suffix = f"model.layers.{m[1]}.", m[2]
+    if suffix == "self_attention.linear_qkv.weight":
+        for proj, part in zip(("q", "k", "v"), split_qkv(tensor, cfg), strict=True):
+            yield f"{prefix}self_attn.{proj}_proj.weight", part
+    elif suffix == "mlp.linear_fc1.weight":
+        gate, up = tensor.chunk(2, dim=0)
+        yield f"{prefix}mlp.gate_proj.weight", gate
+        yield f"{prefix}mlp.up_proj.weight", up
+    elif suffix in _LAYER_RENAMES:
+        yield prefix + _LAYER_RENAMES[suffix], tensor
+    else:
+        raise KeyError(f"no Hugging Face name for megatron parameter {name!r}")
+
+
+def hf_to_megatron(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A whole HF Llama state dict -> full megatron tensors (missing names are errors)."""
+
+    def take(name: str) -> torch.Tensor:
+        if name not in hf:
+            raise KeyError(f"the Hugging Face checkpoint has no {name!r}")
+        return hf[name]
+
+    out = {}
+    for meg, h in _GLOBAL_RENAMES.items():
+        if not (h == "lm_head.weight" and cfg.tie_embeddings):
+            out[meg] = take(h)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        out[f"decoder.layers.{i}.self_attention.linear_qkv.weight"] = fuse_qkv(
+            take(p + "self_attn.q_proj.weight"),
+            take(p + "self_attn.k_proj.weight"),
+            take(p + "self_attn.v_proj.weight"),
+            cfg,
+        )
+        out[f"decoder.layers.{i}.mlp.linear_fc1.weight"] = torch.cat(
+            [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")], dim=0
+        )
+        for meg, h in _LAYER_RENAMES.items():
+            out[f"decoder.layers.{i}.{meg}"] = take(p + h)
+    return out

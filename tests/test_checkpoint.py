@@ -1,0 +1,156 @@
+"""HF -> megatron -> (TP2 x PP2) -> HF is bit-identical, and the megatron model's logits equal
+transformers' from the exported directory; the tools' errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).parent.parent
+WORKER = Path(__file__).with_name("checkpoint_worker.py")
+
+
+def tool(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        env["MASTER_PORT"] = str(s.getsockname()[1])
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("hf")
+    rope = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16384,
+        rope_theta=500000.0,
+        rope_scaling=rope,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_round_trip_through_tp2_pp2_and_logits_match_transformers(hf_model, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    ckpt, resaved, exported = tmp_path / "ckpt", tmp_path / "resaved", tmp_path / "hf"
+    proc = tool("convert_from_hf.py", hf_model, ckpt)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "4",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        str(WORKER),
+        "--tp",
+        "2",
+        "--pp",
+        "2",
+        "--ckpt",
+        str(ckpt),
+        "--resave",
+        str(resaved),
+        "--logits",
+        str(tmp_path / "logits.pt"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = tool("convert_to_hf.py", resaved, exported)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    original, back = safetensors(hf_model), safetensors(exported)
+    assert original.keys() == back.keys()
+    for name, tensor in original.items():
+        assert torch.equal(tensor, back[name]), name  # bit-identical
+    megatron_logits = torch.load(tmp_path / "logits.pt")  # [b, s, vocab]
+    model = LlamaForCausalLM.from_pretrained(exported, torch_dtype=torch.float32).eval()
+    tokens = torch.arange(12).reshape(2, 6) * 7 % 256
+    with torch.no_grad():
+        hf_logits = model(tokens).logits
+    torch.testing.assert_close(megatron_logits, hf_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_value_model_export(hf_model, tmp_path):
+    ckpt, exported = tmp_path / "ckpt", tmp_path / "value"
+    assert tool("convert_from_hf.py", hf_model, ckpt).returncode == 0
+    proc = tool("convert_to_hf.py", ckpt, exported, "--value-model")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tensors = safetensors(exported)
+    assert tensors["value_head.weight"].shape == (1, 64) and tensors["value_head.bias"].shape == (
+        1,
+    )
+    assert "lm_head.weight" not in tensors
+    original = safetensors(hf_model)
+    assert torch.equal(
+        tensors["model.layers.3.mlp.up_proj.weight"], original["model.layers.3.mlp.up_proj.weight"]
+    )
+
+
+def test_errors_exit_2_with_one_line(hf_model, tmp_path):
+    cases = []
+    cases.append(tool("convert_to_hf.py", tmp_path, tmp_path / "out"))
+    not_llama = tmp_path / "gpt2"
+    not_llama.mkdir()
+    (not_llama / "config.json").write_text('{"model_type": "gpt2"}')
+    cases.append(tool("convert_from_hf.py", not_llama, tmp_path / "o2"))
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    (missing / "config.json").write_text((hf_model / "config.json").read_text())
+    (missing / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "model-00001-of-00002.safetensors"}}'
+    )
+    cases.append(tool("convert_from_hf.py", missing, tmp_path / "o3"))
+    messages = [
+        "is not a model checkpoint",
+        "model_type: expected 'llama', got 'gpt2'",
+        "missing shard model-00001-of-00002.safetensors",
+    ]
+    for proc, message in zip(cases, messages, strict=True):
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert message in proc.stderr and "Traceback" not in proc.stderr
