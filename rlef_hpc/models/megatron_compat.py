@@ -3,9 +3,9 @@ without CUDA, written for (and checked against) one megatron-core version, in on
 
 The shim is a stand-in for the name `torch` inside the few megatron modules that call CUDA
 unconditionally (the current device for RoPE and buffers, "cuda" tensors in the pipeline
-schedules, synchronize() in p2p and in the checkpoint writers): there, torch.cuda.current_device() is the CPU,
-synchronize() does nothing, and tensors asked for on "cuda" are made on the CPU. Everything
-else, and every other module, sees the real torch.
+schedules, synchronize() in p2p and in the checkpoint writers): there,
+torch.cuda.current_device() is the CPU, synchronize() does nothing, and tensors asked for on
+"cuda" are made on the CPU. Everything else, and every other module, sees the real torch.
 """
 
 from __future__ import annotations
