@@ -1,0 +1,158 @@
+"""Training checkpoints that survive a kill at any moment and resume at any layout.
+
+    run_dir/
+      iter_0000040/            complete checkpoints only (written under .tmp-*, then renamed)
+        policy/  value/        megatron torch_dist: model and AdamW moments, layout-free
+        trainer_state.pt       iteration, LR schedules, optimizer step counts, the run's own
+                               state (data/rollout cursor, config), per-rank RNG states
+      latest                   the newest complete iteration, replaced atomically, last
+
+A save writes everything into a temporary directory, renames it into place (one atomic step)
+and only then moves `latest`; a process killed mid-save leaves the previous checkpoint and
+pointer untouched (the temporary directory is removed by the next save). Loading reshards:
+model and optimizer tensors are stored with their global shapes, so any TP x PP x DP layout
+reads them. RNG states come back only at the same world size; elsewhere the caller reseeds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rlef_hpc.checkpoint.convert import CheckpointError
+
+LATEST = "latest"
+STATE = "trainer_state.pt"
+
+
+def _name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def _sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The model's and the optimizer's state as megatron sharded state (AdamW's moments get the
+    sharding of their parameters; the step count is kept apart: it is a scalar)."""
+    from megatron.core.dist_checkpointing.optimizer import (
+        get_param_id_to_sharded_param_map,
+        optim_state_to_sharding_state,
+    )
+
+    model_state = model.sharded_state_dict()
+    for group in optimizer.param_groups:  # moments must exist to be written or read into
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if "exp_avg" not in state:
+                state["step"] = torch.zeros(())
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    id_map = get_param_id_to_sharded_param_map(model_state, params)
+    optim_state = optimizer.state_dict()
+    optim_state_to_sharding_state(optim_state, id_map, exclude_keys=("step",))
+    return {"model": model_state, "optimizer": optim_state}
+
+
+def save(
+    run_dir: str | Path,
+    iteration: int,
+    models: Sequence[tuple[str, torch.nn.Module, torch.optim.Optimizer]],
+    schedulers: dict[str, Any],
+    run_state: dict[str, Any],
+    keep_last: int = 3,
+) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint's directory."""
+    from megatron.core import dist_checkpointing
+
+    run_dir = Path(run_dir)
+    final, tmp = run_dir / _name(iteration), run_dir / f".tmp-{_name(iteration)}"
+    rank = dist.get_rank()
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in run_dir.glob(".tmp-*"):  # a save that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    steps = {}
+    for name, model, optimizer in models:
+        (tmp / name).mkdir(exist_ok=True)
+        dist_checkpointing.save(_sharded(model, optimizer), str(tmp / name))
+        steps[name] = [
+            float(optimizer.state[p]["step"]) for g in optimizer.param_groups for p in g["params"]
+        ][:1]
+    rng = [None] * dist.get_world_size()
+    dist.all_gather_object(rng, {"torch": torch.get_rng_state()})
+    if rank == 0:
+        torch.save(
+            {
+                "iteration": iteration,
+                "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+                "optimizer_steps": steps,
+                "run": run_state,
+                "rng": rng,
+            },
+            tmp / STATE,
+        )
+        os.replace(tmp, final)  # the checkpoint appears complete, or not at all
+        pointer = run_dir / f".{LATEST}.tmp"
+        pointer.write_text(f"{iteration}\n")
+        os.replace(pointer, run_dir / LATEST)
+        checkpoints = sorted(p for p in run_dir.glob("iter_*") if p.is_dir())
+        for old in checkpoints[: max(0, len(checkpoints) - keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    pointer = Path(run_dir) / LATEST
+    if not pointer.exists():
+        return None
+    path = Path(run_dir) / _name(int(pointer.read_text().strip()))
+    if not (path / STATE).exists():
+        raise CheckpointError(
+            f"{pointer} points to {path.name}, which is not a complete checkpoint"
+        )
+    return path
+
+
+def load(
+    checkpoint: str | Path,
+    models: Sequence[tuple[str, torch.nn.Module, torch.optim.Optimizer]],
+    schedulers: dict[str, Any],
+) -> dict[str, Any]:
+    """Collective. Loads models, optimizers and schedules in place; returns the run's state
+    (with "iteration")."""
+    from megatron.core import dist_checkpointing
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / STATE).exists():
+        raise CheckpointError(f"{checkpoint} is not a training checkpoint (no {STATE})")
+    trainer = torch.load(checkpoint / STATE, weights_only=False)
+    for name, model, optimizer in models:
+        if not (checkpoint / name).is_dir():
+            raise CheckpointError(f"{checkpoint} has no {name}/")
+        template = _sharded(model, optimizer)
+        loaded = dist_checkpointing.load(template, str(checkpoint / name))
+        model.load_state_dict(loaded["model"])
+        optim_state = loaded["optimizer"]
+        step = trainer["optimizer_steps"].get(name, [0.0])
+        for param_state in optim_state["state"].values():
+            param_state["step"] = torch.tensor(step[0] if step else 0.0)
+        optim_state["param_groups"] = [
+            {**g, "params": own["params"]}
+            for g, own in zip(
+                optim_state["param_groups"], optimizer.state_dict()["param_groups"], strict=True
+            )
+        ]
+        optimizer.load_state_dict(optim_state)
+    for key, scheduler in schedulers.items():
+        scheduler.load_state_dict(trainer["schedulers"][key])
+    if len(trainer["rng"]) == dist.get_world_size():
+        torch.set_rng_state(trainer["rng"][dist.get_rank()]["torch"])
+    return {**trainer["run"], "iteration": trainer["iteration"]}

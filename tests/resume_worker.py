@@ -1,0 +1,107 @@
+"""PPO updates with training checkpoints, for test_training_checkpoint (run by torchrun).
+
+--init INIT --steps 2 --metrics OUT            uninterrupted: two updates
+--init INIT --steps 1 --save RUN               one update, then a checkpoint at iteration 1
+--resume RUN --steps 1 --metrics OUT           resume from RUN's latest, one more update
+--init INIT --steps 1 --save RUN --hang-at 2   save iteration 1, then hang inside the save
+                                               of iteration 2 (the test kills it there)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from ppo_worker import BATCH, MODEL, fixed_batch
+
+from rlef_hpc.checkpoint import training
+from rlef_hpc.checkpoint.layout import load_full_state
+from rlef_hpc.models.config import PrecisionConfig
+from rlef_hpc.models.gpt import build_gpt
+from rlef_hpc.models.megatron_compat import seed
+from rlef_hpc.rl.ppo import PPOConfig
+from rlef_hpc.rl.update import OptimConfig, PPOUpdate
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--init")
+    p.add_argument("--resume", type=Path)
+    p.add_argument("--save", type=Path)
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--metrics", type=Path)
+    p.add_argument("--hang-at", type=int)
+    args = p.parse_args()
+    dist.init_process_group("gloo")
+    from megatron.core import parallel_state as ps
+
+    ps.initialize_model_parallel(args.tp, args.pp)
+    seed(1234)
+    per_stage = MODEL.num_layers // args.pp
+    policy, value = (
+        build_gpt(MODEL, PrecisionConfig()),
+        build_gpt(MODEL, PrecisionConfig(), value=True),
+    )
+    reference = build_gpt(MODEL, PrecisionConfig())
+    init = torch.load(args.init) if args.init else None
+    if init is not None:
+        load_full_state(policy, init["policy"], per_stage)
+        load_full_state(value, init["value"], per_stage)
+    update = PPOUpdate(
+        policy,
+        value,
+        reference,
+        PPOConfig(),
+        OptimConfig(lr=1e-4, warmup_steps=3, grad_clip=1.0),
+        micro_batch_size=1,
+    )
+    models = [("policy", policy, update.policy_opt[0]), ("value", value, update.value_opt[0])]
+    schedulers = {"policy": update.policy_opt[1], "value": update.value_opt[1]}
+    iteration = 0
+    init_path = os.path.abspath(args.init) if args.init else None
+    if args.resume:
+        state = training.load(training.latest(args.resume), models, schedulers)
+        iteration = state["iteration"]
+        assert state["cursor"] == iteration * BATCH
+        # The reference is the initial policy: stored with the run, here rebuilt from INIT.
+        init_path = state["init"]
+        load_full_state(reference, torch.load(init_path)["policy"], per_stage)
+    elif init is not None:
+        load_full_state(reference, init["policy"], per_stage)
+    dp = dist.get_world_size() // (args.tp * args.pp)
+    batch = fixed_batch()
+    metrics = {}
+    for _ in range(args.steps):
+        iteration += 1
+        # A different batch each iteration: the rewards shift with it.
+        shifted = batch.select(slice(None))
+        shifted.turn_reward = batch.turn_reward.roll(iteration, dims=0)
+        rows = shifted.select(torch.arange(ps.get_data_parallel_rank(), BATCH, dp))
+        metrics = update.step(rows, num_minibatches=2)
+        if args.save:
+            run_state = {"cursor": iteration * BATCH, "init": init_path}
+            training.save(args.save, iteration, models, schedulers, run_state)
+    if args.hang_at:
+        original = training.os.replace
+
+        def slow_replace(src, dst):
+            if Path(src).name.startswith(".tmp-"):
+                Path(args.save, "HANGING").write_text("x")
+                time.sleep(600)
+            return original(src, dst)
+
+        training.os.replace = slow_replace
+        training.save(args.save, args.hang_at, models, schedulers, {"cursor": 0, "init": args.init})
+    if args.metrics and dist.get_rank() == dist.get_world_size() - 1:
+        torch.save(metrics, args.metrics)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Training checkpoints: resume at another layout gives the uninterrupted run's next update;
+a save killed half-way leaves the previous checkpoint and `latest` intact."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlef_hpc.checkpoint import training
+from rlef_hpc.checkpoint.convert import CheckpointError
+
+TESTS = Path(__file__).parent
+WORKER = TESTS / "resume_worker.py"
+
+
+def command(nproc: int, *args: object) -> tuple[list[str], dict[str, str]]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS.parent}:{TESTS}"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        str(WORKER),
+        *map(str, args),
+    ]
+    return cmd, env
+
+
+def torchrun(nproc: int, *args: object) -> None:
+    cmd, env = command(nproc, *args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def init(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("init") / "init.pt"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(TESTS.parent),
+        "MASTER_PORT": str(port),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / "ppo_worker.py"), "--make-init", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return path
+
+
+def test_resume_at_other_layouts_matches_the_uninterrupted_run(init, tmp_path):
+    torchrun(1, "--init", init, "--steps", 2, "--metrics", tmp_path / "straight.pt")
+    run = tmp_path / "run"
+    torchrun(4, "--tp", 2, "--pp", 2, "--init", init, "--steps", 1, "--save", run)
+    assert training.latest(run).name == "iter_0000001"
+    straight = torch.load(tmp_path / "straight.pt")
+    for nproc, layout in ((1, ()), (2, ())):  # TP1 x PP1, then DP=2
+        out = tmp_path / f"resumed{nproc}.pt"
+        torchrun(nproc, *layout, "--resume", run, "--steps", 1, "--metrics", out)
+        resumed = torch.load(out)
+        for key in ("policy_loss", "value_loss", "approx_kl", "entropy", "policy_grad_norm"):
+            assert resumed[key] == pytest.approx(straight[key], abs=1e-5), (nproc, key)
+
+
+def test_a_save_killed_half_way_leaves_the_previous_checkpoint(init, tmp_path):
+    run = tmp_path / "run"
+    cmd, env = command(2, "--init", init, "--steps", 1, "--save", run, "--hang-at", 2)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    deadline = time.monotonic() + 300
+    while not (run / "HANGING").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # in the middle of saving iteration 2
+    proc.wait()
+    assert (run / ".tmp-iter_0000002").exists()  # the partial save
+    assert not (run / "iter_0000002").exists()
+    assert training.latest(run).name == "iter_0000001"
+    # And it still loads (DP=1 this time), continuing from iteration 1.
+    torchrun(1, "--resume", run, "--steps", 1, "--metrics", tmp_path / "after.pt", "--save", run)
+    assert training.latest(run).name == "iter_0000002"
+    assert not (run / ".tmp-iter_0000002").exists()  # the next save cleared the leftovers
+
+
+def test_not_a_checkpoint(tmp_path):
+    assert training.latest(tmp_path) is None
+    (tmp_path / "latest").write_text("5\n")
+    with pytest.raises(
+        CheckpointError, match="points to iter_0000005, which is not a complete checkpoint"
+    ):
+        training.latest(tmp_path)
