@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -86,7 +87,8 @@ def main() -> None:
         metrics = update.step(rows, num_minibatches=2)
         if args.save:
             run_state = {"cursor": iteration * BATCH, "init": init_path}
-            training.save(args.save, iteration, models, schedulers, run_state)
+            config = {**asdict(MODEL), "dtype": "float32"}
+            training.save(args.save, iteration, models, schedulers, run_state, model_config=config)
     if args.hang_at:
         original = training.os.replace
 

@@ -76,6 +76,20 @@ def test_resume_at_other_layouts_matches_the_uninterrupted_run(init, tmp_path):
     run = tmp_path / "run"
     torchrun(4, "--tp", 2, "--pp", 2, "--init", init, "--steps", 1, "--save", run)
     assert training.latest(run).name == "iter_0000001"
+    # A training checkpoint exports like a model checkpoint.
+    export = subprocess.run(
+        [
+            sys.executable,
+            str(TESTS.parent / "tools" / "convert_to_hf.py"),
+            str(training.latest(run)),
+            str(tmp_path / "hf"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
     straight = torch.load(tmp_path / "straight.pt")
     for nproc, layout in ((1, ()), (2, ())):  # TP1 x PP1, then DP=2
         out = tmp_path / f"resumed{nproc}.pt"

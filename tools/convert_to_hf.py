@@ -14,6 +14,7 @@ def main() -> int:
     p.add_argument("ckpt_dir")
     p.add_argument("out_dir")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--tokenizer", help="directory to copy tokenizer files from (default: CKPT_DIR)")
     p.add_argument(
         "--value-model",
         action="store_true",
@@ -21,7 +22,7 @@ def main() -> int:
     )
     args = p.parse_args()
     try:
-        out = export_hf(args.ckpt_dir, args.out_dir, args.dtype, args.value_model)
+        out = export_hf(args.ckpt_dir, args.out_dir, args.dtype, args.value_model, args.tokenizer)
     except (CheckpointError, FileNotFoundError) as e:
         p.exit(2, f"convert_to_hf: error: {e}\n")
     print(f"wrote {out}")

@@ -116,20 +116,17 @@ def load_model_checkpoint(ckpt_dir: Path, kind: str = "policy") -> tuple[Any, Mo
 
     from rlef_hpc.models.gpt import build_gpt
 
-    meta = ckpt_dir / "model_config.json"
-    if not meta.exists() or not (ckpt_dir / kind).is_dir():
-        raise CheckpointError(
-            f"{ckpt_dir} is not a model checkpoint (no model_config.json or {kind}/)"
-        )
-    fields = json.loads(meta.read_text())
-    dtype = fields.pop("dtype", "float32")
-    cfg = ModelConfig(**fields)
+    cfg, dtype = _read_model_config(ckpt_dir)
+    if not (ckpt_dir / kind).is_dir():
+        raise CheckpointError(f"{ckpt_dir} is not a model checkpoint (no {kind}/)")
     model = build_gpt(cfg, PrecisionConfig(dtype), value=kind == "value")
     try:
         state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir / kind))
     except Exception as e:  # noqa: BLE001 - megatron raises many kinds; the user needs one line
         raise CheckpointError(f"{ckpt_dir / kind}: cannot load ({type(e).__name__}: {e})") from None
-    model.load_state_dict(state)
+    # A training checkpoint holds the optimizer's common state beside the model's.
+    wanted = set(model.state_dict())
+    model.load_state_dict({k: v for k, v in state.items() if k in wanted})
     return model, cfg, dtype
 
 
@@ -164,42 +161,80 @@ def hf_config(cfg: ModelConfig, dtype: str, tokenizer: Any = None) -> dict[str, 
     return config
 
 
-def export_hf(
-    ckpt_dir: str | Path, out_dir: str | Path, dtype: str | None = None, value_model: bool = False
-) -> Path:
-    """A model checkpoint -> HF Llama directory (sharded safetensors with an index)."""
-    from safetensors.torch import save_file
+def _read_model_config(ckpt_dir: Path) -> tuple[ModelConfig, str]:
+    meta = ckpt_dir / "model_config.json"
+    if not meta.exists():
+        raise CheckpointError(f"{ckpt_dir} is not a model checkpoint (no model_config.json)")
+    fields = json.loads(meta.read_text())
+    dtype = fields.pop("dtype", "float32")
+    return ModelConfig(**fields), dtype
 
+
+class _ShardWriter:
+    """Safetensors shards of at most SHARD_BYTES, written as they fill, and the index."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.pending: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.files: list[list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.size + nbytes > SHARD_BYTES:
+            self._flush()
+        self.pending[name] = tensor
+        self.size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        save_file(
+            self.pending,
+            str(self.out_dir / f"part-{len(self.files)}.tmp"),
+            metadata={"format": "pt"},
+        )
+        self.files.append(list(self.pending))
+        self.pending, self.size = {}, 0
+
+    def close(self) -> None:
+        if self.pending:
+            self._flush()
+        weight_map = {}
+        for i, names in enumerate(self.files):  # final names need the count of shards
+            final = f"model-{i + 1:05d}-of-{len(self.files):05d}.safetensors"
+            os.replace(self.out_dir / f"part-{i}.tmp", self.out_dir / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def export_hf(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    dtype: str | None = None,
+    value_model: bool = False,
+    tokenizer: str | Path | None = None,
+) -> Path:
+    """A model checkpoint -> HF Llama directory (sharded safetensors written as they fill, the
+    index, config.json, tokenizer files from the checkpoint or from `tokenizer`). The model is
+    loaded whole, at TP=1/PP=1, in this one process."""
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     single_process()
     model, cfg, saved_dtype = load_model_checkpoint(ckpt_dir, "value" if value_model else "policy")
-    dtype = dtype or saved_dtype
-    target = getattr(torch, dtype)
+    target = getattr(torch, dtype or saved_dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
-    weight_map: dict[str, str] = {}
-    shard: dict[str, torch.Tensor] = {}
-    shards: list[dict[str, torch.Tensor]] = []
-    size = 0
+    writer = _ShardWriter(out_dir)
     for name, param in model.named_parameters():  # TP=1, PP=1: names are global already
-        for hf_name, tensor in megatron_to_hf(name, param.detach(), cfg, value_model):
-            t = tensor.to(target).contiguous().clone()
-            if size + t.numel() * t.element_size() > SHARD_BYTES and shard:
-                shards.append(shard)
-                shard, size = {}, 0
-            shard[hf_name] = t
-            size += t.numel() * t.element_size()
-    shards.append(shard)
-    total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
-    for i, tensors in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(tensors, str(out_dir / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, file))
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    config = hf_config(cfg, dtype)
+        for hf_name, part in megatron_to_hf(name, param.detach(), cfg, value_model):
+            writer.add(hf_name, part.to(target).contiguous().clone())
+    writer.close()
+    config = hf_config(cfg, str(target).removeprefix("torch."))
     if value_model:
         config["architectures"] = ["LlamaModel"]
         config["rlef_value_head"] = {"weight": "value_head.weight", "bias": "value_head.bias"}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    _copy_tokenizer(ckpt_dir, out_dir)
+    _copy_tokenizer(Path(tokenizer) if tokenizer else ckpt_dir, out_dir)
     return out_dir

@@ -16,6 +16,7 @@ reads them. RNG states come back only at the same world size; elsewhere the call
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -65,8 +66,10 @@ def save(
     schedulers: dict[str, Any],
     run_state: dict[str, Any],
     keep_last: int = 3,
+    model_config: dict[str, Any] | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint's directory."""
+    """Collective: every rank calls it. Returns the checkpoint's directory. With
+    `model_config` (ModelConfig fields and "dtype"), tools/convert_to_hf.py can export it."""
     from megatron.core import dist_checkpointing
 
     run_dir = Path(run_dir)
@@ -98,6 +101,8 @@ def save(
             },
             tmp / STATE,
         )
+        if model_config is not None:
+            (tmp / "model_config.json").write_text(json.dumps(model_config))
         os.replace(tmp, final)  # the checkpoint appears complete, or not at all
         pointer = run_dir / f".{LATEST}.tmp"
         pointer.write_text(f"{iteration}\n")
