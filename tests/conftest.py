@@ -32,3 +32,43 @@ def executor() -> Iterator[object]:
     require(caps["seccomp"], "seccomp filters are unavailable on this kernel")
     with sandbox.Executor(workers=2) as ex:
         yield ex
+
+
+TESTS_DIR = __import__("pathlib").Path(__file__).parent
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(worker: object, nproc: int, *args: object) -> tuple[list[str], dict[str, str]]:
+    """torchrun of a test worker script on loopback gloo, with the repo and tests importable."""
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS_DIR.parent}:{TESTS_DIR}"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        str(worker),
+        *map(str, args),
+    ]
+    return cmd, env
+
+
+def torchrun(worker: object, nproc: int, *args: object, timeout: int = 600) -> None:
+    import subprocess
+
+    cmd, env = torchrun_command(worker, nproc, *args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -4,7 +4,6 @@ transformers' from the exported directory; the tools' errors."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import free_port
+from tests.conftest import torchrun as run_worker
+
 ROOT = Path(__file__).parent.parent
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
 
 
 def tool(name: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        env["MASTER_PORT"] = str(s.getsockname()[1])
+    env["MASTER_PORT"] = str(free_port())
     return subprocess.run(
         [sys.executable, str(ROOT / "tools" / name), *map(str, args)],
         capture_output=True,
@@ -74,34 +74,20 @@ def test_round_trip_through_tp2_pp2_and_logits_match_transformers(hf_model, tmp_
     ckpt, resaved, exported = tmp_path / "ckpt", tmp_path / "resaved", tmp_path / "hf"
     proc = tool("convert_from_hf.py", hf_model, ckpt)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "4",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(port),
-        str(WORKER),
+    run_worker(
+        WORKER,
+        4,
         "--tp",
-        "2",
+        2,
         "--pp",
-        "2",
+        2,
         "--ckpt",
-        str(ckpt),
+        ckpt,
         "--resave",
-        str(resaved),
+        resaved,
         "--logits",
-        str(tmp_path / "logits.pt"),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+        tmp_path / "logits.pt",
+    )
     proc = tool("convert_to_hf.py", resaved, exported)
     assert proc.returncode == 0, proc.stderr[-3000:]
     original, back = safetensors(hf_model), safetensors(exported)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.conftest import free_port
+from tests.conftest import torchrun as run_worker
 
 WORKER = Path(__file__).with_name("ppo_worker.py")
 LAYOUTS = {
@@ -23,25 +25,7 @@ TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}
 
 
 def torchrun(nproc: int, *args: str) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent.parent)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(port),
-        str(WORKER),
-        *args,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    run_worker(WORKER, nproc, *args)
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +79,7 @@ def test_the_update_changed_the_weights(results):
 
 def logp_change(direction: float) -> tuple[float, float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent.parent)}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        env["MASTER_PORT"] = str(s.getsockname()[1])
+    env["MASTER_PORT"] = str(free_port())
     proc = subprocess.run(
         [sys.executable, str(WORKER), "--direction", str(direction)],
         capture_output=True,

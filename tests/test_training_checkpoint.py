@@ -16,36 +16,19 @@ import torch
 
 from rlef_hpc.checkpoint import training
 from rlef_hpc.checkpoint.convert import CheckpointError
+from tests.conftest import torchrun as run_worker
+from tests.conftest import torchrun_command
 
 TESTS = Path(__file__).parent
 WORKER = TESTS / "resume_worker.py"
 
 
 def command(nproc: int, *args: object) -> tuple[list[str], dict[str, str]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS.parent}:{TESTS}"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(port),
-        str(WORKER),
-        *map(str, args),
-    ]
-    return cmd, env
+    return torchrun_command(WORKER, nproc, *args)
 
 
 def torchrun(nproc: int, *args: object) -> None:
-    cmd, env = command(nproc, *args)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_worker(WORKER, nproc, *args)
 
 
 @pytest.fixture(scope="module")

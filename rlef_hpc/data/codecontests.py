@@ -10,7 +10,6 @@ as in the paper (669 of the train split).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rlef_hpc.data.problem import LANGUAGE_CODES, Problem, Solution
+from rlef_hpc.jsonl import JsonLinesError, iter_jsonl
 from rlef_hpc.sandbox import TestCase
 
 log = logging.getLogger(__name__)
@@ -97,18 +97,13 @@ def _records(file: Path) -> Iterator[tuple[str, Mapping[str, Any]]]:
                 row += 1
                 yield f"{file}: row {row}", record
         return
-    with open(file, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{file}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ProblemFormatError(f"{where}: not valid JSON ({e.msg})") from None
+    try:
+        for where, record in iter_jsonl(file):
             if not isinstance(record, dict):
                 raise ProblemFormatError(f"{where}: expected an object, got {_kind(record)}")
             yield where, record
+    except JsonLinesError as e:
+        raise ProblemFormatError(str(e)) from None
 
 
 def _kind(value: Any) -> str:

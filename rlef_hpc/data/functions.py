@@ -20,6 +20,7 @@ from typing import Any
 
 from rlef_hpc.data.codecontests import ProblemFormatError, require_field
 from rlef_hpc.data.problem import Problem, Solution
+from rlef_hpc.jsonl import JsonLinesError, iter_jsonl
 from rlef_hpc.sandbox import Job, TestCase, Verdict
 
 _CANONICAL = """
@@ -60,18 +61,10 @@ class FunctionProblem:
 
 
 def load_function_problems(path: str | Path) -> list[FunctionProblem]:
-    problems = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ProblemFormatError(f"{where}: not valid JSON ({e.msg})") from None
-            problems.append(parse_function_problem(record, where))
-    return problems
+    try:
+        return [parse_function_problem(record, where) for where, record in iter_jsonl(path)]
+    except JsonLinesError as e:
+        raise ProblemFormatError(str(e)) from None
 
 
 def parse_function_problem(record: Mapping[str, Any], where: str) -> FunctionProblem:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rlef_hpc.data.bundled import BUNDLED
+from rlef_hpc.jsonl import JsonLinesError, iter_jsonl
 
 
 class UsageError(Exception):
@@ -57,17 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 def read_answers(path: Path, names: set[str]) -> dict[str, list[list[str]]]:
     scripts: dict[str, list[list[str]]] = collections.defaultdict(list)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read answers file {path}: {e}") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{where}: not valid JSON ({e.msg})") from None
+        records = list(iter_jsonl(path))
+    except JsonLinesError as e:
+        raise UsageError(str(e)) from None
+    for where, record in records:
         turns = record.get("turns") if isinstance(record, dict) else None
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
             raise UsageError(f"{where}: field 'turns' must be a non-empty list of strings")

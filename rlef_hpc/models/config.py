@@ -4,7 +4,7 @@ and the checks that must fail before any process group starts, naming the field.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +158,3 @@ def compute_capability() -> tuple[int, int] | None:
 def check(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig) -> None:
     """validate() against this machine's hardware: call it before starting process groups."""
     validate(model, parallel, precision, compute_capability())
-
-
-def with_vocab(model: ModelConfig, vocab_size: int) -> ModelConfig:
-    return replace(model, vocab_size=vocab_size)

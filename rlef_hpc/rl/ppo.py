@@ -177,9 +177,3 @@ def value_loss(
     clipped = values_old + (values - values_old).clamp(-config.value_clip, config.value_clip)
     loss = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
     return 0.5 * (loss * mask).sum() / num_turns
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    v, g = values[mask], returns[mask]
-    var = g.var(unbiased=False)
-    return float(1 - (g - v).var(unbiased=False) / var) if var > 0 else float("nan")

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from rlef_hpc.jsonl import JsonLinesError, iter_jsonl
 from rlef_hpc.sandbox.types import COMPARE_MODES, LANGUAGES, Limits, TestCase
 
 
@@ -73,19 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_tests(path: Path) -> list[TestCase]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read tests file {path}: {e}") from None
     tests = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{where}: not valid JSON ({e.msg})") from None
+    try:
+        records = list(iter_jsonl(path))
+    except JsonLinesError as e:
+        raise UsageError(str(e)) from None
+    for where, record in records:
         try:
             tests.append(TestCase.coerce(record, where))
         except ValueError as e:
