@@ -8,8 +8,11 @@ a bounded KV cache, which is what starts fastest on small machines.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from rlef_hpc.episodes.runner import Generation
 
@@ -31,7 +34,6 @@ class VLLMGenerator:
         **engine_args: Any,
     ) -> None:
         try:
-            import torch
             from vllm import LLM, SamplingParams
         except ImportError as e:
             raise RuntimeError(
@@ -42,6 +44,9 @@ class VLLMGenerator:
         # The seed goes to the engine, not to each request: a per-request seed would make every
         # rollout of a problem the same sample.
         args: dict[str, Any] = {"model": model, "seed": sampling.seed, **engine_args}
+        # Log-probs of the distribution actually sampled (after temperature), as the trainer
+        # computes them; vLLM's default is the raw model's.
+        args.setdefault("logprobs_mode", "processed_logprobs")
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             args.setdefault("enforce_eager", True)
@@ -54,6 +59,46 @@ class VLLMGenerator:
             max_tokens=sampling.max_tokens,
             logprobs=0,  # the sampled token's own log-prob
         )
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Loads HF-named tensors into the engine in place, by reference (never through the
+        disk), then drops cached prefixes computed with the old weights. vLLM's in-place reload
+        re-packs every layer after loading, so it takes all weights in one pass: they stream
+        through it as an iterator, one tensor in memory at a time (a partial reload would leave
+        the layers it did not receive re-packed from nothing)."""
+        self.llm.collective_rpc(
+            "reload_weights",
+            kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True},
+        )
+        self.llm.reset_prefix_cache()
+
+    def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """The engine's log p(token_i | tokens_<i) for every position (0.0 at position 0), of
+        the raw model (temperature 1: vLLM computes prompt log-probs before any processing);
+        what the refit guard compares with the trainer's."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            max_tokens=1, prompt_logprobs=0, temperature=self.params.temperature
+        )
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False
+        )
+        result = []
+        for seq, out in zip(sequences, outputs, strict=True):
+            steps = out.prompt_logprobs
+            result.append([0.0] + [steps[i][tok].logprob for i, tok in enumerate(seq) if i > 0])
+        return result
+
+    def sleep(self) -> None:
+        """Frees the engine's GPU memory during training (a no-op on CPU)."""
+        if torch.cuda.is_available():
+            self.llm.sleep(level=1)
+
+    def wake(self) -> None:
+        if torch.cuda.is_available():
+            self.llm.wake_up()
 
     def __call__(self, prompts: list[list[int]]) -> list[Generation]:
         from vllm.inputs import TokensPrompt
