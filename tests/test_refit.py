@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, require
+from tests.conftest import free_port, require, torchrun_command
 
 TESTS = Path(__file__).parent
 
@@ -29,13 +29,15 @@ def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
 
     hf = tmp_path_factory.mktemp("hf")
     tokenizer = build_tokenizer(["def f(x):\n    return x + 1\nprint(f(2))\n"] * 50, vocab_size=256)
-    config = LlamaConfig(  # head_dim 32: vLLM's CPU attention needs one of its sizes
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+    # head_dim 32 (vLLM's CPU attention supports it); 2 KV groups and an even vocabulary (the
+    # tokenizer's, padded) so that tensor parallelism of 2 divides them.
+    config = LlamaConfig(
+        vocab_size=len(tokenizer) + len(tokenizer) % 2,
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
         max_position_embeddings=2048,
         rope_theta=500000.0,
         tie_word_embeddings=False,
@@ -53,7 +55,6 @@ def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
             str(TESTS.parent / "tools" / "convert_from_hf.py"),
             str(hf),
             str(ckpt),
-            "--no-value-model",
         ],
         capture_output=True,
         text=True,
@@ -85,3 +86,14 @@ def test_refit_matches_sampling_logprobs_and_guard(model_dirs):
     assert float(lines["STALE"][3]) <= 1e-4  # after the refit: the trainer's log-probs
     assert int(lines["SAMPLED"][1]) > 0 and float(lines["SAMPLED"][3]) <= 1e-4
     assert "CAUGHT:" in lines and "NOT" not in lines
+
+
+def test_one_ppo_step_at_tp2_then_refit_into_vllm_at_tp2(model_dirs):
+    """Two processes: megatron and vLLM (external_launcher) both at TP=2, in the same ranks."""
+    hf, ckpt = model_dirs
+    cmd, env = torchrun_command(TESTS / "refit_tp_worker.py", 2, hf, ckpt)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("TP2 STALE"))
+    _, _, stale, _, refit = line.split()
+    assert float(stale) > 1e-2 and float(refit) <= 1e-4
