@@ -97,3 +97,28 @@ def test_one_ppo_step_at_tp2_then_refit_into_vllm_at_tp2(model_dirs):
     line = next(x for x in proc.stdout.splitlines() if x.startswith("TP2 STALE"))
     _, _, stale, _, refit = line.split()
     assert float(stale) > 1e-2 and float(refit) <= 1e-4
+
+
+def sampling_run(hf: Path, seed: int) -> dict:
+    import json
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / "sampling_worker.py"), str(hf), str(seed)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("JSON"))[4:])
+
+
+def test_sampling_options_are_honoured(model_dirs):
+    hf, _ = model_dirs
+    first, again, other = sampling_run(hf, 3), sampling_run(hf, 3), sampling_run(hf, 4)
+    assert all(0 < len(t) <= 6 for t in first["sampled"])  # max_tokens
+    assert len({tuple(t) for t in first["sampled"]}) > 1  # temperature 1: samples differ
+    assert again["sampled"] == first["sampled"] and other["sampled"] != first["sampled"]  # seeds
+    assert first["stopped"] == [[first["eot"]]]  # stops at end of turn
+    assert first["nucleus"][0] == first["nucleus"][1] == first["greedy"][0]  # top-p

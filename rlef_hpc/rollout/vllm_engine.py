@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,7 +22,10 @@ class SamplingConfig:
     temperature: float = 1.0  # RLEF trains at 1.0; evaluates 1@3 at 0.2, 10@100 at 1.0 (top-p 0.95)
     top_p: float = 1.0
     max_tokens: int = 1024
-    seed: int = 0
+    seed: int = 0  # the engine's: runs with the same seed sample the same tokens
+    # Any other vLLM SamplingParams (e.g. logit_bias); generation always stops at the
+    # tokenizer's end-of-turn token, the end of an answer in a chat.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class VLLMGenerator:
@@ -53,11 +56,14 @@ class VLLMGenerator:
             args.setdefault("kv_cache_memory_bytes", int(kv_cache_gib * (1 << 30)))
             args.setdefault("dtype", "float32")
         self.llm = LLM(**args)
+        end_of_turn = self.llm.get_tokenizer().eos_token_id
         self.params = SamplingParams(
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             max_tokens=sampling.max_tokens,
+            stop_token_ids=[end_of_turn] if end_of_turn is not None else None,
             logprobs=0,  # the sampled token's own log-prob
+            **sampling.extra,
         )
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
