@@ -244,7 +244,9 @@ class PPOUpdate:
                 totals[key] = totals.get(key, 0.0) + value / num_minibatches
         if prep is not None:
             totals["explained_variance"] = float(prep["explained_variance"])
-            totals["kl"] = float(prep["kl"].sum() / batch.turn_mask.sum())
+            kl = torch.stack([prep["kl"].sum(), batch.turn_mask.sum().float()]).double()
+            dist.all_reduce(kl, group=ps.get_data_parallel_group())
+            totals["kl"] = float(kl[0] / kl[1])  # mean per-turn KL estimate over the batch
         return totals
 
     def _update(
@@ -309,8 +311,8 @@ class PPOUpdate:
         return metrics
 
     def _reduce(self, parts: list[dict[str, torch.Tensor]], ps: Any) -> dict[str, float]:
-        """Per-update metrics, summed over micro-batches and data-parallel ranks, from the last
-        stage (broadcast so that every rank reports the same numbers)."""
+        """Per-update metrics, summed over micro-batches and data-parallel ranks; known on the
+        last pipeline stage only (other stages report grad norms)."""
         keys = [
             "policy_loss",
             "clip_fraction",
