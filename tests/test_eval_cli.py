@@ -145,3 +145,17 @@ def test_model_directory_is_evaluated_with_vllm(tiny_model: Path, tmp_path: Path
             assert all(lp <= 0 for lp in turn["behaviour_logprobs"])
     # A random model: two samples of the same problem differ (no per-request seed).
     assert trajectories[0]["tokens"] != trajectories[1]["tokens"]
+
+
+def test_function_problems_for_the_transfer_evaluation(tmp_path: Path) -> None:
+    fixture = Path(__file__).parent / "data" / "functions_tiny.jsonl"
+    lines = [
+        {"problem": "Tiny/0", "turns": [fenced("def add(a, b):\n    return a + b\n")]},
+        {"problem": "Tiny/1", "turns": [fenced("def evens(xs):\n    return [], set()\n")] * 3},
+        {"problem": "Tiny/2", "turns": [fenced("def shout(s):\n    return s.upper() + '!'\n")]},
+    ]
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    proc = run("--problems", str(fixture), "--answers", str(answers), "--metrics", "1@3")
+    assert proc.returncode == 0, proc.stderr
+    assert "| 1@3 | 66.7% |" in proc.stdout  # add and shout solved, evens never

@@ -1,5 +1,8 @@
 """rlef-eval: n@k solve rates of a policy on a problem file, turns counted as samples.
 
+The problem file is CodeContests (JSON lines or parquet, or a directory with --split), or
+function problems in the HumanEval+/MBPP+ style (JSON lines with an entry_point).
+
     rlef-eval --problems valid.jsonl --model ./hf_model [--rollouts 20] [--temperature 0.2]
     rlef-eval --problems valid.jsonl --answers answers.jsonl
 
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from rlef_hpc.data.codecontests import ProblemFormatError, load_problems
+    from rlef_hpc.data.functions import load_function_problems, to_problems
     from rlef_hpc.episodes import Templates
     from rlef_hpc.eval.metrics import parse_metric
 
@@ -86,24 +90,44 @@ def main(argv: list[str] | None = None) -> int:
             parse_metric(m)
         if args.rollouts < 1 or args.max_turns < 1:
             raise UsageError("--rollouts and --max-turns must be positive")
-        problems = load_problems(args.problems, args.split)[: args.limit]
-        if not problems:
+        functions = None
+        if is_function_file(args.problems):  # HumanEval+/MBPP+ style: the transfer evaluation
+            functions = load_function_problems(args.problems)[: args.limit]
+            names = {f.task_id for f in functions}
+        else:
+            problems = load_problems(args.problems, args.split)[: args.limit]
+            names = {p.name for p in problems}
+        if not names:
             raise UsageError(f"no problems in {args.problems}")
-        scripts = read_answers(args.answers, {p.name for p in problems}) if args.answers else None
+        scripts = read_answers(args.answers, names) if args.answers else None
         args.templates = Templates.from_yaml(args.templates) if args.templates else Templates()
     except (UsageError, ValueError, OSError, ProblemFormatError) as e:
         parser.exit(2, f"rlef-eval: error: {e}\n")
-    report, trajectories = run(args, problems, scripts, metrics)
+    from rlef_hpc.sandbox import Executor
+
+    with Executor(workers=args.workers) as executor:
+        if functions is not None:
+            problems = to_problems(functions, executor)  # expected outputs, in the sandbox
+        report, trajectories = run(args, problems, scripts, metrics, executor)
     print(report.table())
     if args.out:
         write_outputs(args.out, report, trajectories, args.max_turns)
     return 0
 
 
-def run(args: argparse.Namespace, problems: list[Any], scripts: Any, metrics: list[str]) -> Any:
+def is_function_file(path: Path) -> bool:
+    """A JSON-lines file whose first record names an entry point holds function problems."""
+    if not path.is_file() or path.suffix != ".jsonl":
+        return False
+    first = next(iter_jsonl(path), (None, None))[1]
+    return isinstance(first, dict) and "entry_point" in first
+
+
+def run(
+    args: argparse.Namespace, problems: list[Any], scripts: Any, metrics: list[str], executor: Any
+) -> Any:
     from rlef_hpc.episodes import EpisodeConfig, EpisodeRunner, ScriptedPolicy
     from rlef_hpc.eval.report import evaluate
-    from rlef_hpc.sandbox import Executor
 
     config = EpisodeConfig(
         max_turns=args.max_turns, language=args.language, templates=args.templates
@@ -127,10 +151,7 @@ def run(args: argparse.Namespace, problems: list[Any], scripts: Any, metrics: li
         sampling = SamplingConfig(args.temperature, args.top_p, args.max_tokens, args.seed)
         policy = VLLMGenerator(args.model, sampling)
         episodes = [p for p in problems for _ in range(args.rollouts)]
-    with Executor(workers=args.workers) as executor:
-        trajectories = EpisodeRunner(tokenizer, executor, policy, config).run(
-            episodes, progress=True
-        )
+    trajectories = EpisodeRunner(tokenizer, executor, policy, config).run(episodes, progress=True)
     return evaluate(trajectories, metrics, args.max_turns, args.seed), trajectories
 
 
