@@ -72,3 +72,13 @@ def torchrun(worker: object, nproc: int, *args: object, timeout: int = 600) -> N
     cmd, env = torchrun_command(worker, nproc, *args)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def run_tool(name: str, *args: object, timeout: int = 300):
+    """tools/NAME as a user runs it: its own process, its own gloo port."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    cmd = [sys.executable, str(TESTS_DIR.parent / "tools" / name), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

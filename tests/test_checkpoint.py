@@ -3,31 +3,21 @@ transformers' from the exported directory; the tools' errors."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import free_port
+from tests.conftest import run_tool
 from tests.conftest import torchrun as run_worker
 
 ROOT = Path(__file__).parent.parent
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
 
 
-def tool(name: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env["MASTER_PORT"] = str(free_port())
-    return subprocess.run(
-        [sys.executable, str(ROOT / "tools" / name), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+def tool(name: str, *args: object) -> subprocess.CompletedProcess[str]:
+    return run_tool(name, *args)
 
 
 @pytest.fixture(scope="module")

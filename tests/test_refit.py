@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, require, torchrun_command
+from tests.conftest import free_port, require, run_tool, torchrun_command
 
 TESTS = Path(__file__).parent
 
@@ -48,19 +48,7 @@ def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
     LlamaForCausalLM(config).save_pretrained(hf)
     tokenizer.save_pretrained(hf)
     ckpt = tmp_path_factory.mktemp("ckpt")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(TESTS.parent / "tools" / "convert_from_hf.py"),
-            str(hf),
-            str(ckpt),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    proc = run_tool("convert_from_hf.py", hf, ckpt)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return hf, ckpt
 

@@ -14,7 +14,7 @@ _NUMBER = re.compile(rb"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 _INTEGER = re.compile(rb"[+-]?\d+")
 
 
-def _as_bytes(text: str | bytes) -> bytes:
+def as_bytes(text: str | bytes) -> bytes:
     return text.encode() if isinstance(text, str) else text
 
 
@@ -41,7 +41,7 @@ def outputs_match(expected: str | bytes, actual: str | bytes, mode: str = "token
         with a point or an exponent) as reals within 1e-5 absolute or relative.
     exact: identical bytes, except whitespace at the very end of the output.
     """
-    exp, act = _as_bytes(expected), _as_bytes(actual)
+    exp, act = as_bytes(expected), as_bytes(actual)
     if mode == "exact":
         return exp.rstrip() == act.rstrip()
     if mode != "tokens":

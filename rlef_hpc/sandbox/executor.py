@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from rlef_hpc.sandbox.compare import outputs_match
+from rlef_hpc.sandbox.compare import as_bytes, outputs_match
 from rlef_hpc.sandbox.protocol import read_frame, write_frame
 from rlef_hpc.sandbox.types import Job, Limits, TestCase, TestResult, Verdict
 
@@ -59,10 +59,6 @@ def default_cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "rlef_hpc"
     )
     return Path(root) / "sandbox"
-
-
-def _as_bytes(text: str | bytes | None) -> bytes | None:
-    return text.encode() if isinstance(text, str) else text
 
 
 @lru_cache(maxsize=256)
@@ -379,7 +375,7 @@ class Executor:
                         "job": seq,
                         "language": job.language,
                         "source": job.source,
-                        "inputs": [_as_bytes(job.tests[k].input) for k in pending],
+                        "inputs": [as_bytes(job.tests[k].input) for k in pending],
                         "first_index": pending[0],
                         "limits": _limits_message(job.limits),
                         "stop_on_first_failure": job.stop_on_first_failure,
