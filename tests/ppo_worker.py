@@ -148,6 +148,10 @@ def main() -> None:
         micro_batch_size=1,
     )
     metrics = update.step(mine, num_minibatches=2)
+    # How much of Adam's state this rank holds (the distributed optimizer shards it over DP).
+    adam = update.trainables["policy"].optimizer.chained_optimizers[0].optimizer
+    metrics["adam_numel"] = sum(s["exp_avg"].numel() for s in adam.state.values())
+    metrics["param_numel"] = sum(p.numel() for p in policy.parameters())
     state = {
         "policy": gather_full_state(policy, per_stage),
         "value": gather_full_state(value, per_stage),

@@ -62,8 +62,8 @@ def main() -> None:
         OptimConfig(lr=1e-4, warmup_steps=3, grad_clip=1.0),
         micro_batch_size=1,
     )
-    models = [("policy", policy, update.policy_opt[0]), ("value", value, update.value_opt[0])]
-    schedulers = {"policy": update.policy_opt[1], "value": update.value_opt[1]}
+    models = [(name, t.module, t.optimizer) for name, t in update.trainables.items()]
+    schedulers = {name: t.scheduler for name, t in update.trainables.items()}
     iteration = 0
     init_path = os.path.abspath(args.init) if args.init else None
     if args.resume:

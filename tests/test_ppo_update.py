@@ -66,6 +66,12 @@ def test_layout_matches_tp1(results, layout):
             torch.testing.assert_close(got[model][name], tensor, **TOLERANCE, msg=f"{model} {name}")
 
 
+def test_adam_state_is_sharded_over_data_parallel_ranks(results):
+    tp1, dp2 = results["tp1"]["metrics"], results["dp2"]["metrics"]
+    assert tp1["adam_numel"] == tp1["param_numel"]
+    assert dp2["adam_numel"] == pytest.approx(tp1["param_numel"] / 2, rel=0.01)
+
+
 def test_the_update_changed_the_weights(results):
     before, after = results["init"]["policy"], results["tp1"]["policy"]
     changed = [n for n in before if not torch.equal(before[n], after[n])]

@@ -2,8 +2,9 @@
 
     run_dir/
       iter_0000040/            complete checkpoints only (written under .tmp-*, then renamed)
-        policy/  value/        megatron torch_dist: model and AdamW moments, layout-free
-        trainer_state.pt       iteration, LR schedules, optimizer step counts, the run's own
+        policy/  value/        megatron torch_dist: model and optimizer (AdamW moments, fp32
+                               master weights, step), layout-free
+        trainer_state.pt       iteration, LR/WD schedules, the run's own
                                state (data/rollout cursor, config), per-rank RNG states
       latest                   the newest complete iteration, replaced atomically, last
 
@@ -36,26 +37,60 @@ def _name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def _sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The model's and the optimizer's state as megatron sharded state (AdamW's moments get the
-    sharding of their parameters; the step count is kept apart: it is a scalar)."""
-    from megatron.core.dist_checkpointing.optimizer import (
-        get_param_id_to_sharded_param_map,
-        optim_state_to_sharding_state,
-    )
+# The distributed optimizer's state stored per parameter in model space (global shapes), so that
+# any TP x PP x DP reads it; gathered over gloo into host memory, not into GPU memory.
+OPTIMIZER_METADATA = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "distrib_optim_fully_reshardable_mem_efficient": True,
+}
 
+
+def _adams(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside a megatron (chained) optimizer."""
+    return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def _init_state(optimizer: Any) -> None:
+    """Adam's state must exist before megatron builds a loading template from it: zero moments
+    and one step count per parameter (overwritten by the load)."""
+    for adam in _adams(optimizer):
+        for group in adam.param_groups:
+            for p in group["params"]:
+                state = adam.state[p]
+                if "step" not in state:
+                    state["step"] = torch.zeros(())
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+
+
+def _load_optimizer(optimizer: Any, state: dict[str, Any]) -> None:
+    """optimizer.load_state_dict, around two bugs of megatron-core 0.16.1's DistributedOptimizer
+    with torch's Adam (no TE or apex): it gives every parameter one shared `step` tensor (torch
+    increments each parameter's step in place: a shared one would advance by the number of
+    parameters per update), then fails copying the parameter state, which has no `step`."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    (inner,) = getattr(optimizer, "chained_optimizers", [optimizer])
+    if not isinstance(inner, DistributedOptimizer) or "param_state" not in state:
+        optimizer.load_state_dict(state)
+        return
+    param_state = state.pop("param_state")
+    assert (
+        state.pop("param_state_sharding_type") == OPTIMIZER_METADATA["distrib_optim_sharding_type"]
+    )
+    inner.load_state_dict(state)
+    steps = {p: s.pop("step") for p, s in inner.optimizer.state.items() if "step" in s}
+    inner.load_parameter_state_from_fully_reshardable(param_state)
+    for p, step in steps.items():
+        inner.optimizer.state[p]["step"] = step.clone()
+
+
+def _sharded(model: torch.nn.Module, optimizer: Any, is_loading: bool) -> dict[str, Any]:
+    """The model's and its megatron optimizer's state as megatron sharded state."""
     model_state = model.sharded_state_dict()
-    for group in optimizer.param_groups:  # moments must exist to be written or read into
-        for p in group["params"]:
-            state = optimizer.state[p]
-            if "exp_avg" not in state:
-                state["step"] = torch.zeros(())
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    id_map = get_param_id_to_sharded_param_map(model_state, params)
-    optim_state = optimizer.state_dict()
-    optim_state_to_sharding_state(optim_state, id_map, exclude_keys=("step",))
+    optim_state = optimizer.sharded_state_dict(
+        model_state, is_loading=is_loading, metadata=OPTIMIZER_METADATA
+    )
     return {"model": model_state, "optimizer": optim_state}
 
 
@@ -81,13 +116,13 @@ def save(
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    steps = {}
     for name, model, optimizer in models:
         (tmp / name).mkdir(exist_ok=True)
-        dist_checkpointing.save(_sharded(model, optimizer), str(tmp / name))
-        steps[name] = [
-            float(optimizer.state[p]["step"]) for g in optimizer.param_groups for p in g["params"]
-        ][:1]
+        dist_checkpointing.save(
+            _sharded(model, optimizer, is_loading=False),
+            str(tmp / name),
+            content_metadata=OPTIMIZER_METADATA,
+        )
     rng = [None] * dist.get_world_size()
     dist.all_gather_object(rng, {"torch": torch.get_rng_state()})
     if rank == 0:
@@ -95,7 +130,6 @@ def save(
             {
                 "iteration": iteration,
                 "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
-                "optimizer_steps": steps,
                 "run": run_state,
                 "rng": rng,
             },
@@ -142,20 +176,11 @@ def load(
     for name, model, optimizer in models:
         if not (checkpoint / name).is_dir():
             raise CheckpointError(f"{checkpoint} has no {name}/")
-        template = _sharded(model, optimizer)
+        _init_state(optimizer)
+        template = _sharded(model, optimizer, is_loading=True)
         loaded = dist_checkpointing.load(template, str(checkpoint / name))
         model.load_state_dict(loaded["model"])
-        optim_state = loaded["optimizer"]
-        step = trainer["optimizer_steps"].get(name, [0.0])
-        for param_state in optim_state["state"].values():
-            param_state["step"] = torch.tensor(step[0] if step else 0.0)
-        optim_state["param_groups"] = [
-            {**g, "params": own["params"]}
-            for g, own in zip(
-                optim_state["param_groups"], optimizer.state_dict()["param_groups"], strict=True
-            )
-        ]
-        optimizer.load_state_dict(optim_state)
+        _load_optimizer(optimizer, loaded["optimizer"])
     for key, scheduler in schedulers.items():
         scheduler.load_state_dict(trainer["schedulers"][key])
     if len(trainer["rng"]) == dist.get_world_size():

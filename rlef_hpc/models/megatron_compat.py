@@ -11,6 +11,7 @@ torch.cuda.current_device() is the CPU, synchronize() does nothing, and tensors 
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 import torch
@@ -28,6 +29,19 @@ PATCHED_MODULES = (
     "megatron.core.dist_checkpointing.strategies.async_utils",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.dist_checkpointing.strategies.fully_parallel",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.clip_grads",
+)
+# Modules that check a tensor's legacy type name ("torch.cuda.FloatTensor") before they accept it.
+TYPE_CHECKING_MODULES = frozenset(
+    (
+        "megatron.core.optimizer.optimizer",
+        "megatron.core.optimizer.distrib_optimizer",
+        "megatron.core.optimizer.clip_grads",
+    )
 )
 _installed = False
 
@@ -70,6 +84,24 @@ class _TorchOnCpu:
         return attr
 
 
+def _patch_type_names() -> None:
+    """`tensor.type()` called from the optimizer modules answers with the CUDA name of the same
+    dtype ("torch.cuda.FloatTensor"); every other caller sees the real name."""
+    real = torch.Tensor.type
+
+    def type_(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        name = real(self, *args, **kwargs)
+        if (
+            args
+            or kwargs
+            or sys._getframe(1).f_globals.get("__name__") not in TYPE_CHECKING_MODULES
+        ):
+            return name
+        return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
+
+    torch.Tensor.type = type_
+
+
 def install() -> None:
     """Idempotent; does nothing where CUDA exists."""
     global _installed
@@ -87,6 +119,7 @@ def install() -> None:
         module = importlib.import_module(name)
         if getattr(module, "torch", None) is torch:
             module.torch = proxy
+    _patch_type_names()
     from megatron.core.tensor_parallel import random
 
     random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()

@@ -8,8 +8,9 @@ One `PPOUpdate.step(batch)` (the batch being this data-parallel rank's share):
    batch's turns (statistics all-reduced over data-parallel ranks);
 3. forward/backward of the policy with the clipped, importance-weighted surrogate, and of the
    value model with the clipped value loss, micro-batch by micro-batch through megatron's
-   pipeline schedules; gradients summed over data-parallel ranks (losses are already divided
-   by the whole batch's token and turn counts), clipped by their global norm, AdamW.
+   pipeline schedules into megatron DDP's gradient buffers, reduced over data-parallel ranks;
+   megatron's optimizer clips by the global norm and steps AdamW, its state sharded over
+   data-parallel ranks (the distributed optimizer) unless configured otherwise.
 Only the last pipeline stage sees logits, so steps 1-2 and the losses happen there.
 """
 
@@ -36,6 +37,8 @@ class OptimConfig:
     grad_clip: float = 1.0
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
+    # Adam's moments and fp32 master weights sharded over data-parallel ranks (ZeRO-1).
+    distributed_optimizer: bool = True
 
 
 def _ps() -> Any:
@@ -44,37 +47,68 @@ def _ps() -> Any:
     return parallel_state
 
 
-def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> tuple[Any, Any]:
-    """AdamW without weight decay on norms and biases, and a linear warm-up."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    warmup = max(cfg.warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup)
+@dataclass
+class Trainable:
+    """A model being trained: megatron's DDP wrapper (contiguous gradient buffers, reduced over
+    data-parallel ranks), its optimizer (AdamW; distributed or not) and LR/WD schedule."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.model.module
+
+
+def make_trainable(model: torch.nn.Module, cfg: OptimConfig) -> Trainable:
+    """AdamW without weight decay on norms and biases, a linear warm-up to `lr` then constant,
+    gradients clipped by their global norm."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    ddp = DistributedDataParallel(
+        model.config,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.distributed_optimizer
+        ),
+        model,
     )
-    return optimizer, scheduler
-
-
-def global_grad_norm(model: torch.nn.Module) -> torch.Tensor:
-    """L2 norm of the whole model's gradient: tensor-parallel shards count once each,
-    replicated parameters once per model, over every pipeline stage."""
-    ps = _ps()
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    total = torch.zeros((), dtype=torch.float64)
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
-            total += p.grad.double().pow(2).sum()
-    dist.all_reduce(total, group=ps.get_model_parallel_group())
-    return total.sqrt()
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=cfg.lr,
+            min_lr=0.0,
+            weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.betas[0],
+            adam_beta2=cfg.betas[1],
+            adam_eps=cfg.eps,
+            clip_grad=cfg.grad_clip,
+            bf16=model.config.bf16,
+            params_dtype=model.config.params_dtype,
+            use_distributed_optimizer=cfg.distributed_optimizer,
+        ),
+        [ddp],
+    )
+    warmup = max(cfg.warmup_steps, 1)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=cfg.lr,
+        min_lr=cfg.lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=warmup + 1,
+        lr_decay_style="constant",
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=1,
+        wd_incr_style="constant",
+    )
+    # Megatron's warm-up starts at init_lr (0) on step 0: one step ahead, the k-th update
+    # (from 0) runs at lr * (k + 1) / warmup, and never at 0.
+    scheduler.step(1)
+    return Trainable(ddp, optimizer, scheduler)
 
 
 def _causal_mask(seq: int) -> torch.Tensor:
@@ -92,13 +126,15 @@ class PPOUpdate:
         micro_batch_size: int = 1,
         temperature: float = 1.0,
     ) -> None:
-        self.policy, self.value, self.reference = policy, value, reference
+        self.reference = reference
         for p in reference.parameters():
             p.requires_grad_(False)
         self.ppo = ppo_config or ppo.PPOConfig()
         self.optim = optim_config or OptimConfig()
-        self.policy_opt = make_optimizer(policy, self.optim)
-        self.value_opt = make_optimizer(value, self.optim)
+        self.trainables = {
+            "policy": make_trainable(policy, self.optim),
+            "value": make_trainable(value, self.optim),
+        }
         self.mbs = micro_batch_size
         self.temperature = temperature
 
@@ -167,7 +203,7 @@ class PPOUpdate:
             v = values.detach().squeeze(-1).float().gather(1, chunk.value_index)
             return torch.zeros(()), {"values": v}
 
-        parts = self._run(self.value, batch, loss, forward_only=True)
+        parts = self._run(self.trainables["value"].model, batch, loss, forward_only=True)
         return torch.cat([p["values"] for p in parts]) if parts else None
 
     # --- the update -------------------------------------------------------------------------
@@ -176,7 +212,7 @@ class PPOUpdate:
     def prepare(self, batch: ppo.PPOBatch) -> dict[str, torch.Tensor] | None:
         """pi_old, reference log-probs, V_old, returns, advantages (last stage only)."""
         ps = _ps()
-        logp_old = self._collect_logprobs(self.policy, batch)
+        logp_old = self._collect_logprobs(self.trainables["policy"].model, batch)
         logp_ref = self._collect_logprobs(self.reference, batch)
         values_old = self._collect_values(batch)
         if not ps.is_pipeline_last_stage():
@@ -254,6 +290,9 @@ class PPOUpdate:
     ) -> dict[str, float]:
         ps = _ps()
         rows = lambda i, t: t[i * self.mbs : (i + 1) * self.mbs]  # noqa: E731
+        # The losses are means over the whole batch already, but the schedule divides by the
+        # number of micro-batches and DDP averages gradients over data-parallel ranks: undo both.
+        scale = (batch.tokens.shape[0] // self.mbs) * ps.get_data_parallel_world_size()
 
         def policy_loss(i, chunk, n, logits):
             logp, entropy = self._token_logprobs(logits, chunk.tokens)
@@ -273,8 +312,7 @@ class PPOUpdate:
             metrics["mismatch_mean"] = mismatch.sum() / prep["num_tokens"]
             metrics["mismatch_max"] = mismatch.max()
             metrics["policy_loss"] = loss.detach()
-            # The schedule divides by the number of micro-batches; ours is a global mean already.
-            return loss * n, metrics
+            return loss * scale, metrics
 
         def value_loss(i, chunk, n, values):
             v = values.squeeze(-1).float().gather(1, chunk.value_index)
@@ -286,26 +324,17 @@ class PPOUpdate:
                 self.ppo,
                 prep["num_turns"],
             )
-            return loss * n, {"value_loss": loss.detach()}
+            return loss * scale, {"value_loss": loss.detach()}
 
         metrics: dict[str, float] = {}
-        for model, (opt, sched), loss_fn in (
-            (self.policy, self.policy_opt, policy_loss),
-            (self.value, self.value_opt, value_loss),
-        ):
-            opt.zero_grad(set_to_none=True)
-            parts = self._run(model, batch, loss_fn, forward_only=False)
-            for p in model.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, group=ps.get_data_parallel_group())
-            norm = global_grad_norm(model)
-            if self.optim.grad_clip > 0 and norm > self.optim.grad_clip:
-                for p in model.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(self.optim.grad_clip / (norm + 1e-6))
-            opt.step()
-            sched.step()
-            name = "policy" if model is self.policy else "value"
+        for name, loss_fn in (("policy", policy_loss), ("value", value_loss)):
+            trainable = self.trainables[name]
+            trainable.model.zero_grad_buffer()
+            trainable.optimizer.zero_grad()
+            parts = self._run(trainable.model, batch, loss_fn, forward_only=False)
+            trainable.model.finish_grad_sync()
+            _, norm, _ = trainable.optimizer.step()
+            trainable.scheduler.step(1)
             metrics[f"{name}_grad_norm"] = float(norm)
             metrics.update(self._reduce(parts, ps))
         return metrics
