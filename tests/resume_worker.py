@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1)
     p.add_argument("--metrics", type=Path)
     p.add_argument("--hang-at", type=int)
+    p.add_argument("--async-save", action="store_true")
     args = p.parse_args()
     dist.init_process_group("gloo")
     from megatron.core import parallel_state as ps
@@ -75,6 +76,11 @@ def main() -> None:
         load_full_state(reference, torch.load(init_path)["policy"], per_stage)
     elif init is not None:
         load_full_state(reference, init["policy"], per_stage)
+    queue = None
+    if args.async_save:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        queue = AsyncCallsQueue()
     dp = dist.get_world_size() // (args.tp * args.pp)
     batch = fixed_batch()
     metrics = {}
@@ -88,7 +94,20 @@ def main() -> None:
         if args.save:
             run_state = {"cursor": iteration * BATCH, "init": init_path}
             config = {**asdict(MODEL), "dtype": "float32"}
-            training.save(args.save, iteration, models, schedulers, run_state, model_config=config)
+            training.save(
+                args.save,
+                iteration,
+                models,
+                schedulers,
+                run_state,
+                model_config=config,
+                async_queue=queue,
+            )
+            if queue is not None:  # training goes on while the save is written
+                assert not (args.save / f"iter_{iteration:07d}").exists()
+    if queue is not None:
+        queue.maybe_finalize_async_calls(blocking=True)
+        queue.close()
     if args.hang_at:
         original = training.os.replace
 

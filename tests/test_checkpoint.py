@@ -122,10 +122,15 @@ def test_errors_exit_2_with_one_line(hf_model, tmp_path):
         '{"weight_map": {"a": "model-00001-of-00002.safetensors"}}'
     )
     cases.append(tool("convert_from_hf.py", missing, tmp_path / "o3"))
+    ckpt = tmp_path / "ckpt"
+    assert tool("convert_from_hf.py", hf_model, ckpt).returncode == 0
+    (ckpt / "policy" / "__0_1.distcp").unlink()
+    cases.append(tool("convert_to_hf.py", ckpt, tmp_path / "o4"))
     messages = [
         "is not a model checkpoint",
         "model_type: expected 'llama', got 'gpt2'",
         "missing shard model-00001-of-00002.safetensors",
+        "policy: cannot read",
     ]
     for proc, message in zip(cases, messages, strict=True):
         assert proc.returncode == 2, proc.stderr[-2000:]

@@ -57,7 +57,8 @@ def init(tmp_path_factory) -> Path:
 def test_resume_at_other_layouts_matches_the_uninterrupted_run(init, tmp_path):
     torchrun(1, "--init", init, "--steps", 3, "--metrics", tmp_path / "straight.pt")
     run = tmp_path / "run"
-    torchrun(4, "--tp", 2, "--pp", 2, "--init", init, "--steps", 1, "--save", run)
+    # Saved asynchronously: committed only once the background writes are finalized.
+    torchrun(4, "--tp", 2, "--pp", 2, "--init", init, "--steps", 1, "--save", run, "--async-save")
     assert training.latest(run).name == "iter_0000001"
     # A training checkpoint exports like a model checkpoint.
     export = subprocess.run(

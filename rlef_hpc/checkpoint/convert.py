@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rlef_hpc.checkpoint.hf import hf_to_megatron, megatron_to_hf
+from rlef_hpc.checkpoint.hf import checkpoint_key_to_name, hf_to_megatron, megatron_to_hf
 from rlef_hpc.checkpoint.layout import load_full_state
 from rlef_hpc.models.config import ModelConfig, PrecisionConfig
 
@@ -171,10 +173,10 @@ def _read_model_config(ckpt_dir: Path) -> tuple[ModelConfig, str]:
 
 
 class _ShardWriter:
-    """Safetensors shards of at most SHARD_BYTES, written as they fill, and the index."""
+    """Safetensors shards of at most `shard_bytes`, written as they fill, and the index."""
 
-    def __init__(self, out_dir: Path) -> None:
-        self.out_dir = out_dir
+    def __init__(self, out_dir: Path, shard_bytes: int = SHARD_BYTES) -> None:
+        self.out_dir, self.shard_bytes = out_dir, shard_bytes
         self.pending: dict[str, torch.Tensor] = {}
         self.size = 0
         self.files: list[list[str]] = []
@@ -182,7 +184,7 @@ class _ShardWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.size + nbytes > SHARD_BYTES:
+        if self.pending and self.size + nbytes > self.shard_bytes:
             self._flush()
         self.pending[name] = tensor
         self.size += nbytes
@@ -211,25 +213,108 @@ class _ShardWriter:
         (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def _read_slices(
+    model_dir: Path, wanted: dict[str, tuple[tuple[int, ...], torch.Size]], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Reads, from a torch_dist directory, the block of each tensor `key` that starts at
+    `offsets` and has `sizes` (whatever layout saved it), and only that block."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class Planner(DefaultLoadPlanner):
+        def create_local_plan(self) -> LoadPlan:
+            items = []
+            for key, (offsets, sizes) in wanted.items():
+                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=sizes)
+                stored = self.metadata.state_dict_metadata[key]
+                items += create_read_items_for_chunk_list(key, stored, [chunk])
+            return LoadPlan(items)
+
+        def resolve_tensor(self, item: Any) -> torch.Tensor:
+            tensor = out[item.dest_index.fqn]
+            for dim, (start, length) in enumerate(
+                zip(item.dest_offsets, item.lengths, strict=True)
+            ):
+                tensor = tensor.narrow(dim, start, length)
+            return tensor
+
+    out = {key: torch.empty(sizes, dtype=dtype) for key, (_, sizes) in wanted.items()}
+    try:
+        with warnings.catch_warnings():  # "assuming ... a single process": exactly the intent
+            warnings.simplefilter("ignore", UserWarning)
+            reader = dcp.FileSystemReader(model_dir)
+            dcp.load(out, storage_reader=reader, planner=Planner(), no_dist=True)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - the user needs one line
+        if isinstance(e, CheckpointException):  # a BaseException wrapping each rank's error
+            e = next(iter(e.failures.values()))[0]
+        raise CheckpointError(f"{model_dir}: cannot read ({type(e).__name__}: {e})") from None
+    return out
+
+
+def stream_checkpoint(model_dir: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(megatron parameter name at TP=1/PP=1, full tensor) read straight from a torch_dist
+    directory saved at any layout: the global tensors, then one layer at a time, so that no
+    more than one layer's weights are ever in memory. The optimizer's state is not read."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if not (model_dir / ".metadata").exists():
+        raise CheckpointError(f"{model_dir} is not a torch_dist checkpoint (no .metadata)")
+    stored = dcp.FileSystemReader(model_dir).read_metadata().state_dict_metadata
+    keys = {
+        k: md.size
+        for k, md in stored.items()
+        if isinstance(md, TensorStorageMetadata) and checkpoint_key_to_name(k, 0) is not None
+    }
+    layered = {k: size for k, size in keys.items() if k.startswith("decoder.layers.")}
+    for key, size in keys.items():
+        if key not in layered:
+            tensor = _read_slices(model_dir, {key: ((0,) * len(size), size)}, dtype)[key]
+            yield checkpoint_key_to_name(key, 0), tensor
+    num_layers = min((size[0] for size in layered.values()), default=0)
+    for layer in range(num_layers):
+        wanted = {
+            k: ((layer,) + (0,) * (len(size) - 1), torch.Size((1, *size[1:])))
+            for k, size in layered.items()
+        }
+        for key, tensor in _read_slices(model_dir, wanted, dtype).items():
+            yield checkpoint_key_to_name(key, layer), tensor[0]
+
+
 def export_hf(
     ckpt_dir: str | Path,
     out_dir: str | Path,
     dtype: str | None = None,
     value_model: bool = False,
     tokenizer: str | Path | None = None,
+    shard_bytes: int = SHARD_BYTES,
 ) -> Path:
-    """A model checkpoint -> HF Llama directory (sharded safetensors written as they fill, the
-    index, config.json, tokenizer files from the checkpoint or from `tokenizer`). The model is
-    loaded whole, at TP=1/PP=1, in this one process."""
+    """A model (or training) checkpoint -> HF Llama directory: config.json, tokenizer files
+    from the checkpoint or from `tokenizer`, safetensors shards written as they fill, and
+    their index. Streams: reads one layer at a time from the torch_dist files, builds no
+    model and needs no process group, so peak memory is about one layer plus one shard."""
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    single_process()
-    model, cfg, saved_dtype = load_model_checkpoint(ckpt_dir, "value" if value_model else "policy")
+    cfg, saved_dtype = _read_model_config(ckpt_dir)
+    kind = "value" if value_model else "policy"
+    if not (ckpt_dir / kind).is_dir():
+        raise CheckpointError(f"{ckpt_dir} is not a model checkpoint (no {kind}/)")
     target = getattr(torch, dtype or saved_dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
-    writer = _ShardWriter(out_dir)
-    for name, param in model.named_parameters():  # TP=1, PP=1: names are global already
-        for hf_name, part in megatron_to_hf(name, param.detach(), cfg, value_model):
-            writer.add(hf_name, part.to(target).contiguous().clone())
+    writer = _ShardWriter(out_dir, shard_bytes)
+    seen = 0
+    for name, tensor in stream_checkpoint(ckpt_dir / kind, getattr(torch, saved_dtype)):
+        seen += 1
+        for hf_name, part in megatron_to_hf(name, tensor, cfg, value_model):
+            writer.add(hf_name, part.to(target).contiguous())
+    expected = 3 + 6 * cfg.num_layers + (1 if value_model else 0) - (1 if cfg.tie_embeddings else 0)
+    if seen != expected:
+        raise CheckpointError(
+            f"{ckpt_dir / kind}: {seen} of the {expected} tensors of a {cfg.num_layers}-layer model"
+        )
     writer.close()
     config = hf_config(cfg, str(target).removeprefix("torch."))
     if value_model:

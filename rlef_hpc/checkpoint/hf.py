@@ -56,6 +56,38 @@ def split_qkv(
     return q, k, v
 
 
+# torch_dist checkpoint keys -> parameter names of the local spec at TP=1. Layers are stacked
+# along a first axis under "decoder.layers.<suffix>"; the layer norms are stored under the names
+# Transformer Engine's fused modules give them, whichever spec saved them.
+_CHECKPOINT_GLOBAL = (
+    "embedding.word_embeddings.weight",
+    "decoder.final_layernorm.weight",
+    "output_layer.weight",
+    "output_layer.bias",
+)
+_CHECKPOINT_LAYER = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.weight": "self_attention.linear_qkv.weight",
+    "self_attention.linear_proj.weight": "self_attention.linear_proj.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.weight": "mlp.linear_fc1.weight",
+    "mlp.linear_fc2.weight": "mlp.linear_fc2.weight",
+}
+
+
+def checkpoint_key_to_name(key: str, layer: int) -> str | None:
+    """The megatron parameter name of a torch_dist key at `layer`; None for what is not a model
+    weight (optimizer state, TE extra state)."""
+    if key in _CHECKPOINT_GLOBAL:
+        return key
+    suffix = _CHECKPOINT_LAYER.get(key.removeprefix("decoder.layers."))
+    return (
+        None
+        if suffix is None or not key.startswith("decoder.layers.")
+        else f"decoder.layers.{layer}.{suffix}"
+    )
+
+
 def megatron_to_hf(
     name: str, tensor: torch.Tensor, cfg: ModelConfig, value: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:

@@ -8,8 +8,9 @@
                                state (data/rollout cursor, config), per-rank RNG states
       latest                   the newest complete iteration, replaced atomically, last
 
-A save writes everything into a temporary directory, renames it into place (one atomic step)
-and only then moves `latest`; a process killed mid-save leaves the previous checkpoint and
+A save (synchronous, or asynchronous: written by a forked process while training goes on)
+writes everything into a temporary directory, renames it into place (one atomic step) and
+only then moves `latest`; a process killed mid-save leaves the previous checkpoint and
 pointer untouched (the temporary directory is removed by the next save). Loading reshards:
 model and optimizer tensors are stored with their global shapes, so any TP x PP x DP layout
 reads them. RNG states come back only at the same world size; elsewhere the caller reseeds.
@@ -97,16 +98,24 @@ def _sharded(model: torch.nn.Module, optimizer: Any, is_loading: bool) -> dict[s
 def save(
     run_dir: str | Path,
     iteration: int,
-    models: Sequence[tuple[str, torch.nn.Module, torch.optim.Optimizer]],
+    models: Sequence[tuple[str, torch.nn.Module, Any]],
     schedulers: dict[str, Any],
     run_state: dict[str, Any],
     keep_last: int = 3,
     model_config: dict[str, Any] | None = None,
+    async_queue: Any = None,
 ) -> Path:
     """Collective: every rank calls it. Returns the checkpoint's directory. With
-    `model_config` (ModelConfig fields and "dtype"), tools/convert_to_hf.py can export it."""
+    `model_config` (ModelConfig fields and "dtype"), tools/convert_to_hf.py can export it.
+
+    With `async_queue` (megatron's AsyncCallsQueue) the tensors are written by a forked
+    process while training goes on; the checkpoint is renamed into place and `latest` moved
+    when the queue finalizes it (`async_queue.maybe_finalize_async_calls`, which the next save
+    also does, blocking: one save in flight at a time)."""
     from megatron.core import dist_checkpointing
 
+    if async_queue is not None:
+        async_queue.maybe_finalize_async_calls(blocking=True)
     run_dir = Path(run_dir)
     final, tmp = run_dir / _name(iteration), run_dir / f".tmp-{_name(iteration)}"
     rank = dist.get_rank()
@@ -116,12 +125,16 @@ def save(
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
+    requests = []
     for name, model, optimizer in models:
         (tmp / name).mkdir(exist_ok=True)
-        dist_checkpointing.save(
-            _sharded(model, optimizer, is_loading=False),
-            str(tmp / name),
-            content_metadata=OPTIMIZER_METADATA,
+        requests.append(
+            dist_checkpointing.save(
+                _sharded(model, optimizer, is_loading=False),
+                str(tmp / name),
+                content_metadata=OPTIMIZER_METADATA,
+                async_sharded_save=async_queue is not None,
+            )
         )
     rng = [None] * dist.get_world_size()
     dist.all_gather_object(rng, {"torch": torch.get_rng_state()})
@@ -137,14 +150,25 @@ def save(
         )
         if model_config is not None:
             (tmp / "model_config.json").write_text(json.dumps(model_config))
-        os.replace(tmp, final)  # the checkpoint appears complete, or not at all
-        pointer = run_dir / f".{LATEST}.tmp"
-        pointer.write_text(f"{iteration}\n")
-        os.replace(pointer, run_dir / LATEST)
-        checkpoints = sorted(p for p in run_dir.glob("iter_*") if p.is_dir())
-        for old in checkpoints[: max(0, len(checkpoints) - keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+
+    def commit() -> None:
+        if rank == 0:
+            os.replace(tmp, final)  # the checkpoint appears complete, or not at all
+            pointer = run_dir / f".{LATEST}.tmp"
+            pointer.write_text(f"{iteration}\n")
+            os.replace(pointer, run_dir / LATEST)
+            checkpoints = sorted(p for p in run_dir.glob("iter_*") if p.is_dir())
+            for old in checkpoints[: max(0, len(checkpoints) - keep_last)]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+    if async_queue is None:
+        commit()
+        return final
+    # Finalized in order, after every rank's writes: each model's metadata, then the commit.
+    requests[-1].add_finalize_fn(commit)
+    for request in requests:
+        async_queue.schedule_async_request(request)
     return final
 
 
