@@ -2,7 +2,10 @@
 vLLM engine running at TP=2 in the same processes (external_launcher), and the engine's
 log-probs against the trainer's (test_refit runs it).
 
-    torchrun --nproc-per-node 2 tests/refit_tp_worker.py HF_DIR CKPT_DIR
+    torchrun --nproc-per-node 2 tests/refit_tp_worker.py HF_DIR CKPT_DIR [RUN_DIR]
+
+With RUN_DIR, the trained policy is also published there (version 1) for a standalone rollout
+worker, with the trainer's log-probs beside it (tests/standalone_worker.py checks them).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 def main() -> None:
     hf_dir, ckpt = Path(sys.argv[1]), Path(sys.argv[2])
+    run_dir = Path(sys.argv[3]) if len(sys.argv) > 3 else None
     dist.init_process_group("gloo")
     from megatron.core import parallel_state as ps
 
@@ -77,6 +81,12 @@ def main() -> None:
     after = torch.tensor(engine.sequence_logprobs(sequences))[:, 1:]
     everywhere = torch.ones_like(trainer, dtype=torch.bool)
     stats = check_mismatch(trainer, after, everywhere, threshold=1e-4)
+    if run_dir is not None:
+        from rlef_hpc.rollout.publish import publish
+
+        publish(run_dir, 1, policy, cfg)
+        if dist.get_rank() == 0:
+            torch.save({"sequences": sequences, "logp": trainer}, run_dir / "trainer_logp.pt")
     if dist.get_rank() == 0:
         stale = float((trainer - before).abs().max())
         print(f"TP2 STALE {stale:.6g} REFIT {stats['mismatch_max']:.6g}", flush=True)

@@ -76,15 +76,30 @@ def test_refit_matches_sampling_logprobs_and_guard(model_dirs):
     assert "CAUGHT:" in lines and "NOT" not in lines
 
 
-def test_one_ppo_step_at_tp2_then_refit_into_vllm_at_tp2(model_dirs):
-    """Two processes: megatron and vLLM (external_launcher) both at TP=2, in the same ranks."""
+def test_one_ppo_step_at_tp2_then_refit_into_vllm_at_tp2(model_dirs, tmp_path):
+    """Two processes: megatron and vLLM (external_launcher) both at TP=2, in the same ranks.
+    The trained policy is also published for a standalone rollout worker: another process,
+    its own vLLM at TP=1, which loads it and agrees with the trainer too."""
     hf, ckpt = model_dirs
-    cmd, env = torchrun_command(TESTS / "refit_tp_worker.py", 2, hf, ckpt)
+    run = tmp_path / "run"
+    cmd, env = torchrun_command(TESTS / "refit_tp_worker.py", 2, hf, ckpt, run)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("TP2 STALE"))
     _, _, stale, _, refit = line.split()
     assert float(stale) > 1e-2 and float(refit) <= 1e-4
+    assert sorted(p.name for p in (run / "weights").iterdir()) == ["latest", "v00000001"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / "standalone_worker.py"), str(hf), str(run)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("STANDALONE"))
+    assert float(line.split()[1]) <= 1e-4
 
 
 def sampling_run(hf: Path, seed: int) -> dict:
