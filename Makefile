@@ -5,9 +5,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup system-deps bench clean
+.PHONY: run test setup system-deps bench example clean
 
+# The RLEF CPU demo (configs/demo_cpu.yaml) into runs/demo_cpu; run again to resume it.
 run: setup
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/rlef-train configs/demo_cpu.yaml
+
+# The sandbox alone: judge the bundled example solutions.
+example: setup
 	$(BIN)/rlef-sandbox --lang python --source examples/a_plus_b.py --tests examples/a_plus_b.jsonl
 	$(BIN)/rlef-sandbox --lang cpp --source examples/a_plus_b.cpp --tests examples/a_plus_b.jsonl
 
@@ -18,6 +23,10 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/sandbox_bench.py
+	$(BIN)/python benchmarks/logprob_bench.py
+	$(BIN)/python benchmarks/convert_bench.py
+	$(BIN)/python benchmarks/refit_bench.py
+	$(BIN)/python benchmarks/learning_bench.py
 
 setup: system-deps $(STAMP)
 
@@ -42,4 +51,4 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	touch $@
 
 clean:
-	rm -rf $(VENV) build *.egg-info rlef_hpc/sandbox/_executor*.so
+	rm -rf $(VENV) build *.egg-info rlef_hpc/sandbox/_executor*.so runs

@@ -45,12 +45,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_command(worker: object, nproc: int, *args: object) -> tuple[list[str], dict[str, str]]:
-    """torchrun of a test worker script on loopback gloo, with the repo and tests importable."""
+def torchrun_launcher(nproc: int) -> list[str]:
+    """torchrun with `nproc` processes on loopback, on a free port; the program follows."""
     import sys
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS_DIR.parent}:{TESTS_DIR}"}
-    cmd = [
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -60,10 +59,13 @@ def torchrun_command(worker: object, nproc: int, *args: object) -> tuple[list[st
         "127.0.0.1",
         "--master-port",
         str(free_port()),
-        str(worker),
-        *map(str, args),
     ]
-    return cmd, env
+
+
+def torchrun_command(worker: object, nproc: int, *args: object) -> tuple[list[str], dict[str, str]]:
+    """torchrun of a test worker script on loopback gloo, with the repo and tests importable."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS_DIR.parent}:{TESTS_DIR}"}
+    return [*torchrun_launcher(nproc), str(worker), *map(str, args)], env
 
 
 def torchrun(worker: object, nproc: int, *args: object, timeout: int = 600) -> None:

@@ -253,3 +253,30 @@ def test_templates_from_yaml(tmp_path):
     path.write_text("max_input_chars: lots\n")
     with pytest.raises(ValueError, match="t.yaml: template 'max_input_chars' must be int"):
         Templates.from_yaml(path)
+
+
+def test_random_feedback_ablation_gives_another_problems_feedback(tokenizer, executor):
+    diff = Problem(
+        name="diff",
+        description="Read two integers a and b and print a - b",
+        public_tests=[TestCase("7 2\n", "5\n"), TestCase("9 9\n", "0\n")],
+        private_tests=[],
+        time_limit_s=1.0,
+        memory_limit_bytes=256 << 20,
+    )
+    scripts = {SUM.name: [[WRONG, WRONG]] * 2, diff.name: [[RIGHT, RIGHT]] * 2}
+    policy = ScriptedPolicy(tokenizer, [SUM, diff], scripts)
+    problems = [SUM, diff, SUM, diff]
+    real = EpisodeRunner(
+        tokenizer, executor, policy, EpisodeConfig(max_turns=2, deterministic=True)
+    )
+    shown = [t.turns[0].feedback for t in real.run(problems)]
+    assert "input '1 2'" in shown[0] and "input '7 2'" in shown[1]  # each its own tests
+    policy = ScriptedPolicy(tokenizer, [SUM, diff], scripts)
+    config = EpisodeConfig(max_turns=2, deterministic=True, feedback="random")
+    swapped = [
+        t.turns[0].feedback
+        for t in EpisodeRunner(tokenizer, executor, policy, config).run(problems)
+    ]
+    # Once feedback for the other problem exists, an episode is shown that instead.
+    assert "input '7 2'" in swapped[2] and "input '1 2'" in swapped[3]

@@ -172,7 +172,7 @@ def _read_model_config(ckpt_dir: Path) -> tuple[ModelConfig, str]:
     return ModelConfig(**fields), dtype
 
 
-class _ShardWriter:
+class ShardWriter:
     """Safetensors shards of at most `shard_bytes`, written as they fill, and the index."""
 
     def __init__(self, out_dir: Path, shard_bytes: int = SHARD_BYTES) -> None:
@@ -304,7 +304,7 @@ def export_hf(
         raise CheckpointError(f"{ckpt_dir} is not a model checkpoint (no {kind}/)")
     target = getattr(torch, dtype or saved_dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
-    writer = _ShardWriter(out_dir, shard_bytes)
+    writer = ShardWriter(out_dir, shard_bytes)
     seen = 0
     for name, tensor in stream_checkpoint(ckpt_dir / kind, getattr(torch, saved_dtype)):
         seen += 1

@@ -104,9 +104,11 @@ def save(
     keep_last: int = 3,
     model_config: dict[str, Any] | None = None,
     async_queue: Any = None,
+    files: Sequence[Path] = (),
 ) -> Path:
     """Collective: every rank calls it. Returns the checkpoint's directory. With
-    `model_config` (ModelConfig fields and "dtype"), tools/convert_to_hf.py can export it.
+    `model_config` (ModelConfig fields and "dtype"), tools/convert_to_hf.py can export it;
+    `files` (e.g. the tokenizer's) are copied in beside it.
 
     With `async_queue` (megatron's AsyncCallsQueue) the tensors are written by a forked
     process while training goes on; the checkpoint is renamed into place and `latest` moved
@@ -150,6 +152,8 @@ def save(
         )
         if model_config is not None:
             (tmp / "model_config.json").write_text(json.dumps(model_config))
+        for file in files:
+            shutil.copy(file, tmp / Path(file).name)
 
     def commit() -> None:
         if rank == 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,12 +35,20 @@ GenerateFn = Callable[[list[list[int]]], Sequence[Generation]]
 
 @dataclass(frozen=True)
 class EpisodeConfig:
+    """Turns, rewards and message templates of an episode."""
+
     max_turns: int = 3
     language: str = "python"
     success_reward: float = 1.0
     failure_reward: float = -1.0
     invalid_code_reward: float = -0.2
     generation_batch: int = 64  # prompts per generate() call
+    # "random": the paper's ablation; each feedback message is replaced by one given to an
+    # episode of another problem (the real one while no other exists yet)
+    feedback: str = "real"
+    # Generate each batch only once every running execution has finished: the batches (and so
+    # the samples, under a seeded engine) no longer depend on timing, at the cost of overlap.
+    deterministic: bool = False
     templates: Templates = field(default_factory=Templates)
 
     def __post_init__(self) -> None:
@@ -49,6 +58,8 @@ class EpisodeConfig:
             raise ValueError(f"unknown language {self.language!r}; expected one of python, cpp")
         if self.generation_batch < 1:
             raise ValueError(f"generation_batch must be positive, got {self.generation_batch}")
+        if self.feedback not in ("real", "random"):
+            raise ValueError(f"unknown feedback {self.feedback!r}; expected one of real, random")
 
 
 class _Episode:
@@ -72,6 +83,8 @@ class EpisodeRunner:
         self.executor = executor
         self.generate = generate
         self.config = config or EpisodeConfig()
+        self._given: list[tuple[str, str]] = []  # (problem, feedback) for random feedback
+        self._rng = random.Random(0)
 
     def run(self, problems: Sequence[Problem], progress: bool = False) -> list[Trajectory]:
         """One episode per problem (repeat a problem for several rollouts); results in order."""
@@ -102,7 +115,10 @@ class EpisodeRunner:
                     else:
                         ready.append(episode)
             # Collect finished executions; wait for one only when nothing can be generated.
-            if ready:
+            if self.config.deterministic and running:
+                concurrent.futures.wait(running)
+                done = list(running)  # in submission order
+            elif ready:
                 done = [f for f in running if f.done()]
             elif running:
                 done = concurrent.futures.wait(running, return_when="FIRST_COMPLETED").done
@@ -175,9 +191,17 @@ class EpisodeRunner:
             if failures and failures[0][2].verdict is Verdict.COMPILE_ERROR:
                 failures = failures[:1]  # the same compiler message for every test
             message = feedback_message(templates, self.config.language, failures)
+            message = self._maybe_swap(episode.problem.name, message)
         turn.feedback = message
         episode.prompt_span = episode.conversation.add_user(message)
         return True
+
+    def _maybe_swap(self, problem: str, message: str) -> str:
+        if self.config.feedback == "real":
+            return message
+        self._given.append((problem, message))
+        others = [m for p, m in self._given if p != problem]
+        return self._rng.choice(others) if others else message
 
     def _judge(self, episode: _Episode) -> Any:
         """The final answer passed the public tests: now the private ones decide."""

@@ -20,6 +20,8 @@ FENCE_TAGS = {"python": "python", "cpp": "cpp"}
 
 @dataclass(frozen=True)
 class Templates:
+    """The messages of an episode (the paper's wording; ${...} fields are filled in)."""
+
     initial: str = (
         "Provide a ${language} solution for the following competitive programming question: "
         "${problem}.\nYour code should be enclosed in triple backticks like so: "

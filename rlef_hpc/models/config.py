@@ -84,6 +84,8 @@ PRESETS = {
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """Tensor, pipeline and data parallel sizes of the trainer."""
+
     tensor: int = 1
     pipeline: int = 1
     data: int = 1
@@ -95,6 +97,8 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class PrecisionConfig:
+    """Parameter dtype, and FP8 through Transformer Engine on Hopper."""
+
     dtype: str = "float32"  # "bfloat16" on GPUs
     fp8: str | None = None  # None, "e4m3" or "hybrid"
     fp8_recipe: str = "delayed"

@@ -30,6 +30,8 @@ ADVANTAGE_NORMALISATION = ("turn", "none")
 
 @dataclass(frozen=True)
 class PPOConfig:
+    """The PPO objective's coefficients (the paper's by default)."""
+
     kl_coef: float = 0.05
     clip: float = 0.2
     value_clip: float = 0.2

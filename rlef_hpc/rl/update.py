@@ -31,6 +31,8 @@ from rlef_hpc.rl.logprobs import token_logprobs
 
 @dataclass(frozen=True)
 class OptimConfig:
+    """AdamW and its schedule, for the policy and the value model alike."""
+
     lr: float = 2e-7
     weight_decay: float = 0.1
     warmup_steps: int = 50
@@ -252,7 +254,9 @@ class PPOUpdate:
             "explained_variance": torch.tensor(1 - var_r / var_g if var_g > 0 else float("nan")),
         }
 
-    def step(self, batch: ppo.PPOBatch, num_minibatches: int = 1) -> dict[str, float]:
+    def step(
+        self, batch: ppo.PPOBatch, num_minibatches: int = 1, progress: bool = False
+    ) -> dict[str, float]:
         """Prepare once (pi_old, reference, V_old, advantages over the whole batch), then one
         optimizer step per minibatch (RLEF: 1024 rollouts, 4 updates of 256). `batch` is this
         data-parallel rank's share: the m-th minibatch of every rank together is the m-th
@@ -267,7 +271,12 @@ class PPOUpdate:
             )
         size = b // num_minibatches
         totals: dict[str, float] = {}
-        for m in range(num_minibatches):
+        minibatches = range(num_minibatches)
+        if progress:
+            from tqdm import tqdm
+
+            minibatches = tqdm(minibatches, desc="update", unit="minibatch")
+        for m in minibatches:
             rows = slice(m * size, (m + 1) * size)
             sub = batch.select(rows)
             sub_prep = None

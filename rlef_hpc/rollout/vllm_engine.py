@@ -106,11 +106,24 @@ class VLLMGenerator:
         if torch.cuda.is_available():
             self.llm.wake_up()
 
-    def __call__(self, prompts: list[list[int]]) -> list[Generation]:
+    def __call__(
+        self,
+        prompts: list[list[int]],
+        temperature: float | None = None,
+        top_p: float | None = None,
+    ) -> list[Generation]:
+        """Samples one response per prompt (`temperature`, `top_p`: instead of the configured
+        ones). Requests carry no seed of their own (vLLM's CPU sampler cannot seed a request):
+        seed torch's generator to make a sequence of calls reproducible."""
         from vllm.inputs import TokensPrompt
 
+        params = self.params
+        if temperature is not None or top_p is not None:
+            params = self.params.clone()
+            params.temperature = self.params.temperature if temperature is None else temperature
+            params.top_p = self.params.top_p if top_p is None else top_p
         outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts], self.params, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
         )
         generations = []
         for output in outputs:

@@ -1,0 +1,1 @@
+"""The RLEF training loop, its config and its command line (`rlef-train`)."""

@@ -1,0 +1,55 @@
+"""rlef-train: the RLEF training loop.
+
+    rlef-train                                    the CPU demo (configs/demo_cpu.yaml's values)
+    rlef-train configs/llama3_8b.yaml ppo.kl_coef=0.02 run.dir=runs/8b
+    torchrun --nproc-per-node 2 -m rlef_hpc.train.cli CONFIG parallel.data=2
+
+A run directory that holds a checkpoint is resumed from its latest. Exit status: 0 when
+done; 2 for a bad config or input; 75 when stopped by SIGTERM/SIGUSR1 after saving a
+checkpoint (run the same command again, or let Slurm requeue, to continue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rlef_hpc.config import ConfigError, describe, load
+from rlef_hpc.train.config import TrainConfig
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rlef-train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(
+            [__doc__.split("\n\n", 1)[1].strip(), "", "config keys (group.key: type = default):"]
+            + describe(TrainConfig)
+        ),
+    )
+    p.add_argument("config", nargs="?", help="YAML config file (default: the CPU demo)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    overrides = list(args.overrides)
+    path = args.config
+    if path is not None and "=" in path:  # only overrides, no file
+        overrides.insert(0, path)
+        path = None
+    try:
+        cfg = load(TrainConfig, path, overrides)
+    except (ConfigError, ValueError) as e:
+        p.exit(2, f"rlef-train: error: {e}\n")
+    from rlef_hpc.train.loop import train
+
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

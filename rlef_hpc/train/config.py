@@ -1,0 +1,157 @@
+"""The training run's config: one typed dataclass per group, YAML files in configs/."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rlef_hpc.episodes.runner import EpisodeConfig
+from rlef_hpc.models.config import ModelConfig, ParallelConfig, PrecisionConfig
+from rlef_hpc.rl.ppo import PPOConfig
+from rlef_hpc.rl.update import OptimConfig
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where the run lives, how long it runs, how often it evaluates and checkpoints."""
+
+    dir: str = "runs/demo_cpu"
+    seed: int = 0
+    iterations: int = 30
+    eval_every: int = 0  # iterations; 0: only before and after training
+    # Iterations between checkpoints (and always at the end, and on SIGTERM/SIGUSR1): at 1, a
+    # SIGKILL loses at most the iteration in progress.
+    checkpoint_every: int = 1
+    keep_last: int = 2
+    async_save: bool = False
+    tensorboard: bool = True
+    wandb_project: str | None = None  # log to Weights & Biases too (needs `wandb`)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The policy: a Hugging Face Llama directory, or a tiny Llama built from scratch."""
+
+    init: Literal["scratch", "hf"] = "scratch"
+    hf_dir: str | None = None  # init=hf: weights, config and tokenizer (Llama-3.1-Instruct)
+    # init=scratch: the shape of the model, and its byte-level BPE vocabulary
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    ffn_hidden_size: int = 384
+    tokenizer_vocab: int = 640
+    max_position_embeddings: int = 2048
+
+    def scratch_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(
+            vocab_size=vocab_size,
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups,
+            ffn_hidden_size=self.ffn_hidden_size,
+            max_position_embeddings=self.max_position_embeddings,
+            rope_theta=10000.0,
+        )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training and evaluation problems."""
+
+    source: Literal["synthetic", "codecontests"] = "synthetic"
+    train_path: str | None = None  # codecontests: JSONL or parquet of the train split
+    valid_path: str | None = None  # codecontests: the valid split (evaluation)
+    train_problems: int = 160  # synthetic: instances drawn from the train split
+    eval_problems: int = 40  # problems evaluated (synthetic: from the held-out split)
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Episode sampling with the vLLM engine, in the training job's own processes."""
+
+    rollouts_per_iteration: int = 64  # the paper: 1024
+    samples_per_problem: int = 4  # rollouts of each drawn problem
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 96  # per turn
+    kv_cache_gib: float = 0.5  # CPU engines; GPU engines use gpu_memory_utilization
+    gpu_memory_utilization: float = 0.5
+    mismatch_threshold: float = 0.5  # max |trainer - engine| log-prob tolerated; past it: stop
+    sandbox_workers: int = 1  # per rank
+    # Generate iteration k+1's episodes while training on iteration k's (staleness 1,
+    # corrected by the truncated importance weights); a resumed run samples its first batch
+    # afresh, from the restored policy.
+    asynchronous: bool = False
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    """How each iteration's rollouts become optimizer steps."""
+
+    num_minibatches: int = 2  # the paper: 4 updates of 256 from 1024 rollouts
+    micro_batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class WarmStartConfig:
+    """Supervised pass on reference solutions before RL (init=scratch: so RL has a start)."""
+
+    steps: int = 200  # the demo: enough to answer in the right form, rarely right
+    batch_size: int = 16
+    lr: float = 3e-3
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """1@3 on the evaluation problems: one 3-turn rollout per sample, low temperature."""
+
+    rollouts_per_problem: int = 4
+    temperature: float = 0.2
+    top_p: float = 0.95
+    bootstrap: int = 1000
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    episodes: EpisodeConfig = field(default_factory=lambda: EpisodeConfig(deterministic=True))
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    # The demo's tiny model from scratch moves at a far larger step than the paper's 2e-7 for 8B.
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=3))
+    update: UpdateConfig = field(default_factory=UpdateConfig)
+    warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """What can be checked without a model or a process group; names the key."""
+        r, u, p = self.rollout, self.update, self.parallel
+        if r.rollouts_per_iteration % r.samples_per_problem:
+            raise ValueError(
+                f"rollout.samples_per_problem={r.samples_per_problem} must divide "
+                f"rollout.rollouts_per_iteration={r.rollouts_per_iteration}"
+            )
+        per_rank = r.rollouts_per_iteration // p.data
+        if r.rollouts_per_iteration % p.data or per_rank % (u.num_minibatches * u.micro_batch_size):
+            raise ValueError(
+                f"rollout.rollouts_per_iteration={r.rollouts_per_iteration} must split over "
+                f"parallel.data={p.data} ranks into update.num_minibatches={u.num_minibatches} "
+                f"minibatches of whole micro-batches of update.micro_batch_size="
+                f"{u.micro_batch_size}"
+            )
+        if self.model.init == "hf" and not self.model.hf_dir:
+            raise ValueError("model.init=hf needs model.hf_dir (a Hugging Face Llama directory)")
+        if self.data.source == "codecontests" and not self.data.train_path:
+            raise ValueError("data.source=codecontests needs data.train_path")
+        for key in ("iterations", "checkpoint_every", "keep_last"):
+            if getattr(self.run, key) < (0 if key == "iterations" else 1):
+                raise ValueError(f"run.{key} must be positive, got {getattr(self.run, key)}")

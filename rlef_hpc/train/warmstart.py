@@ -1,0 +1,89 @@
+"""Supervised warm start: next-token loss on reference solutions, as the episode's first turn
+would present them, so that a policy built from scratch starts RL able to answer at all."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rlef_hpc.data.problem import Problem
+from rlef_hpc.episodes.conversation import Conversation
+from rlef_hpc.episodes.templates import FENCE_TAGS, Templates, initial_prompt
+from rlef_hpc.rl.logprobs import token_logprobs
+
+
+def demonstrations(
+    problems: Sequence[Problem], tokenizer: Any, templates: Templates, language: str
+) -> list[tuple[list[int], int]]:
+    """(tokens, where the answer starts) per problem with a reference solution: the first
+    turn's prompt, then the solution fenced as the template asks, then end of turn."""
+    out = []
+    for problem in problems:
+        solution = next((s.source for s in problem.solutions if s.language == language), None)
+        if solution is None:
+            continue
+        conversation = Conversation(tokenizer)
+        _, start = conversation.add_user(initial_prompt(templates, problem.description, language))
+        answer = f"```{FENCE_TAGS[language]}\n{solution.rstrip()}\n```"
+        tokens = tokenizer.encode(answer, add_special_tokens=False) + conversation.end_of_turn
+        out.append((conversation.tokens + tokens, start))
+    if not out:
+        raise ValueError(f"warm start: no {language} reference solutions in the problems")
+    return out
+
+
+def warm_start(
+    model: torch.nn.Module,
+    examples: list[tuple[list[int], int]],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    progress: bool = False,
+) -> list[float]:
+    """AdamW on the answer tokens' negative log-likelihood; data-parallel ranks take
+    interleaved shares of each batch and average their gradients. Returns the losses."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / steps)
+    )
+    rng = random.Random(seed)
+    losses = []
+    bar = range(steps)
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(bar, desc="warm start", unit="step")
+    model.train()
+    for _ in bar:
+        batch = rng.sample(examples, min(batch_size, len(examples)))[rank::world]
+        length = max(len(t) for t, _ in batch)
+        tokens = torch.zeros(len(batch), length, dtype=torch.long)
+        answer = torch.zeros(len(batch), length, dtype=torch.bool)
+        for row, (seq, start) in enumerate(batch):
+            tokens[row, : len(seq)] = torch.tensor(seq)
+            answer[row, start : len(seq)] = True
+        mask = torch.triu(torch.ones(1, 1, length, length, dtype=torch.bool), diagonal=1)
+        logits = model(tokens, torch.arange(length).expand(len(batch), -1), mask)
+        logp, _ = token_logprobs(logits[:, :-1], tokens[:, 1:])
+        target = answer[:, 1:]
+        loss = -(logp * target).sum() / target.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss))
+        if progress:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses
