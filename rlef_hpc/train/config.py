@@ -98,9 +98,12 @@ class UpdateConfig:
 class WarmStartConfig:
     """Supervised pass on reference solutions before RL (init=scratch: so RL has a start)."""
 
-    steps: int = 200  # the demo: enough to answer in the right form, rarely right
+    steps: int = 0
     batch_size: int = 16
     lr: float = 3e-3
+    # Copies of each problem's demonstration with a near-miss solution (a constant off by
+    # one): a warm-started policy that often answers almost right, as RL's starting point.
+    near_misses: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,10 @@ class TrainConfig:
     # The demo's tiny model from scratch moves at a far larger step than the paper's 2e-7 for 8B.
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=3))
     update: UpdateConfig = field(default_factory=UpdateConfig)
-    warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+    # The demo's: a policy that answers in form, right or almost right (see near_misses).
+    warmstart: WarmStartConfig = field(
+        default_factory=lambda: WarmStartConfig(steps=400, batch_size=32, near_misses=1)
+    )
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:

@@ -218,10 +218,14 @@ class Trainer:
         if cfg.warmstart.steps:
             from rlef_hpc.train.warmstart import demonstrations, warm_start
 
-            examples = demonstrations(
-                self.train_problems, tokenizer, cfg.episodes.templates, cfg.episodes.language
-            )
             w = cfg.warmstart
+            examples = demonstrations(
+                self.train_problems,
+                tokenizer,
+                cfg.episodes.templates,
+                cfg.episodes.language,
+                w.near_misses,
+            )
             losses = warm_start(
                 policy, examples, w.steps, w.batch_size, w.lr, cfg.run.seed, self.rank == 0
             )

@@ -4,6 +4,7 @@ would present them, so that a policy built from scratch starts RL able to answer
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,11 +17,30 @@ from rlef_hpc.episodes.templates import FENCE_TAGS, Templates, initial_prompt
 from rlef_hpc.rl.logprobs import token_logprobs
 
 
+def near_miss(source: str) -> str | None:
+    """The program with its first integer literal off by one (else its first one-letter
+    string changed): what a policy that has not learnt to read the constants writes."""
+    number = re.search(r"(?<![\w.])\d+(?![\w.])", source)
+    if number:
+        value = int(number.group()) + 1
+        return source[: number.start()] + str(value) + source[number.end() :]
+    letter = re.search(r"'([a-z])'", source)
+    if letter:
+        shifted = chr((ord(letter.group(1)) - 97 + 1) % 26 + 97)
+        return source[: letter.start(1)] + shifted + source[letter.end(1) :]
+    return None
+
+
 def demonstrations(
-    problems: Sequence[Problem], tokenizer: Any, templates: Templates, language: str
+    problems: Sequence[Problem],
+    tokenizer: Any,
+    templates: Templates,
+    language: str,
+    near_misses: int = 0,
 ) -> list[tuple[list[int], int]]:
     """(tokens, where the answer starts) per problem with a reference solution: the first
-    turn's prompt, then the solution fenced as the template asks, then end of turn."""
+    turn's prompt, then the solution fenced as the template asks, then end of turn; and
+    `near_misses` copies with a near-miss solution instead (see `near_miss`)."""
     out = []
     for problem in problems:
         solution = next((s.source for s in problem.solutions if s.language == language), None)
@@ -28,9 +48,11 @@ def demonstrations(
             continue
         conversation = Conversation(tokenizer)
         _, start = conversation.add_user(initial_prompt(templates, problem.description, language))
-        answer = f"```{FENCE_TAGS[language]}\n{solution.rstrip()}\n```"
-        tokens = tokenizer.encode(answer, add_special_tokens=False) + conversation.end_of_turn
-        out.append((conversation.tokens + tokens, start))
+        wrong = near_miss(solution)
+        for code in [solution] + ([wrong] * near_misses if wrong else []):
+            answer = f"```{FENCE_TAGS[language]}\n{code.rstrip()}\n```"
+            tokens = tokenizer.encode(answer, add_special_tokens=False) + conversation.end_of_turn
+            out.append((conversation.tokens + tokens, start))
     if not out:
         raise ValueError(f"warm start: no {language} reference solutions in the problems")
     return out
