@@ -76,11 +76,22 @@ def torchrun(worker: object, nproc: int, *args: object, timeout: int = 600) -> N
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
-def run_tool(name: str, *args: object, timeout: int = 300):
-    """tools/NAME as a user runs it: its own process, its own gloo port."""
+def run_script(path: object, *args: object, timeout: int = 600):
+    """A Python script in a process of its own (one thread, its own gloo port, the repository
+    importable); returns the completed process, output captured."""
     import subprocess
     import sys
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
-    cmd = [sys.executable, str(TESTS_DIR.parent / "tools" / name), *map(str, args)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MASTER_PORT": str(free_port()),
+        "PYTHONPATH": str(TESTS_DIR.parent),
+    }
+    cmd = [sys.executable, str(path), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def run_tool(name: str, *args: object, timeout: int = 300):
+    """tools/NAME as a user runs it."""
+    return run_script(TESTS_DIR.parent / "tools" / name, *args, timeout=timeout)

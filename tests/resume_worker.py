@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from ppo_worker import BATCH, MODEL, fixed_batch
 
-from rlef_hpc.checkpoint import training
+from rlef_hpc.checkpoint import atomic, training
 from rlef_hpc.checkpoint.layout import load_full_state
 from rlef_hpc.models.config import PrecisionConfig
 from rlef_hpc.models.gpt import build_gpt
@@ -109,7 +109,7 @@ def main() -> None:
         queue.maybe_finalize_async_calls(blocking=True)
         queue.close()
     if args.hang_at:
-        original = training.os.replace
+        original = atomic.os.replace
 
         def slow_replace(src, dst):
             if Path(src).name.startswith(".tmp-"):
@@ -117,7 +117,7 @@ def main() -> None:
                 time.sleep(600)
             return original(src, dst)
 
-        training.os.replace = slow_replace
+        atomic.os.replace = slow_replace
         training.save(args.save, args.hang_at, models, schedulers, {"cursor": 0, "init": args.init})
     if args.metrics and dist.get_rank() == dist.get_world_size() - 1:
         torch.save(metrics, args.metrics)

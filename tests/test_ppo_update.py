@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import free_port
+from tests.conftest import run_script
 from tests.conftest import torchrun as run_worker
 
 WORKER = Path(__file__).with_name("ppo_worker.py")
@@ -84,15 +81,7 @@ def test_the_update_changed_the_weights(results):
 
 
 def logp_change(direction: float) -> tuple[float, float]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent.parent)}
-    env["MASTER_PORT"] = str(free_port())
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), "--direction", str(direction)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    proc = run_script(WORKER, "--direction", direction, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("logp(X)"))
     before, after = (float(v) for v in line.split()[1::2])

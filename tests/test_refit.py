@@ -4,14 +4,12 @@ caught by the guard."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, require, run_tool, torchrun_command
+from tests.conftest import require, run_script, run_tool, torchrun_command
 
 TESTS = Path(__file__).parent
 
@@ -55,19 +53,7 @@ def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_refit_matches_sampling_logprobs_and_guard(model_dirs):
     hf, ckpt = model_dirs
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "MASTER_PORT": str(free_port()),
-        "PYTHONPATH": str(TESTS.parent),
-    }
-    proc = subprocess.run(
-        [sys.executable, str(TESTS / "refit_worker.py"), str(hf), str(ckpt)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
+    proc = run_script(TESTS / "refit_worker.py", hf, ckpt)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.strip()}
     assert float(lines["STALE"][1]) > 1e-2  # the weights did move: the check is not vacuous
@@ -89,14 +75,7 @@ def test_one_ppo_step_at_tp2_then_refit_into_vllm_at_tp2(model_dirs, tmp_path):
     _, _, stale, _, refit = line.split()
     assert float(stale) > 1e-2 and float(refit) <= 1e-4
     assert sorted(p.name for p in (run / "weights").iterdir()) == ["latest", "v00000001"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
-    proc = subprocess.run(
-        [sys.executable, str(TESTS / "standalone_worker.py"), str(hf), str(run)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
+    proc = run_script(TESTS / "standalone_worker.py", hf, run)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("STANDALONE"))
     assert float(line.split()[1]) <= 1e-4
@@ -105,14 +84,7 @@ def test_one_ppo_step_at_tp2_then_refit_into_vllm_at_tp2(model_dirs, tmp_path):
 def sampling_run(hf: Path, seed: int) -> dict:
     import json
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
-    proc = subprocess.run(
-        [sys.executable, str(TESTS / "sampling_worker.py"), str(hf), str(seed)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    proc = run_script(TESTS / "sampling_worker.py", hf, seed, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("JSON"))[4:])
 

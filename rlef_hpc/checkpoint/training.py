@@ -19,7 +19,6 @@ reads them. RNG states come back only at the same world size; elsewhere the call
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,9 +27,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from rlef_hpc.checkpoint import atomic
 from rlef_hpc.checkpoint.convert import CheckpointError
 
-LATEST = "latest"
+LATEST = atomic.LATEST
 STATE = "trainer_state.pt"
 
 
@@ -127,17 +127,27 @@ def save(
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    requests = []
-    for name, model, optimizer in models:
+
+    def commit() -> None:
+        if rank == 0:
+            atomic.commit(tmp, final, iteration, "iter_*", keep_last)
+        dist.barrier()
+
+    for i, (name, model, optimizer) in enumerate(models):
         (tmp / name).mkdir(exist_ok=True)
-        requests.append(
-            dist_checkpointing.save(
-                _sharded(model, optimizer, is_loading=False),
-                str(tmp / name),
-                content_metadata=OPTIMIZER_METADATA,
-                async_sharded_save=async_queue is not None,
-            )
+        request = dist_checkpointing.save(
+            _sharded(model, optimizer, is_loading=False),
+            str(tmp / name),
+            content_metadata=OPTIMIZER_METADATA,
+            async_sharded_save=async_queue is not None,
         )
+        if async_queue is not None:
+            # Each save is handed to the queue before the next one is prepared (megatron's
+            # save strategy keeps per-save state), and the commit runs at the last one's
+            # finalization, once every rank's writes of every model are done.
+            if i == len(models) - 1:
+                request.add_finalize_fn(commit)
+            async_queue.schedule_async_request(request)
     rng = [None] * dist.get_world_size()
     dist.all_gather_object(rng, {"torch": torch.get_rng_state()})
     if rank == 0:
@@ -154,25 +164,10 @@ def save(
             (tmp / "model_config.json").write_text(json.dumps(model_config))
         for file in files:
             shutil.copy(file, tmp / Path(file).name)
-
-    def commit() -> None:
-        if rank == 0:
-            os.replace(tmp, final)  # the checkpoint appears complete, or not at all
-            pointer = run_dir / f".{LATEST}.tmp"
-            pointer.write_text(f"{iteration}\n")
-            os.replace(pointer, run_dir / LATEST)
-            checkpoints = sorted(p for p in run_dir.glob("iter_*") if p.is_dir())
-            for old in checkpoints[: max(0, len(checkpoints) - keep_last)]:
-                shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
-
     if async_queue is None:
         commit()
-        return final
-    # Finalized in order, after every rank's writes: each model's metadata, then the commit.
-    requests[-1].add_finalize_fn(commit)
-    for request in requests:
-        async_queue.schedule_async_request(request)
+    else:
+        dist.barrier()  # the state file is written before any rank can finalize the commit
     return final
 
 

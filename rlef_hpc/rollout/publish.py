@@ -14,7 +14,6 @@ pulled out from under (it retries with the newest if it was).
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,11 +22,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from rlef_hpc.checkpoint import atomic
 from rlef_hpc.models.config import ModelConfig
 from rlef_hpc.rollout.refit import hf_weights
 
 WEIGHTS = "weights"
-LATEST = "latest"
+LATEST = atomic.LATEST
 
 
 def _name(version: int) -> str:
@@ -57,13 +57,7 @@ def publish(
     del tensors
     dist.barrier()
     if dist.get_rank() == 0:
-        os.replace(tmp, final)
-        pointer = root / f".{LATEST}.tmp"
-        pointer.write_text(f"{version}\n")
-        os.replace(pointer, root / LATEST)
-        versions = sorted(p for p in root.glob("v*") if p.is_dir())
-        for old in versions[: max(0, len(versions) - keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
+        atomic.commit(tmp, final, version, "v*", keep_last)
     dist.barrier()
     return final
 
