@@ -157,7 +157,9 @@ def test_response_cut_short_is_closed_in_the_next_prompt(tokenizer, executor):
 
 def test_many_episodes_at_once_keep_their_own_scripts(tokenizer, executor):
     rollouts = [[RIGHT], [WRONG, RIGHT], [NO_CODE, NO_CODE, NO_CODE], [WRONG, WRONG, WRONG]] * 3
-    trajectories = run(tokenizer, executor, rollouts, generation_batch=5)
+    # The script tells rollouts that share a first answer apart by the order their second
+    # turns are asked for: deterministic batching keeps that order the episodes' own.
+    trajectories = run(tokenizer, executor, rollouts, generation_batch=5, deterministic=True)
     assert [len(t.turns) for t in trajectories] == [1, 2, 3, 3] * 3
     assert [t.success for t in trajectories] == [True, True, False, False] * 3
 

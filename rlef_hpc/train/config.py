@@ -113,7 +113,6 @@ class EvalConfig:
     rollouts_per_problem: int = 4
     temperature: float = 0.2
     top_p: float = 0.95
-    bootstrap: int = 1000
 
 
 @dataclass(frozen=True)

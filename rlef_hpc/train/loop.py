@@ -452,6 +452,7 @@ class Trainer:
         from dataclasses import asdict
 
         from rlef_hpc.checkpoint import training
+        from rlef_hpc.checkpoint.convert import TOKENIZER_FILES
 
         training.save(
             self.run_dir,
@@ -462,11 +463,8 @@ class Trainer:
             keep_last=self.cfg.run.keep_last,
             model_config={**asdict(self.model_cfg), "dtype": self.cfg.precision.dtype},
             async_queue=self.async_queue if asynchronous else None,
-            files=sorted(
-                p
-                for p in self.init_dir.iterdir()
-                if not p.name.endswith(".safetensors") and p.name != "model.safetensors.index.json"
-            ),
+            # The tokenizer beside the weights: the checkpoint exports to a usable HF directory.
+            files=[self.init_dir / n for n in TOKENIZER_FILES if (self.init_dir / n).exists()],
         )
 
     def _on_signal(self, signum: int, frame: Any) -> None:
