@@ -330,6 +330,20 @@ class Trainer:
             drawn += [self.train_problems[order[i % n]]] * r.samples_per_problem
         return drawn[self.dp_rank :: self.dp]
 
+    def _probe(self) -> torch.Tensor:
+        """The refit check's sequences: first prompts of two problems, cut to one length."""
+        from rlef_hpc.episodes.conversation import Conversation
+        from rlef_hpc.episodes.templates import initial_prompt
+
+        e = self.cfg.episodes
+        sequences = []
+        for p in self.eval_problems[:2] or self.train_problems[:2]:
+            conversation = Conversation(self.tokenizer)
+            conversation.add_user(initial_prompt(e.templates, p.description, e.language))
+            sequences.append(conversation.tokens)
+        length = min(len(s) for s in sequences)
+        return torch.tensor([s[:length] for s in sequences])
+
     def refit(self) -> dict[str, float]:
         """The policy's weights into the engine, in memory; then the engine's log-probs on a
         few sequences against the trainer's (fails fast past rollout.mismatch_threshold)."""
@@ -339,17 +353,8 @@ class Trainer:
         start = time.perf_counter()
         self.engine.update_weights(hf_weights(self.policy, self.model_cfg))
         seconds = time.perf_counter() - start
-        probe = self.eval_problems[:2] or self.train_problems[:2]
-        sequences = []
-        for p in probe:
-            from rlef_hpc.episodes.conversation import Conversation
-            from rlef_hpc.episodes.templates import initial_prompt
-
-            conv = Conversation(self.tokenizer)
-            conv.add_user(initial_prompt(self.cfg.episodes.templates, p.description, "python"))
-            sequences.append(conv.tokens)
-        length = min(len(s) for s in sequences)
-        x = torch.tensor([s[:length] for s in sequences])
+        x = self._probe()
+        length = x.shape[1]
         mask = torch.triu(torch.ones(1, 1, length, length, dtype=torch.bool), diagonal=1)
         with torch.no_grad():
             logits = self.policy(x, torch.arange(length).expand(len(x), -1), mask)
