@@ -155,3 +155,49 @@ def test_asynchronous_mode_trains_on_one_version_stale_rollouts(tmp_path):
     assert records[1]["mismatch_max"] < 1e-3
     assert records[2]["mismatch_max"] > 1e-3
     assert all(r["refit_mismatch_max"] < 1e-3 for r in records.values())
+
+
+def test_a_run_starts_from_a_hugging_face_model(tmp_path):
+    """model.init=hf (the 8B/70B configs' path): the run's init/ is the HF model as it is,
+    and the policy trained from it is the HF model's to begin with (mismatch ~0)."""
+    have_engine()
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlef_hpc.data import synthetic
+    from rlef_hpc.episodes.runner import EpisodeConfig
+    from rlef_hpc.models.tokenizer import build_tokenizer
+    from rlef_hpc.train.loop import _tokenizer_corpus
+
+    hf = tmp_path / "hf"
+    problems = synthetic.generate(24, "train", seed=0)
+    tokenizer = build_tokenizer(_tokenizer_corpus(problems, EpisodeConfig()), vocab_size=400)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer) + len(tokenizer) % 2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(hf)
+    tokenizer.save_pretrained(hf)
+    (hf / "original").mkdir()  # what the copy must leave out
+    run = tmp_path / "run"
+    overrides = ["run.iterations=1", "model.init=hf", "warmstart.steps=0", "data.eval_problems=0"]
+    proc = rlef_train(1, f"run.dir={run}", f"model.hf_dir={hf}", *overrides)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert not (run / "init" / "original").exists()
+    from safetensors.torch import load_file
+
+    assert all(
+        torch.equal(t, load_file(run / "init" / "model.safetensors")[n])
+        for n, t in load_file(hf / "model.safetensors").items()
+    )
+    [record] = train_records(run).values()
+    assert record["mismatch_max"] < 1e-3 and math.isfinite(record["policy_loss"])

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -210,6 +211,9 @@ class Trainer:
             from rlef_hpc.models.config import ModelConfig
 
             hf_dir = Path(spec.hf_dir)
+            if not cfg.warmstart.steps:  # the initial policy is the HF model as it is
+                self._copy_hf(hf_dir)
+                return
             tokenizer = AutoTokenizer.from_pretrained(hf_dir)
             model_cfg = ModelConfig.from_hf(hf_dir)
             policy = build_gpt(model_cfg, cfg.precision)
@@ -231,6 +235,24 @@ class Trainer:
             )
             self._print(f"warm start: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
         save_hf_dir(policy, model_cfg, cfg.precision.dtype, tokenizer, self.init_dir)
+
+    def _copy_hf(self, hf_dir: Path) -> None:
+        """run_dir/init as a copy of the HF directory's weights, config and tokenizer (not
+        whatever else it holds, e.g. Llama's original/ consolidated checkpoint)."""
+        from rlef_hpc.checkpoint.convert import TOKENIZER_FILES
+
+        if self.rank == 0:
+            if not (hf_dir / "config.json").exists():
+                raise ValueError(f"model.hf_dir={hf_dir} is not a Hugging Face model directory")
+            tmp = self.init_dir.with_name(self.init_dir.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            names = ("config.json", "model.safetensors.index.json", *TOKENIZER_FILES)
+            for f in hf_dir.iterdir():
+                if f.name in names or f.suffix == ".safetensors":
+                    shutil.copy(f, tmp / f.name)
+            os.replace(tmp, self.init_dir)
+        dist.barrier()
 
     def _build_models(self) -> None:
         from rlef_hpc.checkpoint.convert import read_hf_state
