@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--limit", type=int, help="evaluate only the first N problems")
     p.add_argument("--workers", type=int, default=2, help="sandbox workers")
+    p.add_argument(
+        "--tensor-parallel", type=int, default=1, help="GPUs of the vLLM engine (--model)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="directory for report.json, trajectories, the plot")
     return p
@@ -149,7 +152,8 @@ def run(
 
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         sampling = SamplingConfig(args.temperature, args.top_p, args.max_tokens, args.seed)
-        policy = VLLMGenerator(args.model, sampling)
+        extra = {"tensor_parallel_size": args.tensor_parallel} if args.tensor_parallel > 1 else {}
+        policy = VLLMGenerator(args.model, sampling, **extra)
         episodes = [p for p in problems for _ in range(args.rollouts)]
     trajectories = EpisodeRunner(tokenizer, executor, policy, config).run(episodes, progress=True)
     return evaluate(trajectories, metrics, args.max_turns, args.seed), trajectories

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
 
@@ -103,6 +103,10 @@ class PrecisionConfig:
     fp8: str | None = None  # None, "e4m3" or "hybrid"
     fp8_recipe: str = "delayed"
     fp8_first_last_bf16: bool = True
+    # Activation recomputation: None keeps every layer's activations for backward; "full"
+    # keeps only each layer's input and recomputes the layer in backward (~1/3 more compute,
+    # what makes 70B episodes of ~9k tokens fit at TP 8: see tools/plan.py).
+    recompute: Literal["full"] | None = None
 
 
 def validate(

@@ -17,6 +17,10 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, tp: int, 
     cuda = torch.cuda.is_available()
     dtype = getattr(torch, precision.dtype)
     extra: dict[str, Any] = {}
+    if precision.recompute == "full":
+        extra.update(
+            recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+        )
     if precision.fp8 is not None:
         extra.update(
             fp8=precision.fp8,

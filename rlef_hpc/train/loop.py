@@ -5,14 +5,20 @@ both overlapped) -> trajectories -> PPO (pi_old, reference, values, then minibat
 refit the engine in memory and check it -> log; evaluate every `run.eval_every`, checkpoint
 every `run.checkpoint_every`. A run directory that holds a checkpoint is resumed from it.
 
-Runs as one process or under torchrun/srun: each data-parallel rank holds a policy, a value
-model, the frozen reference, an engine and a sandbox, generates its share of the rollouts and
-trains on it (gradients reduced by megatron's DDP).
+Runs as one process or under torchrun/srun, in one of two layouts (`rollout.layout`):
+- colocated: each data-parallel rank holds a policy, a value model, the frozen reference, an
+  engine and a sandbox, generates its share of the rollouts and trains on it (gradients
+  reduced by megatron's DDP); tensor and pipeline parallelism need the other layout.
+- disaggregated: the trainer (any TP x PP x DP) holds no engine; rollout workers
+  (`rlef_hpc.train.rollout_worker`, jobs of their own) follow the weights it publishes and write
+  trajectory shards, which it claims with bounded staleness (see rlef_hpc.rollout.shards).
 
     run_dir/
       config.yaml       the resolved config          metrics.jsonl   one record per iteration
       init/             the initial policy (HF) and tokenizer: the engine's start, the KL reference
       iter_0000004/     training checkpoints, `latest`          tensorboard/   plots/   eval/
+      problems/eval.jsonl   the evaluation problems (CodeContests schema), for eval jobs
+      weights/  trajectories/   disaggregated: published policy versions, trajectory shards
 """
 
 from __future__ import annotations
@@ -35,19 +41,24 @@ import yaml
 from rlef_hpc.config import to_dict
 from rlef_hpc.data.problem import Problem
 from rlef_hpc.data.trajectory import Trajectory
+from rlef_hpc.dist_env import adopt_slurm_env
 from rlef_hpc.episodes.runner import EpisodeConfig, EpisodeRunner, Generation
 from rlef_hpc.eval.report import EvalReport, evaluate, plot_solve_rate
 from rlef_hpc.train.config import TrainConfig
 from rlef_hpc.train.metrics import MetricsLog, episode_metrics, plot_training
 
-# Exit status of a run stopped by SIGTERM/SIGUSR1 once its checkpoint is saved (EX_TEMPFAIL):
-# run the same command again (or let Slurm requeue the job) to continue.
+# Exit status of a run stopped by SIGTERM/SIGUSR1/SIGUSR2 once its checkpoint is saved
+# (EX_TEMPFAIL): run the same command again (or let Slurm requeue the job) to continue.
 EXIT_PREEMPTED = 75
+# SIGTERM: Slurm's preemption, scancel and `scontrol requeue`; SIGUSR1: the sbatch scripts'
+# --signal before the time limit; SIGUSR2: submitit's.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class Preempted(SystemExit):
-    def __init__(self) -> None:
+    def __init__(self, signum: int | None = None) -> None:
         super().__init__(EXIT_PREEMPTED)
+        self.signum = signum
 
 
 def init_distributed(cfg: TrainConfig) -> None:
@@ -56,17 +67,20 @@ def init_distributed(cfg: TrainConfig) -> None:
     from megatron.core import parallel_state as ps
 
     p = cfg.parallel
-    if p.tensor != 1 or p.pipeline != 1:
+    if (p.tensor != 1 or p.pipeline != 1) and cfg.rollout.layout == "colocated":
         raise ValueError(
-            f"parallel.tensor={p.tensor}, parallel.pipeline={p.pipeline}: this version's loop "
-            "generates rollouts with one engine per training process, which needs both at 1 "
-            "(see the README's known limitations)"
+            f"parallel.tensor={p.tensor}, parallel.pipeline={p.pipeline}: the colocated layout "
+            "runs one engine per training process, which needs both at 1; use "
+            "rollout.layout=disaggregated (rollout workers of their own) for TP/PP training"
         )
     if not dist.is_initialized():
+        adopt_slurm_env()
         if "RANK" not in os.environ:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        if torch.cuda.is_available():  # one GPU per task: srun and torchrun start 8 a node
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if dist.get_world_size() != cfg.parallel.world_size:
         raise ValueError(
@@ -92,6 +106,16 @@ def load_problems(cfg: TrainConfig) -> tuple[list[Problem], list[Problem]]:
     train = load(d.train_path)
     evaluation = load(d.valid_path)[: d.eval_problems] if d.valid_path else []
     return train, evaluation
+
+
+def write_problems(problems: list[Problem], path: Path) -> None:
+    """Problems as CodeContests JSON lines (what rlef-eval and eval jobs read)."""
+    from rlef_hpc.data.codecontests import problem_record
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(problem_record(p)) + "\n" for p in problems))
+    os.replace(tmp, path)
 
 
 def _tokenizer_corpus(problems: list[Problem], episodes: EpisodeConfig) -> list[str]:
@@ -151,6 +175,8 @@ class Trainer:
             else None
         )
         self.train_problems, self.eval_problems = load_problems(cfg)
+        if self.rank == 0:
+            write_problems(self.eval_problems, self.run_dir / "problems" / "eval.jsonl")
         checkpoint = training.latest(self.run_dir)
         self.init_dir = self.run_dir / "init"
         seed(cfg.run.seed)
@@ -170,7 +196,11 @@ class Trainer:
             state = training.load(checkpoint, self._checkpointed(), self._schedulers())
             self.start = state["iteration"]
             self._print(f"resumed from {checkpoint} (iteration {self.start})")
-        self._start_engine()
+        self.disaggregated = cfg.rollout.layout == "disaggregated"
+        if self.disaggregated:
+            self._start_publishing()
+        else:
+            self._start_engine()
         from rlef_hpc.sandbox import Executor
 
         self.executor = Executor(workers=cfg.rollout.sandbox_workers)
@@ -180,6 +210,7 @@ class Trainer:
 
             self.async_queue = AsyncCallsQueue()
         self.stop_requested = False
+        self.stop_signal: int | None = None
         self._background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rollout")
         self._pending: concurrent.futures.Future | None = None
 
@@ -286,6 +317,18 @@ class Trainer:
     def _schedulers(self) -> dict[str, Any]:
         return {n: t.scheduler for n, t in self.update.trainables.items()}
 
+    def _start_publishing(self) -> None:
+        """Disaggregated: the policy as version `start` for the workers, and the shard store
+        opened for them."""
+        from rlef_hpc.rollout.publish import latest_version, publish
+        from rlef_hpc.rollout.shards import ShardStore
+
+        self.shards = ShardStore(self.run_dir)
+        if self.rank == 0 and self.start < self.cfg.run.iterations:
+            self.shards.reopen()
+        if latest_version(self.run_dir) != self.start:
+            publish(self.run_dir, self.start, self.policy, self.model_cfg)
+
     def _start_engine(self) -> None:
         from rlef_hpc.rollout.vllm_engine import SamplingConfig, VLLMGenerator
 
@@ -390,11 +433,44 @@ class Trainer:
         )
         return {"refit_seconds": seconds, "refit_mismatch_max": stats["mismatch_max"]}
 
+    def publish(self, version: int) -> dict[str, float]:
+        """Disaggregated: the policy after `version` iterations, for the rollout workers."""
+        from rlef_hpc.rollout.publish import publish
+
+        start = time.perf_counter()
+        publish(self.run_dir, version, self.policy, self.model_cfg)
+        return {"publish_seconds": time.perf_counter() - start}
+
     def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         keys = sorted(values)
         t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
         dist.all_reduce(t)
         return dict(zip(keys, (t / dist.get_world_size()).tolist(), strict=True))
+
+    def claimed(self, it: int) -> tuple[list[Trajectory], dict[str, float]]:
+        """Disaggregated: this rank's share of the shards claimed for iteration `it` (rank 0
+        claims, every rank reads the same list), and their staleness."""
+        from rlef_hpc.rollout.shards import load_shards
+
+        r = self.cfg.rollout
+        start = time.perf_counter()
+        claimed: list[Any] = [None]
+        if self.rank == 0:
+            claimed[0] = self.shards.claim(
+                it,
+                r.rollouts_per_iteration // r.shard_rollouts,
+                min_version=it - 1 - r.max_staleness,
+                timeout_s=r.shard_timeout_s,
+            )
+        dist.broadcast_object_list(claimed, src=0)
+        shards = load_shards(claimed[0])
+        everything = [t for _, trajectories in shards for t in trajectories]
+        staleness = [it - 1 - version for version, _ in shards]
+        return everything[self.dp_rank :: self.dp], {
+            "rollout_seconds": time.perf_counter() - start,
+            "shard_staleness_mean": sum(staleness) / len(staleness),
+            "shard_staleness_max": float(max(staleness)),
+        }
 
     def rollouts(self, it: int, progress: bool = True) -> tuple[list[Trajectory], float]:
         """This rank's episodes of iteration `it`, and how long they took."""
@@ -413,12 +489,16 @@ class Trainer:
         from rlef_hpc.rollout.refit import RefitMismatchError
 
         cfg = self.cfg
-        if self._pending is not None:
+        shard_stats: dict[str, float] = {}
+        if self.disaggregated:
+            trajectories, shard_stats = self.claimed(it)
+            rollout_s = shard_stats.pop("rollout_seconds")
+        elif self._pending is not None:
             trajectories, rollout_s = self._pending.result()
             self._pending = None
         else:
             trajectories, rollout_s = self.rollouts(it)
-        if cfg.rollout.asynchronous and it < cfg.run.iterations:
+        if cfg.rollout.asynchronous and not self.disaggregated and it < cfg.run.iterations:
             self._pending = self._background.submit(self.rollouts, it + 1, False)
         episodes = self._mean_over_ranks(episode_metrics(trajectories, cfg.episodes.max_turns))
         start = time.perf_counter()
@@ -427,30 +507,28 @@ class Trainer:
         update_s = time.perf_counter() - start
         # Every token of the batch was compared (trainer pi_old vs the engine's sampling
         # log-probs): a wrong refit or engine must not train on silently. (Asynchronous
-        # batches come from the previous policy: there the refit probe below is the guard.)
+        # batches come from the previous policy: there the refit probe below is the guard;
+        # disaggregated ones from any recent version, corrected by the importance weights.)
         limit = cfg.rollout.mismatch_threshold
-        if not cfg.rollout.asynchronous and metrics.get("mismatch_max", 0.0) > limit:
+        on_policy = not (cfg.rollout.asynchronous or self.disaggregated)
+        if on_policy and metrics.get("mismatch_max", 0.0) > limit:
             raise RefitMismatchError(
                 f"iteration {it}: trainer and engine log-probs of the sampled tokens differ by "
                 f"up to {metrics['mismatch_max']:.3g} (rollout.mismatch_threshold={limit})"
             )
         if self._pending is not None:  # the engine must be idle to take new weights
             concurrent.futures.wait([self._pending])
-        refit = self.refit()
-        tokens = episodes["response_tokens"] * dist.get_world_size()
-        return {
-            **episodes,
-            **metrics,
-            **refit,
-            "rollout_seconds": rollout_s,
-            "update_seconds": update_s,
-            "generated_tokens_per_second": tokens / rollout_s,
-        }
+        refit = self.publish(it) if self.disaggregated else self.refit()
+        out = {**episodes, **metrics, **refit, **shard_stats}
+        out.update(rollout_seconds=rollout_s, update_seconds=update_s)
+        if not self.disaggregated:  # there rollout_seconds is the wait for shards
+            out["generated_tokens_per_second"] = episodes["response_tokens"] * self.dp / rollout_s
+        return out
 
     def evaluate(self, iteration: int, tag: str) -> EvalReport | None:
         """1@3 on the evaluation problems (rank 0 gets the report)."""
         e = self.cfg.eval
-        if not self.eval_problems:
+        if not self.eval_problems or self.disaggregated:  # no engine here: the eval job's
             return None
         mine = [
             p
@@ -496,6 +574,7 @@ class Trainer:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stop_requested = True
+        self.stop_signal = signum
         self._print(f"signal {signal.Signals(signum).name}: checkpointing after this iteration")
 
     def _stop_everywhere(self) -> bool:
@@ -507,8 +586,7 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         before = self.evaluate(0, "before") if self.start == 0 else None
         iteration = self.start
         try:
@@ -526,7 +604,7 @@ class Trainer:
                     self.save(iteration, asynchronous=not stop and iteration < cfg.run.iterations)
                 if stop:
                     self._finish()
-                    raise Preempted()
+                    raise Preempted(self.stop_signal)
                 if (
                     cfg.run.eval_every
                     and iteration % cfg.run.eval_every == 0
@@ -535,9 +613,11 @@ class Trainer:
                     self.evaluate(iteration, f"iter_{iteration:07d}")
             after = self.evaluate(iteration, "after")
         finally:
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(sig, signal.SIG_DFL)
+            for sig, handler in previous.items():
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         self._finish()
+        if self.disaggregated and self.rank == 0:
+            self.shards.finish()  # the rollout workers exit
         result = {"iterations": iteration, "before": before, "after": after}
         if self.rank == 0:
             self._print(summary_table(before, after))
@@ -564,11 +644,16 @@ class Trainer:
 
 
 def brief(m: dict[str, float]) -> str:
+    if "generated_tokens_per_second" in m:
+        rollout = (
+            f"rollout {m['rollout_seconds']:.1f}s ({m['generated_tokens_per_second']:.0f} tok/s)"
+        )
+    else:
+        rollout = f"waited {m['rollout_seconds']:.1f}s for shards"
     return (
         f"reward {m['reward_mean']:+.3f}, solved {100 * m['success_rate']:.1f}%, "
         f"kl {m.get('kl', 0.0):.4f}, mismatch {m.get('mismatch_max', 0.0):.2e}, "
-        f"rollout {m['rollout_seconds']:.1f}s ({m['generated_tokens_per_second']:.0f} tok/s), "
-        f"update {m['update_seconds']:.1f}s"
+        f"{rollout}, update {m['update_seconds']:.1f}s"
     )
 
 

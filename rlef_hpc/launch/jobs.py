@@ -1,0 +1,142 @@
+"""What each Slurm job runs: the callables tools/submit.py hands to submitit (pickled into the
+run's slurm/ folder, run once per task by `srun`).
+
+- TrainJob: the trainer (rlef_hpc.train.loop), one task per trainer rank.
+- RolloutJob: one rollout worker of the disaggregated layout (a job-array task each).
+- EvalJob: after training, the latest checkpoint exported to Hugging Face and evaluated (1@3 on
+  the run's evaluation problems) with vLLM.
+
+Preemption: the trainer checkpoints at the end of the iteration on SIGTERM (scancel,
+`scontrol requeue`, preemption) and on submitit's time-limit signal; for the latter, rank 0
+asks Slurm to requeue the job, and the requeued job resumes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlef_hpc.config import from_dict
+from rlef_hpc.train.config import TrainConfig
+
+
+def requeue_this_job() -> None:
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        subprocess.run(["scontrol", "requeue", job], check=False)
+
+
+def _resubmission(job: Any) -> Any:
+    import submitit
+
+    return submitit.helpers.DelayedSubmission(job)
+
+
+@dataclass
+class TrainJob:
+    config: dict[str, Any]
+
+    def __call__(self) -> dict[str, Any]:
+        from rlef_hpc.train.loop import Preempted, train
+
+        cfg = from_dict(TrainConfig, self.config)
+        try:
+            result = train(cfg)
+        except Preempted as stop:
+            # Time-limit warning: the checkpoint is saved, run again. (On SIGTERM Slurm is
+            # already requeueing or cancelling the job.)
+            if stop.signum != signal.SIGTERM and os.environ.get("SLURM_PROCID", "0") == "0":
+                requeue_this_job()
+            raise
+        return {"iterations": result["iterations"]}
+
+    def checkpoint(self) -> Any:  # submitit's preemption hook: resuming is automatic
+        return _resubmission(self)
+
+
+@dataclass
+class RolloutJob:
+    config: dict[str, Any]
+    worker: int
+
+    def __call__(self) -> int:
+        from rlef_hpc.train.rollout_worker import install_stop_handlers, run_worker
+
+        install_stop_handlers()
+        return run_worker(from_dict(TrainConfig, self.config), self.worker)
+
+    def checkpoint(self) -> Any:
+        return _resubmission(self)
+
+
+@dataclass
+class EvalJob:
+    config: dict[str, Any]
+
+    def __call__(self) -> dict[str, Any]:
+        return evaluate_run(from_dict(TrainConfig, self.config))
+
+
+def evaluate_run(cfg: TrainConfig) -> dict[str, Any]:
+    """The run's latest checkpoint exported to HF (run_dir/export/iter_N) and evaluated on
+    run_dir/problems/eval.jsonl; the report goes to run_dir/eval/job_iter_N/."""
+    import dataclasses
+    import json
+
+    import yaml
+
+    from rlef_hpc.checkpoint import training
+    from rlef_hpc.checkpoint.convert import export_hf
+    from rlef_hpc.eval.cli import main as rlef_eval
+
+    run_dir = Path(cfg.run.dir)
+    checkpoint = training.latest(run_dir)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to evaluate")
+    export = run_dir / "export" / checkpoint.name
+    if not (export / "config.json").exists():
+        export_hf(checkpoint, export)
+    out = run_dir / "eval" / f"job_{checkpoint.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    templates = out / "templates.yaml"
+    templates.write_text(yaml.safe_dump(dataclasses.asdict(cfg.episodes.templates)))
+    e, r = cfg.eval, cfg.rollout
+    args = ["--problems", run_dir / "problems" / "eval.jsonl", "--model", export]
+    args += ["--rollouts", e.rollouts_per_problem, "--max-turns", cfg.episodes.max_turns]
+    args += ["--language", cfg.episodes.language, "--metrics", "1@3", "--templates", templates]
+    args += ["--temperature", e.temperature, "--top-p", e.top_p, "--max-tokens", r.max_tokens]
+    args += ["--seed", cfg.run.seed, "--out", out, "--tensor-parallel", r.tensor_parallel]
+    rlef_eval([str(a) for a in args])
+    return json.loads((out / "report.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m rlef_hpc.launch.jobs eval CONFIG [KEY=VALUE ...]: what slurm/eval.sh runs."""
+    import argparse
+
+    from rlef_hpc.config import ConfigError, load
+
+    p = argparse.ArgumentParser(prog="python -m rlef_hpc.launch.jobs")
+    p.add_argument("job", choices=("eval",))
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    try:
+        cfg = load(TrainConfig, args.config, args.overrides)
+    except (ConfigError, ValueError) as e:
+        p.exit(2, f"error: {e}\n")
+    try:
+        evaluate_run(cfg)  # rlef-eval prints the table and writes the report
+    except FileNotFoundError as e:
+        p.exit(2, f"error: {e}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Preflight memory plan: per-GPU memory of a config's layout, before any job is submitted.
+
+Trainer GPU (the most loaded one: the first pipeline stage, which also holds the embedding):
+  policy     weights + fp32 gradient buffer + Adam (fp32 master copy + two moments), the
+             optimizer part sharded over data parallelism (megatron's distributed optimizer)
+  value      the same again: a network of its own (trunk + scalar head), trained alongside
+  reference  the frozen initial policy: weights only
+  activations  one micro-batch of the longest episode, for each micro-batch the 1F1B pipeline
+             schedule keeps in flight (Korthikanti et al. 2022, fused attention, no sequence
+             parallelism: s*b*h*(10 + 24/TP) bytes per layer; with precision.recompute=full,
+             each layer's input plus one layer being recomputed)
+Rollout GPU: vLLM takes rollout.gpu_memory_utilization of the card for its weights (at
+rollout.tensor_parallel) and KV cache; the plan reports how many tokens of KV cache remain.
+Colocated, the engine shares the trainer's GPUs: it holds its share while the trainer's
+states stay resident (activations come only while the engine sleeps).
+
+The parameter count and the weight + optimizer bytes per parameter (2 + 4 + 12/DP in bf16)
+follow megatron's own theoretical memory report (megatron/training/theoretical_memory_usage.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlef_hpc.models.config import ModelConfig
+from rlef_hpc.train.config import TrainConfig
+
+GB = 1024**3
+# Tokens of prompt and feedback per turn, on top of the answer's rollout.max_tokens: what the
+# longest episode adds up to (CodeContests statements and feedback run to ~1k tokens).
+PROMPT_TOKENS_PER_TURN = 1024
+
+# Shapes of the Llama 3.1 models, for planning before the checkpoint is downloaded.
+LLAMA_31 = {
+    "8B": ModelConfig(128256, 4096, 32, 32, 8, 14336),
+    "70B": ModelConfig(128256, 8192, 80, 64, 8, 28672),
+    "405B": ModelConfig(128256, 16384, 126, 128, 8, 53248),
+}
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class Plan:
+    gpu_gb: float
+    trainer: dict[str, float]  # term -> bytes on the most loaded trainer GPU
+    rollout: dict[str, float]  # term -> bytes on a rollout GPU (colocated: the trainer's)
+    notes: list[str] = field(default_factory=list)
+    kv_tokens: float = 0.0
+
+    @property
+    def trainer_peak(self) -> float:
+        return sum(self.trainer.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.trainer_peak <= self.gpu_gb * GB and self.kv_tokens >= 1
+
+    def dominant(self) -> str:
+        return max(self.trainer, key=lambda k: self.trainer[k])
+
+    def refusal(self) -> str:
+        if self.kv_tokens < 1:
+            return (
+                "the rollout engine's weights do not fit in rollout.gpu_memory_utilization of "
+                "the card: raise rollout.tensor_parallel or rollout.gpu_memory_utilization"
+            )
+        term = self.dominant()
+        knob = {
+            "activations": "set precision.recompute=full, lower update.micro_batch_size or "
+            "rollout.max_tokens, or raise parallel.tensor",
+            "vLLM (colocated)": "lower rollout.gpu_memory_utilization, or use "
+            "rollout.layout=disaggregated",
+        }.get(
+            term,
+            "raise parallel.tensor or parallel.pipeline (or parallel.data, which "
+            "shards the optimizer states)",
+        )
+        return (
+            f"the layout does not fit: {self.trainer_peak / GB:.1f} GB per trainer GPU > "
+            f"{self.gpu_gb:.0f} GB; the largest term is {term} "
+            f"({self.trainer[term] / GB:.1f} GB): {knob}"
+        )
+
+    def table(self) -> str:
+        lines = ["| trainer GPU (most loaded) | GB |", "|---|---|"]
+        lines += [f"| {k} | {v / GB:.2f} |" for k, v in self.trainer.items()]
+        lines.append(f"| **total** | **{self.trainer_peak / GB:.2f}** of {self.gpu_gb:.0f} |")
+        lines += ["", "| rollout GPU | GB |", "|---|---|"]
+        lines += [f"| {k} | {v / GB:.2f} |" for k, v in self.rollout.items()]
+        lines.append(f"KV cache capacity per engine: {self.kv_tokens:,.0f} tokens")
+        lines.append("fits" if self.fits else "DOES NOT FIT: " + self.refusal())
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+def model_shape(cfg: TrainConfig, notes: list[str]) -> ModelConfig:
+    m = cfg.model
+    if m.init == "scratch":
+        return m.scratch_config(m.tokenizer_vocab + m.tokenizer_vocab % 2)
+    hf = Path(m.hf_dir or "")
+    if (hf / "config.json").exists():
+        return ModelConfig.from_hf(hf)
+    for size, shape in LLAMA_31.items():
+        if f"-{size}" in hf.name:
+            notes.append(f"{hf}/config.json not found: Llama-3.1-{size}'s shape assumed")
+            return shape
+    raise ValueError(f"model.hf_dir={hf}: no config.json to plan with")
+
+
+def parameter_counts(mc: ModelConfig) -> tuple[float, float]:
+    """(parameters in the transformer block incl. final norm, in one embedding table)."""
+    h, kv = mc.hidden_size, mc.num_query_groups * mc.head_dim
+    attention = h * h * 2 + 2 * h * kv  # q and o; k and v (grouped)
+    mlp = 3 * h * mc.ffn_hidden_size  # gate, up, down (SwiGLU)
+    layer = attention + mlp + 2 * h  # two RMSNorms
+    return mc.num_layers * layer + h, mc.vocab_size * h
+
+
+def shard_parameters(mc: ModelConfig, tp: int, pp: int) -> float:
+    """Parameters on the most loaded (first) stage's GPU: its layers and the embedding (and
+    the output layer too when there is one stage)."""
+    block, embedding = parameter_counts(mc)
+    shard = block / pp + embedding
+    if pp == 1 and not mc.tie_embeddings:
+        shard += embedding
+    return shard / tp
+
+
+def plan(cfg: TrainConfig) -> Plan:
+    notes: list[str] = []
+    mc = model_shape(cfg, notes)
+    p, r, s = cfg.parallel, cfg.rollout, cfg.slurm
+    gpu_gb = s.gpu_memory_gb
+    width = _DTYPE_BYTES[cfg.precision.dtype]
+    master = 0 if width == 4 else 4  # fp32 master weights only for 16-bit parameters
+    per_param = width + 4 + (master + 8) / p.data  # weights, fp32 grads, sharded Adam
+    n = shard_parameters(mc, p.tensor, p.pipeline)
+    seq = cfg.episodes.max_turns * (r.max_tokens + PROMPT_TOKENS_PER_TURN)
+    b, h = cfg.update.micro_batch_size, mc.hidden_size
+    in_flight = p.pipeline  # 1F1B: the first stage holds one micro-batch per stage
+    layers = mc.num_layers / p.pipeline * in_flight
+    per_layer = seq * b * h * (10 + 24 / p.tensor)
+    if cfg.precision.recompute == "full":  # each layer's input, and one layer recomputed
+        activations = seq * b * h * width * layers + per_layer
+    else:
+        activations = per_layer * layers
+    activations += seq * b * h * in_flight + 8 * seq * b * in_flight  # embedding and its input
+    if p.pipeline == 1:  # logits (fp32 log-softmax in chunks: count one full-vocab copy)
+        activations += seq * b * mc.vocab_size / p.tensor * 4
+    trainer = {
+        "policy weights + grads + optimizer": n * per_param,
+        "value model weights + grads + optimizer": n * per_param,
+        "reference policy (frozen)": n * width,
+        "activations": activations,
+    }
+    block, embedding = parameter_counts(mc)
+    total = block + embedding * (1 if mc.tie_embeddings else 2)
+    engine_tp = p.tensor if r.layout == "colocated" else r.tensor_parallel
+    engine_weights = total * width / engine_tp
+    budget = r.gpu_memory_utilization * gpu_gb * GB
+    kv_per_token = 2 * mc.num_layers * mc.num_query_groups * mc.head_dim * width / engine_tp
+    rollout = {"vLLM weights": engine_weights, "vLLM KV cache": max(0.0, budget - engine_weights)}
+    if r.layout == "colocated":
+        # The engine keeps its share while the trainer's states stay resident; training's
+        # activations come while it sleeps (freed KV cache, weights offloaded).
+        resident = sum(v for k, v in trainer.items() if k != "activations")
+        trainer["vLLM (colocated)"] = max(0.0, budget - activations)
+        rollout = {"trainer states (resident)": resident, **rollout}
+    notes.append(
+        f"{total / 1e9:.2f}B parameters; longest episode {seq} tokens "
+        f"({cfg.episodes.max_turns} turns x ({r.max_tokens} answer + {PROMPT_TOKENS_PER_TURN} "
+        "prompt/feedback))"
+    )
+    return Plan(gpu_gb, trainer, rollout, notes, kv_tokens=rollout["vLLM KV cache"] / kv_per_token)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from rlef_hpc.config import ConfigError, load
+
+    ap = argparse.ArgumentParser(prog="tools/plan.py", description=__doc__.splitlines()[0])
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    ap.add_argument("--json", action="store_true", help="the terms as JSON (bytes)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load(TrainConfig, args.config, args.overrides)
+        result = plan(cfg)
+    except (ConfigError, ValueError) as e:
+        ap.exit(2, f"plan: error: {e}\n")
+    if args.json:
+        print(
+            json.dumps({"trainer": result.trainer, "rollout": result.rollout, "fits": result.fits})
+        )
+    else:
+        p = cfg.parallel
+        print(
+            f"{args.config}: TP {p.tensor} x PP {p.pipeline} x DP {p.data} training, "
+            f"rollout {cfg.rollout.layout} at TP {cfg.rollout.tensor_parallel}, "
+            f"{cfg.slurm.gpu_memory_gb:.0f} GB GPUs\n"
+        )
+        print(result.table())
+    return 0 if result.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""tools/submit.py: a config in, Slurm jobs out (through submitit).
+
+    python tools/submit.py CONFIG [KEY=VALUE ...] [--layout colocated|disaggregated] [--dry-run]
+    python tools/submit.py status RUN_DIR
+    python tools/submit.py cancel RUN_DIR
+
+Layouts (rollout.layout):
+- colocated (default): one job of parallel.world_size tasks; each trainer rank has its own vLLM
+  engine on its GPU (rollout and training alternate on the same devices).
+- disaggregated: a trainer job (any TP x PP x DP) and a job array of rollout.workers rollout
+  workers, started together; they meet in the run directory (published weights, trajectory
+  shards; see rlef_hpc.rollout.shards), so either side can be requeued on its own.
+An evaluation job follows training (afterok) unless slurm.eval_after=false. Job ids are kept
+in RUN_DIR/slurm/jobs.json for `status` and `cancel`; logs in RUN_DIR/slurm/.
+
+Before anything is submitted: the config is validated, the memory plan must fit
+(tools/plan.py), the run directory's parent must exist, and Slurm must answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rlef_hpc.config import ConfigError, load, to_dict
+from rlef_hpc.launch.slurm import SlurmUnavailable, job_states, require_slurm
+from rlef_hpc.train.config import TrainConfig
+
+JOBS_FILE = "jobs.json"
+
+
+class SubmitError(Exception):
+    pass
+
+
+def _with_run_dir(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(run_dir)))
+
+
+def preflight(cfg: TrainConfig) -> list[str]:
+    """Everything that can be checked before a job waits in a queue for hours. Raises on the
+    layout (memory plan); returns the problems of paths, which only a real submission refuses
+    (a dry run may be prepared away from the cluster's filesystem)."""
+    from rlef_hpc.launch.plan import plan
+
+    if cfg.slurm.gpus_per_node:
+        report = plan(cfg)
+        if not report.fits:
+            raise SubmitError(report.refusal())
+    problems = []
+    run_dir = Path(cfg.run.dir)
+    if not run_dir.parent.is_dir():
+        problems.append(
+            f"run.dir={run_dir}: its parent directory {run_dir.parent} does not exist (create "
+            "it on a filesystem that every node of the job sees)"
+        )
+    if cfg.model.init == "hf" and not Path(cfg.model.hf_dir or "").is_dir():
+        problems.append(f"model.hf_dir={cfg.model.hf_dir}: no such directory")
+    for key in ("train_path", "valid_path"):
+        path = getattr(cfg.data, key)
+        if cfg.data.source == "codecontests" and path and not Path(path).exists():
+            problems.append(f"data.{key}={path}: no such file or directory")
+    return problems
+
+
+def _executor(cfg: TrainConfig, name: str, nodes: int, tasks: int, gpus: int) -> Any:
+    import submitit
+
+    s = cfg.slurm
+    executor = submitit.SlurmExecutor(
+        folder=Path(cfg.run.dir) / "slurm" / "%j", max_num_timeout=s.max_requeues
+    )
+    extra: dict[str, Any] = {"requeue": True}
+    if s.account:
+        extra["account"] = s.account
+    if s.qos:
+        extra["qos"] = s.qos
+    params: dict[str, Any] = dict(
+        job_name=f"rlef-{name}",
+        nodes=nodes,
+        ntasks_per_node=tasks,
+        cpus_per_task=s.cpus_per_task,
+        mem=f"{s.mem_gb}GB",
+        time=s.time_minutes,
+        signal_delay_s=s.signal_seconds,
+        additional_parameters=extra,
+    )
+    if gpus:
+        params["gpus_per_node"] = gpus
+    if s.partition:
+        params["partition"] = s.partition
+    executor.update_parameters(**params)
+    return executor
+
+
+def executors(cfg: TrainConfig) -> dict[str, Any]:
+    """The submitit executor of each job the layout needs: train, rollout (an array), eval."""
+    s, r, p = cfg.slurm, cfg.rollout, cfg.parallel
+    tasks = s.gpus_per_node or p.world_size // s.nodes
+    out = {"train": _executor(cfg, "train", s.nodes, tasks, s.gpus_per_node)}
+    rollout_gpus = r.tensor_parallel if s.gpus_per_node else 0
+    if r.layout == "disaggregated":
+        out["rollout"] = _executor(cfg, "rollout", 1, 1, rollout_gpus)
+    if s.eval_after:
+        out["eval"] = _executor(cfg, "eval", 1, 1, rollout_gpus)
+    return out
+
+
+def sbatch_script(cfg: TrainConfig, job: str = "train") -> str:
+    """The sbatch script submitit would submit for `job` (--dry-run)."""
+    executors_ = executors(cfg)
+    if job not in executors_:
+        raise SubmitError(f"--job {job}: this config submits only {', '.join(executors_)}")
+    slurm = executors_[job]
+    if job == "rollout":
+        slurm.parameters["map_count"] = cfg.rollout.workers
+    if job == "eval":
+        slurm.update_parameters(dependency="afterok:TRAIN_JOB_ID")
+    return slurm._make_submission_file_text(slurm._submitit_command_str, "dry-run")
+
+
+def submit(cfg: TrainConfig) -> dict[str, Any]:
+    """Submits the run's jobs; returns (and records) their ids."""
+    from rlef_hpc.launch.jobs import EvalJob, RolloutJob, TrainJob
+
+    config = to_dict(cfg)
+    ex = executors(cfg)
+    jobs: dict[str, Any] = {"submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    train = ex["train"].submit(TrainJob(config))
+    jobs["train"] = train.job_id
+    if "rollout" in ex:
+        workers = ex["rollout"].submit_array(
+            [RolloutJob(config, w) for w in range(cfg.rollout.workers)]
+        )
+        jobs["rollout"] = [w.job_id for w in workers]
+    if "eval" in ex:
+        ex["eval"].update_parameters(dependency=f"afterok:{train.job_id}")
+        jobs["eval"] = ex["eval"].submit(EvalJob(config)).job_id
+    record(Path(cfg.run.dir), jobs)
+    return jobs
+
+
+def record(run_dir: Path, jobs: dict[str, Any]) -> None:
+    """Appends a submission to RUN_DIR/slurm/jobs.json (a resubmission keeps the history)."""
+    path = run_dir / "slurm" / JOBS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    history = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps([*history, jobs], indent=2) + "\n")
+
+
+def recorded(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "slurm" / JOBS_FILE
+    if not run_dir.is_dir():
+        raise SubmitError(f"{run_dir}: no such run directory")
+    if not path.exists():
+        raise SubmitError(f"{run_dir}: no jobs were submitted for this run (no slurm/{JOBS_FILE})")
+    return json.loads(path.read_text())
+
+
+def _ids(jobs: dict[str, Any]) -> list[tuple[str, str]]:
+    out = []
+    for role in ("train", "rollout", "eval"):
+        value = jobs.get(role)
+        for job in value if isinstance(value, list) else [value] if value else []:
+            out.append((role, str(job)))
+    return out
+
+
+def status(run_dir: Path) -> str:
+    """The run's jobs and their states, its newest checkpoint and iteration, its shards."""
+    from rlef_hpc.checkpoint import training
+    from rlef_hpc.rollout.shards import ShardStore
+
+    jobs = [j for submission in recorded(run_dir) for j in _ids(submission)]
+    states = job_states([j for _, j in jobs])
+    lines = ["| job | id | state |", "|---|---|---|"]
+    lines += [f"| {role} | {job} | {states.get(job, 'UNKNOWN')} |" for role, job in jobs]
+    checkpoint = training.latest(run_dir)
+    lines.append(f"checkpoint: {checkpoint.name if checkpoint else 'none yet'}")
+    store = ShardStore(run_dir)
+    if store.root.exists():
+        counts = store.audit()
+        lines.append("trajectory shards: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return "\n".join(lines)
+
+
+def cancel(run_dir: Path, timeout_s: float = 120.0) -> list[str]:
+    """scancel every job of the run, then waits until Slurm has none of them left."""
+    jobs = [j for submission in recorded(run_dir) for _, j in _ids(submission)]
+    subprocess.run(["scancel", *jobs], check=False, capture_output=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        proc = subprocess.run(
+            ["squeue", "-h", "-o", "%i", "-j", ",".join(jobs)], capture_output=True, text=True
+        )
+        if not proc.stdout.strip():
+            return jobs
+        time.sleep(0.5)
+    raise SubmitError(f"jobs still in the queue {timeout_s:.0f} s after scancel: {proc.stdout}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tools/submit.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", help="YAML config (configs/*.yaml), or status / cancel")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.add_argument("--layout", choices=("colocated", "disaggregated"), help="rollout.layout")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
+    p.add_argument(
+        "--job", choices=("train", "rollout", "eval"), default="train", help="with --dry-run"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    try:
+        if args.config in ("status", "cancel"):
+            if len(args.overrides) != 1:
+                raise SubmitError(f"usage: tools/submit.py {args.config} RUN_DIR")
+            run_dir = Path(args.overrides[0]).resolve()
+            if args.config == "status":
+                print(status(run_dir))
+            else:
+                require_slurm()
+                print("cancelled: " + " ".join(cancel(run_dir)))
+            return 0
+        overrides = list(args.overrides)
+        if args.layout:
+            overrides.append(f"rollout.layout={args.layout}")
+        cfg = load(TrainConfig, args.config, overrides)
+        cfg = _with_run_dir(cfg, Path(cfg.run.dir).resolve())
+        problems = preflight(cfg)
+        if args.dry_run:
+            for problem in problems:
+                print(f"submit: warning: {problem}", file=sys.stderr)
+            print(sbatch_script(cfg, args.job))
+            return 0
+        if problems:
+            raise SubmitError("; ".join(problems))
+        require_slurm()
+        jobs = submit(cfg)
+    except (ConfigError, ValueError, SubmitError, SlurmUnavailable, OSError) as e:
+        p.exit(2, f"submit: error: {e}\n")
+    print(json.dumps(jobs))
+    print(f"status: python tools/submit.py status {cfg.run.dir}")
+    return 0

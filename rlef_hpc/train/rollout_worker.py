@@ -1,0 +1,147 @@
+"""A rollout worker of the disaggregated layout: one vLLM engine (rollout.tensor_parallel
+GPUs) and a sandbox, in a job of its own, beside the trainer.
+
+Loop: load the newest policy version the trainer published -> draw problems (seeded by run
+seed, worker and shard number) -> run the episodes -> write them as one trajectory shard. It
+waits while it is a shard or more ahead of what the trainer consumes (no point sampling from
+a policy that will be stale), and exits when the trainer has finished. SIGTERM/SIGUSR1/SIGUSR2
+stop it at once with status 75: the shard being written is discarded and regenerated, under the same
+number and seed, by the requeued worker.
+
+    python -m rlef_hpc.train.rollout_worker CONFIG WORKER_ID [KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlef_hpc.data.problem import Problem
+from rlef_hpc.train.config import TrainConfig
+
+
+def shard_problems(
+    cfg: TrainConfig, problems: list[Problem], worker: int, seq: int
+) -> list[Problem]:
+    """The problems of one shard, each repeated rollout.samples_per_problem times."""
+    r = cfg.rollout
+    rng = random.Random(f"{cfg.run.seed}:worker{worker}:shard{seq}")
+    drawn = rng.sample(problems, min(len(problems), r.shard_rollouts // r.samples_per_problem))
+    return [p for p in drawn for _ in range(r.samples_per_problem)]
+
+
+def _seed(cfg: TrainConfig, worker: int, seq: int) -> None:
+    digest = hashlib.sha256(f"{cfg.run.seed}:worker{worker}:shard{seq}".encode()).digest()
+    torch.manual_seed(int.from_bytes(digest[:8], "big") % (1 << 63))
+
+
+def _wait_for(what: str, ready: Any, poll_s: float, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rollout worker: waited {timeout_s:.0f} s for {what}")
+        time.sleep(poll_s)
+
+
+def run_worker(cfg: TrainConfig, worker: int, poll_s: float = 0.5) -> int:
+    """Produces shards until the trainer is done; returns how many this call wrote."""
+    from transformers import AutoTokenizer
+
+    from rlef_hpc.episodes.runner import EpisodeRunner
+    from rlef_hpc.rollout.publish import WeightFollower, latest_version
+    from rlef_hpc.rollout.shards import ShardStore
+    from rlef_hpc.rollout.vllm_engine import SamplingConfig, VLLMGenerator
+    from rlef_hpc.sandbox import Executor
+    from rlef_hpc.train.loop import load_problems
+
+    r, run_dir = cfg.rollout, Path(cfg.run.dir)
+    store = ShardStore(run_dir)
+    # The trainer builds init/ and publishes version `start` before it claims anything.
+    _wait_for(
+        f"{run_dir}/weights (is the trainer running?)",
+        lambda: latest_version(run_dir) is not None,
+        poll_s,
+        r.shard_timeout_s,
+    )
+    train_problems, _ = load_problems(cfg)
+    init = run_dir / "init"
+    tokenizer = AutoTokenizer.from_pretrained(init)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    extra: dict[str, Any] = {"tensor_parallel_size": r.tensor_parallel}
+    if torch.cuda.is_available():
+        extra["gpu_memory_utilization"] = r.gpu_memory_utilization
+    engine = VLLMGenerator(
+        str(init),
+        SamplingConfig(r.temperature, r.top_p, r.max_tokens, seed=cfg.run.seed),
+        kv_cache_gib=r.kv_cache_gib,
+        dtype=cfg.precision.dtype,
+        **extra,
+    )
+    follower = WeightFollower(engine, run_dir)
+    ahead = -(-r.rollouts_per_iteration // r.shard_rollouts // max(1, r.workers)) + 1
+
+    def generate(prompts: list[list[int]]) -> Any:
+        return engine(prompts)
+
+    written = 0
+    with Executor(workers=r.sandbox_workers) as executor:
+        seq = store.next_seq(worker)
+        while not store.done():
+            if store.pending_of(worker) >= ahead:
+                time.sleep(poll_s)
+                continue
+            version = follower.refresh()
+            assert version is not None
+            _seed(cfg, worker, seq)
+            runner = EpisodeRunner(tokenizer, executor, generate, cfg.episodes)
+            trajectories = runner.run(shard_problems(cfg, train_problems, worker, seq))
+            path = store.write(worker, seq, version, trajectories)
+            print(f"worker {worker}: {path.name} ({len(trajectories)} episodes)", flush=True)
+            seq += 1
+            written += 1
+    return written
+
+
+def _stop(signum: int, frame: Any) -> None:
+    from rlef_hpc.train.loop import EXIT_PREEMPTED
+
+    print(f"rollout worker: {signal.Signals(signum).name}, stopping", flush=True)
+    os._exit(EXIT_PREEMPTED)  # vLLM's threads must not hold the exit; the shard is redone
+
+
+def install_stop_handlers() -> None:
+    from rlef_hpc.train.loop import STOP_SIGNALS
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from rlef_hpc.config import ConfigError, load
+
+    p = argparse.ArgumentParser(prog="rlef-rollout-worker", description=__doc__.splitlines()[0])
+    p.add_argument("config", help="the run's YAML config")
+    p.add_argument("worker", type=int, help="this worker's number (0, 1, ...)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    try:
+        cfg = load(TrainConfig, args.config, args.overrides)
+    except (ConfigError, ValueError) as e:
+        p.exit(2, f"rlef-rollout-worker: error: {e}\n")
+    install_stop_handlers()
+    run_worker(cfg, args.worker)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+# Shared by the sbatch scripts (sourced; run from the repository root): the Python to use, the
+# torch.distributed rendezvous (the trainer derives RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT
+# from Slurm's variables itself: rlef_hpc/dist_env.py), and requeue on a checkpointed stop.
+#
+# Preemption and time limits: the scripts ask for `--signal=USR1@N` (to the job steps) and
+# `--requeue`. The trainer answers SIGUSR1/SIGTERM by finishing its iteration, saving a
+# checkpoint and exiting with 75; the script then requeues the job, which resumes from it.
+set -uo pipefail
+cd "${SLURM_SUBMIT_DIR:-.}"
+if [ -z "${RLEF_PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then RLEF_PYTHON=.venv/bin/python; else RLEF_PYTHON=python3; fi
+fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+export PYTHONUNBUFFERED=1
+EXIT_PREEMPTED=75
+echo "job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}: $*"
+
+# Requeue after the trainer stopped with a checkpoint (exit 75); otherwise pass its status on.
+rlef_finish() {
+  local rc=$1
+  if [ "$rc" -eq "$EXIT_PREEMPTED" ]; then
+    echo "stopped with a checkpoint: requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+  fi
+  exit "$rc"
+}
+
+# rlef_colocated CONFIG [KEY=VALUE ...]: one trainer rank per task of the job, each with its
+# own vLLM engine.
+rlef_colocated() {
+  srun --kill-on-bad-exit=1 "$RLEF_PYTHON" -m rlef_hpc.train.cli "$@"
+  rlef_finish $?
+}
+
+# rlef_disaggregated TRAIN_NODES WORKERS ROLLOUT_GPUS CONFIG [KEY=VALUE ...]: the trainer on
+# the job's first TRAIN_NODES nodes (one rank per task), WORKERS rollout workers (one task and
+# ROLLOUT_GPUS GPUs each) on the rest (on the same nodes when the job has no others).
+rlef_disaggregated() {
+  local train_nodes=$1 workers=$2 gpus=$3
+  shift 3
+  local nodes
+  mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+  local trainers=("${nodes[@]:0:$train_nodes}") rest=("${nodes[@]:$train_nodes}")
+  [ ${#rest[@]} -gt 0 ] || rest=("${trainers[@]}")
+  local gpu_flag=() pids=() i
+  [ "$gpus" -gt 0 ] && gpu_flag=(--gpus-per-task="$gpus")
+  for ((i = 0; i < workers; i++)); do
+    srun --exact --nodes=1 --ntasks=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+      --mem-per-cpu="${RLEF_STEP_MEM_PER_CPU:-2G}" "${gpu_flag[@]}" \
+      --nodelist="${rest[$((i % ${#rest[@]}))]}" \
+      "$RLEF_PYTHON" -m rlef_hpc.train.rollout_worker "$1" "$i" "${@:2}" rollout.workers="$workers" &
+    pids+=($!)
+  done
+  local per_node=${SLURM_NTASKS_PER_NODE:-1}
+  srun --exact --kill-on-bad-exit=1 --nodes="$train_nodes" --ntasks=$((train_nodes * per_node)) \
+    --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --mem-per-cpu="${RLEF_STEP_MEM_PER_CPU:-2G}" \
+    --nodelist="$(IFS=,; echo "${trainers[*]}")" \
+    "$RLEF_PYTHON" -m rlef_hpc.train.cli "$@" rollout.layout=disaggregated
+  local rc=$?
+  # Done: the workers see the DONE marker and exit; stopped: they are stopped with the job.
+  [ "$rc" -eq 0 ] && wait "${pids[@]}" || kill "${pids[@]}" 2>/dev/null
+  rlef_finish "$rc"
+}

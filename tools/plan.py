@@ -1,0 +1,8 @@
+"""Per-GPU memory plan of a config's layout (exit 1 if it does not fit); see --help."""
+
+import sys
+
+from rlef_hpc.launch.plan import main
+
+if __name__ == "__main__":
+    sys.exit(main())
