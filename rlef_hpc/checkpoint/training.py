@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,22 @@ from rlef_hpc.checkpoint.convert import CheckpointError
 
 LATEST = atomic.LATEST
 STATE = "trainer_state.pt"
+
+
+def start_writer_helpers(ignoring: tuple[signal.Signals, ...]) -> None:
+    """Starts the process megatron's checkpoint writers report through (a spawned Manager it
+    otherwise starts at the first save), ignoring the signals in `ignoring`: Slurm sends
+    SIGTERM (preemption, requeue) to every process of a job step, and this helper must live
+    on while the trainer finishes its iteration and saves. Forked writers keep the trainer's
+    own handlers; a spawned process keeps only ignored signals."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in ignoring}
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def _name(iteration: int) -> str:

@@ -420,6 +420,11 @@ def main() -> None:
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    # The executor owns this process's life (end of the channel ends it): the SIGTERM/SIGUSR1/
+    # SIGUSR2 that Slurm sends to every process of a job step must not take it away from a
+    # trainer that is finishing its iteration before it checkpoints.
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
     worker = Worker(config)
     write_frame(wfd, {"type": "hello", "capabilities": worker.capabilities})
     worker.ensure_spare()

@@ -204,6 +204,7 @@ class Trainer:
         from rlef_hpc.sandbox import Executor
 
         self.executor = Executor(workers=cfg.rollout.sandbox_workers)
+        training.start_writer_helpers(ignoring=STOP_SIGNALS)
         self.async_queue = None
         if cfg.run.async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
