@@ -71,6 +71,9 @@ def main() -> None:
         state = training.load(training.latest(args.resume), models, schedulers)
         iteration = state["iteration"]
         assert state["cursor"] == iteration * BATCH
+        # The schedule continues where it stopped: the warm-up pre-step plus 2 per iteration.
+        for scheduler in schedulers.values():
+            assert scheduler.num_steps == 1 + 2 * iteration, scheduler.num_steps
         # The reference is the initial policy: stored with the run, here rebuilt from INIT.
         init_path = state["init"]
         load_full_state(reference, torch.load(init_path)["policy"], per_stage)

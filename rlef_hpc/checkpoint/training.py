@@ -222,6 +222,9 @@ def load(
         model.load_state_dict(loaded["model"])
         _load_optimizer(optimizer, loaded["optimizer"])
     for key, scheduler in schedulers.items():
+        # megatron's load_state_dict steps the scheduler forward by the saved count from where
+        # it stands: from 0, or a fresh scheduler's warm-up pre-step would be counted twice.
+        scheduler.num_steps = 0
         scheduler.load_state_dict(trainer["schedulers"][key])
     if len(trainer["rng"]) == dist.get_world_size():
         torch.set_rng_state(trainer["rng"][dist.get_rank()]["torch"])

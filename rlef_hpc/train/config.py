@@ -112,7 +112,7 @@ class SlurmConfig:
     gpus_per_node: int = 0
     gpu_memory_gb: float = 80.0  # per GPU, for the preflight memory plan (H100 80GB)
     cpus_per_task: int = 1
-    mem_gb: int = 8  # per node
+    mem_gb: int = 4  # per node
     # Seconds before the time limit at which the trainer is told to checkpoint and requeue.
     signal_seconds: int = 120
     eval_after: bool = True  # an evaluation job, started when training succeeds
