@@ -8,6 +8,8 @@ import torch
 
 from rlef_hpc.models import megatron_compat
 from rlef_hpc.models.config import PRESETS, ModelConfig, ParallelConfig, PrecisionConfig, validate
+from tests.conftest import TESTS_DIR as TESTS
+from tests.conftest import run_script
 
 
 def test_hf_llama_config():
@@ -160,3 +162,13 @@ def test_vocab_must_divide_by_tensor_parallel():
     )
     with pytest.raises(ValueError, match="parallel.tensor=2 must divide model.vocab_size=255"):
         validate(odd, ParallelConfig(2, 1, 1), PrecisionConfig())
+
+
+def test_full_recomputation_changes_memory_not_numbers():
+    """precision.recompute=full (what lets the 70B layout fit: tools/plan.py) recomputes each
+    layer in backward: logits and gradients are those without it."""
+    proc = run_script(TESTS / "recompute_worker.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RECOMPUTE"))
+    _, _, logits, _, grads = line.split()
+    assert float(logits) == 0.0 and float(grads) == 0.0

@@ -91,7 +91,7 @@ class Plan:
         lines += ["", "| rollout GPU | GB |", "|---|---|"]
         lines += [f"| {k} | {v / GB:.2f} |" for k, v in self.rollout.items()]
         lines.append(f"KV cache capacity per engine: {self.kv_tokens:,.0f} tokens")
-        lines.append("fits" if self.fits else "DOES NOT FIT: " + self.refusal())
+        lines.append("fits" if self.fits else "DOES NOT FIT: " + self.refusal().split(": ", 1)[1])
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 

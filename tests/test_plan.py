@@ -1,0 +1,88 @@
+"""tools/plan.py: per-GPU memory of a layout, checked against what megatron really allocates
+and against the published sizes of Llama 3.1; the shipped 8B and 70B layouts fit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from rlef_hpc.config import load
+from rlef_hpc.launch.plan import GB, LLAMA_31, parameter_counts, plan
+from rlef_hpc.train.config import TrainConfig
+from tests.conftest import TESTS_DIR, run_tool, torchrun_command
+
+CONFIGS = TESTS_DIR.parent / "configs"
+
+
+def test_parameter_counts_are_llama_31s():
+    # Meta's model cards: 8.03B and 70.6B parameters (untied input and output embeddings).
+    for size, expected in (("8B", 8.03e9), ("70B", 70.55e9)):
+        block, embedding = parameter_counts(LLAMA_31[size])
+        assert block + 2 * embedding == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_training_memory_per_gpu_is_what_megatron_allocates(tmp_path, dtype):
+    """Weights, the fp32 gradient buffer, fp32 master weights and Adam's moments sharded over
+    DP=2, as megatron's DDP and distributed optimizer hold them on one rank."""
+    out = tmp_path / "memory.json"
+    cmd, env = torchrun_command(TESTS_DIR / "memory_worker.py", 2, out, dtype)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads(out.read_text())
+    cfg = load(
+        TrainConfig,
+        None,
+        [
+            "model.tokenizer_vocab=512",
+            "model.hidden_size=128",
+            "model.num_layers=3",
+            "model.num_attention_heads=4",
+            "model.num_query_groups=2",
+            "model.ffn_hidden_size=352",
+            "parallel.data=2",
+            f"precision.dtype={dtype}",
+            "rollout.rollouts_per_iteration=64",
+        ],
+    )
+    block, embedding = parameter_counts(cfg.model.scratch_config(512))
+    assert block + 2 * embedding == measured["parameters"]
+    allocated = sum(measured[k] for k in ("weight_bytes", "grad_buffer_bytes"))
+    allocated += measured["master_bytes"] + measured["moment_bytes"]
+    planned = plan(cfg).trainer["policy weights + grads + optimizer"]
+    # Megatron keeps the RMSNorm weights in fp32 even in bf16: a few hundred bytes here.
+    assert planned == pytest.approx(allocated, rel=2e-3)
+
+
+def test_shipped_8b_and_70b_layouts_fit_80gb_gpus():
+    for name in ("llama3_8b", "llama3_70b"):
+        report = plan(load(TrainConfig, CONFIGS / f"{name}.yaml"))
+        assert report.fits, (name, report.table())
+        assert report.trainer_peak < 80 * GB
+        assert report.kv_tokens > 3 * 9216  # a few longest episodes of KV cache per engine
+
+
+def test_a_layout_that_does_not_fit_is_refused_naming_the_term_and_the_knob():
+    cfg = load(TrainConfig, CONFIGS / "llama3_70b.yaml", ["precision.recompute=null"])
+    report = plan(cfg)
+    assert not report.fits
+    assert "activations" in report.refusal() and "precision.recompute=full" in report.refusal()
+    cfg = load(
+        TrainConfig,
+        CONFIGS / "llama3_70b.yaml",
+        ["parallel.tensor=1", "parallel.pipeline=1", "parallel.data=32", "slurm.nodes=4"],
+    )
+    refusal = plan(cfg).refusal()
+    assert "policy weights + grads + optimizer" in refusal and "parallel.tensor" in refusal
+
+
+def test_plan_tool_prints_the_70b_table():
+    proc = run_tool("plan.py", CONFIGS / "llama3_70b.yaml")
+    assert proc.returncode == 0, proc.stderr
+    for term in ("policy weights + grads + optimizer", "reference policy", "activations"):
+        assert term in proc.stdout
+    assert "TP 8 x PP 4 x DP 32" in proc.stdout and "fits" in proc.stdout
+    bad = run_tool("plan.py", CONFIGS / "llama3_70b.yaml", "precision.recompute=null")
+    assert bad.returncode == 1 and "DOES NOT FIT" in bad.stdout
