@@ -198,11 +198,16 @@ class TrainConfig:
                 f"rollout.shard_rollouts={r.shard_rollouts}"
             )
         s = self.slurm
+        if s.gpus_per_node and s.gpus_per_node % p.tensor:
+            raise ValueError(
+                f"parallel.tensor={p.tensor} does not divide slurm.gpus_per_node="
+                f"{s.gpus_per_node}: a tensor-parallel group must sit within one node"
+            )
         if s.gpus_per_node and p.world_size != s.nodes * s.gpus_per_node:
             raise ValueError(
-                f"parallel.tensor x pipeline x data = {p.world_size} GPUs, but slurm.nodes="
-                f"{s.nodes} x slurm.gpus_per_node={s.gpus_per_node} = "
-                f"{s.nodes * s.gpus_per_node}: make them equal"
+                f"the layout does not fit the GPUs: parallel.tensor x pipeline x data = "
+                f"{p.world_size}, but slurm.nodes={s.nodes} x slurm.gpus_per_node="
+                f"{s.gpus_per_node} = {s.nodes * s.gpus_per_node}"
             )
         if s.gpus_per_node and r.tensor_parallel > s.gpus_per_node and r.layout != "colocated":
             raise ValueError(
