@@ -159,6 +159,14 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
         raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
 
 
+def load_or_exit(parser: Any, cls: type[T], path: str | Path | None, overrides: Sequence[str]) -> T:
+    """load(), or the command line's exit: status 2 and one line naming the key."""
+    try:
+        return load(cls, path, overrides)
+    except (ConfigError, ValueError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+
+
 def describe(cls: type, path: str = "") -> list[str]:
     """One line per key (`group.key: type = default`), for --help."""
     lines = []

@@ -95,3 +95,26 @@ def run_script(path: object, *args: object, timeout: int = 600):
 def run_tool(name: str, *args: object, timeout: int = 300):
     """tools/NAME as a user runs it."""
     return run_script(TESTS_DIR.parent / "tools" / name, *args, timeout=timeout)
+
+
+# A training run in seconds: a tiny Llama and tokenizer, a few problems, a short warm start.
+TINY_TRAIN = [
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "model.num_attention_heads=2",
+    "model.num_query_groups=1",
+    "model.ffn_hidden_size=128",
+    "model.tokenizer_vocab=400",
+    "data.train_problems=24",
+    "data.eval_problems=4",
+    "warmstart.steps=30",
+    "rollout.rollouts_per_iteration=16",
+    "rollout.samples_per_problem=2",
+    "rollout.max_tokens=40",
+    "update.num_minibatches=2",
+    "update.micro_batch_size=4",
+    "eval.rollouts_per_problem=1",
+    "optim.lr=1e-4",
+    "optim.warmup_steps=2",
+    "run.tensorboard=true",
+]

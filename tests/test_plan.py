@@ -86,3 +86,16 @@ def test_plan_tool_prints_the_70b_table():
     assert "TP 8 x PP 4 x DP 32" in proc.stdout and "fits" in proc.stdout
     bad = run_tool("plan.py", CONFIGS / "llama3_70b.yaml", "precision.recompute=null")
     assert bad.returncode == 1 and "DOES NOT FIT" in bad.stdout
+
+
+def test_bytes_per_parameter_are_megatrons_report():
+    """megatron's theoretical memory report counts 6 + 12/DP bytes per parameter with the
+    distributed optimizer in bf16 (2 weights + 4 fp32 grads + 12 Adam, sharded)."""
+    from rlef_hpc.launch.plan import shard_parameters
+
+    cfg = load(TrainConfig, CONFIGS / "llama3_70b.yaml")
+    report = plan(cfg)
+    n = shard_parameters(LLAMA_31["70B"], cfg.parallel.tensor, cfg.parallel.pipeline)
+    per_param = report.trainer["policy weights + grads + optimizer"] / n
+    assert per_param == pytest.approx(6 + 12 / cfg.parallel.data)
+    assert report.trainer["reference policy (frozen)"] / n == pytest.approx(2)

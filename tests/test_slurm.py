@@ -14,27 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TESTS_DIR, require, run_tool
+from tests.conftest import TESTS_DIR, TINY_TRAIN, require, run_tool
 
 REPO = TESTS_DIR.parent
-TINY = [
-    "model.hidden_size=64",
-    "model.num_layers=2",
-    "model.num_attention_heads=2",
-    "model.num_query_groups=1",
-    "model.ffn_hidden_size=128",
-    "model.tokenizer_vocab=400",
-    "data.train_problems=24",
-    "data.eval_problems=4",
-    "warmstart.steps=30",
-    "rollout.rollouts_per_iteration=16",
-    "rollout.samples_per_problem=2",
-    "rollout.max_tokens=40",
-    "rollout.shard_rollouts=8",
-    "update.num_minibatches=2",
-    "update.micro_batch_size=4",
-    "eval.rollouts_per_problem=1",
-]
+TINY = [*TINY_TRAIN, "rollout.shard_rollouts=8"]
 
 
 @pytest.fixture(scope="module")

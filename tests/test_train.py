@@ -16,28 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require, run_tool, torchrun_launcher
+from tests.conftest import TESTS_DIR, TINY_TRAIN, require, run_tool, torchrun_launcher
 
-TINY = [
-    "model.hidden_size=64",
-    "model.num_layers=2",
-    "model.num_attention_heads=2",
-    "model.num_query_groups=1",
-    "model.ffn_hidden_size=128",
-    "model.tokenizer_vocab=400",
-    "data.train_problems=24",
-    "data.eval_problems=4",
-    "warmstart.steps=30",
-    "rollout.rollouts_per_iteration=16",
-    "rollout.samples_per_problem=2",
-    "rollout.max_tokens=40",
-    "update.num_minibatches=2",
-    "update.micro_batch_size=4",
-    "eval.rollouts_per_problem=1",
-    "optim.lr=1e-4",
-    "optim.warmup_steps=2",
-    "run.tensorboard=true",
-]
+TINY = TINY_TRAIN
 
 
 def have_engine() -> None:
@@ -201,3 +182,37 @@ def test_a_run_starts_from_a_hugging_face_model(tmp_path):
     )
     [record] = train_records(run).values()
     assert record["mismatch_max"] < 1e-3 and math.isfinite(record["policy_loss"])
+
+
+def test_a_tensor_parallel_trainer_trains_on_a_rollout_workers_shards(tmp_path):
+    """rollout.layout=disaggregated: the trainer at TP=2 (two processes under torchrun, no
+    engine) publishes each version; a rollout worker in a process of its own follows them and
+    writes trajectory shards, each claimed by exactly one iteration."""
+    have_engine()
+    from rlef_hpc.rollout.shards import ShardStore
+
+    run = tmp_path / "run"
+    overrides = [f"run.dir={run}", "run.iterations=2", "parallel.tensor=2",
+                 "model.num_query_groups=2", "rollout.layout=disaggregated",
+                 "rollout.shard_rollouts=8"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    config = TESTS_DIR.parent / "configs" / "demo_cpu.yaml"
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "rlef_hpc.train.rollout_worker", config, "0", *TINY, *overrides],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        proc = rlef_train(2, *overrides)
+        out, err = worker.communicate(timeout=300)
+    finally:
+        worker.kill()
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert worker.returncode == 0, err[-3000:]
+    records = train_records(run)
+    assert sorted(records) == [1, 2]
+    for r in records.values():
+        assert math.isfinite(r["kl"]) and math.isfinite(r["policy_loss"])
+        assert r["shard_staleness_max"] <= 1
+    assert ShardStore(run).audit()["claimed"] == 2 * 2
+    assert (run / "weights" / "latest").read_text().strip() == "2"
+    assert "worker 0: w000-s000000" in out

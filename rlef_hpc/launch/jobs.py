@@ -118,17 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     """python -m rlef_hpc.launch.jobs eval CONFIG [KEY=VALUE ...]: what slurm/eval.sh runs."""
     import argparse
 
-    from rlef_hpc.config import ConfigError, load
+    from rlef_hpc.config import load_or_exit
 
     p = argparse.ArgumentParser(prog="python -m rlef_hpc.launch.jobs")
     p.add_argument("job", choices=("eval",))
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = p.parse_args(argv)
-    try:
-        cfg = load(TrainConfig, args.config, args.overrides)
-    except (ConfigError, ValueError) as e:
-        p.exit(2, f"error: {e}\n")
+    cfg = load_or_exit(p, TrainConfig, args.config, args.overrides)
     try:
         evaluate_run(cfg)  # rlef-eval prints the table and writes the report
     except FileNotFoundError as e:

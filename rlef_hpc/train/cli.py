@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rlef_hpc.config import ConfigError, describe, load
+from rlef_hpc.config import describe, load_or_exit
 from rlef_hpc.train.config import TrainConfig
 
 
@@ -41,10 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if path is not None and "=" in path:  # only overrides, no file
         overrides.insert(0, path)
         path = None
-    try:
-        cfg = load(TrainConfig, path, overrides)
-    except (ConfigError, ValueError) as e:
-        p.exit(2, f"rlef-train: error: {e}\n")
+    cfg = load_or_exit(p, TrainConfig, path, overrides)
     from rlef_hpc.train.loop import train
 
     train(cfg)

@@ -218,6 +218,12 @@ class TrainConfig:
             raise ValueError(
                 f"slurm.nodes={s.nodes} must divide the {p.world_size} trainer processes"
             )
+        if self.warmstart.steps and p.pipeline > 1:
+            raise ValueError(
+                f"warmstart.steps={self.warmstart.steps} with parallel.pipeline={p.pipeline}: "
+                "the warm start runs without pipeline stages; set warmstart.steps=0 (start "
+                "from an instruct model, model.init=hf) or warm-start at parallel.pipeline=1"
+            )
         if self.model.init == "hf" and not self.model.hf_dir:
             raise ValueError("model.init=hf needs model.hf_dir (a Hugging Face Llama directory)")
         if self.data.source == "codecontests" and not self.data.train_path:

@@ -127,17 +127,14 @@ def install_stop_handlers() -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from rlef_hpc.config import ConfigError, load
+    from rlef_hpc.config import load_or_exit
 
     p = argparse.ArgumentParser(prog="rlef-rollout-worker", description=__doc__.splitlines()[0])
     p.add_argument("config", help="the run's YAML config")
     p.add_argument("worker", type=int, help="this worker's number (0, 1, ...)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = p.parse_args(argv)
-    try:
-        cfg = load(TrainConfig, args.config, args.overrides)
-    except (ConfigError, ValueError) as e:
-        p.exit(2, f"rlef-rollout-worker: error: {e}\n")
+    cfg = load_or_exit(p, TrainConfig, args.config, args.overrides)
     install_stop_handlers()
     run_worker(cfg, args.worker)
     return 0

@@ -58,6 +58,32 @@ def demonstrations(
     return out
 
 
+def clip_global_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Clips by the norm of the whole model's gradient: tensor-parallel shards summed over
+    their group, replicated parameters (norms) counted once."""
+    from megatron.core import parallel_state as ps
+
+    grads = [p for p in params if p.grad is not None]
+    split = sum(
+        (p.grad.float().pow(2).sum() for p in grads if getattr(p, "tensor_model_parallel", False)),
+        torch.zeros(()),
+    )
+    whole = sum(
+        (
+            p.grad.float().pow(2).sum()
+            for p in grads
+            if not getattr(p, "tensor_model_parallel", False)
+        ),
+        torch.zeros(()),
+    )
+    dist.all_reduce(split, group=ps.get_tensor_model_parallel_group())
+    norm = float((split + whole).sqrt())
+    if norm > max_norm:
+        for p in grads:
+            p.grad.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
 def warm_start(
     model: torch.nn.Module,
     examples: list[tuple[list[int], int]],
@@ -68,8 +94,11 @@ def warm_start(
     progress: bool = False,
 ) -> list[float]:
     """AdamW on the answer tokens' negative log-likelihood; data-parallel ranks take
-    interleaved shares of each batch and average their gradients. Returns the losses."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    interleaved shares of each batch and average their gradients (tensor-parallel ranks of a
+    group see the same batch). Returns the losses."""
+    from megatron.core import parallel_state as ps
+
+    rank, world = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -100,9 +129,9 @@ def warm_start(
         loss.backward()
         for p in params:
             if p.grad is not None:
-                dist.all_reduce(p.grad)
+                dist.all_reduce(p.grad, group=ps.get_data_parallel_group())
                 p.grad /= world
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        clip_global_norm(params, 1.0)
         optimizer.step()
         schedule.step()
         losses.append(float(loss))
