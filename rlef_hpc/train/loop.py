@@ -339,7 +339,10 @@ class Trainer:
         if dist.get_world_size() > 1:  # one engine per rank, inside torchrun's processes
             extra.update(tensor_parallel_size=1, distributed_executor_backend="external_launcher")
         if torch.cuda.is_available():
+            # The engine sleeps (KV cache freed, weights offloaded) while the trainer updates
+            # on the same GPUs; a synchronous run only (asynchronous ones generate meanwhile).
             extra["gpu_memory_utilization"] = r.gpu_memory_utilization
+            extra["enable_sleep_mode"] = not r.asynchronous
         self.engine = VLLMGenerator(
             str(self.init_dir),
             SamplingConfig(r.temperature, r.top_p, r.max_tokens, seed=self.cfg.run.seed),
@@ -504,7 +507,12 @@ class Trainer:
         episodes = self._mean_over_ranks(episode_metrics(trajectories, cfg.episodes.max_turns))
         start = time.perf_counter()
         batch = collate(trajectories, pad_id=self.tokenizer.pad_token_id or 0)
+        sleeping = not (self.disaggregated or cfg.rollout.asynchronous)
+        if sleeping:
+            self.engine.sleep()  # GPUs: its memory is the update's (a no-op on CPU)
         metrics = self.update.step(batch, cfg.update.num_minibatches, progress=self.rank == 0)
+        if sleeping:
+            self.engine.wake()
         update_s = time.perf_counter() - start
         # Every token of the batch was compared (trainer pi_old vs the engine's sampling
         # log-probs): a wrong refit or engine must not train on silently. (Asynchronous
