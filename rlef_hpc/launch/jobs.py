@@ -30,6 +30,13 @@ def requeue_this_job() -> None:
         subprocess.run(["scontrol", "requeue", job], check=False)
 
 
+def _requeue_unless_sigterm(signum: int) -> None:
+    """A time-limit warning (submitit's SIGUSR2): run again. On SIGTERM Slurm is already
+    requeueing or cancelling the job."""
+    if signum != signal.SIGTERM:
+        requeue_this_job()
+
+
 def _resubmission(job: Any) -> Any:
     import submitit
 
@@ -47,10 +54,8 @@ class TrainJob:
         try:
             result = train(cfg)
         except Preempted as stop:
-            # Time-limit warning: the checkpoint is saved, run again. (On SIGTERM Slurm is
-            # already requeueing or cancelling the job.)
-            if stop.signum != signal.SIGTERM and os.environ.get("SLURM_PROCID", "0") == "0":
-                requeue_this_job()
+            if os.environ.get("SLURM_PROCID", "0") == "0":
+                _requeue_unless_sigterm(stop.signum or signal.SIGTERM)
             raise
         return {"iterations": result["iterations"]}
 
@@ -66,7 +71,7 @@ class RolloutJob:
     def __call__(self) -> int:
         from rlef_hpc.train.rollout_worker import install_stop_handlers, run_worker
 
-        install_stop_handlers()
+        install_stop_handlers(_requeue_unless_sigterm)
         return run_worker(from_dict(TrainConfig, self.config), self.worker)
 
     def checkpoint(self) -> Any:

@@ -507,11 +507,12 @@ class Trainer:
         episodes = self._mean_over_ranks(episode_metrics(trajectories, cfg.episodes.max_turns))
         start = time.perf_counter()
         batch = collate(trajectories, pad_id=self.tokenizer.pad_token_id or 0)
-        sleeping = not (self.disaggregated or cfg.rollout.asynchronous)
-        if sleeping:
+        # On-policy: this iteration's own engine sampled the batch and is idle now.
+        on_policy = not (cfg.rollout.asynchronous or self.disaggregated)
+        if on_policy:
             self.engine.sleep()  # GPUs: its memory is the update's (a no-op on CPU)
         metrics = self.update.step(batch, cfg.update.num_minibatches, progress=self.rank == 0)
-        if sleeping:
+        if on_policy:
             self.engine.wake()
         update_s = time.perf_counter() - start
         # Every token of the batch was compared (trainer pi_old vs the engine's sampling
@@ -519,7 +520,6 @@ class Trainer:
         # batches come from the previous policy: there the refit probe below is the guard;
         # disaggregated ones from any recent version, corrected by the importance weights.)
         limit = cfg.rollout.mismatch_threshold
-        on_policy = not (cfg.rollout.asynchronous or self.disaggregated)
         if on_policy and metrics.get("mismatch_max", 0.0) > limit:
             raise RefitMismatchError(
                 f"iteration {it}: trainer and engine log-probs of the sampled tokens differ by "

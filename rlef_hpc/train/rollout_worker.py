@@ -19,6 +19,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,18 +111,19 @@ def run_worker(cfg: TrainConfig, worker: int, poll_s: float = 0.5) -> int:
     return written
 
 
-def _stop(signum: int, frame: Any) -> None:
-    from rlef_hpc.train.loop import EXIT_PREEMPTED
+def install_stop_handlers(before_exit: Callable[[int], None] | None = None) -> None:
+    """SIGTERM/SIGUSR1/SIGUSR2 end the worker at once with status 75, after
+    `before_exit(signum)` (a Slurm job requeues itself there)."""
+    from rlef_hpc.train.loop import EXIT_PREEMPTED, STOP_SIGNALS
 
-    print(f"rollout worker: {signal.Signals(signum).name}, stopping", flush=True)
-    os._exit(EXIT_PREEMPTED)  # vLLM's threads must not hold the exit; the shard is redone
-
-
-def install_stop_handlers() -> None:
-    from rlef_hpc.train.loop import STOP_SIGNALS
+    def stop(signum: int, frame: Any) -> None:
+        print(f"rollout worker: {signal.Signals(signum).name}, stopping", flush=True)
+        if before_exit is not None:
+            before_exit(signum)
+        os._exit(EXIT_PREEMPTED)  # vLLM's threads must not hold the exit; the shard is redone
 
     for sig in STOP_SIGNALS:
-        signal.signal(sig, _stop)
+        signal.signal(sig, stop)
 
 
 def main(argv: list[str] | None = None) -> int:
