@@ -224,7 +224,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     p = _parser()
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options before, between or after the overrides
     try:
         if args.config in ("status", "cancel"):
             if len(args.overrides) != 1:
