@@ -128,10 +128,11 @@ def test_submit_disaggregated_survives_requeues_without_losing_a_shard(slurm, tm
     )
     assert len(jobs["rollout"]) == 2
     wait_iterations(run, 2)
-    # Either side stopped midway: the trainer by submitit's time-limit signal (it checkpoints
-    # and requeues itself), a rollout worker by `scontrol requeue`.
+    # Either side stopped midway: the trainer and worker 1 by submitit's time-limit signal
+    # (they requeue themselves; the trainer checkpoints first), worker 0 by `scontrol requeue`.
     assert sh("scancel", "--signal=USR2", jobs["train"]).returncode == 0
     assert sh("scontrol", "requeue", jobs["rollout"][0]).returncode == 0
+    assert sh("scancel", "--signal=USR2", jobs["rollout"][1]).returncode == 0
     for job in (jobs["train"], *jobs["rollout"], jobs["eval"]):
         assert wait_done(job) == "COMPLETED", job
     assert train_iterations(run) == [1, 2, 3, 4, 5, 6]
@@ -143,8 +144,9 @@ def test_submit_disaggregated_survives_requeues_without_losing_a_shard(slurm, tm
         assert len(list(store.iteration_dir(it).glob("*.pt"))) == 2
     log = next((run / "slurm" / jobs["train"]).glob("*_0_log.out")).read_text()
     assert "signal SIGUSR2: checkpointing after this iteration" in log and "resumed from" in log
-    log = next((run / "slurm" / jobs["rollout"][0]).glob("*_0_log.out")).read_text()
-    assert log.count("Starting with JobEnvironment") == 2  # the worker ran again
+    for worker in jobs["rollout"]:  # each worker ran again
+        log = next((run / "slurm" / worker).glob("*_0_log.out")).read_text()
+        assert log.count("Starting with JobEnvironment") == 2, worker
 
 
 def test_cancel_leaves_no_job_and_no_process(slurm, tmp_path):

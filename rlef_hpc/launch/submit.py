@@ -178,9 +178,13 @@ def status(run_dir: Path) -> str:
     from rlef_hpc.rollout.shards import ShardStore
 
     jobs = [j for submission in recorded(run_dir) for j in _ids(submission)]
-    states = job_states([j for _, j in jobs])
     lines = ["| job | id | state |", "|---|---|---|"]
-    lines += [f"| {role} | {job} | {states.get(job, 'UNKNOWN')} |" for role, job in jobs]
+    try:
+        require_slurm()
+        states = job_states([j for _, j in jobs])
+    except SlurmUnavailable as e:
+        states, lines = {}, [f"job states unknown: {e}", *lines]
+    lines += [f"| {role} | {job} | {states.get(job, '?')} |" for role, job in jobs]
     checkpoint = training.latest(run_dir)
     lines.append(f"checkpoint: {checkpoint.name if checkpoint else 'none yet'}")
     store = ShardStore(run_dir)
