@@ -118,3 +118,33 @@ TINY_TRAIN = [
     "optim.warmup_steps=2",
     "run.tensorboard=true",
 ]
+
+
+TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=2048,
+)
+
+
+def save_random_llama(path, tokenizer, **shape):
+    """A randomly initialised (seed 0) Hugging Face Llama with `tokenizer` in `path`: the
+    vocabulary is the tokenizer's, padded to even (tensor parallelism of 2 divides it),
+    embeddings untied as in Llama 3.1; `shape` overrides the tiny default (hidden 64, ...)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer) + len(tokenizer) % 2,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **{**TINY_LLAMA, **shape},
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rlef_hpc.data.bundled import load_bundled
-from tests.conftest import require
+from tests.conftest import require, save_random_llama
 
 CLI = [sys.executable, "-m", "rlef_hpc.eval.cli"]
 
@@ -84,9 +84,9 @@ def test_bad_input_exits_2_with_one_line(tmp_path, content, args, message):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     try:
-        import torch
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
         import vllm  # noqa: F401
-        from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError as e:
         require(False, f"vLLM / torch not installed ({e}): pip install -e '.[cpu]'")
     from rlef_hpc.models.tokenizer import build_tokenizer
@@ -96,23 +96,9 @@ def tiny_model(tmp_path_factory) -> Path:
     tokenizer = build_tokenizer(
         [p.description for p in problems] + [fenced(p.reference().source) for p in problems]
     )
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+    return save_random_llama(
+        path, tokenizer, max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_model_directory_is_evaluated_with_vllm(tiny_model: Path, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require, run_script, run_tool, torchrun_command
+from tests.conftest import require, run_script, run_tool, save_random_llama, torchrun_command
 
 TESTS = Path(__file__).parent
 
@@ -17,9 +17,9 @@ TESTS = Path(__file__).parent
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
     try:
-        import torch
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
         import vllm  # noqa: F401
-        from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError as e:
         require(False, f"vLLM / torch not installed ({e}): pip install -e '.[cpu]'")
     from rlef_hpc.checkpoint.convert import import_hf  # noqa: F401 - imported by the tool
@@ -29,22 +29,16 @@ def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
     tokenizer = build_tokenizer(["def f(x):\n    return x + 1\nprint(f(2))\n"] * 50, vocab_size=256)
     # head_dim 32 (vLLM's CPU attention supports it); 2 KV groups and an even vocabulary (the
     # tokenizer's, padded) so that tensor parallelism of 2 divides them.
-    config = LlamaConfig(
-        vocab_size=len(tokenizer) + len(tokenizer) % 2,
+    save_random_llama(
+        hf,
+        tokenizer,
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=2048,
         rope_theta=500000.0,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(hf)
-    tokenizer.save_pretrained(hf)
     ckpt = tmp_path_factory.mktemp("ckpt")
     proc = run_tool("convert_from_hf.py", hf, ckpt)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TESTS_DIR, TINY_TRAIN, require, run_tool, torchrun_launcher
+from tests.conftest import (
+    TESTS_DIR,
+    TINY_TRAIN,
+    require,
+    run_tool,
+    save_random_llama,
+    torchrun_launcher,
+)
 
 TINY = TINY_TRAIN
 
@@ -143,7 +150,6 @@ def test_a_run_starts_from_a_hugging_face_model(tmp_path):
     and the policy trained from it is the HF model's to begin with (mismatch ~0)."""
     have_engine()
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from rlef_hpc.data import synthetic
     from rlef_hpc.episodes.runner import EpisodeConfig
@@ -153,21 +159,7 @@ def test_a_run_starts_from_a_hugging_face_model(tmp_path):
     hf = tmp_path / "hf"
     problems = synthetic.generate(24, "train", seed=0)
     tokenizer = build_tokenizer(_tokenizer_corpus(problems, EpisodeConfig()), vocab_size=400)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer) + len(tokenizer) % 2,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(hf)
-    tokenizer.save_pretrained(hf)
+    save_random_llama(hf, tokenizer)
     (hf / "original").mkdir()  # what the copy must leave out
     run = tmp_path / "run"
     overrides = ["run.iterations=1", "model.init=hf", "warmstart.steps=0", "data.eval_problems=0"]
