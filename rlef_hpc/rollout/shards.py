@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,7 +106,6 @@ class ShardStore:
         min_version: int,
         timeout_s: float,
         poll_s: float = 0.2,
-        on_wait: Callable[[int], None] | None = None,
     ) -> list[Path]:
         """`count` shards for `iteration`: those it claimed before a restart first, then the
         oldest acceptable pending ones (versions below `min_version` go to stale/)."""
@@ -137,8 +135,6 @@ class ShardStore:
                     f"{iteration} ({taken}/{count} claimed): are the rollout workers "
                     "running? (tools/submit.py status RUN_DIR)"
                 )
-            if on_wait is not None:
-                on_wait(taken)
             time.sleep(poll_s)
 
     def audit(self) -> dict[str, int]:
