@@ -28,6 +28,24 @@ from rlef_hpc.rl.ppo import PPOConfig
 from rlef_hpc.rl.update import OptimConfig, PPOUpdate
 
 
+def slow_down_policy_writes() -> None:
+    """Makes the policy's background writer finish after the value's: megatron's writers
+    report through one queue shared by every save in flight, so a save that took the other
+    one's report would describe files it did not write (the race this order provokes)."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import (
+        FileSystemWriterAsync as Writer,
+    )
+
+    write = Writer.write_preloaded_data_multiproc
+
+    def slow(transforms, use_msc, rank, buckets, results):
+        if any(f"{os.sep}policy{os.sep}" in str(bucket[0]) for bucket in buckets):
+            time.sleep(3)
+        return write(transforms, use_msc, rank, buckets, results)
+
+    Writer.write_preloaded_data_multiproc = staticmethod(slow)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tp", type=int, default=1)
@@ -84,6 +102,7 @@ def main() -> None:
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
         queue = AsyncCallsQueue()
+        slow_down_policy_writes()
     dp = dist.get_world_size() // (args.tp * args.pp)
     batch = fixed_batch()
     metrics = {}

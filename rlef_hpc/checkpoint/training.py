@@ -112,6 +112,30 @@ def _sharded(model: torch.nn.Module, optimizer: Any, is_loading: bool) -> dict[s
     return {"model": model_state, "optimizer": optim_state}
 
 
+def _in_order(requests: Sequence[Any]) -> Any:
+    """One megatron AsyncRequest doing the writes of `requests` one after the other in one
+    background process, then their finalizations in the same order. Megatron's writers report
+    through one queue shared by every save in flight, and each finalization takes the oldest
+    report: concurrent saves (one background process each) could swap reports, and a model's
+    metadata would then describe the other model's files."""
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
+
+    calls = []
+    for r in requests:
+        args = list(r.async_fn_args)
+        if r.preload_fn is not None:  # stages device tensors to host, as megatron's caller does
+            args[1] = r.preload_fn()
+        calls.append((r.async_fn, args, r.async_fn_kwargs))
+
+    return AsyncRequest(_call_all, (calls,), [fn for r in requests for fn in r.finalize_fns])
+
+
+def _call_all(calls: Sequence[tuple[Any, list[Any], dict[str, Any]]]) -> None:
+    for fn, args, kwargs in calls:
+        if fn is not None:  # None: nothing of that model to write on this rank
+            fn(*args, **kwargs)
+
+
 def save(
     run_dir: str | Path,
     iteration: int,
@@ -150,21 +174,21 @@ def save(
             atomic.commit(tmp, final, iteration, "iter_*", keep_last)
         dist.barrier()
 
-    for i, (name, model, optimizer) in enumerate(models):
+    requests = []
+    for name, model, optimizer in models:
         (tmp / name).mkdir(exist_ok=True)
-        request = dist_checkpointing.save(
-            _sharded(model, optimizer, is_loading=False),
-            str(tmp / name),
-            content_metadata=OPTIMIZER_METADATA,
-            async_sharded_save=async_queue is not None,
+        requests.append(
+            dist_checkpointing.save(
+                _sharded(model, optimizer, is_loading=False),
+                str(tmp / name),
+                content_metadata=OPTIMIZER_METADATA,
+                async_sharded_save=async_queue is not None,
+            )
         )
-        if async_queue is not None:
-            # Each save is handed to the queue before the next one is prepared (megatron's
-            # save strategy keeps per-save state), and the commit runs at the last one's
-            # finalization, once every rank's writes of every model are done.
-            if i == len(models) - 1:
-                request.add_finalize_fn(commit)
-            async_queue.schedule_async_request(request)
+    if async_queue is not None:
+        request = _in_order(requests)
+        request.add_finalize_fn(commit)
+        async_queue.schedule_async_request(request)
     rng = [None] * dist.get_world_size()
     dist.all_gather_object(rng, {"torch": torch.get_rng_state()})
     if rank == 0:
