@@ -50,9 +50,10 @@ def train_records(run: Path) -> dict[int, dict]:
 def test_two_processes_log_checkpoint_convert_and_resume_exactly(tmp_path):
     have_engine()
     run = tmp_path / "run"
-    proc = rlef_train(
-        2, f"run.dir={run}", "run.iterations=3", "parallel.data=2", "run.checkpoint_every=1"
-    )
+    # Iterations 1 and 2 are saved in the background (the last save is synchronous); the
+    # resume below reads iteration 2's.
+    proc = rlef_train(2, f"run.dir={run}", "run.iterations=3", "parallel.data=2",
+                      "run.checkpoint_every=1", "run.async_save=true")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = train_records(run)
     assert sorted(records) == [1, 2, 3]
@@ -113,8 +114,10 @@ def test_sigterm_checkpoints_and_exits_75(tmp_path):
     have_engine()
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Saved every iteration in the background: a save is in flight when the signal's
+    # (synchronous) save runs.
     cmd = [sys.executable, "-m", "rlef_hpc.train.cli", *TINY, f"run.dir={run}", "run.iterations=50",
-           "run.checkpoint_every=50"]  # fmt: skip
+           "run.checkpoint_every=1", "run.async_save=true"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
     while not (run / "metrics.jsonl").exists() or not train_records(run):

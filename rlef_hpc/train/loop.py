@@ -568,6 +568,10 @@ class Trainer:
         from rlef_hpc.checkpoint import training
         from rlef_hpc.checkpoint.convert import TOKENIZER_FILES
 
+        if self.async_queue is not None:
+            # The save in flight is committed first: a save clears temporary directories it
+            # takes for killed saves', and checkpoints are committed in iteration order.
+            self.async_queue.maybe_finalize_async_calls(blocking=True)
         training.save(
             self.run_dir,
             iteration,
