@@ -149,7 +149,7 @@ def test_synthetic_problems_are_seeded_split_and_solved_by_their_references(exec
     heldout = synthetic.generate(15, "heldout", seed=3)
     assert [p.name for p in train] == [p.name for p in synthetic.generate(40, "train", seed=3)]
     assert not {p.name for p in train} & {p.name for p in heldout}
-    assert {p.tags[1] for p in train} == {f.name for f in synthetic.FAMILIES}
+    assert {p.tags[1] for p in train} == set(synthetic.CURRICULA["basic"])
     for p in train + heldout:
         assert len(p.public_tests) == 2 and len(p.private_tests) == 8
     jobs = [
@@ -162,3 +162,24 @@ def test_synthetic_problems_are_seeded_split_and_solved_by_their_references(exec
         synthetic.generate(1, "valid")
     with pytest.raises(ValueError, match="cannot draw 10000 distinct heldout problems"):
         synthetic.generate(10000, "heldout")
+    with pytest.raises(ValueError, match="unknown curriculum 'hard'; expected one of basic, feed"):
+        synthetic.generate(1, curriculum="hard")
+
+
+def test_the_feedback_curriculum_adds_problems_only_feedback_solves(executor: Executor):
+    from rlef_hpc.data import synthetic
+
+    basic = synthetic.generate(60, "train", seed=0)
+    both = synthetic.generate(60, "train", seed=0, curriculum="feedback")
+    assert "secret" not in {p.tags[1] for p in basic}
+    secret = [p for p in both if p.tags[1] == "secret"]
+    assert len(secret) >= len(both) // 5  # a family of ten, not yet the others exhausted
+    for problem in secret:
+        letter = problem.private_tests[0].output.strip()
+        assert f"'{letter}'" in problem.reference().source and letter not in problem.description
+    # The statement does not tell: one program cannot pass two puzzles with different letters.
+    a = secret[0]
+    b = next(p for p in secret if p.private_tests[0].output != a.private_tests[0].output)
+    jobs = [Job.build("python", a.reference().source, p.judge_tests, p.limits()) for p in (a, b)]
+    passed = [all(r.passed for r in rs) for rs in executor.run_many(jobs)]
+    assert passed == [True, False]

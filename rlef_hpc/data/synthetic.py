@@ -51,6 +51,7 @@ def _values(text: str) -> list[int]:
 
 LIST_OPS: dict[str, Callable[[list[int]], int]] = {"sum": sum, "maximum": max, "minimum": min}
 CASES = {"upper case": "upper", "lower case": "lower", "title case": "title"}
+SECRET_LETTERS = "ABCDEF"
 
 FAMILIES = [
     Family(
@@ -111,6 +112,18 @@ FAMILIES = [
             " ".join(map(str, sorted(_values(s), reverse=p["order"] == "decreasing"))) + "\n"
         ),
     ),
+    # Solvable only from the feedback, which quotes the expected output: what single-turn
+    # training and an unrelated problem's feedback cannot teach (the paper's ablations). The
+    # letter is one token, the same quoted in the feedback and in the code; the puzzle number
+    # tells nothing.
+    Family(
+        "secret",
+        lambda r: {"puzzle": r.randint(1, 60), "letter": r.choice(SECRET_LETTERS)},
+        "Read a line and print the secret letter of puzzle {puzzle}, whatever the line",
+        "input()\nprint('{letter}')\n",
+        lambda r, p: f"{_word(r)}\n",
+        lambda s, p: f"{p['letter']}\n",
+    ),
     Family(
         "pick",
         lambda r: {"which": r.choice(["larger", "smaller"]), "offset": r.randint(0, 3)},
@@ -122,6 +135,10 @@ FAMILIES = [
         ),
     ),
 ]
+# "basic": what a policy can learn to solve in one turn (the demo). "feedback": with "secret"
+# too, where only the feedback tells the answer (close to half of the problems).
+_BASIC = tuple(f.name for f in FAMILIES if f.name != "secret")
+CURRICULA = {"basic": _BASIC, "feedback": (*_BASIC, "secret")}
 _DERIVED = {  # names the solutions use for a parameter
     "case": lambda p: {"method": CASES[p["case"]]},
     "list-op": lambda p: {"function": {"sum": "sum", "maximum": "max", "minimum": "min"}[p["op"]]},
@@ -164,10 +181,18 @@ def instance(family: Family, params: dict[str, Any], seed: int) -> Problem:
     )
 
 
-def generate(n: int, split: str = "train", seed: int = 0) -> list[Problem]:
-    """n distinct instances of `split`, drawn round-robin over the families (seeded)."""
+def generate(
+    n: int, split: str = "train", seed: int = 0, curriculum: str = "basic"
+) -> list[Problem]:
+    """n distinct instances of `split`, drawn round-robin over the curriculum's families
+    (seeded)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    if curriculum not in CURRICULA:
+        raise ValueError(
+            f"unknown curriculum {curriculum!r}; expected one of {', '.join(CURRICULA)}"
+        )
+    families = [f for f in FAMILIES if f.name in CURRICULA[curriculum]]
     rng = random.Random(seed)
     problems: dict[str, Problem] = {}
     attempts = misses = 0
@@ -176,7 +201,7 @@ def generate(n: int, split: str = "train", seed: int = 0) -> list[Problem]:
         misses += 1
         if misses > 20_000:  # no new instance in a long while: the families are exhausted
             raise ValueError(f"cannot draw {n} distinct {split} problems; the families have fewer")
-        family = FAMILIES[attempts % len(FAMILIES)]
+        family = families[attempts % len(families)]
         params = family.params(rng)
         if split_of(family.name, params) != split:
             continue

@@ -5,7 +5,13 @@ from rlef_hpc.episodes.conversation import Conversation, TemplateError
 from rlef_hpc.episodes.extract import code_blocks, extract_code
 from rlef_hpc.episodes.runner import EpisodeConfig, EpisodeRunner, GenerateFn, Generation
 from rlef_hpc.episodes.scripted import ScriptedPolicy
-from rlef_hpc.episodes.templates import Templates, feedback_message, initial_prompt, truncate
+from rlef_hpc.episodes.templates import (
+    Templates,
+    feedback_message,
+    initial_prompt,
+    public_feedback,
+    truncate,
+)
 
 __all__ = [
     "Conversation",
@@ -19,6 +25,7 @@ __all__ = [
     "code_blocks",
     "extract_code",
     "feedback_message",
+    "public_feedback",
     "initial_prompt",
     "truncate",
 ]

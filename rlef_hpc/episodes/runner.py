@@ -20,7 +20,7 @@ from rlef_hpc.data.problem import Problem
 from rlef_hpc.data.trajectory import Trajectory, Turn
 from rlef_hpc.episodes.conversation import Conversation
 from rlef_hpc.episodes.extract import extract_code, python_parses
-from rlef_hpc.episodes.templates import Templates, feedback_message, fill, initial_prompt
+from rlef_hpc.episodes.templates import Templates, fill, initial_prompt, public_feedback
 from rlef_hpc.sandbox import Job, TestResult, Verdict
 
 
@@ -185,12 +185,7 @@ class EpisodeRunner:
             message = fill(templates.no_code, fence=fence)
         else:
             tests = episode.problem.public_tests
-            failures = [
-                (t.input, t.output, r) for t, r in zip(tests, results, strict=True) if not r.passed
-            ]
-            if failures and failures[0][2].verdict is Verdict.COMPILE_ERROR:
-                failures = failures[:1]  # the same compiler message for every test
-            message = feedback_message(templates, self.config.language, failures)
+            message = public_feedback(templates, self.config.language, tests, results)
             message = self._maybe_swap(episode.problem.name, message)
         turn.feedback = message
         episode.prompt_span = episode.conversation.add_user(message)

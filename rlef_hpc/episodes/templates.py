@@ -8,11 +8,12 @@ parts, joined by a marker naming what was left out, e.g. "12345...(980 character
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from rlef_hpc.sandbox import TestResult, Verdict
+from rlef_hpc.sandbox import TestCase, TestResult, Verdict
 
 LANGUAGE_NAMES = {"python": "Python", "cpp": "C++"}
 FENCE_TAGS = {"python": "python", "cpp": "cpp"}
@@ -146,6 +147,16 @@ def failure_line(templates: Templates, test_input: str, expected: str | None, r:
     }.get(r.verdict, f"Exited with status {r.exit_code}.")
     trace = truncate_traceback(trace, t.max_traceback_lines, t.max_traceback_chars)
     return fill(t.runtime_error, input=quoted, stacktrace=trace)
+
+
+def public_feedback(
+    templates: Templates, language: str, tests: Sequence[TestCase], results: Sequence[TestResult]
+) -> str:
+    """The user message after a turn whose code failed some of the public `tests`."""
+    failures = [(t.input, t.output, r) for t, r in zip(tests, results, strict=True) if not r.passed]
+    if failures and failures[0][2].verdict is Verdict.COMPILE_ERROR:
+        failures = failures[:1]  # the same compiler message for every test
+    return feedback_message(templates, language, failures)
 
 
 def feedback_message(

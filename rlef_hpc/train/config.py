@@ -64,6 +64,8 @@ class DataConfig:
     train_path: str | None = None  # codecontests: JSONL or parquet of the train split
     valid_path: str | None = None  # codecontests: the valid split (evaluation)
     train_problems: int = 160  # synthetic: instances drawn from the train split
+    # synthetic: "feedback" adds problems only the feedback can solve (the ablations' bench)
+    curriculum: Literal["basic", "feedback"] = "basic"
     eval_problems: int = 40  # problems evaluated (synthetic: from the held-out split)
 
 
@@ -137,6 +139,9 @@ class WarmStartConfig:
     # Copies of each problem's demonstration with a near-miss solution (a constant off by
     # one): a warm-started policy that often answers almost right, as RL's starting point.
     near_misses: int = 0
+    # Copies of each problem's repair demonstration (near miss, its real feedback, then the
+    # solution): a policy that has seen feedback used, which RL can then reinforce.
+    repairs: int = 0
 
 
 @dataclass(frozen=True)

@@ -98,8 +98,8 @@ def load_problems(cfg: TrainConfig) -> tuple[list[Problem], list[Problem]]:
         from rlef_hpc.data import synthetic
 
         return (
-            synthetic.generate(d.train_problems, "train", cfg.run.seed),
-            synthetic.generate(d.eval_problems, "heldout", cfg.run.seed),
+            synthetic.generate(d.train_problems, "train", cfg.run.seed, d.curriculum),
+            synthetic.generate(d.eval_problems, "heldout", cfg.run.seed, d.curriculum),
         )
     from rlef_hpc.data.codecontests import load_problems as load
 
@@ -252,16 +252,18 @@ class Trainer:
             state = hf_to_megatron(read_hf_state(hf_dir), model_cfg)
             load_full_state(policy, state, model_cfg.num_layers)
         if cfg.warmstart.steps:
-            from rlef_hpc.train.warmstart import demonstrations, warm_start
+            from rlef_hpc.sandbox import Executor
+            from rlef_hpc.train.warmstart import demonstrations, repair_demonstrations, warm_start
 
-            w = cfg.warmstart
-            examples = demonstrations(
-                self.train_problems,
-                tokenizer,
-                cfg.episodes.templates,
-                cfg.episodes.language,
-                w.near_misses,
-            )
+            w, e = cfg.warmstart, cfg.episodes
+            problems = self.train_problems
+            examples = demonstrations(problems, tokenizer, e.templates, e.language, w.near_misses)
+            if w.repairs:
+                with Executor(workers=cfg.rollout.sandbox_workers) as executor:
+                    repairs = repair_demonstrations(
+                        problems, tokenizer, e.templates, e.language, executor
+                    )
+                examples += repairs * w.repairs
             losses = warm_start(
                 policy, examples, w.steps, w.batch_size, w.lr, cfg.run.seed, self.rank == 0
             )

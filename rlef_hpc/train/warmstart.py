@@ -13,22 +13,42 @@ import torch.distributed as dist
 
 from rlef_hpc.data.problem import Problem
 from rlef_hpc.episodes.conversation import Conversation
-from rlef_hpc.episodes.templates import FENCE_TAGS, Templates, initial_prompt
+from rlef_hpc.episodes.templates import FENCE_TAGS, Templates, initial_prompt, public_feedback
 from rlef_hpc.rl.logprobs import token_logprobs
+from rlef_hpc.sandbox import Executor, Job
+
+
+def _shift(text: str) -> str:
+    """Each letter to the next one (z to a), the rest as it is."""
+    out = []
+    for c in text:
+        base = ord("a" if c.islower() else "A")
+        out.append(chr((ord(c) - base + 1) % 26 + base) if c.isalpha() else c)
+    return "".join(out)
 
 
 def near_miss(source: str) -> str | None:
-    """The program with its first integer literal off by one (else its first one-letter
-    string changed): what a policy that has not learnt to read the constants writes."""
+    """The program with its first integer literal off by one (else the letters of its first
+    one-letter or capital-letters string shifted by one): what a policy that has not learnt
+    to read the constants writes."""
     number = re.search(r"(?<![\w.])\d+(?![\w.])", source)
     if number:
         value = int(number.group()) + 1
         return source[: number.start()] + str(value) + source[number.end() :]
-    letter = re.search(r"'([a-z])'", source)
-    if letter:
-        shifted = chr((ord(letter.group(1)) - 97 + 1) % 26 + 97)
-        return source[: letter.start(1)] + shifted + source[letter.end(1) :]
+    word = re.search(r"'([a-z]|[A-Z]( ?[A-Z])*)'", source)
+    if word:
+        return source[: word.start(1)] + _shift(word.group(1)) + source[word.end(1) :]
     return None
+
+
+def _reference(problem: Problem, language: str) -> str | None:
+    return next((s.source for s in problem.solutions if s.language == language), None)
+
+
+def _answer(tokenizer: Any, conversation: Conversation, code: str, language: str) -> list[int]:
+    """A response with `code` fenced as the template asks, then end of turn."""
+    answer = f"```{FENCE_TAGS[language]}\n{code.rstrip()}\n```"
+    return tokenizer.encode(answer, add_special_tokens=False) + conversation.end_of_turn
 
 
 def demonstrations(
@@ -39,22 +59,58 @@ def demonstrations(
     near_misses: int = 0,
 ) -> list[tuple[list[int], int]]:
     """(tokens, where the answer starts) per problem with a reference solution: the first
-    turn's prompt, then the solution fenced as the template asks, then end of turn; and
-    `near_misses` copies with a near-miss solution instead (see `near_miss`)."""
+    turn's prompt, then the solution, and `near_misses` copies with a near-miss solution
+    instead (see `near_miss`)."""
     out = []
     for problem in problems:
-        solution = next((s.source for s in problem.solutions if s.language == language), None)
+        solution = _reference(problem, language)
         if solution is None:
             continue
         conversation = Conversation(tokenizer)
         _, start = conversation.add_user(initial_prompt(templates, problem.description, language))
         wrong = near_miss(solution)
         for code in [solution] + ([wrong] * near_misses if wrong else []):
-            answer = f"```{FENCE_TAGS[language]}\n{code.rstrip()}\n```"
-            tokens = tokenizer.encode(answer, add_special_tokens=False) + conversation.end_of_turn
-            out.append((conversation.tokens + tokens, start))
+            out.append(
+                (conversation.tokens + _answer(tokenizer, conversation, code, language), start)
+            )
     if not out:
         raise ValueError(f"warm start: no {language} reference solutions in the problems")
+    return out
+
+
+def repair_demonstrations(
+    problems: Sequence[Problem],
+    tokenizer: Any,
+    templates: Templates,
+    language: str,
+    executor: Executor,
+) -> list[tuple[list[int], int]]:
+    """(tokens, where the last answer starts) per problem whose near-miss solution fails its
+    public tests: the first turn's prompt, the near miss, the feedback an episode gives it
+    (run in `executor`), then the reference solution. Trained on the last answer only: a
+    policy that has seen feedback read, so that RL has that behaviour to reinforce."""
+    runs = []
+    for problem in problems:
+        solution = _reference(problem, language)
+        wrong = near_miss(solution) if solution else None
+        if wrong is not None:
+            job = Job.build(
+                language, problem.program(wrong), problem.public_tests, problem.limits()
+            )
+            runs.append((problem, solution, wrong, executor.submit(job)))
+    out = []
+    for problem, solution, wrong, future in runs:
+        results = future.result()
+        if all(r.passed for r in results):  # a near miss the public tests cannot tell apart
+            continue
+        conversation = Conversation(tokenizer)
+        conversation.add_user(initial_prompt(templates, problem.description, language))
+        conversation.add_response(_answer(tokenizer, conversation, wrong, language))
+        feedback = public_feedback(templates, language, problem.public_tests, results)
+        _, start = conversation.add_user(feedback)
+        out.append(
+            (conversation.tokens + _answer(tokenizer, conversation, solution, language), start)
+        )
     return out
 
 
