@@ -54,6 +54,8 @@ def test_overrides_are_typed_and_nested():
         (["rollout.samples_per_problem=5"], "rollout.samples_per_problem=5 must divide"),
         (["ppo.clip=-1"], "ppo.clip must be non-negative"),
         (["run.keep_last=0"], "run.keep_last must be positive"),
+        (["eval.max_turns=0"], "eval.max_turns must be at least 1, got 0"),
+        (["data.curriculum=hard"], "data.curriculum: 'hard' is not one of 'basic', 'feedback'"),
     ],
 )
 def test_bad_configs_name_the_key(overrides, message):

@@ -148,6 +148,20 @@ def test_asynchronous_mode_trains_on_one_version_stale_rollouts(tmp_path):
     assert all(r["refit_mismatch_max"] < 1e-3 for r in records.values())
 
 
+def test_every_run_is_evaluated_with_three_turns_of_real_feedback(tmp_path):
+    """The ablations train single-turn or with another problem's feedback; their 1@3 is
+    still measured as the paper's: three turns, the real feedback."""
+    have_engine()
+    run = tmp_path / "run"
+    proc = rlef_train(1, f"run.dir={run}", "run.iterations=1", "episodes.max_turns=1",
+                      "episodes.feedback=random")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert train_records(run)[1]["turns_mean"] == 1
+    for tag in ("before", "after"):
+        report = json.loads((run / "eval" / f"{tag}.json").read_text())
+        assert len(report["solved_by_turn"]) == 3
+
+
 def test_a_run_starts_from_a_hugging_face_model(tmp_path):
     """model.init=hf (the 8B/70B configs' path): the run's init/ is the HF model as it is,
     and the policy trained from it is the HF model's to begin with (mismatch ~0)."""

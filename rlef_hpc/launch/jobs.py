@@ -111,7 +111,7 @@ def evaluate_run(cfg: TrainConfig) -> dict[str, Any]:
     templates.write_text(yaml.safe_dump(dataclasses.asdict(cfg.episodes.templates)))
     e, r = cfg.eval, cfg.rollout
     args = ["--problems", run_dir / "problems" / "eval.jsonl", "--model", export]
-    args += ["--rollouts", e.rollouts_per_problem, "--max-turns", cfg.episodes.max_turns]
+    args += ["--rollouts", e.rollouts_per_problem, "--max-turns", e.max_turns]
     args += ["--language", cfg.episodes.language, "--metrics", "1@3", "--templates", templates]
     args += ["--temperature", e.temperature, "--top-p", e.top_p, "--max-tokens", r.max_tokens]
     args += ["--seed", cfg.run.seed, "--out", out, "--tensor-parallel", r.tensor_parallel]

@@ -149,6 +149,9 @@ class EvalConfig:
     """1@3 on the evaluation problems: one 3-turn rollout per sample, low temperature."""
 
     rollouts_per_problem: int = 4
+    # Turns of an evaluation episode, always with the real feedback, however training runs its
+    # episodes (episodes.max_turns, episodes.feedback): every run is measured the same way.
+    max_turns: int = 3
     temperature: float = 0.2
     top_p: float = 0.95
 
@@ -202,6 +205,8 @@ class TrainConfig:
                 f"rollout.samples_per_problem={r.samples_per_problem} must divide "
                 f"rollout.shard_rollouts={r.shard_rollouts}"
             )
+        if self.eval.max_turns < 1:
+            raise ValueError(f"eval.max_turns must be at least 1, got {self.eval.max_turns}")
         s = self.slurm
         if s.gpus_per_node and s.gpus_per_node % p.tensor:
             raise ValueError(

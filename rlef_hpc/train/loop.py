@@ -376,12 +376,13 @@ class Trainer:
         temperature: float,
         top_p: float,
         progress: bool = True,
+        episodes: EpisodeConfig | None = None,
     ) -> list[Trajectory]:
         runner = EpisodeRunner(
             self.tokenizer,
             self.executor,
             self._generate(key, temperature, top_p),
-            self.cfg.episodes,
+            episodes or self.cfg.episodes,
         )
         return runner.run(problems, progress=progress and self.rank == 0)
 
@@ -546,18 +547,21 @@ class Trainer:
             for p in self.eval_problems[self.dp_rank :: self.dp]
             for _ in range(e.rollouts_per_problem)
         ]
-        trajectories = self._episodes(mine, f"eval{iteration}", e.temperature, e.top_p)
+        protocol = dataclasses.replace(self.cfg.episodes, max_turns=e.max_turns, feedback="real")
+        trajectories = self._episodes(
+            mine, f"eval{iteration}", e.temperature, e.top_p, episodes=protocol
+        )
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, trajectories)
         if self.rank != 0:
             return None
         everything = [t for part in gathered for t in part]
-        report = evaluate(everything, ("1@3",), self.cfg.episodes.max_turns, seed=self.cfg.run.seed)
+        report = evaluate(everything, ("1@3",), e.max_turns, seed=self.cfg.run.seed)
         out = self.run_dir / "eval"
         out.mkdir(exist_ok=True)
         (out / f"{tag}.json").write_text(json.dumps(report.to_json(), indent=2))
         (out / f"{tag}.md").write_text(report.table() + "\n")
-        plot_solve_rate(everything, out / f"{tag}.png", self.cfg.episodes.max_turns, title=tag)
+        plot_solve_rate(everything, out / f"{tag}.png", e.max_turns, title=tag)
         row = report.rows[0]
         values = {"1@3": row.mean, "1@3_low": row.low, "1@3_high": row.high}
         values.update({f"solved_by_turn_{k + 1}": v for k, v in enumerate(report.solved_by_turn)})
