@@ -4,6 +4,7 @@ check that RLEF learns at all.
 
     train = generate(200, split="train", seed=0)
     heldout = generate(50, split="heldout", seed=0)
+    harder = generate(200, split="train", seed=0, curriculum="feedback")  # + "secret"
 
 Every instance is a family and its parameters (e.g. affine with a=3, b=-2); an instance is in
 the held-out split or not by a hash of those, so the two splits never share an instance,
