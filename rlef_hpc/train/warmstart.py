@@ -18,26 +18,19 @@ from rlef_hpc.rl.logprobs import token_logprobs
 from rlef_hpc.sandbox import Executor, Job
 
 
-def _shift(text: str) -> str:
-    """Each letter to the next one (z to a), the rest as it is."""
-    out = []
-    for c in text:
-        base = ord("a" if c.islower() else "A")
-        out.append(chr((ord(c) - base + 1) % 26 + base) if c.isalpha() else c)
-    return "".join(out)
-
-
 def near_miss(source: str) -> str | None:
-    """The program with its first integer literal off by one (else the letters of its first
-    one-letter or capital-letters string shifted by one): what a policy that has not learnt
-    to read the constants writes."""
+    """The program with its first integer literal off by one (else the letter of its first
+    one-letter string the next one): what a policy that has not learnt to read the constants
+    writes."""
     number = re.search(r"(?<![\w.])\d+(?![\w.])", source)
     if number:
         value = int(number.group()) + 1
         return source[: number.start()] + str(value) + source[number.end() :]
-    word = re.search(r"'([a-z]|[A-Z]( ?[A-Z])*)'", source)
-    if word:
-        return source[: word.start(1)] + _shift(word.group(1)) + source[word.end(1) :]
+    letter = re.search(r"'([a-zA-Z])'", source)
+    if letter:
+        base = ord("a" if letter.group(1).islower() else "A")
+        shifted = chr((ord(letter.group(1)) - base + 1) % 26 + base)
+        return source[: letter.start(1)] + shifted + source[letter.end(1) :]
     return None
 
 
