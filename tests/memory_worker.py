@@ -19,7 +19,7 @@ def main() -> None:
     from rlef_hpc.models.config import ModelConfig, PrecisionConfig
     from rlef_hpc.models.gpt import build_gpt
     from rlef_hpc.models.megatron_compat import seed
-    from rlef_hpc.rl.update import OptimConfig, make_trainable
+    from rlef_hpc.rl.optim import OptimConfig, make_trainable
 
     out, dtype = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")

@@ -16,8 +16,9 @@ from rlef_hpc.checkpoint.layout import gather_full_state, load_full_state
 from rlef_hpc.models.config import ModelConfig, ParallelConfig, PrecisionConfig, validate
 from rlef_hpc.models.gpt import build_gpt
 from rlef_hpc.models.megatron_compat import seed
+from rlef_hpc.rl.optim import OptimConfig
 from rlef_hpc.rl.ppo import PPOBatch, PPOConfig
-from rlef_hpc.rl.update import OptimConfig, PPOUpdate
+from rlef_hpc.rl.update import PPOUpdate
 
 MODEL = ModelConfig(
     vocab_size=128,

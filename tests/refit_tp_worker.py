@@ -29,8 +29,9 @@ def main() -> None:
     from rlef_hpc.checkpoint.convert import load_model_checkpoint
     from rlef_hpc.models.megatron_compat import seed
     from rlef_hpc.rl.logprobs import token_logprobs
+    from rlef_hpc.rl.optim import OptimConfig
     from rlef_hpc.rl.ppo import PPOBatch
-    from rlef_hpc.rl.update import OptimConfig, PPOUpdate
+    from rlef_hpc.rl.update import PPOUpdate
     from rlef_hpc.rollout.refit import check_mismatch, hf_weights
     from rlef_hpc.rollout.vllm_engine import SamplingConfig, VLLMGenerator
 

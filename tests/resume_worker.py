@@ -24,8 +24,9 @@ from rlef_hpc.checkpoint.layout import load_full_state
 from rlef_hpc.models.config import PrecisionConfig
 from rlef_hpc.models.gpt import build_gpt
 from rlef_hpc.models.megatron_compat import seed
+from rlef_hpc.rl.optim import OptimConfig
 from rlef_hpc.rl.ppo import PPOConfig
-from rlef_hpc.rl.update import OptimConfig, PPOUpdate
+from rlef_hpc.rl.update import PPOUpdate
 
 
 def slow_down_policy_writes() -> None:

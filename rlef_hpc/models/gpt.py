@@ -60,6 +60,11 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, tp: int, 
     )
 
 
+def causal_mask(length: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Megatron's attention mask for one causal sequence: True where attention is masked."""
+    return torch.triu(torch.ones(1, 1, length, length, dtype=torch.bool, device=device), 1)
+
+
 def layer_spec() -> Any:
     """Transformer Engine's spec where TE and CUDA exist, megatron's local one elsewhere."""
     from megatron.core.models.gpt import gpt_layer_specs as specs

@@ -1,0 +1,89 @@
+"""The optimizer and schedule of every trained model (the PPO update's policy and value, the
+warm start's policy): megatron's DDP (contiguous gradient buffers reduced over data-parallel
+ranks), its optimizer (AdamW; moments and master weights sharded over data-parallel ranks
+unless configured otherwise) and its LR/WD schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and its schedule, for the policy and the value model alike."""
+
+    lr: float = 2e-7
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    # Adam's moments and fp32 master weights sharded over data-parallel ranks (ZeRO-1).
+    distributed_optimizer: bool = True
+
+
+@dataclass
+class Trainable:
+    """A model being trained: megatron's DDP wrapper (contiguous gradient buffers, reduced over
+    data-parallel ranks), its optimizer (AdamW; distributed or not) and LR/WD schedule."""
+
+    model: Any
+    optimizer: Any
+    scheduler: Any
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.model.module
+
+
+def make_trainable(model: torch.nn.Module, cfg: OptimConfig) -> Trainable:
+    """AdamW without weight decay on norms and biases, a linear warm-up to `lr` then constant,
+    gradients clipped by their global norm."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    ddp = DistributedDataParallel(
+        model.config,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.distributed_optimizer
+        ),
+        model,
+    )
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=cfg.lr,
+            min_lr=0.0,
+            weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.betas[0],
+            adam_beta2=cfg.betas[1],
+            adam_eps=cfg.eps,
+            clip_grad=cfg.grad_clip,
+            bf16=model.config.bf16,
+            params_dtype=model.config.params_dtype,
+            use_distributed_optimizer=cfg.distributed_optimizer,
+        ),
+        [ddp],
+    )
+    warmup = max(cfg.warmup_steps, 1)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=cfg.lr,
+        min_lr=cfg.lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=warmup + 1,
+        lr_decay_style="constant",
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=1,
+        wd_incr_style="constant",
+    )
+    # Megatron's warm-up starts at init_lr (0) on step 0: one step ahead, the k-th update
+    # (from 0) runs at lr * (k + 1) / warmup, and never at 0.
+    scheduler.step(1)
+    return Trainable(ddp, optimizer, scheduler)
