@@ -29,7 +29,7 @@ def make_checkpoint(ckpt: Path, hidden: int, layers: int, dtype: str) -> int:
     """A random Llama in torch_dist; returns its parameter count."""
     from megatron.core import dist_checkpointing
 
-    from rlef_hpc.checkpoint.convert import single_process
+    from rlef_hpc.dist_env import init_process_groups
     from rlef_hpc.models.config import ModelConfig, PrecisionConfig
     from rlef_hpc.models.gpt import build_gpt
     from rlef_hpc.models.megatron_compat import seed
@@ -44,7 +44,7 @@ def make_checkpoint(ckpt: Path, hidden: int, layers: int, dtype: str) -> int:
         ffn_hidden_size=int(hidden * 2.75),
         max_position_embeddings=2048,
     )
-    single_process()
+    init_process_groups()
     seed(0)
     model = build_gpt(cfg, PrecisionConfig(dtype))
     (ckpt / "policy").mkdir(parents=True)
@@ -56,10 +56,11 @@ def make_checkpoint(ckpt: Path, hidden: int, layers: int, dtype: str) -> int:
 def naive_export(ckpt: Path, out: Path) -> None:
     from safetensors.torch import save_file
 
-    from rlef_hpc.checkpoint.convert import load_model_checkpoint, single_process
+    from rlef_hpc.checkpoint.convert import load_model_checkpoint
     from rlef_hpc.checkpoint.hf import megatron_to_hf
+    from rlef_hpc.dist_env import init_process_groups
 
-    single_process()
+    init_process_groups()
     model, cfg, _ = load_model_checkpoint(ckpt, "policy")
     state = {
         hf_name: part.contiguous().clone()

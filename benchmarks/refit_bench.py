@@ -31,9 +31,10 @@ def main() -> None:
     args = p.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rlef_hpc.checkpoint.convert import import_hf, load_model_checkpoint, single_process
+    from rlef_hpc.checkpoint.convert import import_hf, load_model_checkpoint
+    from rlef_hpc.checkpoint.hf_dir import hf_weights
+    from rlef_hpc.dist_env import init_process_groups
     from rlef_hpc.models.tokenizer import build_tokenizer
-    from rlef_hpc.rollout.refit import hf_weights
     from rlef_hpc.rollout.vllm_engine import SamplingConfig, VLLMGenerator
 
     tmp = Path(tempfile.mkdtemp(prefix="refit-bench-"))
@@ -57,7 +58,7 @@ def main() -> None:
     hf.save_pretrained(tmp / "hf")
     tokenizer.save_pretrained(tmp / "hf")
     import_hf(tmp / "hf", tmp / "ckpt", value_model=False)
-    single_process()
+    init_process_groups()
     policy, cfg, _ = load_model_checkpoint(tmp / "ckpt", "policy")
     sampling = SamplingConfig(
         temperature=1.0, max_tokens=args.new_tokens, extra={"ignore_eos": True}

@@ -53,3 +53,30 @@ def adopt_slurm_env() -> bool:
     found = torch_env_from_slurm(os.environ)
     os.environ.update(found)
     return bool(found)
+
+
+def init_process_groups(tensor: int = 1, pipeline: int = 1, world_size: int | None = None) -> None:
+    """torch.distributed (NCCL where CUDA exists, else gloo) from torchrun's or srun's
+    environment, or a one-process group when neither launched us; megatron's parallel state
+    (`tensor` x `pipeline` model parallelism, data parallelism over the rest) on top.
+    Idempotent. `world_size`: the number of processes the config expects (checked)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized():
+        adopt_slurm_env()
+        if "RANK" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        if torch.cuda.is_available():  # one GPU per task: srun and torchrun start 8 a node
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if world_size is not None and dist.get_world_size() != world_size:
+        raise ValueError(
+            f"{dist.get_world_size()} processes, but parallel.tensor x pipeline x data = "
+            f"{world_size}: set parallel.data={dist.get_world_size() // (tensor * pipeline)}"
+        )
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor, pipeline)

@@ -27,12 +27,13 @@ def main() -> None:
     from megatron.core import parallel_state as ps
 
     from rlef_hpc.checkpoint.convert import load_model_checkpoint
+    from rlef_hpc.checkpoint.hf_dir import hf_weights
     from rlef_hpc.models.megatron_compat import seed
     from rlef_hpc.rl.logprobs import token_logprobs
     from rlef_hpc.rl.optim import OptimConfig
     from rlef_hpc.rl.ppo import PPOBatch
     from rlef_hpc.rl.update import PPOUpdate
-    from rlef_hpc.rollout.refit import check_mismatch, hf_weights
+    from rlef_hpc.rollout.refit import check_mismatch
     from rlef_hpc.rollout.vllm_engine import SamplingConfig, VLLMGenerator
 
     ps.initialize_model_parallel(2, 1)

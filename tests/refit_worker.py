@@ -19,12 +19,14 @@ def main() -> None:
     from rlef_hpc.rollout.vllm_engine import SamplingConfig, VLLMGenerator
 
     engine = VLLMGenerator(str(hf_dir), SamplingConfig(temperature=0.7, max_tokens=8))
-    from rlef_hpc.checkpoint.convert import load_model_checkpoint, single_process
+    from rlef_hpc.checkpoint.convert import load_model_checkpoint
+    from rlef_hpc.checkpoint.hf_dir import hf_weights
+    from rlef_hpc.dist_env import init_process_groups
     from rlef_hpc.models.megatron_compat import seed
     from rlef_hpc.rl.logprobs import token_logprobs
-    from rlef_hpc.rollout.refit import RefitMismatchError, check_mismatch, hf_weights
+    from rlef_hpc.rollout.refit import RefitMismatchError, check_mismatch
 
-    single_process()
+    init_process_groups()
     seed(0)
     model, cfg, _ = load_model_checkpoint(ckpt, "policy")
     with torch.no_grad():  # stands in for a training step: the trainer's weights move

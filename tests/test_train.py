@@ -171,11 +171,11 @@ def test_a_run_starts_from_a_hugging_face_model(tmp_path):
     from rlef_hpc.data import synthetic
     from rlef_hpc.episodes.runner import EpisodeConfig
     from rlef_hpc.models.tokenizer import build_tokenizer
-    from rlef_hpc.train.loop import _tokenizer_corpus
+    from rlef_hpc.train.initial_policy import tokenizer_corpus
 
     hf = tmp_path / "hf"
     problems = synthetic.generate(24, "train", seed=0)
-    tokenizer = build_tokenizer(_tokenizer_corpus(problems, EpisodeConfig()), vocab_size=400)
+    tokenizer = build_tokenizer(tokenizer_corpus(problems, EpisodeConfig()), vocab_size=400)
     save_random_llama(hf, tokenizer)
     (hf / "original").mkdir()  # what the copy must leave out
     run = tmp_path / "run"

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         report, trajectories = run(args, problems, scripts, metrics, executor)
     print(report.table())
     if args.out:
+        from rlef_hpc.eval.policy import write_outputs
+
         write_outputs(args.out, report, trajectories, args.max_turns)
     return 0
 
@@ -130,45 +130,34 @@ def run(
     args: argparse.Namespace, problems: list[Any], scripts: Any, metrics: list[str], executor: Any
 ) -> Any:
     from rlef_hpc.episodes import EpisodeConfig, EpisodeRunner, ScriptedPolicy
+    from rlef_hpc.eval.policy import evaluate_model
     from rlef_hpc.eval.report import evaluate
+    from rlef_hpc.rollout.config import RolloutConfig
 
     config = EpisodeConfig(
         max_turns=args.max_turns, language=args.language, templates=args.templates
     )
-    if scripts is not None:
-        from rlef_hpc.models.tokenizer import build_tokenizer
-
-        # Replaying text needs a tokenizer only to keep the conversation: any will do.
-        corpus = [t for rollouts in scripts.values() for r in rollouts for t in r]
-        tokenizer = build_tokenizer(corpus + [p.description for p in problems], vocab_size=400)
-        policy = ScriptedPolicy(
-            tokenizer, problems, scripts, args.templates, args.language, strict=False
+    if scripts is None:
+        rollout = RolloutConfig(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            max_tokens=args.max_tokens,
+            tensor_parallel=args.tensor_parallel,
         )
-        episodes = [p for p in problems if p.name in scripts for _ in scripts[p.name]]
-    else:
-        from transformers import AutoTokenizer
+        return evaluate_model(
+            args.model, problems, config, rollout, args.rollouts, metrics, args.seed, executor
+        )
+    from rlef_hpc.models.tokenizer import build_tokenizer
 
-        from rlef_hpc.rollout.vllm_engine import SamplingConfig, VLLMGenerator
-
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        sampling = SamplingConfig(args.temperature, args.top_p, args.max_tokens, args.seed)
-        extra = {"tensor_parallel_size": args.tensor_parallel} if args.tensor_parallel > 1 else {}
-        policy = VLLMGenerator(args.model, sampling, **extra)
-        episodes = [p for p in problems for _ in range(args.rollouts)]
+    # Replaying text needs a tokenizer only to keep the conversation: any will do.
+    corpus = [t for rollouts in scripts.values() for r in rollouts for t in r]
+    tokenizer = build_tokenizer(corpus + [p.description for p in problems], vocab_size=400)
+    policy = ScriptedPolicy(
+        tokenizer, problems, scripts, args.templates, args.language, strict=False
+    )
+    episodes = [p for p in problems if p.name in scripts for _ in scripts[p.name]]
     trajectories = EpisodeRunner(tokenizer, executor, policy, config).run(episodes, progress=True)
     return evaluate(trajectories, metrics, args.max_turns, args.seed), trajectories
-
-
-def write_outputs(out: Path, report: Any, trajectories: list[Any], max_turns: int) -> None:
-    from rlef_hpc.eval.report import plot_solve_rate
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report.to_json(), indent=2))
-    with open(out / "trajectories.jsonl", "w") as f:
-        for t in trajectories:
-            f.write(json.dumps(asdict(t)) + "\n")
-    plot_solve_rate(trajectories, out / "solve_rate.png", max_turns)
-    print(f"wrote {out}/report.json, trajectories.jsonl, solve_rate.png")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ class TrainJob:
     config: dict[str, Any]
 
     def __call__(self) -> dict[str, Any]:
-        from rlef_hpc.train.loop import Preempted, train
+        from rlef_hpc.train.loop import train
+        from rlef_hpc.train.preemption import Preempted
 
         cfg = from_dict(TrainConfig, self.config)
         try:
@@ -88,15 +89,16 @@ class EvalJob:
 
 def evaluate_run(cfg: TrainConfig) -> dict[str, Any]:
     """The run's latest checkpoint exported to HF (run_dir/export/iter_N) and evaluated on
-    run_dir/problems/eval.jsonl; the report goes to run_dir/eval/job_iter_N/."""
+    run_dir/problems/eval.jsonl as the trainer evaluates (eval.*: three turns of the real
+    feedback, low temperature); the report goes to run_dir/eval/job_iter_N/."""
     import dataclasses
-    import json
-
-    import yaml
 
     from rlef_hpc.checkpoint import training
     from rlef_hpc.checkpoint.convert import export_hf
-    from rlef_hpc.eval.cli import main as rlef_eval
+    from rlef_hpc.data.codecontests import load_problems
+    from rlef_hpc.episodes import EpisodeConfig
+    from rlef_hpc.eval.policy import evaluate_model, write_outputs
+    from rlef_hpc.sandbox import Executor
 
     run_dir = Path(cfg.run.dir)
     checkpoint = training.latest(run_dir)
@@ -105,18 +107,26 @@ def evaluate_run(cfg: TrainConfig) -> dict[str, Any]:
     export = run_dir / "export" / checkpoint.name
     if not (export / "config.json").exists():
         export_hf(checkpoint, export)
-    out = run_dir / "eval" / f"job_{checkpoint.name}"
-    out.mkdir(parents=True, exist_ok=True)
-    templates = out / "templates.yaml"
-    templates.write_text(yaml.safe_dump(dataclasses.asdict(cfg.episodes.templates)))
-    e, r = cfg.eval, cfg.rollout
-    args = ["--problems", run_dir / "problems" / "eval.jsonl", "--model", export]
-    args += ["--rollouts", e.rollouts_per_problem, "--max-turns", e.max_turns]
-    args += ["--language", cfg.episodes.language, "--metrics", "1@3", "--templates", templates]
-    args += ["--temperature", e.temperature, "--top-p", e.top_p, "--max-tokens", r.max_tokens]
-    args += ["--seed", cfg.run.seed, "--out", out, "--tensor-parallel", r.tensor_parallel]
-    rlef_eval([str(a) for a in args])
-    return json.loads((out / "report.json").read_text())
+    e = cfg.eval
+    episodes = EpisodeConfig(
+        max_turns=e.max_turns, language=cfg.episodes.language, templates=cfg.episodes.templates
+    )
+    rollout = dataclasses.replace(cfg.rollout, temperature=e.temperature, top_p=e.top_p)
+    problems = load_problems(run_dir / "problems" / "eval.jsonl")
+    with Executor(workers=2) as executor:
+        report, trajectories = evaluate_model(
+            export,
+            problems,
+            episodes,
+            rollout,
+            e.rollouts_per_problem,
+            ["1@3"],
+            cfg.run.seed,
+            executor,
+        )
+    print(report.table())
+    write_outputs(run_dir / "eval" / f"job_{checkpoint.name}", report, trajectories, e.max_turns)
+    return report.to_json()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ engine's own log-probs (`behaviour`) only enter through w, since its numerics di
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -35,7 +36,6 @@ class PPOConfig:
     kl_coef: float = 0.05
     clip: float = 0.2
     value_clip: float = 0.2
-    value_coef: float = 1.0  # the value network is separate; this scales its loss for logging
     truncate_is: bool = True
     advantage_normalisation: str = "turn"
 
@@ -120,15 +120,47 @@ def monte_carlo_returns(rewards: torch.Tensor, turn_mask: torch.Tensor) -> torch
     return (rewards.flip(1).cumsum(1).flip(1)) * turn_mask
 
 
+def _sums(group: Any, *values: torch.Tensor) -> list[float]:
+    """The tensors' sums, added over `group`'s ranks (every data-parallel rank's share of the
+    batch) when a group is given; in float64, so that the statistics do not depend on how the
+    batch is split."""
+    sums = torch.stack([v.sum() for v in values]).double()
+    if group is not None:
+        torch.distributed.all_reduce(sums, group=group)
+    return sums.tolist()
+
+
 def advantages(
-    returns: torch.Tensor, values_old: torch.Tensor, turn_mask: torch.Tensor, normalisation: str
+    returns: torch.Tensor,
+    values_old: torch.Tensor,
+    turn_mask: torch.Tensor,
+    normalisation: str,
+    group: Any = None,
 ) -> torch.Tensor:
+    """A_t = G_t - V_old(c_t), normalised ("turn") by the mean and standard deviation over
+    every turn of the whole batch (all ranks of `group`)."""
     adv = (returns - values_old) * turn_mask
-    if normalisation == "turn":
-        valid = adv[turn_mask]
-        std = valid.std(unbiased=False) if valid.numel() > 1 else torch.ones(())
-        adv = (adv - valid.mean()) / (std + 1e-8) * turn_mask
-    return adv
+    if normalisation == "none":
+        return adv
+    total, squares, turns = _sums(group, adv, adv**2, turn_mask.float())
+    mean = total / turns
+    std = math.sqrt(max(squares / turns - mean**2, 0.0))
+    return (adv - mean) / (std + 1e-8) * turn_mask
+
+
+def explained_variance(
+    returns: torch.Tensor, values_old: torch.Tensor, turn_mask: torch.Tensor, group: Any = None
+) -> float:
+    """1 - Var(G - V_old) / Var(G) over the whole batch's turns (NaN when the returns do not
+    vary): how much of the returns the value model predicts."""
+    residual = (returns - values_old) * turn_mask
+    returns = returns * turn_mask
+    g_sum, g_sq, r_sum, r_sq, turns = _sums(
+        group, returns, returns**2, residual, residual**2, turn_mask.float()
+    )
+    var_g = g_sq / turns - (g_sum / turns) ** 2
+    var_r = r_sq / turns - (r_sum / turns) ** 2
+    return 1 - var_r / var_g if var_g > 0 else float("nan")
 
 
 def token_advantages(adv: torch.Tensor, batch: PPOBatch) -> torch.Tensor:

@@ -16,7 +16,6 @@ Only the last pipeline stage sees logits, so steps 1-2 and the losses happen the
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -140,37 +139,18 @@ class PPOUpdate:
             return None
         rewards, kl = ppo.rewards_with_kl(batch, logp_old, logp_ref, self.ppo.kl_coef)
         returns = ppo.monte_carlo_returns(rewards, batch.turn_mask)
-        raw = (returns - values_old) * batch.turn_mask
         dp = ps.get_data_parallel_group()
-        residual = (returns - values_old) * batch.turn_mask
-        stats = torch.stack(
-            [
-                raw.sum(),
-                (raw**2).sum(),
-                batch.turn_mask.sum().float(),
-                returns.sum(),
-                (returns**2).sum(),
-                residual.sum(),
-                (residual**2).sum(),
-            ]
-        ).double()
-        dist.all_reduce(stats, group=dp)
-        total, squares, turns, g_sum, g_sq, r_sum, r_sq = stats.tolist()
-        adv = raw
-        if self.ppo.advantage_normalisation == "turn":
-            mean = total / turns
-            std = math.sqrt(max(squares / turns - mean**2, 0.0))
-            adv = (raw - mean) / (std + 1e-8) * batch.turn_mask
-        var_g = g_sq / turns - (g_sum / turns) ** 2
-        var_r = r_sq / turns - (r_sum / turns) ** 2
+        mode = self.ppo.advantage_normalisation
         return {
             "logp_old": logp_old,
             "logp_ref": logp_ref,
             "values_old": values_old,
             "returns": returns,
-            "adv": adv,
+            "adv": ppo.advantages(returns, values_old, batch.turn_mask, mode, group=dp),
             "kl": kl,
-            "explained_variance": torch.tensor(1 - var_r / var_g if var_g > 0 else float("nan")),
+            "explained_variance": torch.tensor(
+                ppo.explained_variance(returns, values_old, batch.turn_mask, group=dp)
+            ),
         }
 
     def step(
@@ -268,24 +248,22 @@ class PPOUpdate:
         return metrics
 
     def _reduce(self, parts: list[dict[str, torch.Tensor]], ps: Any) -> dict[str, float]:
-        """Per-update metrics, summed over micro-batches and data-parallel ranks; known on the
-        last pipeline stage only (other stages report grad norms)."""
-        keys = [
-            "policy_loss",
-            "clip_fraction",
-            "approx_kl",
-            "entropy",
-            "mismatch_mean",
-            "value_loss",
-        ]
-        present = [k for k in keys if parts and k in parts[0]]
+        """Per-update metrics, by the keys the loss reported: `*_max` the maximum, the rest
+        sums over micro-batches and data-parallel ranks (each already divided by the whole
+        batch's count). Known on the last pipeline stage only (other stages report grad
+        norms)."""
+        if not (ps.is_pipeline_last_stage() and parts):
+            return {}
+        group = ps.get_data_parallel_group()
         out: dict[str, float] = {}
-        if ps.is_pipeline_last_stage() and parts:
-            sums = torch.stack([sum(p[k] for p in parts) for k in present]).double()
-            dist.all_reduce(sums, group=ps.get_data_parallel_group())
-            out = dict(zip(present, sums.tolist(), strict=True))
-            if "mismatch_max" in parts[0]:
-                top = torch.stack([p["mismatch_max"] for p in parts]).max().double()
-                dist.all_reduce(top, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
-                out["mismatch_max"] = float(top)
+        for op, keys in (
+            (dist.ReduceOp.SUM, [k for k in parts[0] if not k.endswith("_max")]),
+            (dist.ReduceOp.MAX, [k for k in parts[0] if k.endswith("_max")]),
+        ):
+            if not keys:
+                continue
+            combine = sum if op == dist.ReduceOp.SUM else max
+            values = torch.stack([combine(p[k] for p in parts) for k in keys]).double()
+            dist.all_reduce(values, op=op, group=group)
+            out.update(zip(keys, values.tolist(), strict=True))
         return out

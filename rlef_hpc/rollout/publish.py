@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from rlef_hpc.checkpoint import atomic
+from rlef_hpc.checkpoint.hf_dir import hf_weights
 from rlef_hpc.models.config import ModelConfig
-from rlef_hpc.rollout.refit import hf_weights
 
 WEIGHTS = "weights"
 LATEST = atomic.LATEST

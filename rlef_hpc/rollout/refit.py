@@ -10,29 +10,11 @@ silently for hours.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
-
-from rlef_hpc.checkpoint.hf import megatron_to_hf
-from rlef_hpc.checkpoint.layout import full_of, global_name
-from rlef_hpc.models.config import ModelConfig
 
 
 class RefitMismatchError(RuntimeError):
     """The engine's log-probs disagree with the trainer's beyond the configured threshold."""
-
-
-def hf_weights(model: torch.nn.Module, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, full tensor) for this pipeline stage's parameters."""
-    from megatron.core import parallel_state as ps
-
-    stage = ps.get_pipeline_model_parallel_rank()
-    per_stage = cfg.num_layers // ps.get_pipeline_model_parallel_world_size()
-    group, tp = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
-    for name, param in model.named_parameters():
-        full = full_of(name, param, group, tp)
-        yield from megatron_to_hf(global_name(name, stage, per_stage), full, cfg)
 
 
 def check_mismatch(

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from rlef_hpc.episodes.runner import Generation
+from rlef_hpc.rollout.config import RolloutConfig
 
 
 @dataclass(frozen=True)
@@ -134,3 +135,38 @@ class VLLMGenerator:
             ]
             generations.append(Generation(tokens, logprobs))
         return generations
+
+
+def build_engine(
+    model_dir: str,
+    rollout: RolloutConfig,
+    seed: int,
+    dtype: str | None = None,
+    tensor_parallel: int = 1,
+    colocated: bool = False,
+) -> VLLMGenerator:
+    """The engine a rollout config describes, over the HF directory `model_dir`: sampling,
+    CPU KV cache or GPU memory share, `tensor_parallel` GPUs. `colocated`: the engine of one
+    training process, sharing its GPU (and, under torchrun, its process group's launcher)."""
+    import torch.distributed as dist
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    extra: dict[str, Any] = {}
+    if dtype is not None:
+        extra["dtype"] = dtype
+    if tensor_parallel > 1:
+        extra["tensor_parallel_size"] = tensor_parallel
+    if colocated and dist.is_initialized() and dist.get_world_size() > 1:
+        extra.update(tensor_parallel_size=1, distributed_executor_backend="external_launcher")
+    if torch.cuda.is_available():
+        extra["gpu_memory_utilization"] = rollout.gpu_memory_utilization
+        if colocated:
+            # The engine sleeps (KV cache freed, weights offloaded) while the trainer updates
+            # on the same GPUs; a synchronous run only (asynchronous ones generate meanwhile).
+            extra["enable_sleep_mode"] = not rollout.asynchronous
+    return VLLMGenerator(
+        model_dir,
+        SamplingConfig(rollout.temperature, rollout.top_p, rollout.max_tokens, seed=seed),
+        kv_cache_gib=rollout.kv_cache_gib,
+        **extra,
+    )

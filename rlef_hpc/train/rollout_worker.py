@@ -13,9 +13,7 @@ number and seed, by the requeued worker.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import random
 import signal
 import sys
 import time
@@ -23,25 +21,28 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from rlef_hpc.data.problem import Problem
+from rlef_hpc.episodes.runner import EpisodeRunner
+from rlef_hpc.rollout.publish import WeightFollower, latest_version
+from rlef_hpc.rollout.shards import ShardStore
+from rlef_hpc.rollout.vllm_engine import build_engine
+from rlef_hpc.sandbox import Executor
+from rlef_hpc.seeding import seed_sampling
 from rlef_hpc.train.config import TrainConfig
+from rlef_hpc.train.preemption import EXIT_PREEMPTED, STOP_SIGNALS
+from rlef_hpc.train.problems import draw, load_problems
 
 
 def shard_problems(
     cfg: TrainConfig, problems: list[Problem], worker: int, seq: int
 ) -> list[Problem]:
-    """The problems of one shard, each repeated rollout.samples_per_problem times."""
+    """The problems of one shard, each repeated rollout.samples_per_problem times: block
+    `seq * workers + worker` of the run's problem stream (see rlef_hpc.train.problems.draw),
+    so that the workers together take every problem once per epoch, as colocated runs do."""
     r = cfg.rollout
-    rng = random.Random(f"{cfg.run.seed}:worker{worker}:shard{seq}")
-    drawn = rng.sample(problems, min(len(problems), r.shard_rollouts // r.samples_per_problem))
-    return [p for p in drawn for _ in range(r.samples_per_problem)]
-
-
-def _seed(cfg: TrainConfig, worker: int, seq: int) -> None:
-    digest = hashlib.sha256(f"{cfg.run.seed}:worker{worker}:shard{seq}".encode()).digest()
-    torch.manual_seed(int.from_bytes(digest[:8], "big") % (1 << 63))
+    count = r.shard_rollouts // r.samples_per_problem
+    first = (seq * r.workers + worker) * count
+    return draw(problems, cfg.run.seed, first, count, r.samples_per_problem)
 
 
 def _wait_for(what: str, ready: Any, poll_s: float, timeout_s: float) -> None:
@@ -54,14 +55,7 @@ def _wait_for(what: str, ready: Any, poll_s: float, timeout_s: float) -> None:
 
 def run_worker(cfg: TrainConfig, worker: int, poll_s: float = 0.5) -> int:
     """Produces shards until the trainer is done; returns how many this call wrote."""
-    from transformers import AutoTokenizer
-
-    from rlef_hpc.episodes.runner import EpisodeRunner
-    from rlef_hpc.rollout.publish import WeightFollower, latest_version
-    from rlef_hpc.rollout.shards import ShardStore
-    from rlef_hpc.rollout.vllm_engine import SamplingConfig, VLLMGenerator
-    from rlef_hpc.sandbox import Executor
-    from rlef_hpc.train.loop import load_problems
+    from transformers import AutoTokenizer  # heavy: imported when a worker starts
 
     r, run_dir = cfg.rollout, Path(cfg.run.dir)
     store = ShardStore(run_dir)
@@ -75,16 +69,8 @@ def run_worker(cfg: TrainConfig, worker: int, poll_s: float = 0.5) -> int:
     train_problems, _ = load_problems(cfg)
     init = run_dir / "init"
     tokenizer = AutoTokenizer.from_pretrained(init)
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    extra: dict[str, Any] = {"tensor_parallel_size": r.tensor_parallel}
-    if torch.cuda.is_available():
-        extra["gpu_memory_utilization"] = r.gpu_memory_utilization
-    engine = VLLMGenerator(
-        str(init),
-        SamplingConfig(r.temperature, r.top_p, r.max_tokens, seed=cfg.run.seed),
-        kv_cache_gib=r.kv_cache_gib,
-        dtype=cfg.precision.dtype,
-        **extra,
+    engine = build_engine(
+        str(init), r, cfg.run.seed, cfg.precision.dtype, tensor_parallel=r.tensor_parallel
     )
     follower = WeightFollower(engine, run_dir)
     ahead = -(-r.rollouts_per_iteration // r.shard_rollouts // max(1, r.workers)) + 1
@@ -101,7 +87,8 @@ def run_worker(cfg: TrainConfig, worker: int, poll_s: float = 0.5) -> int:
                 continue
             version = follower.refresh()
             assert version is not None
-            _seed(cfg, worker, seq)
+            # The same shard number regenerates the same episodes (a requeued worker's).
+            seed_sampling(cfg.run.seed, f"worker{worker}", f"shard{seq}")
             runner = EpisodeRunner(tokenizer, executor, generate, cfg.episodes)
             trajectories = runner.run(shard_problems(cfg, train_problems, worker, seq))
             path = store.write(worker, seq, version, trajectories)
@@ -114,7 +101,6 @@ def run_worker(cfg: TrainConfig, worker: int, poll_s: float = 0.5) -> int:
 def install_stop_handlers(before_exit: Callable[[int], None] | None = None) -> None:
     """SIGTERM/SIGUSR1/SIGUSR2 end the worker at once with status 75, after
     `before_exit(signum)` (a Slurm job requeues itself there)."""
-    from rlef_hpc.train.loop import EXIT_PREEMPTED, STOP_SIGNALS
 
     def stop(signum: int, frame: Any) -> None:
         print(f"rollout worker: {signal.Signals(signum).name}, stopping", flush=True)

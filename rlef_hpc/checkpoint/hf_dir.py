@@ -1,0 +1,265 @@
+"""Hugging Face Llama directories: the one place that reads and writes them.
+
+What vLLM starts from, what users import and export, and the run's `init/` policy are all
+such directories: config.json, safetensors shards with their index, the tokenizer's files.
+Reading builds megatron models for the current TP x PP layout from one; writing takes a stream
+of HF-named tensors (from a live model: `hf_weights`; from a checkpoint on disk: convert.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from rlef_hpc.checkpoint.hf import hf_to_megatron, megatron_to_hf
+from rlef_hpc.checkpoint.layout import full_of, global_name, load_full_state
+from rlef_hpc.models.config import ModelConfig, PrecisionConfig
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+SHARD_BYTES = 2 << 30
+
+
+class CheckpointError(ValueError):
+    """Not a checkpoint, a missing shard, an unsupported model: one line for the user."""
+
+
+def read_model_config(hf_dir: Path) -> ModelConfig:
+    config = hf_dir / "config.json"
+    if not config.exists():
+        raise CheckpointError(f"{hf_dir} is not a Hugging Face model directory (no config.json)")
+    try:
+        return ModelConfig.from_hf(config)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{config}: {e}") from None
+
+
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _weight_files(hf_dir: Path) -> list[Path]:
+    """The directory's safetensors shards: those its index lists, else every one there."""
+    index = hf_dir / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        names = [p.name for p in sorted(hf_dir.glob("*.safetensors"))]
+    if not names:
+        raise CheckpointError(f"{hf_dir}: no safetensors weights")
+    for name in names:
+        if not (hf_dir / name).exists():
+            raise CheckpointError(f"{hf_dir}: missing shard {name} (listed in the index)")
+    return [hf_dir / name for name in names]
+
+
+def stored_dtype(hf_dir: Path) -> str:
+    """The dtype the directory's weights are stored in (its first tensor's), read from the
+    first shard's header alone."""
+    first = _weight_files(hf_dir)[0]
+    with open(first, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    stored = next(v["dtype"] for k, v in header.items() if k != "__metadata__")
+    if stored not in _SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{first}: weights stored as {stored}, not a float type")
+    return _SAFETENSORS_DTYPES[stored]
+
+
+def read_hf_state(hf_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for path in _weight_files(hf_dir):
+        state.update(load_file(path))
+    return state
+
+
+def build_from_hf(
+    hf_dir: Path,
+    cfg: ModelConfig,
+    precision: PrecisionConfig,
+    kinds: Sequence[Literal["policy", "value"]],
+) -> list[Any]:
+    """One megatron model of this rank's pipeline stage and tensor-parallel slice per kind,
+    loaded from the HF directory (read once): a policy takes every weight, a value model the
+    trunk with a fresh head. Parallel state must be initialised."""
+    from rlef_hpc.models.gpt import build_gpt
+
+    state = hf_to_megatron(read_hf_state(hf_dir), cfg)
+    trunk = {k: v for k, v in state.items() if not k.startswith("output_layer")}
+    models = []
+    for kind in kinds:
+        model = build_gpt(cfg, precision, value=kind == "value")
+        if kind == "value":
+            load_full_state(model, trunk, cfg.num_layers, strict=False)  # a fresh head
+        else:
+            load_full_state(model, state, cfg.num_layers)
+        models.append(model)
+    return models
+
+
+def hf_weights(model: torch.nn.Module, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) for this pipeline stage's parameters, gathered over the
+    tensor-parallel group (collective: every rank of the group must iterate)."""
+    from megatron.core import parallel_state as ps
+
+    stage = ps.get_pipeline_model_parallel_rank()
+    per_stage = cfg.num_layers // ps.get_pipeline_model_parallel_world_size()
+    group, tp = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
+    for name, param in model.named_parameters():
+        full = full_of(name, param, group, tp)
+        yield from megatron_to_hf(global_name(name, stage, per_stage), full, cfg)
+
+
+def hf_config(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_query_groups,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": dtype,
+    }
+    if cfg.rope_scaling:
+        config["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": cfg.rope_scaling_factor,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
+    return config
+
+
+class ShardWriter:
+    """Safetensors shards of at most `shard_bytes`, written as they fill, and the index."""
+
+    def __init__(self, out_dir: Path, shard_bytes: int = SHARD_BYTES) -> None:
+        self.out_dir, self.shard_bytes = out_dir, shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.files: list[list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.size + nbytes > self.shard_bytes:
+            self._flush()
+        self.pending[name] = tensor
+        self.size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        save_file(
+            self.pending,
+            str(self.out_dir / f"part-{len(self.files)}.tmp"),
+            metadata={"format": "pt"},
+        )
+        self.files.append(list(self.pending))
+        self.pending, self.size = {}, 0
+
+    def close(self) -> None:
+        if self.pending:
+            self._flush()
+        weight_map = {}
+        for i, names in enumerate(self.files):  # final names need the count of shards
+            final = f"model-{i + 1:05d}-of-{len(self.files):05d}.safetensors"
+            os.replace(self.out_dir / f"part-{i}.tmp", self.out_dir / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).exists():
+            shutil.copy(src / name, dst / name)
+
+
+def write_hf_dir(
+    out_dir: Path,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    cfg: ModelConfig,
+    dtype: str,
+    tokenizer: Path | Any,
+    config: dict[str, Any] | None = None,
+    shard_bytes: int = SHARD_BYTES,
+) -> int:
+    """HF-named tensors (cast to `dtype`) as shards written as they fill, config.json
+    (`hf_config` updated by `config`), and the tokenizer: a directory to copy its files from,
+    or a tokenizer object to save. Returns how many tensors were written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(out_dir, shard_bytes)
+    target = getattr(torch, dtype)
+    count = 0
+    for name, tensor in weights:
+        writer.add(name, tensor.to(target).contiguous())
+        count += 1
+    writer.close()
+    (out_dir / "config.json").write_text(
+        json.dumps({**hf_config(cfg, dtype), **(config or {})}, indent=2)
+    )
+    if isinstance(tokenizer, Path):
+        copy_tokenizer(tokenizer, out_dir)
+    else:
+        tokenizer.save_pretrained(out_dir)
+    return count
+
+
+def save_model(
+    model: torch.nn.Module, cfg: ModelConfig, dtype: str, tokenizer: Any, out: Path
+) -> None:
+    """A live policy as an HF directory at `out`, replaced atomically. Collective over the
+    tensor-parallel group (the gathers); rank 0 writes, so one pipeline stage only (the warm
+    start's layout)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() != 1:
+        raise ValueError("save_model writes one pipeline stage; got pipeline parallelism")
+    weights = list(hf_weights(model, cfg))  # every rank takes part in the gathers
+    if dist.get_rank() == 0:
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        config = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+        write_hf_dir(tmp, weights, cfg, dtype, tokenizer, config)
+        os.replace(tmp, out)
+    dist.barrier()
+
+
+def copy_hf_dir(src: Path, out: Path) -> None:
+    """`out` as a copy of the HF directory's weights, config and tokenizer (not whatever else
+    it holds, e.g. Llama's original/ consolidated checkpoint), replaced atomically."""
+    if not (src / "config.json").exists():
+        raise CheckpointError(f"model.hf_dir={src} is not a Hugging Face model directory")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    names = ("config.json", "model.safetensors.index.json", *TOKENIZER_FILES)
+    for f in src.iterdir():
+        if f.name in names or f.suffix == ".safetensors":
+            shutil.copy(f, tmp / f.name)
+    os.replace(tmp, out)

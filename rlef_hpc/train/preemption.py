@@ -1,0 +1,52 @@
+"""Stopping a training job cleanly: Slurm's signals become a flag that the trainer checks at
+the end of each iteration (all ranks agree), then a checkpoint and exit status 75."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# Exit status of a run stopped by SIGTERM/SIGUSR1/SIGUSR2 once its checkpoint is saved
+# (EX_TEMPFAIL): run the same command again (or let Slurm requeue the job) to continue.
+EXIT_PREEMPTED = 75
+# SIGTERM: Slurm's preemption, scancel and `scontrol requeue`; SIGUSR1: the sbatch scripts'
+# --signal before the time limit; SIGUSR2: submitit's.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class Preempted(SystemExit):
+    def __init__(self, signum: int | None = None) -> None:
+        super().__init__(EXIT_PREEMPTED)
+        self.signum = signum
+
+
+class StopFlag:
+    """Set by any of STOP_SIGNALS while installed (a context manager); `everywhere()` asks
+    every rank whether one of them was signalled (collective)."""
+
+    def __init__(self, announce: bool) -> None:
+        self.signum: int | None = None
+        self.announce = announce
+        self._previous: dict[int, Any] = {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        if self.announce:
+            name = signal.Signals(signum).name
+            print(f"signal {name}: checkpointing after this iteration", flush=True)
+
+    def __enter__(self) -> StopFlag:
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+    def everywhere(self) -> bool:
+        flag = torch.tensor([float(self.signum is not None)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

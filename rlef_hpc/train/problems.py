@@ -1,0 +1,56 @@
+"""The run's problems: which ones it trains and evaluates on, and the one seeded order in which
+training draws them, shared by the trainer's own engines and the rollout workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from functools import lru_cache
+from pathlib import Path
+
+from rlef_hpc.data import synthetic
+from rlef_hpc.data.codecontests import load_problems as load_codecontests
+from rlef_hpc.data.codecontests import problem_record
+from rlef_hpc.data.problem import Problem
+from rlef_hpc.train.config import TrainConfig
+
+
+def load_problems(cfg: TrainConfig) -> tuple[list[Problem], list[Problem]]:
+    """(train, eval) problems."""
+    d = cfg.data
+    if d.source == "synthetic":
+        return (
+            synthetic.generate(d.train_problems, "train", cfg.run.seed, d.curriculum),
+            synthetic.generate(d.eval_problems, "heldout", cfg.run.seed, d.curriculum),
+        )
+    train = load_codecontests(d.train_path)
+    evaluation = load_codecontests(d.valid_path)[: d.eval_problems] if d.valid_path else []
+    return train, evaluation
+
+
+def write_problems(problems: list[Problem], path: Path) -> None:
+    """Problems as CodeContests JSON lines (what rlef-eval and eval jobs read)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(problem_record(p)) + "\n" for p in problems))
+    os.replace(tmp, path)
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, n: int) -> tuple[int, ...]:
+    order = list(range(n))
+    random.Random(f"{seed}:epoch{epoch}").shuffle(order)
+    return tuple(order)
+
+
+def draw(problems: list[Problem], seed: int, first: int, count: int, samples: int) -> list[Problem]:
+    """Problems `first` .. `first + count - 1` of the run's stream (every problem once per
+    epoch, in an order reshuffled each epoch from `seed`), each repeated `samples` times.
+    Iteration k of a colocated run draws the k-th block of the stream; rollout worker w's
+    shard s of a run with W workers draws block s * W + w."""
+    n = len(problems)
+    drawn = []
+    for i in range(first, first + count):
+        drawn += [problems[_epoch_order(seed, i // n, n)[i % n]]] * samples
+    return drawn

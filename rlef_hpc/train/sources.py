@@ -1,0 +1,304 @@
+"""Where each iteration's trajectories come from: one class per rollout layout, each owning
+what it needs (an engine, a shard store) and the hooks the loop calls around the update.
+
+- Colocated: each data-parallel rank's own engine generates the rank's share of the
+  iteration's episodes, sleeps through the update (its memory is the update's), then takes
+  the new weights in memory and is checked against the trainer (on-policy).
+- AsyncColocated: the same engines generate iteration k+1's episodes while the policy trains
+  on iteration k's (one version stale, corrected by the truncated importance weights).
+- Disaggregated: no engine here; the policy is published to run_dir/weights after every update
+  and this iteration's trajectory shards are claimed from the rollout workers (see
+  rlef_hpc.train.rollout_worker and rlef_hpc.rollout.shards).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from rlef_hpc.checkpoint.hf_dir import hf_weights
+from rlef_hpc.data.problem import Problem
+from rlef_hpc.data.trajectory import Trajectory
+from rlef_hpc.episodes.conversation import Conversation
+from rlef_hpc.episodes.runner import EpisodeConfig, EpisodeRunner
+from rlef_hpc.episodes.templates import initial_prompt
+from rlef_hpc.models.config import ModelConfig
+from rlef_hpc.models.gpt import causal_mask
+from rlef_hpc.rl.logprobs import token_logprobs
+from rlef_hpc.rollout.publish import latest_version, publish
+from rlef_hpc.rollout.refit import RefitMismatchError, check_mismatch
+from rlef_hpc.rollout.shards import ShardStore, load_shards
+from rlef_hpc.rollout.vllm_engine import build_engine
+from rlef_hpc.sandbox import Executor
+from rlef_hpc.seeding import seed_sampling
+from rlef_hpc.train.config import TrainConfig
+from rlef_hpc.train.problems import draw
+
+
+class RolloutSource(Protocol):
+    # Runs episodes with this process's engine (evaluation); None where there is none.
+    episodes: Callable[..., list[Trajectory]] | None
+
+    def batch(self, iteration: int) -> tuple[list[Trajectory], dict[str, float]]:
+        """This data-parallel rank's trajectories of `iteration`, and how they came."""
+
+    def before_update(self) -> None: ...
+
+    def after_update(self, iteration: int, metrics: dict[str, float]) -> dict[str, float]:
+        """The updated policy to whoever generates next; returns what that took."""
+
+    def finish(self) -> None:
+        """Training is over (not merely stopped)."""
+
+    def close(self) -> None: ...
+
+
+def _ranks() -> tuple[int, int]:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+
+
+class Colocated:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        init_dir: Path,
+        tokenizer: Any,
+        executor: Executor,
+        policy: torch.nn.Module,
+        model_cfg: ModelConfig,
+        problems: tuple[list[Problem], list[Problem]],
+        start: int,
+    ) -> None:
+        self.cfg, self.tokenizer, self.executor = cfg, tokenizer, executor
+        self.policy, self.model_cfg = policy, model_cfg
+        self.train_problems = problems[0]
+        self.rank = dist.get_rank()
+        self.dp_rank, self.dp = _ranks()
+        self.engine = build_engine(
+            str(init_dir), cfg.rollout, cfg.run.seed, cfg.precision.dtype, colocated=True
+        )
+        self.probe = probe_sequences(tokenizer, problems[1][:2] or problems[0][:2], cfg.episodes)
+        if start > 0:  # the engine starts from init/: give it the restored policy
+            self.refit()
+
+    def episodes(
+        self,
+        problems: list[Problem],
+        key: str,
+        temperature: float,
+        top_p: float,
+        episodes: EpisodeConfig | None = None,
+        progress: bool = True,
+    ) -> list[Trajectory]:
+        """Episodes of `problems` on this rank's engine. Sampling draws from torch's generator,
+        seeded from (run seed, `key`, rank): with the runner's deterministic batching, a
+        resumed run samples exactly what the uninterrupted one did."""
+        seed_sampling(self.cfg.run.seed, key, self.rank)
+
+        def generate(prompts: list[list[int]]) -> Any:
+            return self.engine(prompts, temperature=temperature, top_p=top_p)
+
+        runner = EpisodeRunner(
+            self.tokenizer, self.executor, generate, episodes or self.cfg.episodes
+        )
+        return runner.run(problems, progress=progress and self.rank == 0)
+
+    def generate(self, iteration: int, progress: bool = True) -> tuple[list[Trajectory], dict]:
+        r = self.cfg.rollout
+        per_iteration = r.rollouts_per_iteration // r.samples_per_problem
+        drawn = draw(
+            self.train_problems,
+            self.cfg.run.seed,
+            (iteration - 1) * per_iteration,
+            per_iteration,
+            r.samples_per_problem,
+        )
+        start = time.perf_counter()
+        trajectories = self.episodes(
+            drawn[self.dp_rank :: self.dp],
+            f"train{iteration}",
+            r.temperature,
+            r.top_p,
+            progress=progress,
+        )
+        seconds = time.perf_counter() - start
+        tokens = sum(u.response_end - u.prompt_end for t in trajectories for u in t.turns)
+        return trajectories, {
+            "rollout_seconds": seconds,
+            "generated_tokens_per_second": tokens * self.dp / seconds,
+        }
+
+    def batch(self, iteration: int) -> tuple[list[Trajectory], dict[str, float]]:
+        return self.generate(iteration)
+
+    def before_update(self) -> None:
+        self.engine.sleep()  # GPUs: its memory is the update's (a no-op on CPU)
+
+    def after_update(self, iteration: int, metrics: dict[str, float]) -> dict[str, float]:
+        self.engine.wake()
+        # Every token of the batch was compared (trainer pi_old vs the engine's sampling
+        # log-probs): a wrong refit or engine must not train on silently.
+        limit = self.cfg.rollout.mismatch_threshold
+        if metrics.get("mismatch_max", 0.0) > limit:
+            raise RefitMismatchError(
+                f"iteration {iteration}: trainer and engine log-probs of the sampled tokens "
+                f"differ by up to {metrics['mismatch_max']:.3g} "
+                f"(rollout.mismatch_threshold={limit})"
+            )
+        return self.refit()
+
+    def refit(self) -> dict[str, float]:
+        """The policy's weights into the engine, in memory; then the engine's log-probs on the
+        probe sequences against the trainer's (fails past rollout.mismatch_threshold)."""
+        start = time.perf_counter()
+        self.engine.update_weights(hf_weights(self.policy, self.model_cfg))
+        seconds = time.perf_counter() - start
+        x = self.probe
+        length = x.shape[1]
+        with torch.no_grad():
+            logits = self.policy(x, torch.arange(length).expand(len(x), -1), causal_mask(length))
+            trainer, _ = token_logprobs(logits[:, :-1].float(), x[:, 1:])
+        engine = torch.tensor(self.engine.sequence_logprobs(x.tolist()))[:, 1:]
+        mask = torch.ones_like(trainer, dtype=torch.bool)
+        stats = check_mismatch(trainer, engine, mask, self.cfg.rollout.mismatch_threshold)
+        return {"refit_seconds": seconds, "refit_mismatch_max": stats["mismatch_max"]}
+
+    def finish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class AsyncColocated(Colocated):
+    """The per-batch guard cannot apply here (the batch comes from the previous policy): the
+    refit probe is the guard. A resumed run samples its first batch afresh."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rollout")
+        self._pending: concurrent.futures.Future | None = None
+
+    def batch(self, iteration: int) -> tuple[list[Trajectory], dict[str, float]]:
+        if self._pending is not None:
+            trajectories, stats = self._pending.result()
+        else:
+            trajectories, stats = self.generate(iteration)
+        self._pending = None
+        if iteration < self.cfg.run.iterations:
+            self._pending = self._background.submit(self.generate, iteration + 1, False)
+        return trajectories, stats
+
+    def before_update(self) -> None:
+        pass  # the engine is generating the next batch
+
+    def after_update(self, iteration: int, metrics: dict[str, float]) -> dict[str, float]:
+        self._wait()  # the engine must be idle to take new weights
+        return self.refit()
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            concurrent.futures.wait([self._pending])
+
+    def close(self) -> None:
+        self._wait()  # episodes of an iteration that will not run now
+        self._pending = None
+        self._background.shutdown()
+
+
+class Disaggregated:
+    episodes = None  # evaluation runs as a job of its own
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: Path,
+        policy: torch.nn.Module,
+        model_cfg: ModelConfig,
+        start: int,
+    ) -> None:
+        """The policy as version `start` for the workers, and the shard store opened."""
+        self.cfg, self.run_dir, self.policy, self.model_cfg = cfg, run_dir, policy, model_cfg
+        self.rank = dist.get_rank()
+        self.dp_rank, self.dp = _ranks()
+        self.shards = ShardStore(run_dir)
+        if self.rank == 0 and start < cfg.run.iterations:
+            self.shards.reopen()
+        if latest_version(run_dir) != start:
+            publish(run_dir, start, policy, model_cfg)
+
+    def batch(self, iteration: int) -> tuple[list[Trajectory], dict[str, float]]:
+        """The shards claimed for `iteration` (rank 0 claims, every rank reads the same list),
+        this rank's share of their trajectories, and their staleness."""
+        r = self.cfg.rollout
+        start = time.perf_counter()
+        claimed: list[Any] = [None]
+        if self.rank == 0:
+            claimed[0] = self.shards.claim(
+                iteration,
+                r.rollouts_per_iteration // r.shard_rollouts,
+                min_version=iteration - 1 - r.max_staleness,
+                timeout_s=r.shard_timeout_s,
+            )
+        dist.broadcast_object_list(claimed, src=0)
+        shards = load_shards(claimed[0])
+        everything = [t for _, trajectories in shards for t in trajectories]
+        staleness = [iteration - 1 - version for version, _ in shards]
+        return everything[self.dp_rank :: self.dp], {
+            "rollout_seconds": time.perf_counter() - start,  # the wait for shards
+            "shard_staleness_mean": sum(staleness) / len(staleness),
+            "shard_staleness_max": float(max(staleness)),
+        }
+
+    def before_update(self) -> None:
+        pass
+
+    def after_update(self, iteration: int, metrics: dict[str, float]) -> dict[str, float]:
+        """The policy after `iteration` updates, for the rollout workers."""
+        start = time.perf_counter()
+        publish(self.run_dir, iteration, self.policy, self.model_cfg)
+        return {"publish_seconds": time.perf_counter() - start}
+
+    def finish(self) -> None:
+        if self.rank == 0:
+            self.shards.finish()  # the rollout workers exit
+
+    def close(self) -> None:
+        pass
+
+
+def probe_sequences(
+    tokenizer: Any, problems: list[Problem], episodes: EpisodeConfig
+) -> torch.Tensor:
+    """The refit check's sequences: first prompts of the problems, cut to one length."""
+    sequences = []
+    for p in problems:
+        conversation = Conversation(tokenizer)
+        conversation.add_user(initial_prompt(episodes.templates, p.description, episodes.language))
+        sequences.append(conversation.tokens)
+    length = min(len(s) for s in sequences)
+    return torch.tensor([s[:length] for s in sequences])
+
+
+def make_source(
+    cfg: TrainConfig,
+    run_dir: Path,
+    tokenizer: Any,
+    executor: Executor,
+    policy: torch.nn.Module,
+    model_cfg: ModelConfig,
+    problems: tuple[list[Problem], list[Problem]],
+    start: int,
+) -> RolloutSource:
+    if cfg.rollout.layout == "disaggregated":
+        return Disaggregated(cfg, run_dir, policy, model_cfg, start)
+    kind = AsyncColocated if cfg.rollout.asynchronous else Colocated
+    return kind(cfg, run_dir / "init", tokenizer, executor, policy, model_cfg, problems, start)
