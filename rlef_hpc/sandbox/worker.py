@@ -26,7 +26,8 @@ from typing import Any
 from rlef_hpc.sandbox import _executor
 from rlef_hpc.sandbox.cpp import CompileError, Compiler
 from rlef_hpc.sandbox.protocol import read_frame, write_frame
-from rlef_hpc.sandbox.types import Verdict
+from rlef_hpc.sandbox.rlimits import BASELINE, Rlimits, rlimits_for
+from rlef_hpc.sandbox.types import Limits, Verdict
 
 SOLUTION_FILE = "solution.py"
 SETUP_FAILED = b"rlef-sandbox-setup-failed"
@@ -124,21 +125,37 @@ class Worker:
         fork starts with the worker's private pages counted, so their growth since this
         measurement is subtracted too (see run_job)."""
         empty = _python_payload("pass")
-        rlimits = (1 << 40, 10, 1 << 20, 64, 64, 8 << 20)
-        pid, out_fd, err_fd = self._start(False, empty, b"", False, rlimits)
-        return _executor.supervise(pid, out_fd, err_fd, 10.0, 1 << 16, 1 << 16)["max_rss_kb"]
+        pid, out_fd, err_fd = self._start(False, empty, b"", False, BASELINE)
+        obs = _executor.supervise(
+            pid=pid,
+            stdout_fd=out_fd,
+            stderr_fd=err_fd,
+            wall_limit_s=10.0,
+            stdout_cap=1 << 16,
+            stderr_cap=1 << 16,
+        )
+        return obs["max_rss_kb"]
 
     def _start(
-        self, native: bool, program: Any, stdin: bytes, allow_sub: bool, rlimits: tuple[int, ...]
+        self, native: bool, program: Any, stdin: bytes, allow_sub: bool, rlimits: Rlimits
     ) -> tuple[int, int, int]:
         """Starts a test's process: the spare (Python) or a vfork+exec of the binary (C++)."""
-        ids = (self.safe, self.drop_uid, self.uid, self.gid)
+        ids = {"safe": self.safe, "drop_uid": self.drop_uid, "uid": self.uid, "gid": self.gid}
         if native:
             _executor.drop_spare()  # the test's cleanup must reach only the test's processes
-            return _executor.spawn(True, allow_sub, *ids, stdin, program, rlimits)
+            return _executor.spawn(
+                native=True,
+                allow_subprocesses=allow_sub,
+                stdin=stdin,
+                exec_path=program,
+                rlimits=rlimits,
+                **ids,
+            )
         while True:
             self.ensure_spare()
-            started = _executor.dispatch(allow_sub, *ids, stdin, program, rlimits)
+            started = _executor.dispatch(
+                allow_subprocesses=allow_sub, stdin=stdin, payload=program, rlimits=rlimits, **ids
+            )
             if started is not None:
                 return started
 
@@ -236,25 +253,12 @@ class Worker:
             for i in range(1 if req["stop_on_first_failure"] else len(inputs)):
                 send({**_NOT_RUN, **failed, "index": req["first_index"] + i})
             return
-        limits = req["limits"]
-        mem = limits["memory_mb"] << 20
+        limits = Limits(**req["limits"])
         vm_kb, private_kb = _memory_kb()
         self.python_baseline_kb = self.baseline_kb + private_kb - self.baseline_private_kb
-        # A forked Python test starts with the worker's address space mapped: the solution's
-        # budget comes on top of it.
-        address_space = mem + (0 if native else vm_kb * 1024)
-        # Half the memory for the stack: deep recursion works, and a runaway one ends as a
-        # stack overflow (RUNTIME_ERROR) before it could pass for memory exhaustion.
-        rlimits = (
-            address_space,
-            int(limits["time_s"]) + 2,  # CPU backstop; the wall clock ends a test earlier
-            limits["file_size_mb"] << 20,
-            limits["open_files"],
-            limits["processes"],
-            mem // 2,
-        )
+        rlimits = rlimits_for(limits, native=native, inherited_vm_bytes=vm_kb * 1024)
         for i, stdin in enumerate(inputs):
-            result = self.run_test(native, program, req, stdin, rlimits)
+            result = self.run_test(native, program, req, limits, stdin, rlimits)
             result["index"] = req["first_index"] + i
             send(result)
             last = i + 1 == len(inputs)
@@ -264,20 +268,25 @@ class Worker:
                 self.ensure_spare()  # for the last test, only after "done" (see main)
 
     def run_test(
-        self, native: bool, program: Any, req: dict[str, Any], stdin: bytes, rlimits: tuple
+        self,
+        native: bool,
+        program: Any,
+        req: dict[str, Any],
+        limits: Limits,
+        stdin: bytes,
+        rlimits: Rlimits,
     ) -> dict[str, Any]:
         """One test; "OK" means it exited cleanly, the executor then compares its output."""
-        limits = req["limits"]
         pid, out_fd, err_fd = self._start(
             native, program, stdin, req["allow_subprocesses"], rlimits
         )
         obs = _executor.supervise(
-            pid,
-            out_fd,
-            err_fd,
-            limits["time_s"] + limits["wall_slack_s"],
-            limits["output_bytes"],
-            STDERR_CAPTURE,
+            pid=pid,
+            stdout_fd=out_fd,
+            stderr_fd=err_fd,
+            wall_limit_s=limits.wall_s,
+            stdout_cap=limits.output_bytes,
+            stderr_cap=STDERR_CAPTURE,
         )
         code, stdout, stderr = obs["code"], obs["stdout"], obs["stderr"]
         if code == 120 and SETUP_FAILED in stderr:
@@ -290,14 +299,12 @@ class Worker:
         elif code == -signal.SIGSYS:
             verdict = Verdict.SANDBOX_VIOLATION
         elif (
-            obs["reason"] == REASON_WALL
-            or obs["cpu_s"] > limits["time_s"]
-            or code == -signal.SIGXCPU
+            obs["reason"] == REASON_WALL or obs["cpu_s"] > limits.time_s or code == -signal.SIGXCPU
         ):
             verdict = Verdict.TIME_LIMIT
         elif code != 0:
             out_of_memory = b"MemoryError" in stderr[-512:] or b"std::bad_alloc" in stderr[-512:]
-            out_of_memory |= memory_kb >= 0.98 * (limits["memory_mb"] << 10)
+            out_of_memory |= memory_kb >= 0.98 * (limits.memory_mb << 10)
             verdict = Verdict.MEMORY_LIMIT if out_of_memory else Verdict.RUNTIME_ERROR
         else:
             verdict = Verdict.OK
