@@ -21,11 +21,32 @@ import signal
 import sys
 import traceback
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from rlef_hpc.sandbox import _executor
 from rlef_hpc.sandbox.cpp import CompileError, Compiler
-from rlef_hpc.sandbox.protocol import read_frame, write_frame
+from rlef_hpc.sandbox.protocol import (
+    DONE,
+    ERROR,
+    EXIT,
+    FATAL,
+    HELLO,
+    RESULT,
+    RUN,
+    STOP,
+    TO_SERVER,
+    Capabilities,
+    Done,
+    Failure,
+    Hello,
+    ProtocolError,
+    Report,
+    RunRequest,
+    ServerConfig,
+    read_message,
+    write_frame,
+)
 from rlef_hpc.sandbox.rlimits import BASELINE, Rlimits, rlimits_for
 from rlef_hpc.sandbox.types import Limits, Verdict
 
@@ -60,31 +81,30 @@ def _memory_kb() -> tuple[int, int]:
 
 
 class Worker:
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.scratch: str = config["scratch"]
-        self.cache_dir: str = config["cache_dir"]
-        self.uid: int = config["uid"]
-        self.gid: int = config["gid"]
-        self.capabilities: dict[str, Any] = {
-            "user_ns": False,
-            "pid_ns": False,
-            "net_ns": False,
-            "ipc_ns": False,
-            "mount_ns": False,
-            "uts_ns": False,
-            "proc_private": False,
-            "readonly_root": False,
-            "scratch_tmpfs": False,
-            "landlock": False,
-            "seccomp": False,
-            "uid_drop": False,
-            "rlimits": True,
-        }
+    def __init__(self, config: ServerConfig) -> None:
+        self.scratch = config["scratch"]
+        self.cache_dir = config["cache_dir"]
+        self.uid = config["uid"]
+        self.gid = config["gid"]
+        self.capabilities = Capabilities(
+            user_ns=False,
+            pid_ns=False,
+            net_ns=False,
+            ipc_ns=False,
+            mount_ns=False,
+            uts_ns=False,
+            proc_private=False,
+            readonly_root=False,
+            scratch_tmpfs=False,
+            landlock=False,
+            seccomp=False,
+            uid_drop=False,
+            rlimits=True,
+        )
         if config["isolate"]:
             try:
-                self.capabilities.update(
-                    _executor.isolate(self.scratch, [self.cache_dir], config["scratch_mb"])
-                )
+                achieved = _executor.isolate(self.scratch, [self.cache_dir], config["scratch_mb"])
+                self.capabilities.update(achieved)  # type: ignore[typeddict-item]
             except OSError as e:
                 self.capabilities["isolation_error"] = str(e)
         if config["seccomp"] and _executor.seccomp_available():
@@ -235,7 +255,12 @@ class Worker:
 
     # --- tests ---------------------------------------------------------------------------------
 
-    def run_job(self, req: dict[str, Any], send: Any, stop_requested: Any) -> None:
+    def run_job(
+        self,
+        req: RunRequest,
+        send: Callable[[Report], None],
+        stop_requested: Callable[[], bool],
+    ) -> None:
         """Runs req["inputs"] in order, sending one result each.
 
         The worker never sees expected outputs: every test's process is a copy of this one, and
@@ -249,20 +274,20 @@ class Worker:
                 self.cpp_program(req["source"]) if native else self.python_program(req["source"])
             )
         except CompileError as e:
-            failed = {"verdict": Verdict.COMPILE_ERROR.value, "stderr": str(e)[-4096:]}
             for i in range(1 if req["stop_on_first_failure"] else len(inputs)):
-                send({**_NOT_RUN, **failed, "index": req["first_index"] + i})
+                send(_not_run(req["first_index"] + i, Verdict.COMPILE_ERROR, str(e)[-4096:]))
             return
         limits = Limits(**req["limits"])
         vm_kb, private_kb = _memory_kb()
         self.python_baseline_kb = self.baseline_kb + private_kb - self.baseline_private_kb
         rlimits = rlimits_for(limits, native=native, inherited_vm_bytes=vm_kb * 1024)
         for i, stdin in enumerate(inputs):
-            result = self.run_test(native, program, req, limits, stdin, rlimits)
-            result["index"] = req["first_index"] + i
+            index = req["first_index"] + i
+            result = self.run_test(native, program, req, limits, stdin, rlimits, index)
             send(result)
             last = i + 1 == len(inputs)
-            if req["stop_on_first_failure"] and (result["verdict"] != "OK" or stop_requested()):
+            failed = result["verdict"] != Verdict.OK
+            if req["stop_on_first_failure"] and (failed or stop_requested()):
                 return
             if not native and not last:
                 self.ensure_spare()  # for the last test, only after "done" (see main)
@@ -271,11 +296,12 @@ class Worker:
         self,
         native: bool,
         program: Any,
-        req: dict[str, Any],
+        req: RunRequest,
         limits: Limits,
         stdin: bytes,
         rlimits: Rlimits,
-    ) -> dict[str, Any]:
+        index: int,
+    ) -> Report:
         """One test; "OK" means it exited cleanly, the executor then compares its output."""
         pid, out_fd, err_fd = self._start(
             native, program, stdin, req["allow_subprocesses"], rlimits
@@ -310,18 +336,31 @@ class Worker:
             verdict = Verdict.OK
         if os.listdir(self.workdir):  # nothing a test writes may reach the next one
             _clear(self.workdir)
-        return {
-            "verdict": verdict.value,
-            "time_s": obs["cpu_s"],
-            "wall_s": obs["wall_s"],
-            "memory_kb": memory_kb,
-            "exit_code": code,
-            "stdout": stdout,
-            "stderr": stderr[-4096:].decode(errors="replace"),
-        }
+        return Report(
+            type=RESULT,
+            index=index,
+            verdict=verdict.value,
+            time_s=obs["cpu_s"],
+            wall_s=obs["wall_s"],
+            memory_kb=memory_kb,
+            exit_code=code,
+            stdout=stdout,
+            stderr=stderr[-4096:].decode(errors="replace"),
+        )
 
 
-_NOT_RUN = {"time_s": 0.0, "wall_s": 0.0, "memory_kb": 0, "exit_code": 0, "stdout": b""}
+def _not_run(index: int, verdict: Verdict, stderr: str) -> Report:
+    return Report(
+        type=RESULT,
+        index=index,
+        verdict=verdict.value,
+        time_s=0.0,
+        wall_s=0.0,
+        memory_kb=0,
+        exit_code=0,
+        stdout=b"",
+        stderr=stderr,
+    )
 
 
 def _python_payload(source: str) -> bytes:
@@ -433,36 +472,40 @@ def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
     worker = Worker(config)
-    write_frame(wfd, {"type": "hello", "capabilities": worker.capabilities})
+    write_frame(wfd, Hello(type=HELLO, capabilities=worker.capabilities))
     worker.ensure_spare()
     job = None
 
     def stop_requested() -> bool:
         while select.select([rfd], [], [], 0)[0]:
-            message = read_frame(rfd)
-            if message is None or message["type"] == "exit":
+            message = read_message(rfd, TO_SERVER)
+            if message is None or message["type"] == EXIT:
                 sys.exit(0)
-            if message["type"] == "stop" and message["job"] == job:
+            if message["type"] == STOP and message["job"] == job:
                 return True
         return False
 
     while True:
-        req = read_frame(rfd)
-        if req is None or req["type"] == "exit":
+        try:
+            req = read_message(rfd, TO_SERVER)
+        except ProtocolError:
+            write_frame(wfd, Failure(type=ERROR, message=traceback.format_exc()))
+            continue
+        if req is None or req["type"] == EXIT:
             return
-        if req["type"] != "run":
+        if req["type"] != RUN:
             continue  # a stop for a job that already finished
         job = req["job"]
         try:
-            worker.run_job(req, lambda r: write_frame(wfd, {"type": "result", **r}), stop_requested)
-            write_frame(wfd, {"type": "done"})
+            worker.run_job(req, lambda r: write_frame(wfd, r), stop_requested)
+            write_frame(wfd, Done(type=DONE))
             if req["language"] == "python":  # the next job is likely Python too: be ready
                 worker.ensure_spare()
         except SandboxSetupError as e:
-            write_frame(wfd, {"type": "fatal", "message": str(e)})
+            write_frame(wfd, Failure(type=FATAL, message=str(e)))
             raise
         except Exception:  # noqa: BLE001 - the job fails, the worker keeps serving
-            write_frame(wfd, {"type": "error", "message": traceback.format_exc()})
+            write_frame(wfd, Failure(type=ERROR, message=traceback.format_exc()))
 
 
 if __name__ == "__main__":
