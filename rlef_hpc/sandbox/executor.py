@@ -61,6 +61,15 @@ _executor_ids = itertools.count()
 # A fixed mmap threshold: glibc otherwise raises it after large frees and keeps big inputs in
 # the worker's heap for good, and every page the worker holds makes each test's fork slower.
 _WORKER_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "MALLOC_MMAP_THRESHOLD_": "131072"}
+# The server runs this package's own code (`python -m rlef_hpc.sandbox.server`, with the
+# directory this package was imported from on its path): -I ignores PYTHONPATH, and without
+# it a checkout's executor would start the server of whatever rlef_hpc is installed. Appended,
+# so that it shadows nothing of the standard library's or site-packages'.
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+_SERVER_MAIN = (
+    "import runpy, sys; sys.path.append(sys.argv.pop(1)); "
+    "runpy.run_module('rlef_hpc.sandbox.server', run_name='__main__', alter_sys=True)"
+)
 
 
 class SandboxUnavailableError(RuntimeError):
@@ -71,7 +80,7 @@ class SandboxError(RuntimeError):
     """The executor could not run a job (not a verdict about the solution)."""
 
 
-class WorkerDied(Exception):
+class ServerDied(Exception):
     pass
 
 
@@ -107,14 +116,14 @@ class _JobState:
         self.future.set_result(ran)  # type: ignore[arg-type]
 
 
-class _Worker:
-    """One worker process, from the executor's side."""
+class _Server:
+    """One sandbox server process (rlef_hpc.sandbox.server): a worker, from the executor's side."""
 
     def __init__(self, config: ServerConfig, log_path: str) -> None:
         self.log_path = log_path
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-m", "rlef_hpc.sandbox.worker", json.dumps(config)],
+                [sys.executable, "-I", "-c", _SERVER_MAIN, _PACKAGE_ROOT, json.dumps(config)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,
@@ -145,7 +154,7 @@ class _Worker:
         try:
             write_frame(self.wfd, message)
         except OSError as e:
-            raise WorkerDied(str(e)) from None
+            raise ServerDied(str(e)) from None
 
     def receive(self) -> ToExecutor:
         try:
@@ -153,9 +162,9 @@ class _Worker:
         except ProtocolError as e:
             raise SandboxError(f"sandbox worker sent a malformed message: {e}") from None
         if message is None:
-            raise WorkerDied(f"exit status {self.proc.wait()}")
+            raise ServerDied(f"exit status {self.proc.wait()}")
         if message["type"] == FATAL:
-            raise WorkerDied(message["message"])
+            raise ServerDied(message["message"])
         if message["type"] == ERROR:
             raise SandboxError(f"sandbox worker failed on this job:\n{message['message']}")
         return message
@@ -215,7 +224,7 @@ class Executor:
         self._scratch_mb = scratch_mb
         self._seccomp = seccomp
         self._queue: queue.SimpleQueue[tuple[_JobState, list[int]] | None] = queue.SimpleQueue()
-        self._procs: list[_Worker | None] = [None] * workers
+        self._procs: list[_Server | None] = [None] * workers
         # Held while a thread talks to worker i: its serving thread, or a caller running inline.
         self._slots = [threading.Lock() for _ in range(workers)]
         self._closed = False
@@ -339,7 +348,7 @@ class Executor:
 
     # --- workers ---------------------------------------------------------------------------------
 
-    def _start(self, i: int) -> _Worker:
+    def _start(self, i: int) -> _Server:
         scratch = os.path.join(self._root, f"w{i}")
         os.makedirs(scratch, exist_ok=True)
         config = ServerConfig(
@@ -351,7 +360,7 @@ class Executor:
             isolate=True,
             seccomp=self._seccomp,
         )
-        worker = _Worker(config, os.path.join(self._root, f"w{i}.log"))
+        worker = _Server(config, os.path.join(self._root, f"w{i}.log"))
         self._procs[i] = worker
         return worker
 
@@ -400,7 +409,7 @@ class Executor:
             seq = next(self._jobs)
             stopped = False
             try:
-                # Inputs only: expected outputs never enter the worker (see Worker.run_job).
+                # Inputs only: expected outputs never enter the worker (see runner.Runner.run_job).
                 worker.send(
                     RunRequest(
                         type=RUN,
@@ -424,7 +433,7 @@ class Executor:
                         stopped = True
                         worker.send(StopRequest(type=STOP, job=seq))
                 return
-            except WorkerDied as e:
+            except ServerDied as e:
                 # The test in flight is retried once on a fresh worker (the crash may not be
                 # its doing); if the worker dies again it is reported, never silently dropped.
                 self._procs[i] = None

@@ -139,19 +139,26 @@ class ProtocolError(ValueError):
     """A message that is not one the reader accepts: a bug on the other side, never a verdict."""
 
 
-def check_message(message: Any, accepted: Mapping[str, type]) -> None:
-    """Raises ProtocolError unless `message` has exactly the keys of its type's definition."""
-    kind = accepted.get(message.get("type")) if isinstance(message, dict) else None
-    if kind is None:
-        raise ProtocolError(f"unexpected message {message!r:.200}")
-    keys = message.keys()
+def check_keys(value: Any, kind: type) -> None:
+    """Raises ProtocolError unless `value` is a dict with exactly the keys of TypedDict `kind`."""
+    if not isinstance(value, dict):
+        raise ProtocolError(f"expected a {kind.__name__}, got {value!r:.200}")
+    keys = value.keys()
     missing = kind.__required_keys__ - keys  # type: ignore[attr-defined]
     unknown = keys - kind.__required_keys__ - kind.__optional_keys__  # type: ignore[attr-defined]
     if missing or unknown:
         raise ProtocolError(
-            f"malformed {message['type']!r} message: missing {sorted(missing)}, "
-            f"unknown {sorted(unknown)}"
+            f"malformed {kind.__name__}: missing {sorted(missing)}, unknown {sorted(unknown)}"
         )
+
+
+def check_message(message: Any, accepted: Mapping[str, type]) -> None:
+    """Raises ProtocolError unless `message` is of a type in `accepted` and has exactly the
+    keys of that type's definition."""
+    kind = accepted.get(message.get("type")) if isinstance(message, dict) else None
+    if kind is None:
+        raise ProtocolError(f"unexpected message {message!r:.200}")
+    check_keys(message, kind)
 
 
 def write_frame(fd: int, message: Mapping[str, Any]) -> None:
