@@ -290,12 +290,29 @@ PyObject* seccomp_available(PyObject*, PyObject*) {
 
 // --- spawn ------------------------------------------------------------------------------------
 
-struct Limits {
+// A test's rlimits, in the field order of rlef_hpc.sandbox.rlimits.Rlimits (a NamedTuple):
+// Python passes that tuple and parse_rlimits reads it here, the one place that does.
+struct Rlimits {
   unsigned long long address_space, cpu_s, file_size, open_files, processes, stack;
 };
+// The names of Rlimits' fields in order, exported as _executor.RLIMIT_FIELDS so that a test can
+// hold the Python NamedTuple to the order read here.
+const char* const kRlimitFields[] = {"address_space", "cpu_s",     "file_size",
+                                     "open_files",    "processes", "stack"};
+
+// A PyArg "O&" converter: a 6-tuple (an Rlimits) into the struct, in field order.
+int parse_rlimits(PyObject* obj, void* out) {
+  Rlimits& l = *static_cast<Rlimits*>(out);
+  if (!PyTuple_Check(obj) || PyTuple_GET_SIZE(obj) != 6) {
+    PyErr_Format(PyExc_TypeError, "rlimits must be an Rlimits (6 fields), got %R", obj);
+    return 0;
+  }
+  return PyArg_ParseTuple(obj, "KKKKKK:rlimits", &l.address_space, &l.cpu_s, &l.file_size,
+                          &l.open_files, &l.processes, &l.stack);
+}
 
 struct ChildSpec {
-  Limits limits;
+  Rlimits limits;
   int stdout_w, stderr_w;
   uid_t uid;
   gid_t gid;
@@ -319,7 +336,7 @@ int enter_sandbox(const ChildSpec& s) {
   if (syscall(SYS_close_range, 3, ~0U, 0) != 0) {
     for (int fd = 3; fd < 65536; fd++) close(fd);
   }
-  const Limits& l = s.limits;
+  const Rlimits& l = s.limits;
   set_limit(RLIMIT_AS, l.address_space, l.address_space);
   set_limit(RLIMIT_CPU, l.cpu_s, l.cpu_s + 1);  // SIGXCPU, then SIGKILL a second later
   set_limit(RLIMIT_FSIZE, l.file_size, l.file_size);
@@ -384,16 +401,18 @@ bool fill_stdin(const char* data, Py_ssize_t len) {
   return lseek(g_stdin_ro, 0, SEEK_SET) == 0;
 }
 
-PyObject* spawn(PyObject*, PyObject* args) {
+PyObject* spawn(PyObject*, PyObject* args, PyObject* kwargs) {
   int native, allow_sub, safe, drop_uid;
   unsigned int uid, gid;
   const char* stdin_data;
   Py_ssize_t stdin_len;
   const char* exec_path = nullptr;
-  Limits l;
-  if (!PyArg_ParseTuple(args, "ppppIIy#z(KKKKKK)", &native, &allow_sub, &safe, &drop_uid, &uid,
-                        &gid, &stdin_data, &stdin_len, &exec_path, &l.address_space, &l.cpu_s,
-                        &l.file_size, &l.open_files, &l.processes, &l.stack))
+  Rlimits l;
+  static const char* kwlist[] = {"native", "allow_subprocesses", "safe", "drop_uid", "uid",
+                                 "gid", "stdin", "exec_path", "rlimits", nullptr};
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "ppppIIy#zO&", const_cast<char**>(kwlist),
+                                   &native, &allow_sub, &safe, &drop_uid, &uid, &gid, &stdin_data,
+                                   &stdin_len, &exec_path, parse_rlimits, &l))
     return nullptr;
   if (safe && !g_policies_ready) return PyErr_Format(PyExc_RuntimeError, "policies not built");
   if (native) {
@@ -453,7 +472,7 @@ struct GoHeader {
   uint32_t payload_len;
   uint8_t allow_sub, safe, drop_uid, pad;
   uint32_t uid, gid;
-  Limits limits;
+  Rlimits limits;
 };
 
 struct Spare {
@@ -564,15 +583,16 @@ PyObject* await_go(PyObject*, PyObject*) {
   return payload;
 }
 
-PyObject* dispatch(PyObject*, PyObject* args) {
+PyObject* dispatch(PyObject*, PyObject* args, PyObject* kwargs) {
   GoHeader h{};
   int allow_sub, safe, drop_uid;
   const char *stdin_data, *payload;
   Py_ssize_t stdin_len, payload_len;
-  Limits& l = h.limits;
-  if (!PyArg_ParseTuple(args, "pppIIy#y#(KKKKKK)", &allow_sub, &safe, &drop_uid, &h.uid, &h.gid,
-                        &stdin_data, &stdin_len, &payload, &payload_len, &l.address_space,
-                        &l.cpu_s, &l.file_size, &l.open_files, &l.processes, &l.stack))
+  static const char* kwlist[] = {"allow_subprocesses", "safe", "drop_uid", "uid", "gid",
+                                 "stdin", "payload", "rlimits", nullptr};
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "pppIIy#y#O&", const_cast<char**>(kwlist),
+                                   &allow_sub, &safe, &drop_uid, &h.uid, &h.gid, &stdin_data,
+                                   &stdin_len, &payload, &payload_len, parse_rlimits, &h.limits))
     return nullptr;
   if (g_spare.pid <= 0) return PyErr_Format(PyExc_RuntimeError, "no spare process");
   if (safe && !g_policies_ready) return PyErr_Format(PyExc_RuntimeError, "policies not built");
@@ -644,11 +664,14 @@ void kill_tree(pid_t pid) {
     kill(-pid, SIGKILL);
 }
 
-PyObject* supervise(PyObject*, PyObject* args) {
+PyObject* supervise(PyObject*, PyObject* args, PyObject* kwargs) {
   int pid, out_fd, err_fd;
   double wall_limit;
   Py_ssize_t out_cap, err_cap;
-  if (!PyArg_ParseTuple(args, "iiidnn", &pid, &out_fd, &err_fd, &wall_limit, &out_cap, &err_cap))
+  static const char* kwlist[] = {"pid",         "stdout_fd",  "stderr_fd",
+                                 "wall_limit_s", "stdout_cap", "stderr_cap", nullptr};
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iiidnn", const_cast<char**>(kwlist), &pid,
+                                   &out_fd, &err_fd, &wall_limit, &out_cap, &err_cap))
     return nullptr;
   Capture out{out_fd, {}, static_cast<size_t>(out_cap), false};
   Capture err{err_fd, {}, static_cast<size_t>(err_cap), true};
@@ -743,18 +766,21 @@ PyMethodDef kMethods[] = {
      "set_test_landlock(fd): the ruleset every test's process applies."},
     {"build_policies", build_policies, METH_NOARGS, "Build the seccomp filters (once)."},
     {"seccomp_available", seccomp_available, METH_NOARGS, "Whether seccomp filters can be used."},
-    {"spawn", spawn, METH_VARARGS,
-     "spawn(native, allow_subprocesses, safe, drop_uid, uid, gid, stdin, exec_path, limits)"
+    {"spawn", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(spawn)),
+     METH_VARARGS | METH_KEYWORDS,
+     "spawn(native, allow_subprocesses, safe, drop_uid, uid, gid, stdin, exec_path, rlimits)"
      " -> (pid, stdout_fd, stderr_fd); pid 0 in the (sandboxed) Python child."},
     {"prefork", prefork, METH_NOARGS,
      "prefork() -> pid: fork the next Python test's process now; 0 in that process."},
     {"await_go", await_go, METH_NOARGS,
      "In the spare: wait for the test, enter the sandbox, return the worker's payload."},
-    {"dispatch", dispatch, METH_VARARGS,
-     "dispatch(allow_subprocesses, safe, drop_uid, uid, gid, stdin, payload, limits)"
+    {"dispatch", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(dispatch)),
+     METH_VARARGS | METH_KEYWORDS,
+     "dispatch(allow_subprocesses, safe, drop_uid, uid, gid, stdin, payload, rlimits)"
      " -> (pid, stdout_fd, stderr_fd), or None if the spare is gone."},
     {"drop_spare", drop_spare, METH_NOARGS, "Kill and reap the spare, if any."},
-    {"supervise", supervise, METH_VARARGS,
+    {"supervise", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(supervise)),
+     METH_VARARGS | METH_KEYWORDS,
      "supervise(pid, stdout_fd, stderr_fd, wall_limit_s, stdout_cap, stderr_cap) -> dict"},
     {nullptr, nullptr, 0, nullptr}};
 
@@ -762,4 +788,16 @@ PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_executor", nullptr, -1, kMethods
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__executor() { return PyModule_Create(&kModule); }
+PyMODINIT_FUNC PyInit__executor() {
+  PyObject* module = PyModule_Create(&kModule);
+  if (module == nullptr) return nullptr;
+  PyObject* fields = Py_BuildValue("(ssssss)", kRlimitFields[0], kRlimitFields[1],
+                                   kRlimitFields[2], kRlimitFields[3], kRlimitFields[4],
+                                   kRlimitFields[5]);
+  if (fields == nullptr || PyModule_AddObject(module, "RLIMIT_FIELDS", fields) != 0) {
+    Py_XDECREF(fields);
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -183,3 +183,99 @@ def test_problem_limits_default_to_rlef() -> None:
     assert Limits.for_problem() == Limits(time_s=10.0, memory_mb=1024)
     assert Limits.for_problem(2.5, 256 << 20) == Limits(time_s=2.5, memory_mb=256)
     assert Limits.for_problem(0, 0).time_s == 10.0  # CodeContests stores 0 for "none given"
+
+
+def test_rlimits_field_order_is_the_c_sides() -> None:
+    from rlef_hpc.sandbox import _executor
+    from rlef_hpc.sandbox.rlimits import Rlimits
+
+    assert Rlimits._fields == _executor.RLIMIT_FIELDS
+
+
+def test_each_named_limit_reaches_the_tests_process(executor: Executor) -> None:
+    """A solution reads its own rlimits: a field swapped between Python and C shows here."""
+    from rlef_hpc.sandbox.rlimits import rlimits_for
+
+    limits = Limits(time_s=3, memory_mb=300, file_size_mb=5, open_files=17, processes=9)
+    source = (
+        "import resource as r\n"
+        "for name in ('AS', 'CPU', 'FSIZE', 'NOFILE', 'NPROC', 'STACK'):\n"
+        "    print(name, *r.getrlimit(getattr(r, 'RLIMIT_' + name)))\n"
+    )
+    [result] = executor.run("python", source, [TestCase("", None)], limits)
+    assert result.passed, result.stderr
+    seen = {
+        name: (int(soft), int(hard))
+        for name, soft, hard in map(str.split, result.output.splitlines())
+    }
+    assert seen["CPU"] == (5, 6)  # int(time_s) + 2, then SIGKILL a second later
+    assert seen["FSIZE"] == (5 << 20,) * 2
+    assert seen["NOFILE"] == (17, 17)
+    assert seen["NPROC"] == (9, 9)
+    assert seen["STACK"] == (150 << 20,) * 2
+    # A forked Python test's budget comes on top of the server's address space.
+    assert seen["AS"][0] == seen["AS"][1] > 300 << 20
+    native = rlimits_for(limits, native=True, inherited_vm_bytes=1 << 30)
+    assert native.address_space == 300 << 20 and native.stack == 150 << 20
+
+
+def test_a_malformed_message_is_rejected() -> None:
+    import os
+
+    from rlef_hpc.sandbox import protocol
+    from rlef_hpc.sandbox.protocol import RESULT, TO_EXECUTOR, TO_SERVER, ProtocolError, Report
+
+    report = Report(
+        type=RESULT,
+        index=0,
+        verdict="OK",
+        time_s=0.0,
+        wall_s=0.0,
+        memory_kb=0,
+        exit_code=0,
+        stdout=b"",
+        stderr="",
+    )
+    protocol.check_message(report, TO_EXECUTOR)
+    missing = {k: v for k, v in report.items() if k != "stdout"}
+    with pytest.raises(ProtocolError, match=r"missing \['stdout'\]"):
+        protocol.check_message(missing, TO_EXECUTOR)
+    with pytest.raises(ProtocolError, match=r"unknown \['extra'\]"):
+        protocol.check_message({**report, "extra": 1}, TO_EXECUTOR)
+    with pytest.raises(ProtocolError, match="unexpected message"):
+        protocol.check_message(report, TO_SERVER)  # a result is never sent to a server
+    r, w = os.pipe()
+    try:
+        protocol.write_frame(w, missing)
+        with pytest.raises(ProtocolError):
+            protocol.read_message(r, TO_EXECUTOR)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.parametrize(
+    ("obs", "memory_kb", "verdict"),
+    [
+        ({"reason": 2, "code": -9, "cpu_s": 0.1, "stderr": b""}, 0, Verdict.OUTPUT_LIMIT),
+        ({"reason": 0, "code": -31, "cpu_s": 0.1, "stderr": b""}, 0, Verdict.SANDBOX_VIOLATION),
+        ({"reason": 1, "code": -9, "cpu_s": 0.1, "stderr": b""}, 0, Verdict.TIME_LIMIT),
+        ({"reason": 0, "code": 0, "cpu_s": 1.5, "stderr": b""}, 0, Verdict.TIME_LIMIT),
+        (
+            {"reason": 0, "code": 1, "cpu_s": 0.1, "stderr": b"MemoryError\n"},
+            0,
+            Verdict.MEMORY_LIMIT,
+        ),
+        ({"reason": 0, "code": -6, "cpu_s": 0.1, "stderr": b""}, 99 << 10, Verdict.MEMORY_LIMIT),
+        (
+            {"reason": 0, "code": 1, "cpu_s": 0.1, "stderr": b"ValueError\n"},
+            0,
+            Verdict.RUNTIME_ERROR,
+        ),
+        ({"reason": 0, "code": 0, "cpu_s": 0.1, "stderr": b""}, 0, Verdict.OK),
+    ],
+)
+def test_verdict_of_an_observation(obs: dict, memory_kb: int, verdict: Verdict) -> None:
+    from rlef_hpc.sandbox.verdicts import verdict_of
+
+    assert verdict_of(obs, Limits(time_s=1, memory_mb=100), memory_kb) is verdict

@@ -68,7 +68,14 @@ def run_command(
             os._exit(127)
     os.close(out_w)
     os.close(err_w)
-    obs = _executor.supervise(pid, out_r, err_r, timeout_s, 1 << 24, MESSAGE_BYTES)
+    obs = _executor.supervise(
+        pid=pid,
+        stdout_fd=out_r,
+        stderr_fd=err_r,
+        wall_limit_s=timeout_s,
+        stdout_cap=1 << 24,
+        stderr_cap=MESSAGE_BYTES,
+    )
     if obs["reason"] == 1:
         return -1, obs["stdout"], b"compilation timed out\n" + obs["stderr"]
     return obs["code"], obs["stdout"], obs["stderr"]

@@ -21,7 +21,28 @@ from pathlib import Path
 from typing import Any
 
 from rlef_hpc.sandbox.compare import as_bytes, outputs_match
-from rlef_hpc.sandbox.protocol import read_frame, write_frame
+from rlef_hpc.sandbox.protocol import (
+    DONE,
+    ERROR,
+    EXIT,
+    FATAL,
+    RUN,
+    STARTUP,
+    STOP,
+    TO_EXECUTOR,
+    Capabilities,
+    ExitRequest,
+    Hello,
+    ProtocolError,
+    Report,
+    RunRequest,
+    ServerConfig,
+    StopRequest,
+    ToExecutor,
+    ToServer,
+    read_message,
+    write_frame,
+)
 from rlef_hpc.sandbox.types import Job, Limits, TestCase, TestResult, Verdict
 
 __all__ = [
@@ -40,6 +61,15 @@ _executor_ids = itertools.count()
 # A fixed mmap threshold: glibc otherwise raises it after large frees and keeps big inputs in
 # the worker's heap for good, and every page the worker holds makes each test's fork slower.
 _WORKER_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "MALLOC_MMAP_THRESHOLD_": "131072"}
+# The server runs this package's own code (`python -m rlef_hpc.sandbox.server`, with the
+# directory this package was imported from on its path): -I ignores PYTHONPATH, and without
+# it a checkout's executor would start the server of whatever rlef_hpc is installed. Appended,
+# so that it shadows nothing of the standard library's or site-packages'.
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+_SERVER_MAIN = (
+    "import runpy, sys; sys.path.append(sys.argv.pop(1)); "
+    "runpy.run_module('rlef_hpc.sandbox.server', run_name='__main__', alter_sys=True)"
+)
 
 
 class SandboxUnavailableError(RuntimeError):
@@ -50,7 +80,7 @@ class SandboxError(RuntimeError):
     """The executor could not run a job (not a verdict about the solution)."""
 
 
-class WorkerDied(Exception):
+class ServerDied(Exception):
     pass
 
 
@@ -86,14 +116,14 @@ class _JobState:
         self.future.set_result(ran)  # type: ignore[arg-type]
 
 
-class _Worker:
-    """One worker process, from the executor's side."""
+class _Server:
+    """One sandbox server process (rlef_hpc.sandbox.server): a worker, from the executor's side."""
 
-    def __init__(self, config: dict[str, Any], log_path: str) -> None:
+    def __init__(self, config: ServerConfig, log_path: str) -> None:
         self.log_path = log_path
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-m", "rlef_hpc.sandbox.worker", json.dumps(config)],
+                [sys.executable, "-I", "-c", _SERVER_MAIN, _PACKAGE_ROOT, json.dumps(config)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,
@@ -102,10 +132,13 @@ class _Worker:
                 env=_WORKER_ENV,
             )
         self.rfd, self.wfd = self.proc.stdout.fileno(), self.proc.stdin.fileno()  # type: ignore[union-attr]
-        hello = read_frame(self.rfd)
+        try:
+            hello: Hello | None = read_message(self.rfd, STARTUP)
+        except ProtocolError as e:
+            raise SandboxUnavailableError(f"sandbox worker failed to start: {e}") from None
         if hello is None:
             raise SandboxUnavailableError(f"sandbox worker failed to start:\n{self.log_tail()}")
-        self.capabilities: dict[str, Any] = hello["capabilities"]
+        self.capabilities: Capabilities = hello["capabilities"]
 
     @property
     def pid(self) -> int:
@@ -117,25 +150,28 @@ class _Worker:
         except OSError:
             return ""
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, message: ToServer) -> None:
         try:
             write_frame(self.wfd, message)
         except OSError as e:
-            raise WorkerDied(str(e)) from None
+            raise ServerDied(str(e)) from None
 
-    def receive(self) -> dict[str, Any]:
-        message = read_frame(self.rfd)
+    def receive(self) -> ToExecutor:
+        try:
+            message = read_message(self.rfd, TO_EXECUTOR)
+        except ProtocolError as e:
+            raise SandboxError(f"sandbox worker sent a malformed message: {e}") from None
         if message is None:
-            raise WorkerDied(f"exit status {self.proc.wait()}")
-        if message["type"] == "fatal":
-            raise WorkerDied(message["message"])
-        if message["type"] == "error":
+            raise ServerDied(f"exit status {self.proc.wait()}")
+        if message["type"] == FATAL:
+            raise ServerDied(message["message"])
+        if message["type"] == ERROR:
             raise SandboxError(f"sandbox worker failed on this job:\n{message['message']}")
         return message
 
     def close(self) -> None:
         try:
-            write_frame(self.wfd, {"type": "exit"})
+            write_frame(self.wfd, ExitRequest(type=EXIT))
         except OSError:
             pass
         for stream in (self.proc.stdin, self.proc.stdout):
@@ -184,14 +220,11 @@ class Executor:
         os.chmod(self._root, 0o755)  # the sandbox uid must reach its scratch directory
         slot = (os.getpid() * 7919 + next(_executor_ids)) % 100_000
         self.uids = [_UID_BASE + slot * _UIDS_PER_EXECUTOR + i for i in range(workers)]
-        self._config = {
-            "cache_dir": str(self.cache_dir),
-            "scratch_mb": scratch_mb,
-            "isolate": True,
-            "seccomp": seccomp,
-        }
+        self._cache_dir = str(self.cache_dir)
+        self._scratch_mb = scratch_mb
+        self._seccomp = seccomp
         self._queue: queue.SimpleQueue[tuple[_JobState, list[int]] | None] = queue.SimpleQueue()
-        self._procs: list[_Worker | None] = [None] * workers
+        self._procs: list[_Server | None] = [None] * workers
         # Held while a thread talks to worker i: its serving thread, or a caller running inline.
         self._slots = [threading.Lock() for _ in range(workers)]
         self._closed = False
@@ -199,7 +232,7 @@ class Executor:
         # construction, not in the middle of a training step.
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             started = list(pool.map(self._start, range(workers)))
-        self.capabilities: dict[str, Any] = started[0].capabilities
+        self.capabilities: Capabilities = started[0].capabilities
         if not unsafe and not self.capabilities["seccomp"]:
             self._shutdown_workers()
             shutil.rmtree(self._root, ignore_errors=True)
@@ -315,11 +348,19 @@ class Executor:
 
     # --- workers ---------------------------------------------------------------------------------
 
-    def _start(self, i: int) -> _Worker:
+    def _start(self, i: int) -> _Server:
         scratch = os.path.join(self._root, f"w{i}")
         os.makedirs(scratch, exist_ok=True)
-        config = {**self._config, "scratch": scratch, "uid": self.uids[i], "gid": self.uids[i]}
-        worker = _Worker(config, os.path.join(self._root, f"w{i}.log"))
+        config = ServerConfig(
+            cache_dir=self._cache_dir,
+            scratch=scratch,
+            scratch_mb=self._scratch_mb,
+            uid=self.uids[i],
+            gid=self.uids[i],
+            isolate=True,
+            seccomp=self._seccomp,
+        )
+        worker = _Server(config, os.path.join(self._root, f"w{i}.log"))
         self._procs[i] = worker
         return worker
 
@@ -368,21 +409,21 @@ class Executor:
             seq = next(self._jobs)
             stopped = False
             try:
-                # Inputs only: expected outputs never enter the worker (see Worker.run_job).
+                # Inputs only: expected outputs never enter the worker (see runner.Runner.run_job).
                 worker.send(
-                    {
-                        "type": "run",
-                        "job": seq,
-                        "language": job.language,
-                        "source": job.source,
-                        "inputs": [as_bytes(job.tests[k].input) for k in pending],
-                        "first_index": pending[0],
-                        "limits": _limits_message(job.limits),
-                        "stop_on_first_failure": job.stop_on_first_failure,
-                        "allow_subprocesses": self.allow_subprocesses,
-                    }
+                    RunRequest(
+                        type=RUN,
+                        job=seq,
+                        language=job.language,
+                        source=job.source,
+                        inputs=[as_bytes(job.tests[k].input) for k in pending],
+                        first_index=pending[0],
+                        limits=_limits_message(job.limits),
+                        stop_on_first_failure=job.stop_on_first_failure,
+                        allow_subprocesses=self.allow_subprocesses,
+                    )
                 )
-                while (message := worker.receive())["type"] != "done":
+                while (message := worker.receive())["type"] != DONE:
                     k = message["index"]
                     if stopped:  # ran before the worker saw the stop: not part of the answer
                         continue
@@ -390,9 +431,9 @@ class Executor:
                     pending.remove(k)
                     if job.stop_on_first_failure and not result.passed:
                         stopped = True
-                        worker.send({"type": "stop", "job": seq})
+                        worker.send(StopRequest(type=STOP, job=seq))
                 return
-            except WorkerDied as e:
+            except ServerDied as e:
                 # The test in flight is retried once on a fresh worker (the crash may not be
                 # its doing); if the worker dies again it is reported, never silently dropped.
                 self._procs[i] = None
@@ -408,7 +449,7 @@ class Executor:
                     if job.stop_on_first_failure:
                         return
 
-    def _judge(self, job: Job, k: int, message: dict[str, Any]) -> TestResult:
+    def _judge(self, job: Job, k: int, message: Report) -> TestResult:
         """The worker's observation of test k, with the output compared here."""
         stdout: bytes = message["stdout"]
         verdict = Verdict(message["verdict"])

@@ -1,20 +1,167 @@
-"""Framing between the executor and its workers: a length, then a marshal'd dict.
+"""The messages between the executor and its sandbox servers, and their framing.
 
-marshal is the fastest serialiser for plain dicts of str/bytes/numbers and both ends are the
-same interpreter; the channel is a private pipe, never exposed to solutions.
+Each message is a TypedDict defined here once and built by keyword on the sending side
+(`RunRequest(type=RUN, job=..., ...)`); `read_message` rejects one whose type is unknown to the
+reader or whose keys are not exactly its definition's, so a key renamed on one side fails loudly
+at the first message rather than as a KeyError deep in a job.
+
+On the wire: a length, then a marshal'd dict. marshal is the fastest serialiser for plain dicts
+of str/bytes/numbers and both ends are the same interpreter; the channel is a private pipe, never
+exposed to solutions.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: TypedDict needs NotRequired evaluated to tell the
+# optional keys from the required ones.
 
 import marshal
 import os
 import struct
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Final, Literal, NotRequired, TypedDict
 
 _HEADER = struct.Struct("<Q")
 
+# Message types (the "type" key). Executor -> server:
+RUN: Final = "run"
+STOP: Final = "stop"
+EXIT: Final = "exit"
+# Server -> executor:
+HELLO: Final = "hello"
+RESULT: Final = "result"
+DONE: Final = "done"
+ERROR: Final = "error"  # this job failed; the server keeps serving
+FATAL: Final = "fatal"  # the sandbox itself failed; the server exits
 
-def write_frame(fd: int, message: dict[str, Any]) -> None:
+
+class ServerConfig(TypedDict):
+    """The server's command-line argument (JSON): who it is and where it works."""
+
+    cache_dir: str  # C++ binaries, shared by all servers
+    scratch: str  # this server's own directory (a tmpfs once isolated)
+    scratch_mb: int
+    uid: int  # the unprivileged uid/gid its tests run as (when started as root)
+    gid: int
+    isolate: bool
+    seccomp: bool
+
+
+class Capabilities(TypedDict):
+    """The isolation a server achieved (`Executor.capabilities`)."""
+
+    user_ns: bool
+    pid_ns: bool
+    net_ns: bool
+    ipc_ns: bool
+    mount_ns: bool
+    uts_ns: bool
+    proc_private: bool
+    readonly_root: bool
+    scratch_tmpfs: bool
+    landlock: bool
+    seccomp: bool
+    uid_drop: bool
+    rlimits: bool
+    isolation_error: NotRequired[str]  # why isolate() failed, when it did
+
+
+class RunRequest(TypedDict):
+    """Run a solution on some of a job's inputs. Never the expected outputs (see runner)."""
+
+    type: Literal["run"]
+    job: int  # the executor's sequence number of this request
+    language: str
+    source: str
+    inputs: list[bytes]
+    first_index: int  # the job's index of inputs[0]
+    limits: dict[str, Any]  # the fields of types.Limits
+    stop_on_first_failure: bool
+    allow_subprocesses: bool
+
+
+class StopRequest(TypedDict):
+    """Run no more of request `job`'s inputs (a stop-on-first-failure job failed)."""
+
+    type: Literal["stop"]
+    job: int
+
+
+class ExitRequest(TypedDict):
+    type: Literal["exit"]
+
+
+class Hello(TypedDict):
+    """The server is isolated and ready."""
+
+    type: Literal["hello"]
+    capabilities: Capabilities
+
+
+class Report(TypedDict):
+    """What one test did; the executor compares the output and makes the final verdict."""
+
+    type: Literal["result"]
+    index: int  # in the job
+    verdict: str  # a types.Verdict value; OK means it exited cleanly
+    time_s: float  # CPU
+    wall_s: float
+    memory_kb: int
+    exit_code: int
+    stdout: bytes
+    stderr: str  # the tail
+
+
+class Done(TypedDict):
+    """The request's inputs have all run (or the job stopped)."""
+
+    type: Literal["done"]
+
+
+class Failure(TypedDict):
+    type: Literal["error", "fatal"]
+    message: str
+
+
+ToServer = RunRequest | StopRequest | ExitRequest
+ToExecutor = Hello | Report | Done | Failure
+
+# What each end accepts, by type: the executor reads HELLO first, and only then the others.
+TO_SERVER: Final[Mapping[str, type]] = {RUN: RunRequest, STOP: StopRequest, EXIT: ExitRequest}
+STARTUP: Final[Mapping[str, type]] = {HELLO: Hello}
+TO_EXECUTOR: Final[Mapping[str, type]] = {
+    RESULT: Report,
+    DONE: Done,
+    ERROR: Failure,
+    FATAL: Failure,
+}
+
+
+class ProtocolError(ValueError):
+    """A message that is not one the reader accepts: a bug on the other side, never a verdict."""
+
+
+def check_keys(value: Any, kind: type) -> None:
+    """Raises ProtocolError unless `value` is a dict with exactly the keys of TypedDict `kind`."""
+    if not isinstance(value, dict):
+        raise ProtocolError(f"expected a {kind.__name__}, got {value!r:.200}")
+    keys = value.keys()
+    missing = kind.__required_keys__ - keys  # type: ignore[attr-defined]
+    unknown = keys - kind.__required_keys__ - kind.__optional_keys__  # type: ignore[attr-defined]
+    if missing or unknown:
+        raise ProtocolError(
+            f"malformed {kind.__name__}: missing {sorted(missing)}, unknown {sorted(unknown)}"
+        )
+
+
+def check_message(message: Any, accepted: Mapping[str, type]) -> None:
+    """Raises ProtocolError unless `message` is of a type in `accepted` and has exactly the
+    keys of that type's definition."""
+    kind = accepted.get(message.get("type")) if isinstance(message, dict) else None
+    if kind is None:
+        raise ProtocolError(f"unexpected message {message!r:.200}")
+    check_keys(message, kind)
+
+
+def write_frame(fd: int, message: Mapping[str, Any]) -> None:
     payload = marshal.dumps(message)
     data = memoryview(_HEADER.pack(len(payload)) + payload)
     while data:
@@ -33,9 +180,18 @@ def _read_exact(fd: int, n: int) -> bytes | None:
 
 
 def read_frame(fd: int) -> dict[str, Any] | None:
-    """The next message, or None when the other end has gone."""
+    """The next frame, unchecked, or None when the other end has gone."""
     header = _read_exact(fd, _HEADER.size)
     if header is None:
         return None
     payload = _read_exact(fd, _HEADER.unpack(header)[0])
     return None if payload is None else marshal.loads(payload)
+
+
+def read_message(fd: int, accepted: Mapping[str, type]) -> Any:
+    """The next message, checked against `accepted` (TO_SERVER, STARTUP or TO_EXECUTOR), or
+    None when the other end has gone."""
+    message = read_frame(fd)
+    if message is not None:
+        check_message(message, accepted)
+    return message
