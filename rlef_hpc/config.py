@@ -103,7 +103,10 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"{path or cls.__name__}: {e}") from None
+        message = str(e)
+        if path and message.startswith(f"{path}."):  # it names its key already
+            raise ConfigError(message) from None
+        raise ConfigError(f"{path or cls.__name__}: {message}") from None
 
 
 def _join(path: str, key: str) -> str:
@@ -150,7 +153,8 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+            # One line, as every config error: YAML's own message spans several.
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config groups")
     try:

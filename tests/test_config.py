@@ -56,6 +56,20 @@ def test_overrides_are_typed_and_nested():
         (["run.keep_last=0"], "run.keep_last must be positive"),
         (["eval.max_turns=0"], "eval.max_turns must be at least 1, got 0"),
         (["data.curriculum=hard"], "data.curriculum: 'hard' is not one of 'basic', 'feedback'"),
+        (
+            ["ppo.advantage_normalisation=batch"],
+            "ppo.advantage_normalisation: 'batch' is not one of 'turn', 'none'",
+        ),
+        (["precision.dtype=float8"], "precision.dtype: 'float8' is not one of 'float32', "),
+        (["precision.fp8=e5m2"], "precision.fp8: 'e5m2' is not one of 'e4m3', 'hybrid'"),
+        (
+            ["precision.fp8_recipe=mx"],
+            "precision.fp8_recipe: 'mx' is not one of 'delayed', 'tensorwise', 'blockwise'",
+        ),
+        (["episodes.language=rust"], "episodes.language: 'rust' is not one of 'python', 'cpp'"),
+        (["episodes.feedback=none"], "episodes.feedback: 'none' is not one of 'real', 'random'"),
+        (["rollout.layout=split"], "rollout.layout: 'split' is not one of 'colocated', 'disagg"),
+        (["parallel.data=0"], "parallel.data must be at least 1, got 0"),
     ],
 )
 def test_bad_configs_name_the_key(overrides, message):
