@@ -4,6 +4,7 @@
 
 Every key is checked against the dataclass it lands in: an unknown key names its path and the
 keys allowed there; a value of the wrong type names its path, the type wanted and the value.
+A top-level group that a layer above owns (the class's `foreign_groups`) is skipped.
 Override values are parsed as YAML scalars (`0.02`, `true`, `[1, 2]`, `null`).
 """
 
@@ -91,6 +92,10 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     """Builds dataclass `cls` from a (nested) mapping; absent keys keep their defaults."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
+    # Groups a layer above owns (`foreign_groups`, e.g. TrainConfig's `slurm`) are skipped: the
+    # same file serves both layers, and the lower one must not import the upper one's types.
+    foreign = set(getattr(cls, "foreign_groups", ())) - set(names)
+    data = {k: v for k, v in data.items() if k not in foreign}
     unknown = sorted(set(data) - set(names))
     if unknown:
         where = path or "the top level"

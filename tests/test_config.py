@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rlef_hpc.config import ConfigError, describe, load, to_dict
+from rlef_hpc.launch.config import JobConfig, SlurmConfig
 from rlef_hpc.train.config import TrainConfig
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -23,6 +25,26 @@ def test_shipped_configs_load(name):
     cfg = load(TrainConfig, CONFIGS / f"{name}.yaml")
     assert cfg.model.init == "hf" and cfg.precision.dtype == "bfloat16"
     assert cfg.rollout.rollouts_per_iteration == 1024 and cfg.update.num_minibatches == 4
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_config_validates_for_the_trainer_and_for_the_launcher(path):
+    """rlef-train reads a file as TrainConfig (skipping the launch layer's slurm group);
+    tools/submit.py and tools/plan.py as JobConfig, the same groups plus slurm."""
+    train, job = load(TrainConfig, path), load(JobConfig, path)
+    assert "slurm" not in to_dict(train)
+    assert {k: v for k, v in to_dict(job).items() if k != "slurm"} == to_dict(train)
+    written = yaml.safe_load(path.read_text())["slurm"]
+    assert to_dict(job.slurm) == {**to_dict(SlurmConfig()), **written}
+
+
+def test_only_the_slurm_group_is_left_to_the_launch_layer():
+    extra = {f for f in JobConfig.__dataclass_fields__} - set(TrainConfig.__dataclass_fields__)
+    assert extra == TrainConfig.foreign_groups == {"slurm"}
+    # The trainer skips the group; anything else unknown is still refused.
+    assert load(TrainConfig, None, ["slurm.nodes=2"]) == TrainConfig()
+    with pytest.raises(ConfigError, match="unknown key 'slurm.nodez' in slurm; allowed: part"):
+        load(JobConfig, None, ["slurm.nodez=2"])
 
 
 def test_overrides_are_typed_and_nested():

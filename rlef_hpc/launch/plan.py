@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlef_hpc.launch.config import JobConfig
 from rlef_hpc.models.config import ModelConfig
 from rlef_hpc.train.config import TrainConfig
 
@@ -128,7 +129,7 @@ def shard_parameters(mc: ModelConfig, tp: int, pp: int) -> float:
     return shard / tp
 
 
-def plan(cfg: TrainConfig) -> Plan:
+def plan(cfg: JobConfig) -> Plan:
     notes: list[str] = []
     mc = model_shape(cfg, notes)
     p, r, s = cfg.parallel, cfg.rollout, cfg.slurm
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="the terms as JSON (bytes)")
     args = ap.parse_args(argv)
     try:
-        cfg = load(TrainConfig, args.config, args.overrides)
+        cfg = load(JobConfig, args.config, args.overrides)
         result = plan(cfg)
     except (ConfigError, ValueError) as e:
         ap.exit(2, f"plan: error: {e}\n")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from rlef_hpc.episodes.runner import EpisodeConfig
 from rlef_hpc.models.config import ModelConfig, ParallelConfig, PrecisionConfig
@@ -71,27 +71,6 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class SlurmConfig:
-    """The jobs tools/submit.py asks Slurm for. Training takes parallel.world_size GPUs as
-    `nodes` x `gpus_per_node` (one task per GPU; on CPU clusters, gpus_per_node=0 and one task
-    per trainer rank); each disaggregated rollout worker takes rollout.tensor_parallel GPUs."""
-
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time_minutes: int = 60
-    nodes: int = 1
-    gpus_per_node: int = 0
-    gpu_memory_gb: float = 80.0  # per GPU, for the preflight memory plan (H100 80GB)
-    cpus_per_task: int = 1
-    mem_gb: int = 4  # per node
-    # Seconds before the time limit at which the trainer is told to checkpoint and requeue.
-    signal_seconds: int = 120
-    eval_after: bool = True  # an evaluation job, started when training succeeds
-    max_requeues: int = 10
-
-
-@dataclass(frozen=True)
 class UpdateConfig:
     """How each iteration's rollouts become optimizer steps."""
 
@@ -144,7 +123,11 @@ class TrainConfig:
         default_factory=lambda: WarmStartConfig(steps=400, batch_size=32, near_misses=1)
     )
     eval: EvalConfig = field(default_factory=EvalConfig)
-    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    # Groups of the same YAML files that a layer above owns: `slurm`, the launch layer's
+    # (rlef_hpc.launch.config.JobConfig). rlef-train runs configs/*.yaml inside sbatch jobs
+    # and train must not import launch, so the loader skips these groups rather than refusing
+    # them; JobConfig, which has `slurm` as a field, reads and validates it.
+    foreign_groups: ClassVar[frozenset[str]] = frozenset({"slurm"})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -177,27 +160,6 @@ class TrainConfig:
             )
         if self.eval.max_turns < 1:
             raise ValueError(f"eval.max_turns must be at least 1, got {self.eval.max_turns}")
-        s = self.slurm
-        if s.gpus_per_node and s.gpus_per_node % p.tensor:
-            raise ValueError(
-                f"parallel.tensor={p.tensor} does not divide slurm.gpus_per_node="
-                f"{s.gpus_per_node}: a tensor-parallel group must sit within one node"
-            )
-        if s.gpus_per_node and p.world_size != s.nodes * s.gpus_per_node:
-            raise ValueError(
-                f"the layout does not fit the GPUs: parallel.tensor x pipeline x data = "
-                f"{p.world_size}, but slurm.nodes={s.nodes} x slurm.gpus_per_node="
-                f"{s.gpus_per_node} = {s.nodes * s.gpus_per_node}"
-            )
-        if s.gpus_per_node and r.tensor_parallel > s.gpus_per_node and r.layout != "colocated":
-            raise ValueError(
-                f"rollout.tensor_parallel={r.tensor_parallel} is more than one node's "
-                f"slurm.gpus_per_node={s.gpus_per_node}"
-            )
-        if not s.gpus_per_node and p.world_size % s.nodes:
-            raise ValueError(
-                f"slurm.nodes={s.nodes} must divide the {p.world_size} trainer processes"
-            )
         if self.warmstart.steps and p.pipeline > 1:
             raise ValueError(
                 f"warmstart.steps={self.warmstart.steps} with parallel.pipeline={p.pipeline}: "
