@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,55 @@ def test_bad_configs_name_the_key(overrides, message):
         load(TrainConfig, None, overrides)
 
 
+COLOCATED_TP = ["parallel.tensor", "parallel.pipeline", "rollout.layout=colocated"]
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, JobConfig])
+def test_the_colocated_layout_refuses_tensor_or_pipeline_parallelism(cls):
+    for key in ("parallel.tensor=2", "parallel.pipeline=2"):
+        with pytest.raises(ConfigError) as err:
+            load(cls, CONFIGS / "demo_cpu.yaml", [key])
+        assert all(k in str(err.value) for k in COLOCATED_TP), err.value
+    disaggregated = load(
+        cls, CONFIGS / "demo_cpu.yaml", ["parallel.tensor=2", "rollout.layout=disaggregated"]
+    )
+    assert disaggregated.parallel.tensor == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.tensor=8"], "parallel.tensor=8 must divide model.num_attention_heads=4"),
+        (["parallel.pipeline=4"], "parallel.pipeline=4 must divide model.num_layers=2"),
+        (["model.num_query_groups=3"], "model.num_query_groups must divide model.num_attention_"),
+    ],
+)
+def test_a_scratch_models_shape_is_checked_against_the_layout(overrides, message):
+    disaggregated = ["rollout.layout=disaggregated", "warmstart.steps=0"]
+    with pytest.raises(ConfigError, match=message):
+        load(TrainConfig, CONFIGS / "demo_cpu.yaml", [*disaggregated, *overrides])
+
+
+def test_an_hf_models_shape_is_read_from_its_config_json(tmp_path):
+    llama = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 8192,
+             "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+             "intermediate_size": 28672}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(llama))
+    config = CONFIGS / "llama3_70b.yaml"
+    assert load(TrainConfig, config, [f"model.hf_dir={tmp_path}"]).parallel.tensor == 8
+    with pytest.raises(ConfigError) as err:
+        load(
+            TrainConfig,
+            config,
+            [f"model.hf_dir={tmp_path}", "parallel.tensor=16", "parallel.data=16"],
+        )
+    assert f"model.hf_dir={tmp_path} (its config.json): parallel.tensor=16 must divide " in str(
+        err.value
+    )
+    # Not downloaded yet: nothing to check here (tools/submit.py's preflight names the path).
+    assert load(TrainConfig, config, [f"model.hf_dir={tmp_path / 'absent'}"])
+
+
 def test_help_documents_every_group():
     text = "\n".join(describe(TrainConfig))
     for group in ("run", "model", "parallel", "data", "episodes", "rollout", "ppo", "optim"):
@@ -115,3 +165,16 @@ def test_cli_rejects_a_typo_with_exit_2():
     )
     assert proc.returncode == 2
     assert "unknown key 'ppo.kl_coeff'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_refuses_a_colocated_tensor_parallel_run_before_writing_anything(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlef_hpc.train.cli", str(CONFIGS / "demo_cpu.yaml"),
+         "parallel.tensor=2", f"run.dir={run}"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("rlef-train: error:")
+    assert all(k in proc.stderr for k in COLOCATED_TP), proc.stderr
+    assert not run.exists()

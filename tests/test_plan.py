@@ -88,6 +88,14 @@ def test_plan_tool_prints_the_70b_table():
     assert bad.returncode == 1 and "DOES NOT FIT" in bad.stdout
 
 
+def test_plan_tool_refuses_a_colocated_tensor_parallel_layout_with_exit_2():
+    proc = run_tool("plan.py", CONFIGS / "demo_cpu.yaml", "parallel.tensor=2")
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr.startswith("plan: error:") and proc.stderr.count("\n") == 1, proc.stderr
+    for key in ("parallel.tensor=2", "parallel.pipeline", "rollout.layout=colocated"):
+        assert key in proc.stderr, proc.stderr
+
+
 def test_bytes_per_parameter_are_megatrons_report():
     """megatron's theoretical memory report counts 6 + 12/DP bytes per parameter with the
     distributed optimizer in bf16 (2 weights + 4 fp32 grads + 12 Adam, sharded)."""

@@ -97,12 +97,10 @@ class Plan:
 
 
 def model_shape(cfg: TrainConfig, notes: list[str]) -> ModelConfig:
-    m = cfg.model
-    if m.init == "scratch":
-        return m.scratch_config(m.tokenizer_vocab + m.tokenizer_vocab % 2)
-    hf = Path(m.hf_dir or "")
-    if (hf / "config.json").exists():
-        return ModelConfig.from_hf(hf)
+    shape = cfg.model.known_shape()
+    if shape is not None:
+        return shape
+    hf = Path(cfg.model.hf_dir or "")
     for size, shape in LLAMA_31.items():
         if f"-{size}" in hf.name:
             notes.append(f"{hf}/config.json not found: Llama-3.1-{size}'s shape assumed")

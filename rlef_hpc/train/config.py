@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from rlef_hpc.episodes.runner import EpisodeConfig
-from rlef_hpc.models.config import ModelConfig, ParallelConfig, PrecisionConfig
+from rlef_hpc.models.config import ModelConfig, ParallelConfig, PrecisionConfig, validate_layout
 from rlef_hpc.rl.optim import OptimConfig
 from rlef_hpc.rl.ppo import PPOConfig
 from rlef_hpc.rollout.config import RolloutConfig
@@ -55,6 +56,17 @@ class ModelSpec:
             max_position_embeddings=self.max_position_embeddings,
             rope_theta=10000.0,
         )
+
+    def known_shape(self) -> ModelConfig | None:
+        """The shape as far as the config knows it before the run starts. init=scratch: these
+        fields, at the vocabulary asked for (rounded up to even, as the trainer pads its trained
+        tokenizer's, which may come out smaller: build_gpt checks the one it builds). init=hf:
+        hf_dir/config.json, or None while it is not there (tools/submit.py's preflight reports
+        a missing hf_dir; rlef-train fails to read it)."""
+        if self.init == "scratch":
+            return self.scratch_config(self.tokenizer_vocab + self.tokenizer_vocab % 2)
+        config = Path(self.hf_dir) / "config.json" if self.hf_dir else None
+        return ModelConfig.from_hf(config) if config and config.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -133,8 +145,32 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """What can be checked without a model or a process group; names the key."""
+        """Every cross-field check of a run's config, naming the keys: what can be checked
+        without a model or a process group, so that a bad config is refused before anything
+        is written or submitted. It runs on construction (__post_init__): every load() of a
+        config (rlef-train, tools/submit.py, tools/plan.py, the rollout worker, the jobs) runs
+        it. JobConfig (rlef_hpc.launch.config) extends it with the Slurm allocation's checks.
+        What only the machine can tell (FP8 against its GPU) waits for build_gpt()."""
         r, u, p = self.rollout, self.update, self.parallel
+        if r.layout == "colocated" and (p.tensor != 1 or p.pipeline != 1):
+            raise ValueError(
+                f"parallel.tensor={p.tensor}, parallel.pipeline={p.pipeline} with "
+                "rollout.layout=colocated: the colocated layout runs one engine per training "
+                "process, which needs both at 1; use rollout.layout=disaggregated (rollout "
+                "workers of their own) for TP/PP training"
+            )
+        m = self.model
+        # The model's shape, where the config knows it, against parallel.tensor/pipeline. From
+        # config.json (init=hf), the numbers are not this config's keys: say where they are.
+        where = "" if m.init == "scratch" else f"model.hf_dir={m.hf_dir} (its config.json): "
+        try:
+            shape = m.known_shape()
+            if shape is not None:
+                validate_layout(shape, p)
+        except KeyError as e:
+            raise ValueError(f"{where}no {e} field") from None
+        except ValueError as e:
+            raise ValueError(f"{where}{e}") from None
         if r.rollouts_per_iteration % r.samples_per_problem:
             raise ValueError(
                 f"rollout.samples_per_problem={r.samples_per_problem} must divide "
