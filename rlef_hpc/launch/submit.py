@@ -25,12 +25,14 @@ import json
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
 from rlef_hpc.config import ConfigError, load, to_dict
 from rlef_hpc.launch.config import JobConfig
 from rlef_hpc.launch.slurm import SlurmUnavailable, job_states, require_slurm
+from rlef_hpc.rollout.config import RolloutConfig
 
 JOBS_FILE = "jobs.json"
 
@@ -220,7 +222,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="YAML config (configs/*.yaml), or status / cancel")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    p.add_argument("--layout", choices=("colocated", "disaggregated"), help="rollout.layout")
+    layouts = typing.get_args(typing.get_type_hints(RolloutConfig)["layout"])
+    p.add_argument("--layout", choices=layouts, help="rollout.layout")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
     p.add_argument(
         "--job", choices=("train", "rollout", "eval"), default="train", help="with --dry-run"
