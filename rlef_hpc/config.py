@@ -4,6 +4,7 @@
 
 Every key is checked against the dataclass it lands in: an unknown key names its path and the
 keys allowed there; a value of the wrong type names its path, the type wanted and the value.
+A top-level group that a layer above owns (the class's `foreign_groups`) is skipped.
 Override values are parsed as YAML scalars (`0.02`, `true`, `[1, 2]`, `null`).
 """
 
@@ -91,6 +92,10 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     """Builds dataclass `cls` from a (nested) mapping; absent keys keep their defaults."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
+    # Groups a layer above owns (`foreign_groups`, e.g. TrainConfig's `slurm`) are skipped: the
+    # same file serves both layers, and the lower one must not import the upper one's types.
+    foreign = set(getattr(cls, "foreign_groups", ())) - set(names)
+    data = {k: v for k, v in data.items() if k not in foreign}
     unknown = sorted(set(data) - set(names))
     if unknown:
         where = path or "the top level"
@@ -103,7 +108,10 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"{path or cls.__name__}: {e}") from None
+        message = str(e)
+        if path and message.startswith(f"{path}."):  # it names its key already
+            raise ConfigError(message) from None
+        raise ConfigError(f"{path or cls.__name__}: {message}") from None
 
 
 def _join(path: str, key: str) -> str:
@@ -150,7 +158,8 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+            # One line, as every config error: YAML's own message spans several.
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config groups")
     try:

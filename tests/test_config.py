@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rlef_hpc.config import ConfigError, describe, load, to_dict
+from rlef_hpc.launch.config import JobConfig, SlurmConfig
 from rlef_hpc.train.config import TrainConfig
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -23,6 +26,26 @@ def test_shipped_configs_load(name):
     cfg = load(TrainConfig, CONFIGS / f"{name}.yaml")
     assert cfg.model.init == "hf" and cfg.precision.dtype == "bfloat16"
     assert cfg.rollout.rollouts_per_iteration == 1024 and cfg.update.num_minibatches == 4
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_config_validates_for_the_trainer_and_for_the_launcher(path):
+    """rlef-train reads a file as TrainConfig (skipping the launch layer's slurm group);
+    tools/submit.py and tools/plan.py as JobConfig, the same groups plus slurm."""
+    train, job = load(TrainConfig, path), load(JobConfig, path)
+    assert "slurm" not in to_dict(train)
+    assert {k: v for k, v in to_dict(job).items() if k != "slurm"} == to_dict(train)
+    written = yaml.safe_load(path.read_text())["slurm"]
+    assert to_dict(job.slurm) == {**to_dict(SlurmConfig()), **written}
+
+
+def test_only_the_slurm_group_is_left_to_the_launch_layer():
+    extra = {f for f in JobConfig.__dataclass_fields__} - set(TrainConfig.__dataclass_fields__)
+    assert extra == TrainConfig.foreign_groups == {"slurm"}
+    # The trainer skips the group; anything else unknown is still refused.
+    assert load(TrainConfig, None, ["slurm.nodes=2"]) == TrainConfig()
+    with pytest.raises(ConfigError, match="unknown key 'slurm.nodez' in slurm; allowed: part"):
+        load(JobConfig, None, ["slurm.nodez=2"])
 
 
 def test_overrides_are_typed_and_nested():
@@ -56,11 +79,74 @@ def test_overrides_are_typed_and_nested():
         (["run.keep_last=0"], "run.keep_last must be positive"),
         (["eval.max_turns=0"], "eval.max_turns must be at least 1, got 0"),
         (["data.curriculum=hard"], "data.curriculum: 'hard' is not one of 'basic', 'feedback'"),
+        (
+            ["ppo.advantage_normalisation=batch"],
+            "ppo.advantage_normalisation: 'batch' is not one of 'turn', 'none'",
+        ),
+        (["precision.dtype=float8"], "precision.dtype: 'float8' is not one of 'float32', "),
+        (["precision.fp8=e5m2"], "precision.fp8: 'e5m2' is not one of 'e4m3', 'hybrid'"),
+        (
+            ["precision.fp8_recipe=mx"],
+            "precision.fp8_recipe: 'mx' is not one of 'delayed', 'tensorwise', 'blockwise'",
+        ),
+        (["episodes.language=rust"], "episodes.language: 'rust' is not one of 'python', 'cpp'"),
+        (["episodes.feedback=none"], "episodes.feedback: 'none' is not one of 'real', 'random'"),
+        (["rollout.layout=split"], "rollout.layout: 'split' is not one of 'colocated', 'disagg"),
+        (["parallel.data=0"], "parallel.data must be at least 1, got 0"),
     ],
 )
 def test_bad_configs_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load(TrainConfig, None, overrides)
+
+
+COLOCATED_TP = ["parallel.tensor", "parallel.pipeline", "rollout.layout=colocated"]
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, JobConfig])
+def test_the_colocated_layout_refuses_tensor_or_pipeline_parallelism(cls):
+    for key in ("parallel.tensor=2", "parallel.pipeline=2"):
+        with pytest.raises(ConfigError) as err:
+            load(cls, CONFIGS / "demo_cpu.yaml", [key])
+        assert all(k in str(err.value) for k in COLOCATED_TP), err.value
+    disaggregated = load(
+        cls, CONFIGS / "demo_cpu.yaml", ["parallel.tensor=2", "rollout.layout=disaggregated"]
+    )
+    assert disaggregated.parallel.tensor == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.tensor=8"], "parallel.tensor=8 must divide model.num_attention_heads=4"),
+        (["parallel.pipeline=4"], "parallel.pipeline=4 must divide model.num_layers=2"),
+        (["model.num_query_groups=3"], "model.num_query_groups must divide model.num_attention_"),
+    ],
+)
+def test_a_scratch_models_shape_is_checked_against_the_layout(overrides, message):
+    disaggregated = ["rollout.layout=disaggregated", "warmstart.steps=0"]
+    with pytest.raises(ConfigError, match=message):
+        load(TrainConfig, CONFIGS / "demo_cpu.yaml", [*disaggregated, *overrides])
+
+
+def test_an_hf_models_shape_is_read_from_its_config_json(tmp_path):
+    llama = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 8192,
+             "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+             "intermediate_size": 28672}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(llama))
+    config = CONFIGS / "llama3_70b.yaml"
+    assert load(TrainConfig, config, [f"model.hf_dir={tmp_path}"]).parallel.tensor == 8
+    with pytest.raises(ConfigError) as err:
+        load(
+            TrainConfig,
+            config,
+            [f"model.hf_dir={tmp_path}", "parallel.tensor=16", "parallel.data=16"],
+        )
+    assert f"model.hf_dir={tmp_path} (its config.json): parallel.tensor=16 must divide " in str(
+        err.value
+    )
+    # Not downloaded yet: nothing to check here (tools/submit.py's preflight names the path).
+    assert load(TrainConfig, config, [f"model.hf_dir={tmp_path / 'absent'}"])
 
 
 def test_help_documents_every_group():
@@ -79,3 +165,16 @@ def test_cli_rejects_a_typo_with_exit_2():
     )
     assert proc.returncode == 2
     assert "unknown key 'ppo.kl_coeff'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_refuses_a_colocated_tensor_parallel_run_before_writing_anything(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlef_hpc.train.cli", str(CONFIGS / "demo_cpu.yaml"),
+         "parallel.tensor=2", f"run.dir={run}"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("rlef-train: error:")
+    assert all(k in proc.stderr for k in COLOCATED_TP), proc.stderr
+    assert not run.exists()

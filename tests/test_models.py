@@ -76,21 +76,6 @@ def test_presets_validate_at_their_layouts():
         ),
         ("llama3_8b", (1, 5, 1), (), None, "parallel.pipeline=5 must divide model.num_layers=32"),
         ("tiny", (1, 1, 0), (), None, "parallel.data must be at least 1"),
-        ("tiny", (1, 1, 1), ("float8",), None, "precision.dtype: unknown 'float8'"),
-        (
-            "tiny",
-            (1, 1, 1),
-            ("bfloat16", "e5m2"),
-            (9, 0),
-            "precision.fp8: unknown 'e5m2'; expected e4m3 or hybrid",
-        ),
-        (
-            "tiny",
-            (1, 1, 1),
-            ("bfloat16", "e4m3", "mx"),
-            (9, 0),
-            "precision.fp8_recipe: unknown 'mx'; expected one of delayed, tensorwise, blockwise",
-        ),
         (
             "tiny",
             (1, 1, 1),

@@ -9,8 +9,8 @@ import subprocess
 import pytest
 
 from rlef_hpc.config import load
+from rlef_hpc.launch.config import JobConfig
 from rlef_hpc.launch.plan import GB, LLAMA_31, parameter_counts, plan
-from rlef_hpc.train.config import TrainConfig
 from tests.conftest import TESTS_DIR, run_tool, torchrun_command
 
 CONFIGS = TESTS_DIR.parent / "configs"
@@ -33,7 +33,7 @@ def test_training_memory_per_gpu_is_what_megatron_allocates(tmp_path, dtype):
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = json.loads(out.read_text())
     cfg = load(
-        TrainConfig,
+        JobConfig,
         None,
         [
             "model.tokenizer_vocab=512",
@@ -58,19 +58,19 @@ def test_training_memory_per_gpu_is_what_megatron_allocates(tmp_path, dtype):
 
 def test_shipped_8b_and_70b_layouts_fit_80gb_gpus():
     for name in ("llama3_8b", "llama3_70b"):
-        report = plan(load(TrainConfig, CONFIGS / f"{name}.yaml"))
+        report = plan(load(JobConfig, CONFIGS / f"{name}.yaml"))
         assert report.fits, (name, report.table())
         assert report.trainer_peak < 80 * GB
         assert report.kv_tokens > 3 * 9216  # a few longest episodes of KV cache per engine
 
 
 def test_a_layout_that_does_not_fit_is_refused_naming_the_term_and_the_knob():
-    cfg = load(TrainConfig, CONFIGS / "llama3_70b.yaml", ["precision.recompute=null"])
+    cfg = load(JobConfig, CONFIGS / "llama3_70b.yaml", ["precision.recompute=null"])
     report = plan(cfg)
     assert not report.fits
     assert "activations" in report.refusal() and "precision.recompute=full" in report.refusal()
     cfg = load(
-        TrainConfig,
+        JobConfig,
         CONFIGS / "llama3_70b.yaml",
         ["parallel.tensor=1", "parallel.pipeline=1", "parallel.data=32", "slurm.nodes=4"],
     )
@@ -88,12 +88,20 @@ def test_plan_tool_prints_the_70b_table():
     assert bad.returncode == 1 and "DOES NOT FIT" in bad.stdout
 
 
+def test_plan_tool_refuses_a_colocated_tensor_parallel_layout_with_exit_2():
+    proc = run_tool("plan.py", CONFIGS / "demo_cpu.yaml", "parallel.tensor=2")
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr.startswith("plan: error:") and proc.stderr.count("\n") == 1, proc.stderr
+    for key in ("parallel.tensor=2", "parallel.pipeline", "rollout.layout=colocated"):
+        assert key in proc.stderr, proc.stderr
+
+
 def test_bytes_per_parameter_are_megatrons_report():
     """megatron's theoretical memory report counts 6 + 12/DP bytes per parameter with the
     distributed optimizer in bf16 (2 weights + 4 fp32 grads + 12 Adam, sharded)."""
     from rlef_hpc.launch.plan import shard_parameters
 
-    cfg = load(TrainConfig, CONFIGS / "llama3_70b.yaml")
+    cfg = load(JobConfig, CONFIGS / "llama3_70b.yaml")
     report = plan(cfg)
     n = shard_parameters(LLAMA_31["70B"], cfg.parallel.tensor, cfg.parallel.pipeline)
     per_param = report.trainer["policy weights + grads + optimizer"] / n

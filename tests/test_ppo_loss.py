@@ -165,5 +165,3 @@ def test_truncated_importance_weight_only_shrinks():
 def test_bad_config_names_the_field():
     with pytest.raises(ValueError, match="ppo.kl_coef must be non-negative"):
         PPOConfig(kl_coef=-0.1)
-    with pytest.raises(ValueError, match="ppo.advantage_normalisation: unknown 'batch'"):
-        PPOConfig(advantage_normalisation="batch")

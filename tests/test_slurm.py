@@ -188,6 +188,19 @@ def test_dry_run_of_the_70b_config_is_an_sbatch_script_slurm_accepts(slurm, tmp_
         assert test.returncode == 0 and "to start at" in test.stderr, (script_path, test.stderr)
 
 
+def test_a_colocated_tensor_parallel_run_is_refused_before_anything_is_written(tmp_path):
+    """No cluster needed: the config is refused before submitit or Slurm is asked."""
+    run = tmp_path / "run"
+    demo = REPO / "configs" / "demo_cpu.yaml"
+    for dry_run in (["--dry-run"], []):
+        proc = run_tool("submit.py", demo, "parallel.tensor=2", f"run.dir={run}", *dry_run)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+        assert proc.stderr.startswith("submit: error:") and proc.stderr.count("\n") == 1
+        for key in ("parallel.tensor=2", "parallel.pipeline", "rollout.layout=colocated"):
+            assert key in proc.stderr, proc.stderr
+    assert not run.exists()
+
+
 def test_bad_inputs_are_refused_before_anything_is_submitted(tmp_path):
     demo = REPO / "configs" / "demo_cpu.yaml"
     cases = {

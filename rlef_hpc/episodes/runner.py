@@ -14,7 +14,7 @@ import concurrent.futures
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from rlef_hpc.data.problem import Problem
 from rlef_hpc.data.trajectory import Trajectory, Turn
@@ -38,14 +38,14 @@ class EpisodeConfig:
     """Turns, rewards and message templates of an episode."""
 
     max_turns: int = 3
-    language: str = "python"
+    language: Literal["python", "cpp"] = "python"
     success_reward: float = 1.0
     failure_reward: float = -1.0
     invalid_code_reward: float = -0.2
     generation_batch: int = 64  # prompts per generate() call
     # "random": the paper's ablation; each feedback message is replaced by one given to an
     # episode of another problem (the real one while no other exists yet)
-    feedback: str = "real"
+    feedback: Literal["real", "random"] = "real"
     # Generate each batch only once every running execution has finished: the batches (and so
     # the samples, under a seeded engine) no longer depend on timing, at the cost of overlap.
     deterministic: bool = False
@@ -54,12 +54,8 @@ class EpisodeConfig:
     def __post_init__(self) -> None:
         if self.max_turns < 1:
             raise ValueError(f"max_turns must be at least 1, got {self.max_turns}")
-        if self.language not in ("python", "cpp"):
-            raise ValueError(f"unknown language {self.language!r}; expected one of python, cpp")
         if self.generation_batch < 1:
             raise ValueError(f"generation_batch must be positive, got {self.generation_batch}")
-        if self.feedback not in ("real", "random"):
-            raise ValueError(f"unknown feedback {self.feedback!r}; expected one of real, random")
 
 
 class _Episode:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rlef_hpc.config import from_dict
+from rlef_hpc.launch.config import JobConfig
 from rlef_hpc.train.config import TrainConfig
 
 
@@ -51,7 +52,7 @@ class TrainJob:
         from rlef_hpc.train.loop import train
         from rlef_hpc.train.preemption import Preempted
 
-        cfg = from_dict(TrainConfig, self.config)
+        cfg = from_dict(JobConfig, self.config)
         try:
             result = train(cfg)
         except Preempted as stop:
@@ -73,7 +74,7 @@ class RolloutJob:
         from rlef_hpc.train.rollout_worker import install_stop_handlers, run_worker
 
         install_stop_handlers(_requeue_unless_sigterm)
-        return run_worker(from_dict(TrainConfig, self.config), self.worker)
+        return run_worker(from_dict(JobConfig, self.config), self.worker)
 
     def checkpoint(self) -> Any:
         return _resubmission(self)
@@ -84,7 +85,7 @@ class EvalJob:
     config: dict[str, Any]
 
     def __call__(self) -> dict[str, Any]:
-        return evaluate_run(from_dict(TrainConfig, self.config))
+        return evaluate_run(from_dict(JobConfig, self.config))
 
 
 def evaluate_run(cfg: TrainConfig) -> dict[str, Any]:
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = p.parse_args(argv)
-    cfg = load_or_exit(p, TrainConfig, args.config, args.overrides)
+    cfg = load_or_exit(p, JobConfig, args.config, args.overrides)
     try:
         evaluate_run(cfg)  # rlef-eval prints the table and writes the report
     except FileNotFoundError as e:

@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlef_hpc.launch.config import JobConfig
 from rlef_hpc.models.config import ModelConfig
 from rlef_hpc.train.config import TrainConfig
 
@@ -96,12 +97,10 @@ class Plan:
 
 
 def model_shape(cfg: TrainConfig, notes: list[str]) -> ModelConfig:
-    m = cfg.model
-    if m.init == "scratch":
-        return m.scratch_config(m.tokenizer_vocab + m.tokenizer_vocab % 2)
-    hf = Path(m.hf_dir or "")
-    if (hf / "config.json").exists():
-        return ModelConfig.from_hf(hf)
+    shape = cfg.model.known_shape()
+    if shape is not None:
+        return shape
+    hf = Path(cfg.model.hf_dir or "")
     for size, shape in LLAMA_31.items():
         if f"-{size}" in hf.name:
             notes.append(f"{hf}/config.json not found: Llama-3.1-{size}'s shape assumed")
@@ -128,7 +127,7 @@ def shard_parameters(mc: ModelConfig, tp: int, pp: int) -> float:
     return shard / tp
 
 
-def plan(cfg: TrainConfig) -> Plan:
+def plan(cfg: JobConfig) -> Plan:
     notes: list[str] = []
     mc = model_shape(cfg, notes)
     p, r, s = cfg.parallel, cfg.rollout, cfg.slurm
@@ -187,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="the terms as JSON (bytes)")
     args = ap.parse_args(argv)
     try:
-        cfg = load(TrainConfig, args.config, args.overrides)
+        cfg = load(JobConfig, args.config, args.overrides)
         result = plan(cfg)
     except (ConfigError, ValueError) as e:
         ap.exit(2, f"plan: error: {e}\n")

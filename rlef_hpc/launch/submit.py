@@ -25,12 +25,14 @@ import json
 import subprocess
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
 from rlef_hpc.config import ConfigError, load, to_dict
+from rlef_hpc.launch.config import JobConfig
 from rlef_hpc.launch.slurm import SlurmUnavailable, job_states, require_slurm
-from rlef_hpc.train.config import TrainConfig
+from rlef_hpc.rollout.config import RolloutConfig
 
 JOBS_FILE = "jobs.json"
 
@@ -39,11 +41,11 @@ class SubmitError(Exception):
     pass
 
 
-def _with_run_dir(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
+def _with_run_dir(cfg: JobConfig, run_dir: Path) -> JobConfig:
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(run_dir)))
 
 
-def preflight(cfg: TrainConfig) -> list[str]:
+def preflight(cfg: JobConfig) -> list[str]:
     """Everything that can be checked before a job waits in a queue for hours. Raises on the
     layout (memory plan); returns the problems of paths, which only a real submission refuses
     (a dry run may be prepared away from the cluster's filesystem)."""
@@ -69,11 +71,13 @@ def preflight(cfg: TrainConfig) -> list[str]:
     return problems
 
 
-def _executor(cfg: TrainConfig, name: str, nodes: int, tasks: int, gpus: int) -> Any:
+def _submitter(cfg: JobConfig, name: str, nodes: int, tasks: int, gpus: int) -> Any:
+    """submitit's SlurmExecutor for one job, called a submitter here: "executor" in this
+    project is the sandbox's test executor."""
     import submitit
 
     s = cfg.slurm
-    executor = submitit.SlurmExecutor(
+    submitter = submitit.SlurmExecutor(
         folder=Path(cfg.run.dir) / "slurm" / "%j", max_num_timeout=s.max_requeues
     )
     extra: dict[str, Any] = {"requeue": True}
@@ -95,53 +99,53 @@ def _executor(cfg: TrainConfig, name: str, nodes: int, tasks: int, gpus: int) ->
         params["gpus_per_node"] = gpus
     if s.partition:
         params["partition"] = s.partition
-    executor.update_parameters(**params)
-    return executor
+    submitter.update_parameters(**params)
+    return submitter
 
 
-def executors(cfg: TrainConfig) -> dict[str, Any]:
-    """The submitit executor of each job the layout needs: train, rollout (an array), eval."""
+def submitters(cfg: JobConfig) -> dict[str, Any]:
+    """The submitter of each job the layout needs: train, rollout (an array), eval."""
     s, r, p = cfg.slurm, cfg.rollout, cfg.parallel
     tasks = s.gpus_per_node or p.world_size // s.nodes
-    out = {"train": _executor(cfg, "train", s.nodes, tasks, s.gpus_per_node)}
+    out = {"train": _submitter(cfg, "train", s.nodes, tasks, s.gpus_per_node)}
     rollout_gpus = r.tensor_parallel if s.gpus_per_node else 0
     if r.layout == "disaggregated":
-        out["rollout"] = _executor(cfg, "rollout", 1, 1, rollout_gpus)
+        out["rollout"] = _submitter(cfg, "rollout", 1, 1, rollout_gpus)
     if s.eval_after:
-        out["eval"] = _executor(cfg, "eval", 1, 1, rollout_gpus)
+        out["eval"] = _submitter(cfg, "eval", 1, 1, rollout_gpus)
     return out
 
 
-def sbatch_script(cfg: TrainConfig, job: str = "train") -> str:
+def sbatch_script(cfg: JobConfig, job: str = "train") -> str:
     """The sbatch script submitit would submit for `job` (--dry-run)."""
-    executors_ = executors(cfg)
-    if job not in executors_:
-        raise SubmitError(f"--job {job}: this config submits only {', '.join(executors_)}")
-    slurm = executors_[job]
+    by_job = submitters(cfg)
+    if job not in by_job:
+        raise SubmitError(f"--job {job}: this config submits only {', '.join(by_job)}")
+    submitter = by_job[job]
     if job == "rollout":
-        slurm.parameters["map_count"] = cfg.rollout.workers
+        submitter.parameters["map_count"] = cfg.rollout.workers
     if job == "eval":
-        slurm.update_parameters(dependency="afterok:TRAIN_JOB_ID")
-    return slurm._make_submission_file_text(slurm._submitit_command_str, "dry-run")
+        submitter.update_parameters(dependency="afterok:TRAIN_JOB_ID")
+    return submitter._make_submission_file_text(submitter._submitit_command_str, "dry-run")
 
 
-def submit(cfg: TrainConfig) -> dict[str, Any]:
+def submit(cfg: JobConfig) -> dict[str, Any]:
     """Submits the run's jobs; returns (and records) their ids."""
     from rlef_hpc.launch.jobs import EvalJob, RolloutJob, TrainJob
 
     config = to_dict(cfg)
-    ex = executors(cfg)
+    by_job = submitters(cfg)
     jobs: dict[str, Any] = {"submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    train = ex["train"].submit(TrainJob(config))
+    train = by_job["train"].submit(TrainJob(config))
     jobs["train"] = train.job_id
-    if "rollout" in ex:
-        workers = ex["rollout"].submit_array(
+    if "rollout" in by_job:
+        workers = by_job["rollout"].submit_array(
             [RolloutJob(config, w) for w in range(cfg.rollout.workers)]
         )
         jobs["rollout"] = [w.job_id for w in workers]
-    if "eval" in ex:
-        ex["eval"].update_parameters(dependency=f"afterok:{train.job_id}")
-        jobs["eval"] = ex["eval"].submit(EvalJob(config)).job_id
+    if "eval" in by_job:
+        by_job["eval"].update_parameters(dependency=f"afterok:{train.job_id}")
+        jobs["eval"] = by_job["eval"].submit(EvalJob(config)).job_id
     record(Path(cfg.run.dir), jobs)
     return jobs
 
@@ -218,7 +222,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="YAML config (configs/*.yaml), or status / cancel")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    p.add_argument("--layout", choices=("colocated", "disaggregated"), help="rollout.layout")
+    layouts = typing.get_args(typing.get_type_hints(RolloutConfig)["layout"])
+    p.add_argument("--layout", choices=layouts, help="rollout.layout")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
     p.add_argument(
         "--job", choices=("train", "rollout", "eval"), default="train", help="with --dry-run"
@@ -243,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.overrides)
         if args.layout:
             overrides.append(f"rollout.layout={args.layout}")
-        cfg = load(TrainConfig, args.config, overrides)
+        cfg = load(JobConfig, args.config, overrides)
         cfg = _with_run_dir(cfg, Path(cfg.run.dir).resolve())
         problems = preflight(cfg)
         if args.dry_run:

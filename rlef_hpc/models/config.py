@@ -1,5 +1,5 @@
 """Model and parallel-layout configs: Llama-3.1 presets, any Llama-architecture HF config.json,
-and the checks that must fail before any process group starts, naming the field."""
+the checks of a shape against a layout (naming the field), and of FP8 against the GPU."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
-
-FP8_RECIPES = ("delayed", "tensorwise", "blockwise")
 
 
 @dataclass(frozen=True)
@@ -90,6 +88,13 @@ class ParallelConfig:
     pipeline: int = 1
     data: int = 1
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) < 1:
+                raise ValueError(
+                    f"parallel.{f.name} must be at least 1, got {getattr(self, f.name)}"
+                )
+
     @property
     def world_size(self) -> int:
         return self.tensor * self.pipeline * self.data
@@ -99,9 +104,9 @@ class ParallelConfig:
 class PrecisionConfig:
     """Parameter dtype, and FP8 through Transformer Engine on Hopper."""
 
-    dtype: str = "float32"  # "bfloat16" on GPUs
-    fp8: str | None = None  # None, "e4m3" or "hybrid"
-    fp8_recipe: str = "delayed"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # "bfloat16" on GPUs
+    fp8: Literal["e4m3", "hybrid"] | None = None
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise"] = "delayed"
     fp8_first_last_bf16: bool = True
     # Activation recomputation: None keeps every layer's activations for backward; "full"
     # keeps only each layer's input and recomputes the layer in backward (~1/3 more compute,
@@ -109,18 +114,11 @@ class PrecisionConfig:
     recompute: Literal["full"] | None = None
 
 
-def validate(
-    model: ModelConfig,
-    parallel: ParallelConfig,
-    precision: PrecisionConfig,
-    compute_capability: tuple[int, int] | None = None,
-) -> None:
-    """Everything that would otherwise fail deep inside megatron, on every rank, at once."""
-    for f in fields(parallel):
-        if getattr(parallel, f.name) < 1:
-            raise ValueError(
-                f"parallel.{f.name} must be at least 1, got {getattr(parallel, f.name)}"
-            )
+def validate_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
+    """The model's shape against the parallel layout: what would otherwise fail deep inside
+    megatron, on every rank, at once. Config only: TrainConfig.validate() runs it on the shape
+    the config knows before start; build_gpt() again on the shape it builds (a scratch model's
+    trained vocabulary, a checkpoint's shape)."""
     for axis, field in [("tensor", "num_attention_heads"), ("tensor", "num_query_groups"),
                         ("tensor", "ffn_hidden_size"), ("tensor", "vocab_size"),
                         ("pipeline", "num_layers")]:  # fmt: skip
@@ -131,19 +129,14 @@ def validate(
         raise ValueError("model.num_query_groups must divide model.num_attention_heads")
     if model.hidden_size % model.num_attention_heads:
         raise ValueError("model.num_attention_heads must divide model.hidden_size")
-    if precision.dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(
-            f"precision.dtype: unknown {precision.dtype!r}; expected float32, bfloat16 or float16"
-        )
+
+
+def validate_hardware(
+    precision: PrecisionConfig, compute_capability: tuple[int, int] | None
+) -> None:
+    """FP8 against the GPU (None: no CUDA): only the machine that builds the model can tell."""
     if precision.fp8 is None:
         return
-    if precision.fp8 not in ("e4m3", "hybrid"):
-        raise ValueError(f"precision.fp8: unknown {precision.fp8!r}; expected e4m3 or hybrid")
-    if precision.fp8_recipe not in FP8_RECIPES:
-        known = ", ".join(FP8_RECIPES)
-        raise ValueError(
-            f"precision.fp8_recipe: unknown {precision.fp8_recipe!r}; expected one of {known}"
-        )
     if compute_capability is None:
         raise ValueError("precision.fp8 needs a GPU with compute capability >= 8.9; none found")
     if compute_capability < (8, 9):
@@ -156,6 +149,17 @@ def validate(
         )
 
 
+def validate(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    compute_capability: tuple[int, int] | None = None,
+) -> None:
+    """validate_layout() and validate_hardware() on a given compute capability."""
+    validate_layout(model, parallel)
+    validate_hardware(precision, compute_capability)
+
+
 def compute_capability() -> tuple[int, int] | None:
     """This machine's GPU compute capability, or None without CUDA."""
     import torch
@@ -164,5 +168,5 @@ def compute_capability() -> tuple[int, int] | None:
 
 
 def check(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig) -> None:
-    """validate() against this machine's hardware: call it before starting process groups."""
+    """validate() against this machine's hardware: call it before building the model."""
     validate(model, parallel, precision, compute_capability())

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import ClassVar, Literal
 
 from rlef_hpc.episodes.runner import EpisodeConfig
-from rlef_hpc.models.config import ModelConfig, ParallelConfig, PrecisionConfig
+from rlef_hpc.models.config import ModelConfig, ParallelConfig, PrecisionConfig, validate_layout
 from rlef_hpc.rl.optim import OptimConfig
 from rlef_hpc.rl.ppo import PPOConfig
 from rlef_hpc.rollout.config import RolloutConfig
@@ -56,6 +57,17 @@ class ModelSpec:
             rope_theta=10000.0,
         )
 
+    def known_shape(self) -> ModelConfig | None:
+        """The shape as far as the config knows it before the run starts. init=scratch: these
+        fields, at the vocabulary asked for (rounded up to even, as the trainer pads its trained
+        tokenizer's, which may come out smaller: build_gpt checks the one it builds). init=hf:
+        hf_dir/config.json, or None while it is not there (tools/submit.py's preflight reports
+        a missing hf_dir; rlef-train fails to read it)."""
+        if self.init == "scratch":
+            return self.scratch_config(self.tokenizer_vocab + self.tokenizer_vocab % 2)
+        config = Path(self.hf_dir) / "config.json" if self.hf_dir else None
+        return ModelConfig.from_hf(config) if config and config.is_file() else None
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -68,27 +80,6 @@ class DataConfig:
     # synthetic: "feedback" adds problems only the feedback can solve (the ablations' bench)
     curriculum: Literal["basic", "feedback"] = "basic"
     eval_problems: int = 40  # problems evaluated (synthetic: from the held-out split)
-
-
-@dataclass(frozen=True)
-class SlurmConfig:
-    """The jobs tools/submit.py asks Slurm for. Training takes parallel.world_size GPUs as
-    `nodes` x `gpus_per_node` (one task per GPU; on CPU clusters, gpus_per_node=0 and one task
-    per trainer rank); each disaggregated rollout worker takes rollout.tensor_parallel GPUs."""
-
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    time_minutes: int = 60
-    nodes: int = 1
-    gpus_per_node: int = 0
-    gpu_memory_gb: float = 80.0  # per GPU, for the preflight memory plan (H100 80GB)
-    cpus_per_task: int = 1
-    mem_gb: int = 4  # per node
-    # Seconds before the time limit at which the trainer is told to checkpoint and requeue.
-    signal_seconds: int = 120
-    eval_after: bool = True  # an evaluation job, started when training succeeds
-    max_requeues: int = 10
 
 
 @dataclass(frozen=True)
@@ -144,14 +135,42 @@ class TrainConfig:
         default_factory=lambda: WarmStartConfig(steps=400, batch_size=32, near_misses=1)
     )
     eval: EvalConfig = field(default_factory=EvalConfig)
-    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    # Groups of the same YAML files that a layer above owns: `slurm`, the launch layer's
+    # (rlef_hpc.launch.config.JobConfig). rlef-train runs configs/*.yaml inside sbatch jobs
+    # and train must not import launch, so the loader skips these groups rather than refusing
+    # them; JobConfig, which has `slurm` as a field, reads and validates it.
+    foreign_groups: ClassVar[frozenset[str]] = frozenset({"slurm"})
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """What can be checked without a model or a process group; names the key."""
+        """Every cross-field check of a run's config, naming the keys: what can be checked
+        without a model or a process group, so that a bad config is refused before anything
+        is written or submitted. It runs on construction (__post_init__): every load() of a
+        config (rlef-train, tools/submit.py, tools/plan.py, the rollout worker, the jobs) runs
+        it. JobConfig (rlef_hpc.launch.config) extends it with the Slurm allocation's checks.
+        What only the machine can tell (FP8 against its GPU) waits for build_gpt()."""
         r, u, p = self.rollout, self.update, self.parallel
+        if r.layout == "colocated" and (p.tensor != 1 or p.pipeline != 1):
+            raise ValueError(
+                f"parallel.tensor={p.tensor}, parallel.pipeline={p.pipeline} with "
+                "rollout.layout=colocated: the colocated layout runs one engine per training "
+                "process, which needs both at 1; use rollout.layout=disaggregated (rollout "
+                "workers of their own) for TP/PP training"
+            )
+        m = self.model
+        # The model's shape, where the config knows it, against parallel.tensor/pipeline. From
+        # config.json (init=hf), the numbers are not this config's keys: say where they are.
+        where = "" if m.init == "scratch" else f"model.hf_dir={m.hf_dir} (its config.json): "
+        try:
+            shape = m.known_shape()
+            if shape is not None:
+                validate_layout(shape, p)
+        except KeyError as e:
+            raise ValueError(f"{where}no {e} field") from None
+        except ValueError as e:
+            raise ValueError(f"{where}{e}") from None
         if r.rollouts_per_iteration % r.samples_per_problem:
             raise ValueError(
                 f"rollout.samples_per_problem={r.samples_per_problem} must divide "
@@ -177,27 +196,6 @@ class TrainConfig:
             )
         if self.eval.max_turns < 1:
             raise ValueError(f"eval.max_turns must be at least 1, got {self.eval.max_turns}")
-        s = self.slurm
-        if s.gpus_per_node and s.gpus_per_node % p.tensor:
-            raise ValueError(
-                f"parallel.tensor={p.tensor} does not divide slurm.gpus_per_node="
-                f"{s.gpus_per_node}: a tensor-parallel group must sit within one node"
-            )
-        if s.gpus_per_node and p.world_size != s.nodes * s.gpus_per_node:
-            raise ValueError(
-                f"the layout does not fit the GPUs: parallel.tensor x pipeline x data = "
-                f"{p.world_size}, but slurm.nodes={s.nodes} x slurm.gpus_per_node="
-                f"{s.gpus_per_node} = {s.nodes * s.gpus_per_node}"
-            )
-        if s.gpus_per_node and r.tensor_parallel > s.gpus_per_node and r.layout != "colocated":
-            raise ValueError(
-                f"rollout.tensor_parallel={r.tensor_parallel} is more than one node's "
-                f"slurm.gpus_per_node={s.gpus_per_node}"
-            )
-        if not s.gpus_per_node and p.world_size % s.nodes:
-            raise ValueError(
-                f"slurm.nodes={s.nodes} must divide the {p.world_size} trainer processes"
-            )
         if self.warmstart.steps and p.pipeline > 1:
             raise ValueError(
                 f"warmstart.steps={self.warmstart.steps} with parallel.pipeline={p.pipeline}: "
