@@ -90,3 +90,40 @@ def test_vocab_parallel_over_two_ranks(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0 ok" in proc.stdout and "rank 1 ok" in proc.stdout
+
+
+NEXT_TOKEN = textwrap.dedent(
+    """
+    import torch, torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from rlef_hpc.rl.logprobs import naive_token_logprobs, next_token_logprobs
+    dist.init_process_group("gloo")
+    ps.initialize_model_parallel(2, 1)
+    rank = ps.get_tensor_model_parallel_rank()
+    gen = torch.Generator().manual_seed(0)
+    full = torch.randn(3, 7, 40, generator=gen) * 2
+    tokens = torch.randint(0, 40, (3, 7), generator=gen)
+    shard = full[..., rank * 20 : (rank + 1) * 20].clone().requires_grad_()
+    logp, ent = next_token_logprobs(shard, tokens, 0.8)
+    logp.sum().backward()
+    ref = full.clone().requires_grad_()
+    ref_logp, ref_ent = naive_token_logprobs(ref[:, :-1], tokens[:, 1:], 0.8)
+    ref_logp.sum().backward()
+    assert logp.shape == ent.shape == (3, 7)
+    assert not logp[:, 0].any() and not ent[:, 0].any()
+    torch.testing.assert_close(logp[:, 1:], ref_logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent[:, 1:], ref_ent, atol=1e-5, rtol=1e-5)
+    mine = ref.grad[..., rank * 20 : (rank + 1) * 20]
+    torch.testing.assert_close(shard.grad, mine, atol=1e-5, rtol=1e-5)
+    """
+)
+
+
+def test_next_token_logprobs_over_a_tensor_parallel_group(tmp_path):
+    """Shifted by one position and over the whole vocabulary, the TP group and each rank's
+    offset taken from megatron's parallel state."""
+    from tests.conftest import torchrun
+
+    script = tmp_path / "next_token.py"
+    script.write_text(NEXT_TOKEN)
+    torchrun(script, 2, timeout=300)

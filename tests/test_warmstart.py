@@ -1,12 +1,24 @@
-"""The warm start's demonstrations: what the policy sees before RL."""
+"""The warm start: its demonstrations (what the policy sees before RL), and its updates under
+tensor parallelism equal to those of one process."""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
 
 from rlef_hpc.data import synthetic
 from rlef_hpc.episodes import Templates
 from rlef_hpc.models.tokenizer import build_tokenizer
 from rlef_hpc.sandbox import Executor
 from rlef_hpc.train.warmstart import demonstrations, near_miss, repair_demonstrations
+from tests.conftest import torchrun
+
+WORKER = Path(__file__).with_name("warmstart_worker.py")
+# float32: the TP2 model sums its row-parallel partial products and the log-softmax over two
+# shards, so it rounds differently from TP1; Adam carries that through the updates.
+RTOL = 1e-4
 
 
 def test_near_miss_demonstrations_change_one_constant():
@@ -47,3 +59,34 @@ def feedback_start(tokens: list[int], tokenizer) -> int:
     """Where the feedback message starts: after the first answer's end of turn."""
     eot = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
     return [i for i, t in enumerate(tokens) if t == eot][1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[int, dict]:
+    """The same weights and demonstrations warm-started at TP1 and TP2 (warmstart_worker.py)."""
+    tmp = tmp_path_factory.mktemp("warmstart")
+    init = tmp / "init.pt"
+    torchrun(WORKER, 1, "--make-init", init)
+    for tp in (1, 2):
+        torchrun(WORKER, tp, "--tp", tp, "--init", init, "--out", tmp / f"tp{tp}.pt")
+    return {tp: torch.load(tmp / f"tp{tp}.pt") for tp in (1, 2)} | {0: torch.load(init)}
+
+
+def test_tensor_parallel_warm_start_matches_one_process(runs):
+    tp1, tp2 = runs[1], runs[2]
+    assert tp1["losses"][-1] < 0.95 * tp1["losses"][0]  # the updates do move the model
+    torch.testing.assert_close(
+        torch.tensor(tp2["losses"]), torch.tensor(tp1["losses"]), rtol=RTOL, atol=0
+    )
+    for name, weight in tp1["state"].items():
+        assert not torch.equal(weight, runs[0][name]), name  # updated in place
+        torch.testing.assert_close(tp2["state"][name], weight, rtol=RTOL, atol=1e-5)
+
+
+def test_log_probs_without_the_tensor_parallel_group_would_differ(runs):
+    """What the warm start computed before it used next_token_logprobs: the same as now at
+    TP1, and at TP2 (each rank's vocabulary shard taken for the whole) far outside the
+    tolerance above, so the comparison can fail."""
+    tp1, tp2 = runs[1], runs[2]
+    assert tp1["untargeted"] == pytest.approx(tp1["losses"][0], rel=1e-6)
+    assert abs(tp2["untargeted"] - tp1["losses"][0]) > 100 * RTOL * tp1["losses"][0]

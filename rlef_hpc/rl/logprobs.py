@@ -12,6 +12,8 @@ Under tensor parallelism (`group` given) each rank holds logits for its slice of
 [vocab_start, vocab_start + shard); max, sum-exp and the target logit are all-reduced, so the
 result is the log-prob over the whole vocabulary. Unlike megatron's
 vocab_parallel_cross_entropy, the logits are never modified in place.
+`next_token_logprobs` is the form every trainer uses: a model's vocab-parallel output over whole
+sequences, the group and offset taken from megatron's parallel state.
 """
 
 from __future__ import annotations
@@ -96,6 +98,28 @@ def token_logprobs(
         flat, targets.reshape(-1), float(temperature), int(chunk), int(vocab_start), group
     )
     return logp.reshape(shape), entropy.reshape(shape)
+
+
+def next_token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(token | the tokens before it), entropy of that prediction) [b, s] from a model's
+    output `logits` [b, s, vocab shard] on `tokens` [b, s]; position 0, which nothing predicts,
+    is zero. The logits are this tensor-parallel rank's slice of the vocabulary (megatron's
+    parallel state, which must be initialised, gives the rank and group): the result is over
+    the whole vocabulary at any tensor parallelism."""
+    from megatron.core import parallel_state as ps  # heavy: deferred to first use
+
+    shard = logits.shape[-1]
+    logp, entropy = token_logprobs(
+        logits[:, :-1],
+        tokens[:, 1:],
+        temperature,
+        vocab_start=ps.get_tensor_model_parallel_rank() * shard,
+        group=ps.get_tensor_model_parallel_group(),
+    )
+    pad = torch.zeros(logp.shape[0], 1, dtype=logp.dtype, device=logp.device)
+    return torch.cat([pad, logp], 1), torch.cat([pad, entropy], 1)
 
 
 def naive_token_logprobs(

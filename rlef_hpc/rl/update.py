@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from rlef_hpc.models.gpt import causal_mask
 from rlef_hpc.rl import ppo
-from rlef_hpc.rl.logprobs import token_logprobs
+from rlef_hpc.rl.logprobs import next_token_logprobs
 from rlef_hpc.rl.optim import OptimConfig, make_trainable
 
 
@@ -98,17 +98,7 @@ class PPOUpdate:
         self, logits: torch.Tensor, tokens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """logits [b, s, vocab shard] -> (logp, entropy) [b, s], position 0 zero."""
-        ps = _ps()
-        shard = logits.shape[-1]
-        logp, entropy = token_logprobs(
-            logits[:, :-1],
-            tokens[:, 1:],
-            self.temperature,
-            vocab_start=ps.get_tensor_model_parallel_rank() * shard,
-            group=ps.get_tensor_model_parallel_group(),
-        )
-        pad = torch.zeros(logp.shape[0], 1, dtype=logp.dtype)
-        return torch.cat([pad, logp], 1), torch.cat([pad, entropy], 1)
+        return next_token_logprobs(logits, tokens, self.temperature)
 
     def _collect_logprobs(self, model: torch.nn.Module, batch: ppo.PPOBatch) -> torch.Tensor | None:
         def loss(i, chunk, n, logits):

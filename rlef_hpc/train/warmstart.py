@@ -3,18 +3,21 @@ would present them, so that a policy built from scratch starts RL able to answer
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from rlef_hpc.data.problem import Problem
 from rlef_hpc.episodes.conversation import Conversation
 from rlef_hpc.episodes.templates import FENCE_TAGS, Templates, initial_prompt, public_feedback
-from rlef_hpc.rl.logprobs import token_logprobs
+from rlef_hpc.models.gpt import causal_mask
+from rlef_hpc.rl.logprobs import next_token_logprobs
+from rlef_hpc.rl.optim import OptimConfig, make_trainable
 from rlef_hpc.sandbox import Executor, Job
 
 
@@ -107,30 +110,48 @@ def repair_demonstrations(
     return out
 
 
-def clip_global_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Clips by the norm of the whole model's gradient: tensor-parallel shards summed over
-    their group, replicated parameters (norms) counted once."""
-    from megatron.core import parallel_state as ps
+# The warm start's AdamW: no weight decay, torch's default moments, clipped at norm 1; its
+# learning rate is set every update (`lr_factor`), not by make_trainable's schedule.
+OPTIM = OptimConfig(weight_decay=0.0, grad_clip=1.0, betas=(0.9, 0.999), eps=1e-8)
 
-    grads = [p for p in params if p.grad is not None]
-    split = sum(
-        (p.grad.float().pow(2).sum() for p in grads if getattr(p, "tensor_model_parallel", False)),
-        torch.zeros(()),
-    )
-    whole = sum(
-        (
-            p.grad.float().pow(2).sum()
-            for p in grads
-            if not getattr(p, "tensor_model_parallel", False)
-        ),
-        torch.zeros(()),
-    )
-    dist.all_reduce(split, group=ps.get_tensor_model_parallel_group())
-    norm = float((split + whole).sqrt())
-    if norm > max_norm:
-        for p in grads:
-            p.grad.mul_(max_norm / (norm + 1e-6))
-    return norm
+
+def lr_factor(step: int, steps: int) -> float:
+    """The learning rate of update `step` (from 0) of `steps`, relative to the peak: a linear
+    warm-up over 10 updates times a linear decay to a tenth. Not expressible in megatron's
+    scheduler (its warm-up and decay do not overlap), so set on the optimizer directly."""
+    return min(1.0, (step + 1) / 10) * max(0.1, 1 - step / steps)
+
+
+def answer_batch(
+    batch: Sequence[tuple[list[int], int]], device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [b, s], right-padded with 0; which positions are answer tokens [b, s]) of
+    demonstrations (tokens, where the answer starts)."""
+    length = max(len(t) for t, _ in batch)
+    tokens = torch.zeros(len(batch), length, dtype=torch.long, device=device)
+    answer = torch.zeros(len(batch), length, dtype=torch.bool, device=device)
+    for row, (seq, start) in enumerate(batch):
+        tokens[row, : len(seq)] = torch.tensor(seq, device=device)
+        answer[row, max(start, 1) : len(seq)] = True  # position 0 is predicted by nothing
+    return tokens, answer
+
+
+def _nll(
+    tokens: torch.Tensor, answer: torch.Tensor, logits: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Megatron's loss function: the mean negative log-likelihood of the answer tokens."""
+    logp, _ = next_token_logprobs(logits, tokens)
+    nll = -(logp * answer).sum() / answer.sum()
+    return nll, {"loss": nll.detach()}
+
+
+def _forward_step(data: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+    """Megatron's forward step: the next (tokens, answer) through `model`, and its loss."""
+    tokens, answer = next(data)
+    length = tokens.shape[1]
+    positions = torch.arange(length, device=tokens.device).expand(len(tokens), -1)
+    logits = model(tokens, positions, causal_mask(length, tokens.device))
+    return logits, partial(_nll, tokens, answer)
 
 
 def warm_start(
@@ -142,17 +163,17 @@ def warm_start(
     seed: int,
     progress: bool = False,
 ) -> list[float]:
-    """AdamW on the answer tokens' negative log-likelihood; data-parallel ranks take
-    interleaved shares of each batch and average their gradients (tensor-parallel ranks of a
-    group see the same batch). Returns the losses."""
+    """AdamW on the answer tokens' negative log-likelihood, through megatron's DDP, optimizer
+    and forward-backward schedule (see rlef_hpc.rl.optim): data-parallel ranks take interleaved
+    shares of each batch and their gradients are averaged; tensor-parallel ranks of a group see
+    the same batch. `model` (one pipeline stage: the warm start runs without pipeline
+    parallelism) is updated in place. Returns this rank's losses."""
     from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     rank, world = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / steps)
-    )
+    device = next(model.parameters()).device
+    trainable = make_trainable(model, dataclasses.replace(OPTIM, lr=lr))
     rng = random.Random(seed)
     losses = []
     bar = range(steps)
@@ -161,29 +182,26 @@ def warm_start(
 
         bar = tqdm(bar, desc="warm start", unit="step")
     model.train()
-    for _ in bar:
-        batch = rng.sample(examples, min(batch_size, len(examples)))[rank::world]
-        length = max(len(t) for t, _ in batch)
-        tokens = torch.zeros(len(batch), length, dtype=torch.long)
-        answer = torch.zeros(len(batch), length, dtype=torch.bool)
-        for row, (seq, start) in enumerate(batch):
-            tokens[row, : len(seq)] = torch.tensor(seq)
-            answer[row, start : len(seq)] = True
-        mask = torch.triu(torch.ones(1, 1, length, length, dtype=torch.bool), diagonal=1)
-        logits = model(tokens, torch.arange(length).expand(len(batch), -1), mask)
-        logp, _ = token_logprobs(logits[:, :-1], tokens[:, 1:])
-        target = answer[:, 1:]
-        loss = -(logp * target).sum() / target.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for p in params:
-            if p.grad is not None:
-                dist.all_reduce(p.grad, group=ps.get_data_parallel_group())
-                p.grad /= world
-        clip_global_norm(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(float(loss))
+    for step in bar:
+        tokens, answer = answer_batch(
+            rng.sample(examples, min(batch_size, len(examples)))[rank::world], device
+        )
+        for group in trainable.optimizer.param_groups:
+            group["lr"] = lr * lr_factor(step, steps)
+        trainable.model.zero_grad_buffer()
+        trainable.optimizer.zero_grad()
+        [out] = get_forward_backward_func()(
+            forward_step_func=_forward_step,
+            data_iterator=iter([(tokens, answer)]),
+            model=[trainable.model],
+            num_microbatches=1,
+            seq_length=tokens.shape[1],
+            micro_batch_size=len(tokens),
+            forward_only=False,
+        )
+        trainable.model.finish_grad_sync()  # the data-parallel average
+        trainable.optimizer.step()  # clipped by the norm over the model-parallel group
+        losses.append(float(out["loss"]))
         if progress:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return losses
