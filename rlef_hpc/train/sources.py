@@ -30,7 +30,7 @@ from rlef_hpc.episodes.runner import EpisodeConfig, EpisodeRunner
 from rlef_hpc.episodes.templates import initial_prompt
 from rlef_hpc.models.config import ModelConfig
 from rlef_hpc.models.gpt import causal_mask
-from rlef_hpc.rl.logprobs import token_logprobs
+from rlef_hpc.rl.logprobs import next_token_logprobs
 from rlef_hpc.rollout.publish import latest_version, publish
 from rlef_hpc.rollout.refit import RefitMismatchError, check_mismatch
 from rlef_hpc.rollout.shards import ShardStore, load_shards
@@ -165,7 +165,7 @@ class Colocated:
         length = x.shape[1]
         with torch.no_grad():
             logits = self.policy(x, torch.arange(length).expand(len(x), -1), causal_mask(length))
-            trainer, _ = token_logprobs(logits[:, :-1].float(), x[:, 1:])
+            trainer = next_token_logprobs(logits.float(), x)[0][:, 1:]
         engine = torch.tensor(self.engine.sequence_logprobs(x.tolist()))[:, 1:]
         mask = torch.ones_like(trainer, dtype=torch.bool)
         stats = check_mismatch(trainer, engine, mask, self.cfg.rollout.mismatch_threshold)
