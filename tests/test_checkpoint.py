@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_tool
-from tests.conftest import torchrun as run_worker
+from tests.helpers import run_tool
+from tests.helpers import torchrun as run_worker
 
 ROOT = Path(__file__).parent.parent
 WORKER = Path(__file__).with_name("checkpoint_worker.py")

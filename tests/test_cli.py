@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require
+from tests.helpers import require
 
 A_PLUS_B = "a, b = map(int, input().split())\nprint(a + b)\n"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rlef_hpc.data.bundled import load_bundled
-from tests.conftest import require, save_random_llama
+from tests.helpers import require, save_random_llama
 
 CLI = [sys.executable, "-m", "rlef_hpc.eval.cli"]
 

@@ -122,7 +122,7 @@ NEXT_TOKEN = textwrap.dedent(
 def test_next_token_logprobs_over_a_tensor_parallel_group(tmp_path):
     """Shifted by one position and over the whole vocabulary, the TP group and each rank's
     offset taken from megatron's parallel state."""
-    from tests.conftest import torchrun
+    from tests.helpers import torchrun
 
     script = tmp_path / "next_token.py"
     script.write_text(NEXT_TOKEN)

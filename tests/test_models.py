@@ -8,8 +8,8 @@ import torch
 
 from rlef_hpc.models import megatron_compat
 from rlef_hpc.models.config import PRESETS, ModelConfig, ParallelConfig, PrecisionConfig, validate
-from tests.conftest import TESTS_DIR as TESTS
-from tests.conftest import run_script
+from tests.helpers import TESTS_DIR as TESTS
+from tests.helpers import run_script
 
 
 def test_hf_llama_config():

@@ -11,7 +11,7 @@ import pytest
 from rlef_hpc.config import load
 from rlef_hpc.launch.config import JobConfig
 from rlef_hpc.launch.plan import GB, LLAMA_31, parameter_counts, plan
-from tests.conftest import TESTS_DIR, run_tool, torchrun_command
+from tests.helpers import TESTS_DIR, run_tool, torchrun_command
 
 CONFIGS = TESTS_DIR.parent / "configs"
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_script
-from tests.conftest import torchrun as run_worker
+from tests.helpers import run_script
+from tests.helpers import torchrun as run_worker
 
 WORKER = Path(__file__).with_name("ppo_worker.py")
 LAYOUTS = {

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require, run_script, run_tool, save_random_llama, torchrun_command
+from tests.helpers import require, run_script, run_tool, save_random_llama, torchrun_command
 
 TESTS = Path(__file__).parent
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TESTS_DIR, TINY_TRAIN, require, run_tool
+from tests.helpers import TESTS_DIR, TINY_TRAIN, require, run_tool
 
 REPO = TESTS_DIR.parent
 TINY = [*TINY_TRAIN, "rollout.shard_rollouts=8"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
+from tests.helpers import (
     TESTS_DIR,
     TINY_TRAIN,
     require,

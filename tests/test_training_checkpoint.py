@@ -16,8 +16,8 @@ import torch
 
 from rlef_hpc.checkpoint import training
 from rlef_hpc.checkpoint.convert import CheckpointError
-from tests.conftest import torchrun as run_worker
-from tests.conftest import torchrun_command
+from tests.helpers import torchrun as run_worker
+from tests.helpers import torchrun_command
 
 TESTS = Path(__file__).parent
 WORKER = TESTS / "resume_worker.py"

@@ -13,7 +13,7 @@ from rlef_hpc.episodes import Templates
 from rlef_hpc.models.tokenizer import build_tokenizer
 from rlef_hpc.sandbox import Executor
 from rlef_hpc.train.warmstart import demonstrations, near_miss, repair_demonstrations
-from tests.conftest import torchrun
+from tests.helpers import torchrun
 
 WORKER = Path(__file__).with_name("warmstart_worker.py")
 # float32: the TP2 model sums its row-parallel partial products and the log-softmax over two

@@ -1,0 +1,137 @@
+"""What the tests share besides fixtures (those are in conftest.py): where things are, how a
+test launches a process of its own (a script under torchrun, a tool), the tiny model and
+training configs, and how a missing prerequisite fails under CI and skips elsewhere."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).parent
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(condition: bool, reason: str) -> None:
+    if condition:
+        return
+    if in_ci():
+        pytest.fail(f"CI requires: {reason}")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_launcher(nproc: int) -> list[str]:
+    """torchrun with `nproc` processes on loopback, on a free port; the program follows."""
+    import sys
+
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+    ]
+
+
+def torchrun_command(worker: object, nproc: int, *args: object) -> tuple[list[str], dict[str, str]]:
+    """torchrun of a test worker script on loopback gloo, with the repo and tests importable."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS_DIR.parent}:{TESTS_DIR}"}
+    return [*torchrun_launcher(nproc), str(worker), *map(str, args)], env
+
+
+def torchrun(worker: object, nproc: int, *args: object, timeout: int = 600) -> None:
+    import subprocess
+
+    cmd, env = torchrun_command(worker, nproc, *args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def run_script(path: object, *args: object, timeout: int = 600):
+    """A Python script in a process of its own (one thread, its own gloo port, the repository
+    importable); returns the completed process, output captured."""
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MASTER_PORT": str(free_port()),
+        "PYTHONPATH": str(TESTS_DIR.parent),
+    }
+    cmd = [sys.executable, str(path), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def run_tool(name: str, *args: object, timeout: int = 300):
+    """tools/NAME as a user runs it."""
+    return run_script(TESTS_DIR.parent / "tools" / name, *args, timeout=timeout)
+
+
+# A training run in seconds: a tiny Llama and tokenizer, a few problems, a short warm start.
+TINY_TRAIN = [
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "model.num_attention_heads=2",
+    "model.num_query_groups=1",
+    "model.ffn_hidden_size=128",
+    "model.tokenizer_vocab=400",
+    "data.train_problems=24",
+    "data.eval_problems=4",
+    "warmstart.steps=30",
+    "rollout.rollouts_per_iteration=16",
+    "rollout.samples_per_problem=2",
+    "rollout.max_tokens=40",
+    "update.num_minibatches=2",
+    "update.micro_batch_size=4",
+    "eval.rollouts_per_problem=1",
+    "optim.lr=1e-4",
+    "optim.warmup_steps=2",
+    "run.tensorboard=true",
+]
+
+
+TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=2048,
+)
+
+
+def save_random_llama(path, tokenizer, **shape):
+    """A randomly initialised (seed 0) Hugging Face Llama with `tokenizer` in `path`: the
+    vocabulary is the tokenizer's, padded to even (tensor parallelism of 2 divides it),
+    embeddings untied as in Llama 3.1; `shape` overrides the tiny default (hidden 64, ...)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer) + len(tokenizer) % 2,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **{**TINY_LLAMA, **shape},
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
