@@ -10,6 +10,17 @@ from pathlib import Path
 import pytest
 
 TESTS_DIR = Path(__file__).parent
+# The programs tests launch in processes of their own (under torchrun or alone): script(name).
+SCRIPTS_DIR = TESTS_DIR / "scripts"
+
+
+def script(name: str) -> Path:
+    """tests/scripts/NAME.py, the one way tests locate a script they launch."""
+    path = SCRIPTS_DIR / f"{name}.py"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in SCRIPTS_DIR.glob("*.py")))
+        raise FileNotFoundError(f"no test script {path} (there are: {known})")
+    return path
 
 
 def in_ci() -> bool:
@@ -49,16 +60,16 @@ def torchrun_launcher(nproc: int) -> list[str]:
     ]
 
 
-def torchrun_command(worker: object, nproc: int, *args: object) -> tuple[list[str], dict[str, str]]:
-    """torchrun of a test worker script on loopback gloo, with the repo and tests importable."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS_DIR.parent}:{TESTS_DIR}"}
-    return [*torchrun_launcher(nproc), str(worker), *map(str, args)], env
+def torchrun_command(path: object, nproc: int, *args: object) -> tuple[list[str], dict[str, str]]:
+    """torchrun of a script on loopback gloo, with the repository and tests/scripts/ importable."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{TESTS_DIR.parent}:{SCRIPTS_DIR}"}
+    return [*torchrun_launcher(nproc), str(path), *map(str, args)], env
 
 
-def torchrun(worker: object, nproc: int, *args: object, timeout: int = 600) -> None:
+def torchrun(path: object, nproc: int, *args: object, timeout: int = 600) -> None:
     import subprocess
 
-    cmd, env = torchrun_command(worker, nproc, *args)
+    cmd, env = torchrun_command(path, nproc, *args)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 

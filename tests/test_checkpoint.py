@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import run_tool
-from tests.helpers import torchrun as run_worker
+from tests.helpers import run_tool, script, torchrun
 
 ROOT = Path(__file__).parent.parent
-WORKER = Path(__file__).with_name("checkpoint_worker.py")
+SCRIPT = script("checkpoint_reshard")
 
 
 def tool(name: str, *args: object) -> subprocess.CompletedProcess[str]:
@@ -64,8 +63,8 @@ def test_round_trip_through_tp2_pp2_and_logits_match_transformers(hf_model, tmp_
     ckpt, resaved, exported = tmp_path / "ckpt", tmp_path / "resaved", tmp_path / "hf"
     proc = tool("convert_from_hf.py", hf_model, ckpt)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_worker(
-        WORKER,
+    torchrun(
+        SCRIPT,
         4,
         "--tp",
         2,

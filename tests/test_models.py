@@ -8,8 +8,7 @@ import torch
 
 from rlef_hpc.models import megatron_compat
 from rlef_hpc.models.config import PRESETS, ModelConfig, ParallelConfig, PrecisionConfig, validate
-from tests.helpers import TESTS_DIR as TESTS
-from tests.helpers import run_script
+from tests.helpers import run_script, script
 
 
 def test_hf_llama_config():
@@ -152,7 +151,7 @@ def test_vocab_must_divide_by_tensor_parallel():
 def test_full_recomputation_changes_memory_not_numbers():
     """precision.recompute=full (what lets the 70B layout fit: tools/plan.py) recomputes each
     layer in backward: logits and gradients are those without it."""
-    proc = run_script(TESTS / "recompute_worker.py")
+    proc = run_script(script("recompute_compare"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RECOMPUTE"))
     _, _, logits, _, grads = line.split()

@@ -11,7 +11,7 @@ import pytest
 from rlef_hpc.config import load
 from rlef_hpc.launch.config import JobConfig
 from rlef_hpc.launch.plan import GB, LLAMA_31, parameter_counts, plan
-from tests.helpers import TESTS_DIR, run_tool, torchrun_command
+from tests.helpers import TESTS_DIR, run_tool, script, torchrun_command
 
 CONFIGS = TESTS_DIR.parent / "configs"
 
@@ -28,7 +28,7 @@ def test_training_memory_per_gpu_is_what_megatron_allocates(tmp_path, dtype):
     """Weights, the fp32 gradient buffer, fp32 master weights and Adam's moments sharded over
     DP=2, as megatron's DDP and distributed optimizer hold them on one rank."""
     out = tmp_path / "memory.json"
-    cmd, env = torchrun_command(TESTS_DIR / "memory_worker.py", 2, out, dtype)
+    cmd, env = torchrun_command(script("memory_measure"), 2, out, dtype)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = json.loads(out.read_text())

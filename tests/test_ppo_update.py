@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from tests.helpers import run_script
-from tests.helpers import torchrun as run_worker
+from tests.helpers import run_script, script
+from tests.helpers import torchrun as torchrun_script
 
-WORKER = Path(__file__).with_name("ppo_worker.py")
+SCRIPT = script("ppo_update")
 LAYOUTS = {
     "tp1": (1, 1, 1),
     "tp2": (2, 1, 2),
@@ -22,7 +20,7 @@ TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}
 
 
 def torchrun(nproc: int, *args: str) -> None:
-    run_worker(WORKER, nproc, *args)
+    torchrun_script(SCRIPT, nproc, *args)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +79,7 @@ def test_the_update_changed_the_weights(results):
 
 
 def logp_change(direction: float) -> tuple[float, float]:
-    proc = run_script(WORKER, "--direction", direction, timeout=300)
+    proc = run_script(SCRIPT, "--direction", direction, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("logp(X)"))
     before, after = (float(v) for v in line.split()[1::2])

@@ -9,9 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import require, run_script, run_tool, save_random_llama, torchrun_command
-
-TESTS = Path(__file__).parent
+from tests.helpers import (
+    require,
+    run_script,
+    run_tool,
+    save_random_llama,
+    script,
+    torchrun_command,
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +52,7 @@ def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_refit_matches_sampling_logprobs_and_guard(model_dirs):
     hf, ckpt = model_dirs
-    proc = run_script(TESTS / "refit_worker.py", hf, ckpt)
+    proc = run_script(script("refit_logprobs"), hf, ckpt)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.strip()}
     assert float(lines["STALE"][1]) > 1e-2  # the weights did move: the check is not vacuous
@@ -62,14 +67,14 @@ def test_one_ppo_step_at_tp2_then_refit_into_vllm_at_tp2(model_dirs, tmp_path):
     its own vLLM at TP=1, which loads it and agrees with the trainer too."""
     hf, ckpt = model_dirs
     run = tmp_path / "run"
-    cmd, env = torchrun_command(TESTS / "refit_tp_worker.py", 2, hf, ckpt, run)
+    cmd, env = torchrun_command(script("refit_tp2"), 2, hf, ckpt, run)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("TP2 STALE"))
     _, _, stale, _, refit = line.split()
     assert float(stale) > 1e-2 and float(refit) <= 1e-4
     assert sorted(p.name for p in (run / "weights").iterdir()) == ["latest", "v00000001"]
-    proc = run_script(TESTS / "standalone_worker.py", hf, run)
+    proc = run_script(script("weight_follower"), hf, run)
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("STANDALONE"))
     assert float(line.split()[1]) <= 1e-4
@@ -78,7 +83,7 @@ def test_one_ppo_step_at_tp2_then_refit_into_vllm_at_tp2(model_dirs, tmp_path):
 def sampling_run(hf: Path, seed: int) -> dict:
     import json
 
-    proc = run_script(TESTS / "sampling_worker.py", hf, seed, timeout=300)
+    proc = run_script(script("sampling_options"), hf, seed, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("JSON"))[4:])
 

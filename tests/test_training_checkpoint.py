@@ -16,19 +16,18 @@ import torch
 
 from rlef_hpc.checkpoint import training
 from rlef_hpc.checkpoint.convert import CheckpointError
-from tests.helpers import torchrun as run_worker
-from tests.helpers import torchrun_command
+from tests.helpers import TESTS_DIR, script, torchrun_command
+from tests.helpers import torchrun as torchrun_script
 
-TESTS = Path(__file__).parent
-WORKER = TESTS / "resume_worker.py"
+SCRIPT = script("ppo_resume")
 
 
 def command(nproc: int, *args: object) -> tuple[list[str], dict[str, str]]:
-    return torchrun_command(WORKER, nproc, *args)
+    return torchrun_command(SCRIPT, nproc, *args)
 
 
 def torchrun(nproc: int, *args: object) -> None:
-    run_worker(WORKER, nproc, *args)
+    torchrun_script(SCRIPT, nproc, *args)
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +39,11 @@ def init(tmp_path_factory) -> Path:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(TESTS.parent),
+        "PYTHONPATH": str(TESTS_DIR.parent),
         "MASTER_PORT": str(port),
     }
     proc = subprocess.run(
-        [sys.executable, str(TESTS / "ppo_worker.py"), "--make-init", str(path)],
+        [sys.executable, str(script("ppo_update")), "--make-init", str(path)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -64,7 +63,7 @@ def test_resume_at_other_layouts_matches_the_uninterrupted_run(init, tmp_path):
     export = subprocess.run(
         [
             sys.executable,
-            str(TESTS.parent / "tools" / "convert_to_hf.py"),
+            str(TESTS_DIR.parent / "tools" / "convert_to_hf.py"),
             str(training.latest(run)),
             str(tmp_path / "hf"),
         ],

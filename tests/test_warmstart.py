@@ -3,8 +3,6 @@ tensor parallelism equal to those of one process."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,9 +11,9 @@ from rlef_hpc.episodes import Templates
 from rlef_hpc.models.tokenizer import build_tokenizer
 from rlef_hpc.sandbox import Executor
 from rlef_hpc.train.warmstart import demonstrations, near_miss, repair_demonstrations
-from tests.helpers import torchrun
+from tests.helpers import script, torchrun
 
-WORKER = Path(__file__).with_name("warmstart_worker.py")
+SCRIPT = script("warmstart_update")
 # float32: the TP2 model sums its row-parallel partial products and the log-softmax over two
 # shards, so it rounds differently from TP1; Adam carries that through the updates.
 RTOL = 1e-4
@@ -63,12 +61,13 @@ def feedback_start(tokens: list[int], tokenizer) -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[int, dict]:
-    """The same weights and demonstrations warm-started at TP1 and TP2 (warmstart_worker.py)."""
+    """The same weights and demonstrations warm-started at TP1 and TP2
+    (tests/scripts/warmstart_update.py)."""
     tmp = tmp_path_factory.mktemp("warmstart")
     init = tmp / "init.pt"
-    torchrun(WORKER, 1, "--make-init", init)
+    torchrun(SCRIPT, 1, "--make-init", init)
     for tp in (1, 2):
-        torchrun(WORKER, tp, "--tp", tp, "--init", init, "--out", tmp / f"tp{tp}.pt")
+        torchrun(SCRIPT, tp, "--tp", tp, "--init", init, "--out", tmp / f"tp{tp}.pt")
     return {tp: torch.load(tmp / f"tp{tp}.pt") for tp in (1, 2)} | {0: torch.load(init)}
 
 

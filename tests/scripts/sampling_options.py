@@ -1,6 +1,6 @@
 """Sampling options of the vLLM engine, printed as JSON (test_refit runs it).
 
-python tests/sampling_worker.py HF_DIR SEED
+python tests/scripts/sampling_options.py HF_DIR SEED
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Refit a (perturbed) megatron policy into vLLM and compare log-probs (test_refit runs it).
 
-python tests/refit_worker.py HF_DIR CKPT_DIR
+python tests/scripts/refit_logprobs.py HF_DIR CKPT_DIR
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """A few warm-start updates of fixed weights on fixed demonstrations under a given tensor
 parallelism (run by torchrun from test_warmstart).
 
-torchrun --nproc-per-node T tests/warmstart_worker.py --tp T --init init.pt --out out.pt
-python tests/warmstart_worker.py --make-init init.pt
+torchrun --nproc-per-node T tests/scripts/warmstart_update.py --tp T --init init.pt --out out.pt
+python tests/scripts/warmstart_update.py --make-init init.pt
 """
 
 from __future__ import annotations

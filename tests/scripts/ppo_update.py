@@ -1,7 +1,7 @@
 """One PPO update on a fixed batch under a given layout (run by torchrun from test_ppo_update).
 
-torchrun --nproc-per-node N tests/ppo_worker.py --tp T --pp P --init init.pt --out out.pt
-python tests/ppo_worker.py --make-init init.pt
+torchrun --nproc-per-node N tests/scripts/ppo_update.py --tp T --pp P --init init.pt --out out.pt
+python tests/scripts/ppo_update.py --make-init init.pt
 """
 
 from __future__ import annotations

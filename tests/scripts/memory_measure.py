@@ -1,7 +1,7 @@
 """Measures what megatron really allocates for one trainable model (DDP + distributed
 optimizer) on this rank, for tools/plan.py's formulas to be checked against.
 
-    torchrun --nproc-per-node 2 tests/memory_worker.py OUT.json DTYPE
+    torchrun --nproc-per-node 2 tests/scripts/memory_measure.py OUT.json DTYPE
 """
 
 from __future__ import annotations

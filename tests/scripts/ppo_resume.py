@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from ppo_worker import BATCH, MODEL, fixed_batch
+from ppo_update import BATCH, MODEL, fixed_batch
 
 from rlef_hpc.checkpoint import atomic, training
 from rlef_hpc.checkpoint.layout import load_full_state

@@ -1,7 +1,7 @@
 """Forward and backward of a tiny GPT with and without full activation recomputation; prints
 the largest differences of the logits and of the gradients (expected: none).
 
-    python tests/recompute_worker.py
+    python tests/scripts/recompute_compare.py
 """
 
 from __future__ import annotations

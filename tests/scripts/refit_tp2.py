@@ -2,10 +2,10 @@
 vLLM engine running at TP=2 in the same processes (external_launcher), and the engine's
 log-probs against the trainer's (test_refit runs it).
 
-    torchrun --nproc-per-node 2 tests/refit_tp_worker.py HF_DIR CKPT_DIR [RUN_DIR]
+    torchrun --nproc-per-node 2 tests/scripts/refit_tp2.py HF_DIR CKPT_DIR [RUN_DIR]
 
 With RUN_DIR, the trained policy is also published there (version 1) for a standalone rollout
-worker, with the trainer's log-probs beside it (tests/standalone_worker.py checks them).
+worker, with the trainer's log-probs beside it (tests/scripts/weight_follower.py checks them).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A standalone rollout worker's engine (vLLM, its own process, TP=1) following the weights a
 trainer published in RUN_DIR; prints the largest log-prob difference to the trainer's.
 
-    python tests/standalone_worker.py HF_DIR RUN_DIR
+    python tests/scripts/weight_follower.py HF_DIR RUN_DIR
 """
 
 from __future__ import annotations
