@@ -14,6 +14,8 @@ from tests.helpers import run_tool, script, torchrun
 ROOT = Path(__file__).parent.parent
 SCRIPT = script("checkpoint_reshard")
 
+pytestmark = pytest.mark.multiprocess  # the tools and the script run as processes of their own
+
 
 def tool(name: str, *args: object) -> subprocess.CompletedProcess[str]:
     return run_tool(name, *args)

@@ -101,6 +101,7 @@ def tiny_model(tmp_path_factory) -> Path:
     )
 
 
+@pytest.mark.multiprocess
 def test_model_directory_is_evaluated_with_vllm(tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = run(

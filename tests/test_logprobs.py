@@ -68,6 +68,7 @@ VOCAB_PARALLEL = textwrap.dedent(
 )
 
 
+@pytest.mark.multiprocess
 def test_vocab_parallel_over_two_ranks(tmp_path):
     script = tmp_path / "vp.py"
     script.write_text(VOCAB_PARALLEL)
@@ -119,6 +120,7 @@ NEXT_TOKEN = textwrap.dedent(
 )
 
 
+@pytest.mark.multiprocess
 def test_next_token_logprobs_over_a_tensor_parallel_group(tmp_path):
     """Shifted by one position and over the whole vocabulary, the TP group and each rank's
     offset taken from megatron's parallel state."""

@@ -148,6 +148,7 @@ def test_vocab_must_divide_by_tensor_parallel():
         validate(odd, ParallelConfig(2, 1, 1), PrecisionConfig())
 
 
+@pytest.mark.multiprocess
 def test_full_recomputation_changes_memory_not_numbers():
     """precision.recompute=full (what lets the 70B layout fit: tools/plan.py) recomputes each
     layer in backward: logits and gradients are those without it."""

@@ -23,6 +23,7 @@ def test_parameter_counts_are_llama_31s():
         assert block + 2 * embedding == pytest.approx(expected, rel=1e-3)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_training_memory_per_gpu_is_what_megatron_allocates(tmp_path, dtype):
     """Weights, the fp32 gradient buffer, fp32 master weights and Adam's moments sharded over

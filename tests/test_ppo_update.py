@@ -9,6 +9,8 @@ from tests.helpers import run_script, script
 from tests.helpers import torchrun as torchrun_script
 
 SCRIPT = script("ppo_update")
+
+pytestmark = pytest.mark.multiprocess  # tests/scripts/ppo_update.py under torchrun
 LAYOUTS = {
     "tp1": (1, 1, 1),
     "tp2": (2, 1, 2),

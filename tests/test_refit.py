@@ -18,6 +18,8 @@ from tests.helpers import (
     torchrun_command,
 )
 
+pytestmark = pytest.mark.multiprocess  # the scripts of tests/scripts/ (vLLM) and the tools
+
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> tuple[Path, Path]:

@@ -79,6 +79,7 @@ def submit(*args: object) -> dict:
     return json.loads(proc.stdout.splitlines()[0])
 
 
+@pytest.mark.slurm
 def test_sbatch_demo_script_trains_and_leaves_a_checkpoint(slurm, tmp_path):
     run = tmp_path / "run"
     proc = sh(
@@ -98,6 +99,7 @@ def test_sbatch_demo_script_trains_and_leaves_a_checkpoint(slurm, tmp_path):
     assert (run / "latest").read_text().strip() == "2" and (run / "iter_0000002").is_dir()
 
 
+@pytest.mark.slurm
 def test_submit_colocated_requeued_midway_resumes_and_finishes_the_same(slurm, tmp_path):
     run = tmp_path / "run"
     jobs = submit(f"run.dir={run}", "run.iterations=6")
@@ -119,6 +121,7 @@ def test_submit_colocated_requeued_midway_resumes_and_finishes_the_same(slurm, t
     assert status.returncode == 0 and "| train | " in status.stdout and "COMPLETED" in status.stdout
 
 
+@pytest.mark.slurm
 def test_submit_disaggregated_survives_requeues_without_losing_a_shard(slurm, tmp_path):
     from rlef_hpc.rollout.shards import ShardStore
 
@@ -149,6 +152,7 @@ def test_submit_disaggregated_survives_requeues_without_losing_a_shard(slurm, tm
         assert log.count("Starting with JobEnvironment") == 2, worker
 
 
+@pytest.mark.slurm
 def test_cancel_leaves_no_job_and_no_process(slurm, tmp_path):
     run = tmp_path / "run"
     jobs = submit(f"run.dir={run}", "run.iterations=200", "--layout", "disaggregated")
@@ -163,6 +167,7 @@ def test_cancel_leaves_no_job_and_no_process(slurm, tmp_path):
         time.sleep(0.5)
 
 
+@pytest.mark.slurm
 def test_dry_run_of_the_70b_config_is_an_sbatch_script_slurm_accepts(slurm, tmp_path):
     proc = run_tool("submit.py", REPO / "configs" / "llama3_70b.yaml", "--dry-run")
     assert proc.returncode == 0, proc.stderr

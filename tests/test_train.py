@@ -27,6 +27,8 @@ from tests.helpers import (
 
 TINY = TINY_TRAIN
 
+pytestmark = pytest.mark.multiprocess  # rlef-train (under torchrun) in processes of its own
+
 
 def have_engine() -> None:
     try:

@@ -53,6 +53,7 @@ def init(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.multiprocess
 def test_resume_at_other_layouts_matches_the_uninterrupted_run(init, tmp_path):
     torchrun(1, "--init", init, "--steps", 3, "--metrics", tmp_path / "straight.pt")
     run = tmp_path / "run"
@@ -84,6 +85,7 @@ def test_resume_at_other_layouts_matches_the_uninterrupted_run(init, tmp_path):
             assert resumed[key] == pytest.approx(straight[key], abs=1e-5), (nproc, key)
 
 
+@pytest.mark.multiprocess
 def test_a_save_killed_half_way_leaves_the_previous_checkpoint(init, tmp_path):
     run = tmp_path / "run"
     cmd, env = command(2, "--init", init, "--steps", 1, "--save", run, "--hang-at", 2)

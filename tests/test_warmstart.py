@@ -71,6 +71,7 @@ def runs(tmp_path_factory) -> dict[int, dict]:
     return {tp: torch.load(tmp / f"tp{tp}.pt") for tp in (1, 2)} | {0: torch.load(init)}
 
 
+@pytest.mark.multiprocess
 def test_tensor_parallel_warm_start_matches_one_process(runs):
     tp1, tp2 = runs[1], runs[2]
     assert tp1["losses"][-1] < 0.95 * tp1["losses"][0]  # the updates do move the model
@@ -82,6 +83,7 @@ def test_tensor_parallel_warm_start_matches_one_process(runs):
         torch.testing.assert_close(tp2["state"][name], weight, rtol=RTOL, atol=1e-5)
 
 
+@pytest.mark.multiprocess
 def test_log_probs_without_the_tensor_parallel_group_would_differ(runs):
     """What the warm start computed before it used next_token_logprobs: the same as now at
     TP1, and at TP2 (each rank's vocabulary shard taken for the whole) far outside the
