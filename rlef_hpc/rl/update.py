@@ -12,6 +12,8 @@ One `PPOUpdate.step(batch)` (the batch being this data-parallel rank's share):
    megatron's optimizer clips by the global norm and steps AdamW, its state sharded over
    data-parallel ranks (the distributed optimizer) unless configured otherwise.
 Only the last pipeline stage sees logits, so steps 1-2 and the losses happen there.
+Everything runs on the policy's device: the batch is moved there once per `step`, and every
+tensor made here is made there.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class PPOUpdate:
         }
         self.mbs = micro_batch_size
         self.temperature = temperature
+        self.device = next(policy.parameters()).device
 
     # --- passes -----------------------------------------------------------------------------
 
@@ -76,8 +79,8 @@ class PPOUpdate:
         chunks = iter(
             [(i, batch.select(slice(i * self.mbs, (i + 1) * self.mbs))) for i in range(n)]
         )
-        positions = torch.arange(seq).expand(self.mbs, seq)
-        mask = causal_mask(seq)
+        positions = torch.arange(seq, device=self.device).expand(self.mbs, seq)
+        mask = causal_mask(seq, self.device)
 
         def forward_step(data: Any, model: torch.nn.Module) -> Any:
             i, chunk = next(data)
@@ -103,7 +106,7 @@ class PPOUpdate:
     def _collect_logprobs(self, model: torch.nn.Module, batch: ppo.PPOBatch) -> torch.Tensor | None:
         def loss(i, chunk, n, logits):
             logp, _ = self._token_logprobs(logits.detach(), chunk.tokens)
-            return torch.zeros(()), {"logp": logp}
+            return logp.new_zeros(()), {"logp": logp}
 
         parts = self._run(model, batch, loss, forward_only=True)
         return torch.cat([p["logp"] for p in parts]) if parts else None
@@ -111,7 +114,7 @@ class PPOUpdate:
     def _collect_values(self, batch: ppo.PPOBatch) -> torch.Tensor | None:
         def loss(i, chunk, n, values):
             v = values.detach().squeeze(-1).float().gather(1, chunk.value_index)
-            return torch.zeros(()), {"values": v}
+            return v.new_zeros(()), {"values": v}
 
         parts = self._run(self.trainables["value"].model, batch, loss, forward_only=True)
         return torch.cat([p["values"] for p in parts]) if parts else None
@@ -139,7 +142,8 @@ class PPOUpdate:
             "adv": ppo.advantages(returns, values_old, batch.turn_mask, mode, group=dp),
             "kl": kl,
             "explained_variance": torch.tensor(
-                ppo.explained_variance(returns, values_old, batch.turn_mask, group=dp)
+                ppo.explained_variance(returns, values_old, batch.turn_mask, group=dp),
+                device=self.device,
             ),
         }
 
@@ -151,6 +155,7 @@ class PPOUpdate:
         data-parallel rank's share: the m-th minibatch of every rank together is the m-th
         minibatch of the whole batch. Metrics are averaged over the minibatches."""
         ps = _ps()
+        batch = batch.to(self.device)
         prep = self.prepare(batch)
         b = batch.tokens.shape[0]
         if b % num_minibatches or (b // num_minibatches) % self.mbs:
