@@ -11,7 +11,8 @@ One `PPOUpdate.step(batch)` (the batch being this data-parallel rank's share):
    pipeline schedules into megatron DDP's gradient buffers, reduced over data-parallel ranks;
    megatron's optimizer clips by the global norm and steps AdamW, its state sharded over
    data-parallel ranks (the distributed optimizer) unless configured otherwise.
-Only the last pipeline stage sees logits, so steps 1-2 and the losses happen there.
+Only the last pipeline stage sees logits, so steps 1-2 and the losses happen there; the
+metrics reach every rank (rank 0, on the first stage, logs them).
 Everything runs on the policy's device: the batch is moved there once per `step`, and every
 tensor made here is made there.
 """
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from rlef_hpc.dist_env import host_group
 from rlef_hpc.models.gpt import causal_mask
 from rlef_hpc.rl import ppo
 from rlef_hpc.rl.logprobs import next_token_logprobs
@@ -186,7 +188,20 @@ class PPOUpdate:
             kl = torch.stack([prep["kl"].sum(), batch.turn_mask.sum().float()]).double()
             dist.all_reduce(kl, group=ps.get_data_parallel_group())
             totals["kl"] = float(kl[0] / kl[1])  # mean per-turn KL estimate over the batch
-        return totals
+        return self._from_last_stage(totals)
+
+    def _from_last_stage(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Every rank's metrics with its pipeline's last stage's: losses, KL, entropy and the
+        mismatch exist only there, but rank 0 (a first stage) logs them and every rank's
+        refit guard reads mismatch_max. Over the host group: a few floats, once per step."""
+        ps = _ps()
+        if ps.get_pipeline_model_parallel_world_size() == 1:
+            return metrics
+        group = host_group()
+        gathered: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, metrics, group=group)
+        last = dist.get_group_rank(group, ps.get_pipeline_model_parallel_last_rank())
+        return {**metrics, **gathered[last]}
 
     def _update(
         self, batch: ppo.PPOBatch, prep: dict[str, torch.Tensor] | None
