@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 # Bytes of one fp32 temporary [chunk, vocab shard] (a chunk holds about three at once). On the
-# CPU, 256 tokens at Llama 3's vocabulary; on a GPU four times that: every chunk costs two
+# CPU, about 256 tokens at Llama 3's vocabulary; on a GPU four times that: every chunk costs two
 # tensor-parallel all-reduces and a chain of small kernels, so fewer, larger chunks are faster.
 CHUNK_BYTES = {"cpu": 128 * 2**20, "cuda": 512 * 2**20}
 
