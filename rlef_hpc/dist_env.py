@@ -1,13 +1,25 @@
 """torch.distributed's rendezvous from the launcher's environment: torchrun sets RANK and
 friends itself; under `srun` every task gets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID and
 the job's node list instead. The rendezvous is then the job's first node, on a port derived
-from the job id (two jobs sharing a node do not collide; a requeued job reuses its own)."""
+from the job id (two jobs sharing a node do not collide; a requeued job reuses its own).
+
+Where tensors live is decided here once, at start-up: `device()` is this process's accelerator
+(what models and the NCCL groups take), `host_group()` a gloo group over every rank for what
+stays on the host (metric dictionaries, stop flags, pickled objects): NCCL refuses CPU
+tensors, and copying a flag to the GPU to agree on it would only add a device sync."""
 
 from __future__ import annotations
 
 import os
 import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+_device: torch.device | None = None
+_host_group: Any = None
 
 
 def expand_hostlist(hostlist: str) -> list[str]:
@@ -73,6 +85,10 @@ def init_process_groups(tensor: int = 1, pipeline: int = 1, world_size: int | No
         if torch.cuda.is_available():  # one GPU per task: srun and torchrun start 8 a node
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    global _device, _host_group
+    _device = None  # the current CUDA device may have been set just now
+    if _host_group is None and not _default_group_takes_cpu():
+        _host_group = dist.new_group(backend="gloo")  # collective: every rank, same order
     if world_size is not None and dist.get_world_size() != world_size:
         raise ValueError(
             f"{dist.get_world_size()} processes, but parallel.tensor x pipeline x data = "
@@ -80,3 +96,38 @@ def init_process_groups(tensor: int = 1, pipeline: int = 1, world_size: int | No
         )
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor, pipeline)
+
+
+def _default_group_takes_cpu() -> bool:
+    import torch.distributed as dist
+
+    return "gloo" in str(dist.get_backend())
+
+
+def device() -> torch.device:
+    """This process's compute device: the current CUDA device where CUDA exists, else the CPU.
+    Model inputs and tensors reduced over the model's (NCCL) groups are made here."""
+    import torch
+
+    global _device
+    if _device is None:
+        cuda = torch.cuda.is_available()
+        _device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return _device
+
+
+def host_group() -> Any:
+    """The gloo group over every rank, for CPU tensors and objects: the default group where it
+    is gloo already (CPU runs, and test workers that set up gloo themselves), else the one
+    `init_process_groups` made beside NCCL."""
+    import torch.distributed as dist
+
+    if _host_group is not None:
+        return _host_group
+    if _default_group_takes_cpu():
+        return dist.group.WORLD
+    # Making it here would be a collective that only some code paths reach: a hang.
+    raise RuntimeError(
+        f"no gloo group beside the default {dist.get_backend()} one: "
+        "set up torch.distributed with rlef_hpc.dist_env.init_process_groups"
+    )

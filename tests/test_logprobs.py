@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 
-from rlef_hpc.rl.logprobs import naive_token_logprobs, token_logprobs
+from rlef_hpc.rl.logprobs import default_chunk, naive_token_logprobs, token_logprobs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -41,6 +41,35 @@ def test_logits_are_not_modified():
     before = logits.clone()
     token_logprobs(logits, torch.zeros(4, dtype=torch.long), chunk=2)
     assert torch.equal(logits, before)
+
+
+def test_no_host_sync_in_the_chunk_loops(monkeypatch):
+    """On a GPU, nonzero, item, tolist and truth values wait for the device: none per chunk,
+    forward or backward (patched rather than intercepted by a TorchFunctionMode, which
+    autograd does not apply inside a Function's backward)."""
+
+    def host_sync(*args, **kwargs):
+        raise AssertionError("waits for the device")
+
+    for owner, name in [(torch, "nonzero"), (torch.Tensor, "nonzero")] + [
+        (torch.Tensor, n) for n in ("item", "tolist", "__bool__", "__int__", "__float__")
+    ]:
+        monkeypatch.setattr(owner, name, host_sync)
+    logits = torch.randn(10, 17, requires_grad=True)
+    logp, _ = token_logprobs(logits, torch.randint(0, 17, (10,)), chunk=3)
+    logp.sum().backward()
+    monkeypatch.undo()
+    assert logits.grad is not None
+
+
+def test_chunks_are_larger_on_a_gpu():
+    llama3 = 128256
+    cpu, gpu = (
+        default_chunk(torch.device("cpu"), llama3),
+        default_chunk(torch.device("cuda"), llama3),
+    )
+    assert 250 < cpu < 270 and gpu >= 4 * cpu
+    assert default_chunk(torch.device("cpu"), llama3 // 8) >= 8 * cpu  # a TP8 shard
 
 
 VOCAB_PARALLEL = textwrap.dedent(

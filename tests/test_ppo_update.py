@@ -37,6 +37,7 @@ def results(tmp_path_factory) -> dict[str, dict]:
         )
         stages = [torch.load(f"{tmp / name}.stage{s}") for s in range(pp)]
         merged = {"policy": {}, "value": {}, "metrics": stages[-1]["metrics"]}
+        merged["rank0_metrics"] = stages[0]["metrics"]  # stage 0's file is global rank 0's
         for stage in stages:
             for model in ("policy", "value"):
                 merged[model].update(stage["state"][model])
@@ -61,6 +62,18 @@ def test_layout_matches_tp1(results, layout):
         assert got[model].keys() == ref[model].keys()
         for name, tensor in ref[model].items():
             torch.testing.assert_close(got[model][name], tensor, **TOLERANCE, msg=f"{model} {name}")
+
+
+@pytest.mark.parametrize("layout", ["pp2", "tp2pp2"])
+def test_rank_0_has_the_last_stage_metrics(results, layout):
+    """Losses, KL, entropy and mismatch are computed on the last pipeline stage; rank 0, a
+    first stage, logs them."""
+    rank0, last = results[layout]["rank0_metrics"], results[layout]["metrics"]
+    per_stage = {"adam_numel", "param_numel"}  # the worker's own, of each stage's weights
+    assert {"policy_loss", "value_loss", "kl", "entropy", "mismatch_max"} <= rank0.keys()
+    assert {k: v for k, v in rank0.items() if k not in per_stage} == {
+        k: v for k, v in last.items() if k not in per_stage
+    }
 
 
 def test_adam_state_is_sharded_over_data_parallel_ranks(results):

@@ -2,15 +2,17 @@
 
 With Llama 3's 128,256-entry vocabulary, one 8k-token sequence of fp32 log-softmax is 4 GB, and
 autograd would keep it for the backward pass. Here the logits (any dtype, possibly a vocab
-shard under tensor parallelism) are processed `chunk` tokens at a time in fp32; the forward
+shard under tensor parallelism) are processed `chunk` tokens at a time in fp32 (by default as
+many as fit a memory budget per temporary, larger on a GPU: `default_chunk`); the forward
 keeps only the per-token log-normaliser, and the backward recomputes each chunk's softmax:
 
     d logp_i / d z_ij = (onehot_ij - softmax_ij) / T
 
 Temperature divides the logits before the softmax, as vLLM does when sampling.
 Under tensor parallelism (`group` given) each rank holds logits for its slice of the vocab,
-[vocab_start, vocab_start + shard); max, sum-exp and the target logit are all-reduced, so the
-result is the log-prob over the whole vocabulary. Unlike megatron's
+[vocab_start, vocab_start + shard); max, sum-exp and the target logit are all-reduced (two
+all-reduces a chunk), so the result is the log-prob over the whole vocabulary. Nothing in the
+per-chunk loops waits on the device (no nonzero, item or tolist). Unlike megatron's
 vocab_parallel_cross_entropy, the logits are never modified in place.
 `next_token_logprobs` is the form every trainer uses: a model's vocab-parallel output over whole
 sequences, the group and offset taken from megatron's parallel state.
@@ -23,7 +25,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-DEFAULT_CHUNK = 256  # tokens: 128 MB of fp32 logits per temporary at Llama 3's vocab
+# Bytes of one fp32 temporary [chunk, vocab shard] (a chunk holds about three at once). On the
+# CPU, about 256 tokens at Llama 3's vocabulary; on a GPU four times that: every chunk costs two
+# tensor-parallel all-reduces and a chain of small kernels, so fewer, larger chunks are faster.
+CHUNK_BYTES = {"cpu": 128 * 2**20, "cuda": 512 * 2**20}
+
+
+def default_chunk(device: torch.device, shard: int) -> int:
+    """Tokens per chunk for logits of `shard` vocabulary entries each on `device`."""
+    budget = CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    return max(1, budget // (4 * shard))
 
 
 def _all_reduce(t: torch.Tensor, op: Any, group: Any) -> torch.Tensor:
@@ -33,18 +44,18 @@ def _all_reduce(t: torch.Tensor, op: Any, group: Any) -> torch.Tensor:
 
 
 def _chunk_stats(z: torch.Tensor, targets: torch.Tensor, vocab_start: int, group: Any):
-    """For fp32 logits z [n, shard]: (log-normaliser [n], target logit [n], entropy [n])."""
+    """For fp32 logits z [n, shard]: (log-normaliser [n], target logit [n], entropy [n]).
+    Under tensor parallelism, two all-reduces: the max, then the three sums together."""
     global_max = _all_reduce(z.max(dim=-1).values, dist.ReduceOp.MAX, group)
     e = torch.exp(z - global_max[:, None])  # the chunk's one big temporary besides z
-    sum_exp = _all_reduce(e.sum(-1), dist.ReduceOp.SUM, group)
-    lse = global_max + torch.log(sum_exp)
-    # H = lse - sum(p * z), with p = e / sum_exp; the sum needs every shard too.
-    pz = _all_reduce((e * z).sum(-1), dist.ReduceOp.SUM, group) / sum_exp
     local = (targets >= vocab_start) & (targets < vocab_start + z.shape[-1])
     index = (targets - vocab_start).clamp(0, z.shape[-1] - 1)
-    target = torch.where(local, z.gather(1, index[:, None]).squeeze(1), torch.zeros_like(lse))
-    target = _all_reduce(target, dist.ReduceOp.SUM, group)
-    return lse, target, lse - pz
+    target = torch.where(local, z.gather(1, index[:, None]).squeeze(1), 0.0)
+    # H = lse - sum(p * z), with p = e / sum_exp: that sum needs every shard too.
+    sums = torch.stack([e.sum(-1), (e * z).sum(-1), target])
+    sum_exp, ez, target = _all_reduce(sums, dist.ReduceOp.SUM, group)
+    lse = global_max + torch.log(sum_exp)
+    return lse, target, lse - ez / sum_exp
 
 
 class _ChunkedLogProbs(torch.autograd.Function):
@@ -74,8 +85,8 @@ class _ChunkedLogProbs(torch.autograd.Function):
             g = torch.exp(z.sub_(lses[s : s + ctx.chunk, None])).neg_()  # -softmax, in z's place
             t = targets[s : s + ctx.chunk] - ctx.vocab_start
             local = (t >= 0) & (t < z.shape[-1])
-            rows = torch.nonzero(local).squeeze(1)
-            g[rows, t[rows]] += 1.0
+            # + onehot where this shard holds the target: a scatter, not a host-synced index
+            g.scatter_add_(1, t.clamp(0, z.shape[-1] - 1)[:, None], local[:, None].to(g.dtype))
             g *= grad_logp[s : s + ctx.chunk, None] / ctx.temperature
             grad[s : s + ctx.chunk] = g.to(grad.dtype)
         return grad, None, None, None, None, None
@@ -85,15 +96,17 @@ def token_logprobs(
     logits: torch.Tensor,
     targets: torch.Tensor,
     temperature: float = 1.0,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
     vocab_start: int = 0,
     group: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(target), entropy) per row of `logits` [..., vocab_shard]; fp32, shape [...]."""
+    """(log p(target), entropy) per row of `logits` [..., vocab_shard]; fp32, shape [...].
+    `chunk`: tokens at a time (default: `default_chunk` for the logits' device)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     shape = logits.shape[:-1]
     flat = logits.reshape(-1, logits.shape[-1])
+    chunk = chunk or default_chunk(logits.device, logits.shape[-1])
     logp, entropy = _ChunkedLogProbs.apply(
         flat, targets.reshape(-1), float(temperature), int(chunk), int(vocab_start), group
     )

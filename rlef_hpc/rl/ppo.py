@@ -63,8 +63,11 @@ class PPOBatch:
         return PPOBatch(*(getattr(self, f.name)[rows] for f in fields(self)))
 
 
-def collate(trajectories: list[Any], pad_id: int = 0) -> PPOBatch:
-    """Trajectories (rlef_hpc.data.Trajectory) into a padded batch."""
+def collate(
+    trajectories: list[Any], pad_id: int = 0, device: torch.device | str | None = None
+) -> PPOBatch:
+    """Trajectories (rlef_hpc.data.Trajectory) into a padded batch on `device` (the model's;
+    default the CPU): built row by row on the host, then moved in one copy per tensor."""
     b = len(trajectories)
     t = max(len(x.tokens) for x in trajectories)
     k = max(len(x.turns) for x in trajectories)
@@ -85,7 +88,8 @@ def collate(trajectories: list[Any], pad_id: int = 0) -> PPOBatch:
             value_index[row, j] = turn.value_index
             turn_mask[row, j] = True
             reward[row, j] = turn.reward
-    return PPOBatch(tokens, response, turn_of, value_index, turn_mask, reward, behaviour)
+    batch = PPOBatch(tokens, response, turn_of, value_index, turn_mask, reward, behaviour)
+    return batch if device is None else batch.to(device)
 
 
 def per_turn_mean(values: torch.Tensor, batch: PPOBatch) -> torch.Tensor:
@@ -93,10 +97,8 @@ def per_turn_mean(values: torch.Tensor, batch: PPOBatch) -> torch.Tensor:
     k = batch.turn_mask.shape[1]
     index = batch.turn_of_token.clamp(min=0)
     weight = batch.response_mask.to(values.dtype)
-    sums = torch.zeros(values.shape[0], k, dtype=values.dtype).scatter_add_(
-        1, index, values * weight
-    )
-    counts = torch.zeros(values.shape[0], k, dtype=values.dtype).scatter_add_(1, index, weight)
+    sums = values.new_zeros(values.shape[0], k).scatter_add_(1, index, values * weight)
+    counts = values.new_zeros(values.shape[0], k).scatter_add_(1, index, weight)
     return sums / counts.clamp(min=1)
 
 

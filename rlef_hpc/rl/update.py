@@ -11,7 +11,10 @@ One `PPOUpdate.step(batch)` (the batch being this data-parallel rank's share):
    pipeline schedules into megatron DDP's gradient buffers, reduced over data-parallel ranks;
    megatron's optimizer clips by the global norm and steps AdamW, its state sharded over
    data-parallel ranks (the distributed optimizer) unless configured otherwise.
-Only the last pipeline stage sees logits, so steps 1-2 and the losses happen there.
+Only the last pipeline stage sees logits, so steps 1-2 and the losses happen there; the
+metrics reach every rank (rank 0, on the first stage, logs them).
+Everything runs on the policy's device: the batch is moved there once per `step`, and every
+tensor made here is made there.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from rlef_hpc.dist_env import host_group
 from rlef_hpc.models.gpt import causal_mask
 from rlef_hpc.rl import ppo
 from rlef_hpc.rl.logprobs import next_token_logprobs
@@ -57,6 +61,7 @@ class PPOUpdate:
         }
         self.mbs = micro_batch_size
         self.temperature = temperature
+        self.device = next(policy.parameters()).device
 
     # --- passes -----------------------------------------------------------------------------
 
@@ -76,8 +81,8 @@ class PPOUpdate:
         chunks = iter(
             [(i, batch.select(slice(i * self.mbs, (i + 1) * self.mbs))) for i in range(n)]
         )
-        positions = torch.arange(seq).expand(self.mbs, seq)
-        mask = causal_mask(seq)
+        positions = torch.arange(seq, device=self.device).expand(self.mbs, seq)
+        mask = causal_mask(seq, self.device)
 
         def forward_step(data: Any, model: torch.nn.Module) -> Any:
             i, chunk = next(data)
@@ -103,7 +108,7 @@ class PPOUpdate:
     def _collect_logprobs(self, model: torch.nn.Module, batch: ppo.PPOBatch) -> torch.Tensor | None:
         def loss(i, chunk, n, logits):
             logp, _ = self._token_logprobs(logits.detach(), chunk.tokens)
-            return torch.zeros(()), {"logp": logp}
+            return logp.new_zeros(()), {"logp": logp}
 
         parts = self._run(model, batch, loss, forward_only=True)
         return torch.cat([p["logp"] for p in parts]) if parts else None
@@ -111,7 +116,7 @@ class PPOUpdate:
     def _collect_values(self, batch: ppo.PPOBatch) -> torch.Tensor | None:
         def loss(i, chunk, n, values):
             v = values.detach().squeeze(-1).float().gather(1, chunk.value_index)
-            return torch.zeros(()), {"values": v}
+            return v.new_zeros(()), {"values": v}
 
         parts = self._run(self.trainables["value"].model, batch, loss, forward_only=True)
         return torch.cat([p["values"] for p in parts]) if parts else None
@@ -139,7 +144,8 @@ class PPOUpdate:
             "adv": ppo.advantages(returns, values_old, batch.turn_mask, mode, group=dp),
             "kl": kl,
             "explained_variance": torch.tensor(
-                ppo.explained_variance(returns, values_old, batch.turn_mask, group=dp)
+                ppo.explained_variance(returns, values_old, batch.turn_mask, group=dp),
+                device=self.device,
             ),
         }
 
@@ -151,6 +157,7 @@ class PPOUpdate:
         data-parallel rank's share: the m-th minibatch of every rank together is the m-th
         minibatch of the whole batch. Metrics are averaged over the minibatches."""
         ps = _ps()
+        batch = batch.to(self.device)
         prep = self.prepare(batch)
         b = batch.tokens.shape[0]
         if b % num_minibatches or (b // num_minibatches) % self.mbs:
@@ -181,7 +188,20 @@ class PPOUpdate:
             kl = torch.stack([prep["kl"].sum(), batch.turn_mask.sum().float()]).double()
             dist.all_reduce(kl, group=ps.get_data_parallel_group())
             totals["kl"] = float(kl[0] / kl[1])  # mean per-turn KL estimate over the batch
-        return totals
+        return self._from_last_stage(totals)
+
+    def _from_last_stage(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Every rank's metrics with its pipeline's last stage's: losses, KL, entropy and the
+        mismatch exist only there, but rank 0 (a first stage) logs them and every rank's
+        refit guard reads mismatch_max. Over the host group: a few floats, once per step."""
+        ps = _ps()
+        if ps.get_pipeline_model_parallel_world_size() == 1:
+            return metrics
+        group = host_group()
+        gathered: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, metrics, group=group)
+        last = dist.get_group_rank(group, ps.get_pipeline_model_parallel_last_rank())
+        return {**metrics, **gathered[last]}
 
     def _update(
         self, batch: ppo.PPOBatch, prep: dict[str, torch.Tensor] | None

@@ -29,7 +29,7 @@ import yaml
 from rlef_hpc.checkpoint import training
 from rlef_hpc.checkpoint.hf_dir import TOKENIZER_FILES, build_from_hf, read_model_config
 from rlef_hpc.config import to_dict
-from rlef_hpc.dist_env import init_process_groups
+from rlef_hpc.dist_env import device, host_group, init_process_groups
 from rlef_hpc.eval.report import EvalReport, evaluate, plot_solve_rate
 from rlef_hpc.models.megatron_compat import seed
 from rlef_hpc.rl.ppo import collate
@@ -125,7 +125,7 @@ class Trainer:
         trajectories, rollout = self.source.batch(it)
         episodes = self._mean_over_ranks(episode_metrics(trajectories, self.cfg.episodes.max_turns))
         start = time.perf_counter()
-        batch = collate(trajectories, pad_id=self.tokenizer.pad_token_id or 0)
+        batch = collate(trajectories, pad_id=self.tokenizer.pad_token_id or 0, device=device())
         self.source.before_update()
         metrics = self.update.step(batch, self.cfg.update.num_minibatches, progress=self.rank == 0)
         update_s = time.perf_counter() - start
@@ -134,8 +134,8 @@ class Trainer:
 
     def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(t)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device="cpu")
+        dist.all_reduce(t, group=host_group())  # host-side floats: gloo, not NCCL
         return dict(zip(keys, (t / dist.get_world_size()).tolist(), strict=True))
 
     # --- evaluation and checkpoints ---------------------------------------------------------
@@ -156,7 +156,7 @@ class Trainer:
             mine, f"eval{iteration}", e.temperature, e.top_p, episodes=protocol
         )
         gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, trajectories)
+        dist.all_gather_object(gathered, trajectories, group=host_group())
         if self.rank != 0:
             return None
         everything = [t for part in gathered for t in part]

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from rlef_hpc.dist_env import host_group
+
 # Exit status of a run stopped by SIGTERM/SIGUSR1/SIGUSR2 once its checkpoint is saved
 # (EX_TEMPFAIL): run the same command again (or let Slurm requeue the job) to continue.
 EXIT_PREEMPTED = 75
@@ -47,6 +49,6 @@ class StopFlag:
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
     def everywhere(self) -> bool:
-        flag = torch.tensor([float(self.signum is not None)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor([float(self.signum is not None)], device="cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=host_group())  # gloo: a CPU flag
         return bool(flag.item())

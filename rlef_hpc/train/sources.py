@@ -25,6 +25,7 @@ import torch.distributed as dist
 from rlef_hpc.checkpoint.hf_dir import hf_weights
 from rlef_hpc.data.problem import Problem
 from rlef_hpc.data.trajectory import Trajectory
+from rlef_hpc.dist_env import host_group
 from rlef_hpc.episodes.conversation import Conversation
 from rlef_hpc.episodes.runner import EpisodeConfig, EpisodeRunner
 from rlef_hpc.episodes.templates import initial_prompt
@@ -161,12 +162,16 @@ class Colocated:
         start = time.perf_counter()
         self.engine.update_weights(hf_weights(self.policy, self.model_cfg))
         seconds = time.perf_counter() - start
-        x = self.probe
+        device = next(self.policy.parameters()).device
+        x = self.probe.to(device)
         length = x.shape[1]
         with torch.no_grad():
-            logits = self.policy(x, torch.arange(length).expand(len(x), -1), causal_mask(length))
-            trainer = next_token_logprobs(logits.float(), x)[0][:, 1:]
-        engine = torch.tensor(self.engine.sequence_logprobs(x.tolist()))[:, 1:]
+            positions = torch.arange(length, device=device).expand(len(x), -1)
+            logits = self.policy(x, positions, causal_mask(length, device))
+            # Compared on the host, where the engine's log-probs arrive as lists.
+            trainer = next_token_logprobs(logits.float(), x)[0][:, 1:].cpu()
+        engine = torch.tensor(self.engine.sequence_logprobs(self.probe.tolist()), device="cpu")
+        engine = engine[:, 1:]
         mask = torch.ones_like(trainer, dtype=torch.bool)
         stats = check_mismatch(trainer, engine, mask, self.cfg.rollout.mismatch_threshold)
         return {"refit_seconds": seconds, "refit_mismatch_max": stats["mismatch_max"]}
@@ -248,7 +253,7 @@ class Disaggregated:
                 min_version=iteration - 1 - r.max_staleness,
                 timeout_s=r.shard_timeout_s,
             )
-        dist.broadcast_object_list(claimed, src=0)
+        dist.broadcast_object_list(claimed, src=0, group=host_group())
         shards = load_shards(claimed[0])
         everything = [t for _, trajectories in shards for t in trajectories]
         staleness = [iteration - 1 - version for version, _ in shards]

@@ -1,0 +1,19 @@
+"""Every tensor the trainer feeds a model or a collective is where that consumer lives (the
+model's device; the host group's CPU), checked on CPU by tests/device_worker.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_script
+
+WORKER = Path(__file__).with_name("device_worker.py")
+
+
+@pytest.mark.parametrize("part", ["ppo_update", "warm_start", "refit_probe", "loop_reductions"])
+def test_tensors_are_made_where_they_are_used(part):
+    proc = run_script(WORKER, part, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert f"ok {part}" in proc.stdout
