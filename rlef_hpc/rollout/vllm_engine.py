@@ -8,7 +8,7 @@ a bounded KV cache, which is what starts fastest on small machines.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +79,15 @@ class VLLMGenerator:
         )
         self.llm.reset_prefix_cache()
 
+    def update_weights_from(self, load: Callable[[], Iterable[tuple[str, torch.Tensor]]]) -> None:
+        """Like `update_weights`, but every engine process calls `load()` itself for the
+        HF-named tensors: with tensor parallelism vLLM runs its workers in processes of their
+        own and pickles what it sends them, which a stream of tensors cannot be. `load` must
+        pickle (a module-level function, or a functools.partial of one, e.g. of
+        rlef_hpc.rollout.publish.read_published)."""
+        self.llm.collective_rpc(_reload_in_worker, args=(load,))
+        self.llm.reset_prefix_cache()
+
     def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """The engine's log p(token_i | tokens_<i) for every position (0.0 at position 0), of
         the raw model (temperature 1: vLLM computes prompt log-probs before any processing);
@@ -135,6 +144,12 @@ class VLLMGenerator:
             ]
             generations.append(Generation(tokens, logprobs))
         return generations
+
+
+def _reload_in_worker(worker: Any, load: Callable[[], Iterable[tuple[str, torch.Tensor]]]) -> None:
+    """Runs in each vLLM worker process (collective_rpc): the in-place reload of
+    `update_weights`, from tensors read there."""
+    worker.reload_weights(weights_iterator=load(), is_checkpoint_format=True)
 
 
 def build_engine(

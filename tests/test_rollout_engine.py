@@ -1,0 +1,123 @@
+"""The GPU rollout path as far as a CPU can check it: a rollout worker's engine at tensor
+parallelism > 1 (vLLM's worker processes: what it is sent must pickle, and the sampling seed
+must reach them), and the colocated engine's memory handling (level-2 sleep, PyTorch's cache
+returned before waking, the engine built before the trainer's models) against vLLM's API."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+TESTS = Path(__file__).parent
+
+
+class Worker:
+    """Stands in for a vLLM worker: records the tensors of each in-place reload."""
+
+    def __init__(self) -> None:
+        self.loaded: list[dict[str, Any]] = []
+
+    def reload_weights(self, weights_iterator: Any, is_checkpoint_format: bool) -> None:
+        assert is_checkpoint_format
+        self.loaded.append(dict(weights_iterator))
+
+
+class MultiprocLLM:
+    """Stands in for vllm.LLM with its workers in processes of their own: collective_rpc sends
+    what vLLM's multiprocess executor sends (the method cloudpickled when it is a callable,
+    the arguments pickled) and runs it on two workers."""
+
+    def __init__(self) -> None:
+        self.workers = [Worker(), Worker()]
+        self.prefix_resets = 0
+
+    def collective_rpc(self, method: Any, timeout: Any = None, args: tuple = (), kwargs=None):
+        import cloudpickle
+
+        sent = method if isinstance(method, str) else cloudpickle.dumps(method)
+        sent, args, kwargs = pickle.loads(pickle.dumps((sent, args, kwargs or {})))
+        results = []
+        for worker in self.workers:
+            call = getattr(worker, sent) if isinstance(sent, str) else cloudpickle.loads(sent)
+            results.append(
+                call(*args, **kwargs) if isinstance(sent, str) else call(worker, *args, **kwargs)
+            )
+        return results
+
+    def reset_prefix_cache(self) -> None:
+        self.prefix_resets += 1
+
+
+def generator_over(llm: Any, params: Any = None) -> Any:
+    """A VLLMGenerator around `llm`, without starting vLLM."""
+    from rlef_hpc.rollout.vllm_engine import VLLMGenerator
+
+    engine = VLLMGenerator.__new__(VLLMGenerator)
+    engine.llm, engine.params = llm, params
+    return engine
+
+
+def publish_tensors(run_dir: Path, version: int, tensors: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    from rlef_hpc.rollout.publish import LATEST, WEIGHTS
+
+    path = run_dir / WEIGHTS / f"v{version:08d}"
+    path.mkdir(parents=True)
+    save_file(tensors, str(path / "stage-0.safetensors"))
+    (run_dir / WEIGHTS / LATEST).write_text(f"{version}\n")
+
+
+def test_a_follower_sends_the_engine_processes_only_what_pickles(tmp_path):
+    """Issue item 16: a stream of tensors cannot be pickled into vLLM's worker processes;
+    each of them reads the published version itself."""
+    import torch
+
+    from rlef_hpc.rollout.publish import WeightFollower
+
+    tensors = {"model.norm.weight": torch.arange(4.0), "lm_head.weight": torch.ones(3, 4)}
+    publish_tensors(tmp_path, 1, tensors)
+    llm = MultiprocLLM()
+    follower = WeightFollower(generator_over(llm), tmp_path)
+    assert follower.refresh() == 1
+    for worker in llm.workers:
+        [loaded] = worker.loaded
+        assert loaded.keys() == tensors.keys()
+        assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+    assert llm.prefix_resets == 1
+    assert follower.refresh() == 1 and len(llm.workers[0].loaded) == 1  # nothing newer
+
+
+def test_a_version_pruned_while_workers_load_it_is_replaced_by_the_newer_one(tmp_path):
+    import shutil
+
+    import torch
+
+    from rlef_hpc.rollout.publish import WEIGHTS, WeightFollower
+
+    publish_tensors(tmp_path, 1, {"w": torch.zeros(2)})
+    versions = []
+
+    class Engine:
+        def update_weights_from(self, load: Any) -> None:
+            version = load.args[1]
+            versions.append(version)
+            if version == 1:  # the trainer publishes 2 and prunes 1 meanwhile
+                publish_tensors(tmp_path, 2, {"w": torch.ones(2)})
+                shutil.rmtree(tmp_path / WEIGHTS / "v00000001")
+                raise RuntimeError("Worker failed with error 'no published weights'")
+            assert dict(load())["w"].tolist() == [1.0, 1.0]
+
+    assert WeightFollower(Engine(), tmp_path).refresh() == 2
+    assert versions == [1, 2]
+
+    class Broken:
+        def update_weights_from(self, load: Any) -> None:
+            raise RuntimeError("Worker failed with error 'out of memory'")
+
+    with pytest.raises(RuntimeError, match="out of memory"):  # not a pruned version: raised
+        WeightFollower(Broken(), tmp_path).refresh()
