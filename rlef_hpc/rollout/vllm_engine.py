@@ -23,7 +23,7 @@ class SamplingConfig:
     temperature: float = 1.0  # RLEF trains at 1.0; evaluates 1@3 at 0.2, 10@100 at 1.0 (top-p 0.95)
     top_p: float = 1.0
     max_tokens: int = 1024
-    seed: int = 0  # the engine's: runs with the same seed sample the same tokens
+    seed: int = 0  # the engine processes' (vLLM seeds them at start); requests carry their own
     # Any other vLLM SamplingParams (e.g. logit_bias); generation always stops at the
     # tokenizer's end-of-turn token, the end of an answer in a chat.
     extra: dict[str, Any] = field(default_factory=dict)
@@ -45,8 +45,6 @@ class VLLMGenerator:
                 "machines (pip install -e '.[cpu]') or vLLM on GPU machines"
             ) from None
         sampling = sampling or SamplingConfig()
-        # The seed goes to the engine, not to each request: a per-request seed would make every
-        # rollout of a problem the same sample.
         args: dict[str, Any] = {"model": model, "seed": sampling.seed, **engine_args}
         # Log-probs of the distribution actually sampled (after temperature), as the trainer
         # computes them; vLLM's default is the raw model's.
@@ -123,15 +121,24 @@ class VLLMGenerator:
         top_p: float | None = None,
     ) -> list[Generation]:
         """Samples one response per prompt (`temperature`, `top_p`: instead of the configured
-        ones). Requests carry no seed of their own (vLLM's CPU sampler cannot seed a request):
-        seed torch's generator to make a sequence of calls reproducible."""
+        ones). Each request carries a seed of its own, drawn from torch's generator in this
+        process: seed it (rlef_hpc.seeding.seed_sampling) to make a sequence of calls
+        reproducible. The generator vLLM would otherwise sample from lives in its worker
+        processes under tensor parallelism (and on GPU its model runner seeds unseeded requests
+        from numpy), out of the caller's reach; distinct seeds keep repeated prompts (a
+        problem's rollouts) distinct samples."""
         from vllm.inputs import TokensPrompt
 
-        params = self.params
+        base = self.params
         if temperature is not None or top_p is not None:
-            params = self.params.clone()
-            params.temperature = self.params.temperature if temperature is None else temperature
-            params.top_p = self.params.top_p if top_p is None else top_p
+            base = self.params.clone()
+            base.temperature = self.params.temperature if temperature is None else temperature
+            base.top_p = self.params.top_p if top_p is None else top_p
+        params = []
+        for seed in torch.randint(0, 1 << 62, (len(prompts),)).tolist():
+            request = base.clone()
+            request.seed = seed
+            params.append(request)
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
         )
