@@ -5,6 +5,7 @@ returned before waking, the engine built before the trainer's models) against vL
 
 from __future__ import annotations
 
+import inspect
 import json
 import pickle
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import require, run_script, save_random_llama
+from tests.conftest import TINY_TRAIN, require, run_script, save_random_llama
 
 TESTS = Path(__file__).parent
 
@@ -183,3 +184,86 @@ def test_a_tp2_rollout_worker_follows_published_weights_and_seeds_by_worker_and_
     assert out["stale"] > 1e-2 and out["refit"] <= 1e-4  # every TP rank loaded version 1
     assert len({tuple(t) for t in out["first"]}) > 1
     assert out["again"] == out["first"] and out["other"] != out["first"]
+
+
+class SleepyLLM:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def sleep(self, level: int = 1) -> None:
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.calls.append(("wake_up", tags))
+
+
+def test_sleep_discards_and_waking_returns_pytorchs_cache_first(monkeypatch):
+    """Issue item 18: level 2 (the refit overwrites the weights anyway), and the memory the
+    update freed goes back to the device before vLLM re-allocates; with vLLM's signatures."""
+    have_vllm()
+    import torch
+    from vllm import LLM
+
+    llm = SleepyLLM()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: llm.calls.append(("empty_cache",)))
+    engine = generator_over(llm)
+    engine.sleep()
+    engine.wake(["weights"])
+    engine.wake(["kv_cache"])
+    assert llm.calls == [
+        ("sleep", 2),
+        ("empty_cache",),
+        ("wake_up", ["weights"]),
+        ("empty_cache",),
+        ("wake_up", ["kv_cache"]),
+    ]
+    inspect.signature(LLM.sleep).bind(None, level=2)
+    inspect.signature(LLM.wake_up).bind(None, tags=["weights"])
+
+
+def test_the_colocated_gpu_engine_arguments_are_vllms(monkeypatch, hf_dir):
+    """What build_engine asks of vLLM for a colocated engine on a GPU, checked by vLLM's own
+    EngineArgs and config classes (sleep mode itself is refused on CPU: checked as a field)."""
+    import dataclasses
+
+    import torch
+    import vllm
+    from vllm.config import ModelConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    from rlef_hpc.rollout.config import RolloutConfig
+    from rlef_hpc.rollout.vllm_engine import build_engine
+
+    sent: dict[str, Any] = {}
+
+    class LLM:
+        def __init__(self, **kwargs: Any) -> None:
+            sent.update(kwargs)
+
+        def get_tokenizer(self) -> Any:
+            return type("Tokenizer", (), {"eos_token_id": 2})()
+
+    monkeypatch.setattr(vllm, "LLM", LLM)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    build_engine(
+        str(hf_dir), RolloutConfig(gpu_memory_utilization=0.3), 0, "bfloat16", colocated=True
+    )
+    monkeypatch.undo()
+    assert sent["enable_sleep_mode"] is True and sent["gpu_memory_utilization"] == 0.3
+    assert "enable_sleep_mode" in {f.name for f in dataclasses.fields(ModelConfig)}
+    config = EngineArgs(**{**sent, "enable_sleep_mode": False}).create_engine_config()
+    assert config.cache_config.gpu_memory_utilization == 0.3
+    assert config.model_config.logprobs_mode == "processed_logprobs"
+
+
+def test_the_colocated_engine_is_built_before_the_trainers_models(tmp_path, hf_dir):
+    """Issue item 18: vLLM refuses to start unless its share of the GPU is free."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(hf_dir, run / "init")  # an initial policy: no warm start
+    overrides = [o for o in TINY_TRAIN if not o.startswith("run.tensorboard")]
+    proc = run_script(TESTS / "colocated_order_worker.py", run, *overrides, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "ORDER engine models" in proc.stdout.splitlines()

@@ -106,13 +106,19 @@ class VLLMGenerator:
         return result
 
     def sleep(self) -> None:
-        """Frees the engine's GPU memory during training (a no-op on CPU)."""
+        """Frees the engine's GPU memory during training (a no-op on CPU). Level 2 discards the
+        weights rather than copying them to host memory and back (level 1): the refit after
+        the update overwrites them all anyway."""
         if torch.cuda.is_available():
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=2)
 
-    def wake(self) -> None:
+    def wake(self, tags: list[str] | None = None) -> None:
+        """Re-allocates what `sleep` freed (`tags`: only "weights" or "kv_cache"; all of it when
+        None). The memory the update freed stays in PyTorch's cache until it is returned to the
+        device, which vLLM's allocator needs first."""
         if torch.cuda.is_available():
-            self.llm.wake_up()
+            torch.cuda.empty_cache()
+            self.llm.wake_up(tags=tags)
 
     def __call__(
         self,
