@@ -7,13 +7,15 @@ run directory on the shared filesystem; rollout workers in other jobs follow the
       latest                  the newest complete version, replaced atomically, last
 
 The trainer writes a version while generation goes on elsewhere; a worker reads the newest
-complete one, streaming tensors from the files into the engine (`WeightFollower.refresh`).
+complete one: each engine process streams the tensors from the files itself
+(`WeightFollower.refresh`).
 Old versions are pruned, keeping the last few, so a worker that is still loading one is not
 pulled out from under (it retries with the newest if it was).
 """
 
 from __future__ import annotations
 
+import functools
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,7 +84,8 @@ def read_published(run_dir: str | Path, version: int) -> Iterator[tuple[str, tor
 
 
 class WeightFollower:
-    """Keeps an engine (anything with `update_weights`) on the newest published version."""
+    """Keeps an engine (anything with `update_weights_from`, as VLLMGenerator) on the newest
+    published version."""
 
     def __init__(self, engine: Any, run_dir: str | Path) -> None:
         self.engine, self.run_dir = engine, Path(run_dir)
@@ -94,9 +97,14 @@ class WeightFollower:
             newest = latest_version(self.run_dir)
             if newest is None or newest == self.version:
                 return self.version
+            # The engine's processes read the files (the reader pickles: paths, not tensors).
+            load = functools.partial(read_published, str(self.run_dir), newest)
             try:
-                self.engine.update_weights(read_published(self.run_dir, newest))
-            except FileNotFoundError:
+                self.engine.update_weights_from(load)
+            except Exception:
+                # Seen from here as whatever vLLM's worker processes make of a FileNotFoundError.
+                if (self.run_dir / WEIGHTS / _name(newest)).is_dir():
+                    raise
                 continue
             self.version = newest
             return newest

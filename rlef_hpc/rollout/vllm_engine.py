@@ -8,7 +8,7 @@ a bounded KV cache, which is what starts fastest on small machines.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ class SamplingConfig:
     temperature: float = 1.0  # RLEF trains at 1.0; evaluates 1@3 at 0.2, 10@100 at 1.0 (top-p 0.95)
     top_p: float = 1.0
     max_tokens: int = 1024
-    seed: int = 0  # the engine's: runs with the same seed sample the same tokens
+    seed: int = 0  # the engine processes' (vLLM seeds them at start); requests carry their own
     # Any other vLLM SamplingParams (e.g. logit_bias); generation always stops at the
     # tokenizer's end-of-turn token, the end of an answer in a chat.
     extra: dict[str, Any] = field(default_factory=dict)
@@ -45,8 +45,6 @@ class VLLMGenerator:
                 "machines (pip install -e '.[cpu]') or vLLM on GPU machines"
             ) from None
         sampling = sampling or SamplingConfig()
-        # The seed goes to the engine, not to each request: a per-request seed would make every
-        # rollout of a problem the same sample.
         args: dict[str, Any] = {"model": model, "seed": sampling.seed, **engine_args}
         # Log-probs of the distribution actually sampled (after temperature), as the trainer
         # computes them; vLLM's default is the raw model's.
@@ -79,6 +77,15 @@ class VLLMGenerator:
         )
         self.llm.reset_prefix_cache()
 
+    def update_weights_from(self, load: Callable[[], Iterable[tuple[str, torch.Tensor]]]) -> None:
+        """Like `update_weights`, but every engine process calls `load()` itself for the
+        HF-named tensors: with tensor parallelism vLLM runs its workers in processes of their
+        own and pickles what it sends them, which a stream of tensors cannot be. `load` must
+        pickle (a module-level function, or a functools.partial of one, e.g. of
+        rlef_hpc.rollout.publish.read_published)."""
+        self.llm.collective_rpc(_reload_in_worker, args=(load,))
+        self.llm.reset_prefix_cache()
+
     def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """The engine's log p(token_i | tokens_<i) for every position (0.0 at position 0), of
         the raw model (temperature 1: vLLM computes prompt log-probs before any processing);
@@ -99,13 +106,19 @@ class VLLMGenerator:
         return result
 
     def sleep(self) -> None:
-        """Frees the engine's GPU memory during training (a no-op on CPU)."""
+        """Frees the engine's GPU memory during training (a no-op on CPU). Level 2 discards the
+        weights rather than copying them to host memory and back (level 1): the refit after
+        the update overwrites them all anyway."""
         if torch.cuda.is_available():
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=2)
 
-    def wake(self) -> None:
+    def wake(self, tags: list[str] | None = None) -> None:
+        """Re-allocates what `sleep` freed (`tags`: only "weights" or "kv_cache"; all of it when
+        None). The memory the update freed stays in PyTorch's cache until it is returned to the
+        device, which vLLM's allocator needs first."""
         if torch.cuda.is_available():
-            self.llm.wake_up()
+            torch.cuda.empty_cache()
+            self.llm.wake_up(tags=tags)
 
     def __call__(
         self,
@@ -114,15 +127,24 @@ class VLLMGenerator:
         top_p: float | None = None,
     ) -> list[Generation]:
         """Samples one response per prompt (`temperature`, `top_p`: instead of the configured
-        ones). Requests carry no seed of their own (vLLM's CPU sampler cannot seed a request):
-        seed torch's generator to make a sequence of calls reproducible."""
+        ones). Each request carries a seed of its own, drawn from torch's generator in this
+        process: seed it (rlef_hpc.seeding.seed_sampling) to make a sequence of calls
+        reproducible. The generator vLLM would otherwise sample from lives in its worker
+        processes under tensor parallelism (and on GPU its model runner seeds unseeded requests
+        from numpy), out of the caller's reach; distinct seeds keep repeated prompts (a
+        problem's rollouts) distinct samples."""
         from vllm.inputs import TokensPrompt
 
-        params = self.params
+        base = self.params
         if temperature is not None or top_p is not None:
-            params = self.params.clone()
-            params.temperature = self.params.temperature if temperature is None else temperature
-            params.top_p = self.params.top_p if top_p is None else top_p
+            base = self.params.clone()
+            base.temperature = self.params.temperature if temperature is None else temperature
+            base.top_p = self.params.top_p if top_p is None else top_p
+        params = []
+        for seed in torch.randint(0, 1 << 62, (len(prompts),)).tolist():
+            request = base.clone()
+            request.seed = seed
+            params.append(request)
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
         )
@@ -135,6 +157,12 @@ class VLLMGenerator:
             ]
             generations.append(Generation(tokens, logprobs))
         return generations
+
+
+def _reload_in_worker(worker: Any, load: Callable[[], Iterable[tuple[str, torch.Tensor]]]) -> None:
+    """Runs in each vLLM worker process (collective_rpc): the in-place reload of
+    `update_weights`, from tensors read there."""
+    worker.reload_weights(weights_iterator=load(), is_checkpoint_format=True)
 
 
 def build_engine(

@@ -35,7 +35,7 @@ from rlef_hpc.rl.logprobs import next_token_logprobs
 from rlef_hpc.rollout.publish import latest_version, publish
 from rlef_hpc.rollout.refit import RefitMismatchError, check_mismatch
 from rlef_hpc.rollout.shards import ShardStore, load_shards
-from rlef_hpc.rollout.vllm_engine import build_engine
+from rlef_hpc.rollout.vllm_engine import VLLMGenerator, build_engine
 from rlef_hpc.sandbox import Executor
 from rlef_hpc.seeding import seed_sampling
 from rlef_hpc.train.config import TrainConfig
@@ -66,11 +66,23 @@ def _ranks() -> tuple[int, int]:
     return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
 
 
+def colocated_engine(cfg: TrainConfig, init_dir: Path) -> VLLMGenerator:
+    """This training process's engine, over the initial policy in `init_dir`. Built before the
+    trainer's models and optimizers: vLLM takes rollout.gpu_memory_utilization of the whole GPU
+    and refuses to start unless that much is free. What an earlier step in this process freed
+    (the warm start's) is still held in PyTorch's cache until returned to the device."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return build_engine(
+        str(init_dir), cfg.rollout, cfg.run.seed, cfg.precision.dtype, colocated=True
+    )
+
+
 class Colocated:
     def __init__(
         self,
         cfg: TrainConfig,
-        init_dir: Path,
+        engine: VLLMGenerator,
         tokenizer: Any,
         executor: Executor,
         policy: torch.nn.Module,
@@ -83,9 +95,7 @@ class Colocated:
         self.train_problems = problems[0]
         self.rank = dist.get_rank()
         self.dp_rank, self.dp = _ranks()
-        self.engine = build_engine(
-            str(init_dir), cfg.rollout, cfg.run.seed, cfg.precision.dtype, colocated=True
-        )
+        self.engine = engine
         self.probe = probe_sequences(tokenizer, problems[1][:2] or problems[0][:2], cfg.episodes)
         if start > 0:  # the engine starts from init/: give it the restored policy
             self.refit()
@@ -144,7 +154,6 @@ class Colocated:
         self.engine.sleep()  # GPUs: its memory is the update's (a no-op on CPU)
 
     def after_update(self, iteration: int, metrics: dict[str, float]) -> dict[str, float]:
-        self.engine.wake()
         # Every token of the batch was compared (trainer pi_old vs the engine's sampling
         # log-probs): a wrong refit or engine must not train on silently.
         limit = self.cfg.rollout.mismatch_threshold
@@ -154,14 +163,26 @@ class Colocated:
                 f"differ by up to {metrics['mismatch_max']:.3g} "
                 f"(rollout.mismatch_threshold={limit})"
             )
-        return self.refit()
+        # The weights first: the refit's gathered tensors need room before the KV cache (most
+        # of the engine's share) takes it back.
+        self.engine.wake(["weights"])
+        seconds = self.load_policy()
+        self.engine.wake(["kv_cache"])
+        return self.check_refit(seconds)
 
     def refit(self) -> dict[str, float]:
-        """The policy's weights into the engine, in memory; then the engine's log-probs on the
-        probe sequences against the trainer's (fails past rollout.mismatch_threshold)."""
+        """The policy's weights into the (awake) engine, then the refit check."""
+        return self.check_refit(self.load_policy())
+
+    def load_policy(self) -> float:
+        """The policy's weights into the engine, in memory; returns the seconds it took."""
         start = time.perf_counter()
         self.engine.update_weights(hf_weights(self.policy, self.model_cfg))
-        seconds = time.perf_counter() - start
+        return time.perf_counter() - start
+
+    def check_refit(self, seconds: float) -> dict[str, float]:
+        """The engine's log-probs on the probe sequences against the trainer's (fails past
+        rollout.mismatch_threshold), with the refit's `seconds`."""
         device = next(self.policy.parameters()).device
         x = self.probe.to(device)
         length = x.shape[1]
@@ -296,6 +317,7 @@ def probe_sequences(
 def make_source(
     cfg: TrainConfig,
     run_dir: Path,
+    engine: VLLMGenerator | None,
     tokenizer: Any,
     executor: Executor,
     policy: torch.nn.Module,
@@ -303,7 +325,9 @@ def make_source(
     problems: tuple[list[Problem], list[Problem]],
     start: int,
 ) -> RolloutSource:
+    """`engine`: this process's (colocated_engine), None in the disaggregated layout."""
     if cfg.rollout.layout == "disaggregated":
         return Disaggregated(cfg, run_dir, policy, model_cfg, start)
+    assert engine is not None
     kind = AsyncColocated if cfg.rollout.asynchronous else Colocated
-    return kind(cfg, run_dir / "init", tokenizer, executor, policy, model_cfg, problems, start)
+    return kind(cfg, engine, tokenizer, executor, policy, model_cfg, problems, start)

