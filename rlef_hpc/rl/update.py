@@ -26,6 +26,7 @@ import torch.distributed as dist
 from rlef_hpc.models.gpt import causal_mask
 from rlef_hpc.rl import ppo
 from rlef_hpc.rl.logprobs import next_token_logprobs
+from rlef_hpc.rl.mismatch import MismatchLimits, mismatch_stats
 from rlef_hpc.rl.optim import OptimConfig, make_trainable
 
 
@@ -45,6 +46,7 @@ class PPOUpdate:
         optim_config: OptimConfig | None = None,
         micro_batch_size: int = 1,
         temperature: float = 1.0,
+        mismatch: MismatchLimits | None = None,
     ) -> None:
         self.reference = reference
         for p in reference.parameters():
@@ -57,6 +59,7 @@ class PPOUpdate:
         }
         self.mbs = micro_batch_size
         self.temperature = temperature
+        self.mismatch = mismatch or MismatchLimits()  # its quantile_limit: what counts
 
     # --- passes -----------------------------------------------------------------------------
 
@@ -149,7 +152,8 @@ class PPOUpdate:
         """Prepare once (pi_old, reference, V_old, advantages over the whole batch), then one
         optimizer step per minibatch (RLEF: 1024 rollouts, 4 updates of 256). `batch` is this
         data-parallel rank's share: the m-th minibatch of every rank together is the m-th
-        minibatch of the whole batch. Metrics are averaged over the minibatches."""
+        minibatch of the whole batch. Metrics are averaged over the minibatches, but for the
+        trainer-vs-engine mismatch_*, taken once over the whole batch."""
         ps = _ps()
         prep = self.prepare(batch)
         b = batch.tokens.shape[0]
@@ -181,6 +185,17 @@ class PPOUpdate:
             kl = torch.stack([prep["kl"].sum(), batch.turn_mask.sum().float()]).double()
             dist.all_reduce(kl, group=ps.get_data_parallel_group())
             totals["kl"] = float(kl[0] / kl[1])  # mean per-turn KL estimate over the batch
+            # pi_old against the engine's sampling log-probs, once over the whole batch (all
+            # data-parallel ranks): what the per-batch guard checks (rlef_hpc.rl.mismatch).
+            totals.update(
+                mismatch_stats(
+                    prep["logp_old"],
+                    batch.logp_behaviour,
+                    batch.response_mask,
+                    self.mismatch.quantile_limit,
+                    group=ps.get_data_parallel_group(),
+                )
+            )
         return totals
 
     def _update(
@@ -206,9 +221,6 @@ class PPOUpdate:
             )
             mask = chunk.response_mask
             metrics["entropy"] = (entropy.detach() * mask).sum() / prep["num_tokens"]
-            mismatch = (rows(i, prep["logp_old"]) - chunk.logp_behaviour).abs() * mask
-            metrics["mismatch_mean"] = mismatch.sum() / prep["num_tokens"]
-            metrics["mismatch_max"] = mismatch.max()
             metrics["policy_loss"] = loss.detach()
             return loss * scale, metrics
 

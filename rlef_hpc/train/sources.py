@@ -32,7 +32,7 @@ from rlef_hpc.models.config import ModelConfig
 from rlef_hpc.models.gpt import causal_mask
 from rlef_hpc.rl.logprobs import next_token_logprobs
 from rlef_hpc.rollout.publish import latest_version, publish
-from rlef_hpc.rollout.refit import RefitMismatchError, check_mismatch
+from rlef_hpc.rollout.refit import check_batch_mismatch, check_mismatch
 from rlef_hpc.rollout.shards import ShardStore, load_shards
 from rlef_hpc.rollout.vllm_engine import build_engine
 from rlef_hpc.sandbox import Executor
@@ -146,18 +146,12 @@ class Colocated:
         self.engine.wake()
         # Every token of the batch was compared (trainer pi_old vs the engine's sampling
         # log-probs): a wrong refit or engine must not train on silently.
-        limit = self.cfg.rollout.mismatch_threshold
-        if metrics.get("mismatch_max", 0.0) > limit:
-            raise RefitMismatchError(
-                f"iteration {iteration}: trainer and engine log-probs of the sampled tokens "
-                f"differ by up to {metrics['mismatch_max']:.3g} "
-                f"(rollout.mismatch_threshold={limit})"
-            )
+        check_batch_mismatch(metrics, self.cfg.rollout.mismatch, iteration)
         return self.refit()
 
     def refit(self) -> dict[str, float]:
         """The policy's weights into the engine, in memory; then the engine's log-probs on the
-        probe sequences against the trainer's (fails past rollout.mismatch_threshold)."""
+        probe sequences against the trainer's (fails past rollout.mismatch's limits)."""
         start = time.perf_counter()
         self.engine.update_weights(hf_weights(self.policy, self.model_cfg))
         seconds = time.perf_counter() - start
@@ -166,10 +160,15 @@ class Colocated:
         with torch.no_grad():
             logits = self.policy(x, torch.arange(length).expand(len(x), -1), causal_mask(length))
             trainer = next_token_logprobs(logits.float(), x)[0][:, 1:]
-        engine = torch.tensor(self.engine.sequence_logprobs(x.tolist()))[:, 1:]
+        logprobs = self.engine.sequence_logprobs(x.tolist())
+        engine = torch.tensor(logprobs, device=trainer.device)[:, 1:]
         mask = torch.ones_like(trainer, dtype=torch.bool)
-        stats = check_mismatch(trainer, engine, mask, self.cfg.rollout.mismatch_threshold)
-        return {"refit_seconds": seconds, "refit_mismatch_max": stats["mismatch_max"]}
+        stats = check_mismatch(trainer, engine, mask, self.cfg.rollout.mismatch)
+        return {
+            "refit_seconds": seconds,
+            "refit_mismatch_mean": stats["mismatch_mean"],
+            "refit_mismatch_max": stats["mismatch_max"],
+        }
 
     def finish(self) -> None:
         pass
