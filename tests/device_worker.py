@@ -172,6 +172,7 @@ def warm_start() -> None:
 def refit_probe() -> None:
     """Colocated.refit's trainer side, against an engine that answers the trainer's own
     log-probs (computed before the strict part, the naive way)."""
+    from rlef_hpc.mismatch import MismatchLimits
     from rlef_hpc.rl.logprobs import naive_token_logprobs
     from rlef_hpc.train.sources import Colocated
     from tests.ppo_worker import MODEL
@@ -188,7 +189,8 @@ def refit_probe() -> None:
     )
     source = Colocated.__new__(Colocated)  # its engine is the stand-in above
     source.policy, source.model_cfg, source.probe, source.engine = policy, MODEL, probe, engine
-    source.cfg = SimpleNamespace(rollout=SimpleNamespace(mismatch_threshold=1e-4))
+    limits = MismatchLimits(mean_limit=1e-4, quantile=1.0, quantile_limit=1e-4)
+    source.cfg = SimpleNamespace(rollout=SimpleNamespace(mismatch=limits))
     with strict_devices(torch.device("cpu")):
         stats = source.refit()
     assert stats["refit_mismatch_max"] < 1e-4

@@ -60,7 +60,8 @@ def test_refit_matches_sampling_logprobs_and_guard(model_dirs):
     assert float(lines["STALE"][1]) > 1e-2  # the weights did move: the check is not vacuous
     assert float(lines["STALE"][3]) <= 1e-4  # after the refit: the trainer's log-probs
     assert int(lines["SAMPLED"][1]) > 0 and float(lines["SAMPLED"][3]) <= 1e-4
-    assert "CAUGHT:" in lines and "NOT" not in lines
+    # Both broken refits (gate/up swapped, lm_head scaled) are caught, none missed.
+    assert proc.stdout.count("CAUGHT:") == 2 and "NOT" not in lines
 
 
 def test_one_ppo_step_at_tp2_then_refit_into_vllm_at_tp2(model_dirs, tmp_path):

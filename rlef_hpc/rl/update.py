@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from rlef_hpc.dist_env import host_group
+from rlef_hpc.mismatch import MismatchLimits, mismatch_stats
 from rlef_hpc.models.gpt import causal_mask
 from rlef_hpc.rl import ppo
 from rlef_hpc.rl.logprobs import next_token_logprobs
@@ -49,6 +50,7 @@ class PPOUpdate:
         optim_config: OptimConfig | None = None,
         micro_batch_size: int = 1,
         temperature: float = 1.0,
+        mismatch: MismatchLimits | None = None,
     ) -> None:
         self.reference = reference
         for p in reference.parameters():
@@ -62,6 +64,7 @@ class PPOUpdate:
         self.mbs = micro_batch_size
         self.temperature = temperature
         self.device = next(policy.parameters()).device
+        self.mismatch = mismatch or MismatchLimits()  # its quantile_limit: what counts
 
     # --- passes -----------------------------------------------------------------------------
 
@@ -155,7 +158,8 @@ class PPOUpdate:
         """Prepare once (pi_old, reference, V_old, advantages over the whole batch), then one
         optimizer step per minibatch (RLEF: 1024 rollouts, 4 updates of 256). `batch` is this
         data-parallel rank's share: the m-th minibatch of every rank together is the m-th
-        minibatch of the whole batch. Metrics are averaged over the minibatches."""
+        minibatch of the whole batch. Metrics are averaged over the minibatches, but for the
+        trainer-vs-engine mismatch_*, taken once over the whole batch."""
         ps = _ps()
         batch = batch.to(self.device)
         prep = self.prepare(batch)
@@ -188,6 +192,17 @@ class PPOUpdate:
             kl = torch.stack([prep["kl"].sum(), batch.turn_mask.sum().float()]).double()
             dist.all_reduce(kl, group=ps.get_data_parallel_group())
             totals["kl"] = float(kl[0] / kl[1])  # mean per-turn KL estimate over the batch
+            # pi_old against the engine's sampling log-probs, once over the whole batch (all
+            # data-parallel ranks): what the per-batch guard checks (rlef_hpc.mismatch).
+            totals.update(
+                mismatch_stats(
+                    prep["logp_old"],
+                    batch.logp_behaviour,
+                    batch.response_mask,
+                    self.mismatch.quantile_limit,
+                    group=ps.get_data_parallel_group(),
+                )
+            )
         return self._from_last_stage(totals)
 
     def _from_last_stage(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -226,9 +241,6 @@ class PPOUpdate:
             )
             mask = chunk.response_mask
             metrics["entropy"] = (entropy.detach() * mask).sum() / prep["num_tokens"]
-            mismatch = (rows(i, prep["logp_old"]) - chunk.logp_behaviour).abs() * mask
-            metrics["mismatch_mean"] = mismatch.sum() / prep["num_tokens"]
-            metrics["mismatch_max"] = mismatch.max()
             metrics["policy_loss"] = loss.detach()
             return loss * scale, metrics
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+from rlef_hpc.mismatch import MismatchLimits
 
 
 @dataclass(frozen=True)
@@ -20,7 +22,11 @@ class RolloutConfig:
     max_tokens: int = 96  # per turn
     kv_cache_gib: float = 0.5  # CPU engines; GPU engines use gpu_memory_utilization
     gpu_memory_utilization: float = 0.5
-    mismatch_threshold: float = 0.5  # max |trainer - engine| log-prob tolerated; past it: stop
+    # Trainer vs engine log-probs, on every batch's sampled tokens and after each refit: the
+    # run stops when their mean |difference| passes mismatch.mean_limit (0.2 nats) or their
+    # mismatch.quantile (p99.9) passes mismatch.quantile_limit (2 nats), not on the max, which
+    # a few tokens of a healthy bf16 or FP8 run exceed (see rlef_hpc.mismatch).
+    mismatch: MismatchLimits = field(default_factory=MismatchLimits)
     sandbox_workers: int = 1  # per rank
     # Generate iteration k+1's episodes while training on iteration k's (staleness 1,
     # corrected by the truncated importance weights); a resumed run samples its first batch

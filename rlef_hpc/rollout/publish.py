@@ -3,7 +3,9 @@ run directory on the shared filesystem; rollout workers in other jobs follow the
 
     run_dir/weights/
       v00000012/              complete versions only (written under .tmp-*, then renamed)
-        stage-0.safetensors   HF-named tensors, one file per pipeline stage
+        stage-0/              one folder per pipeline stage: HF-named tensors in
+          model-00001-of-00035.safetensors   shards written as they fill, and their index
+          model.safetensors.index.json
       latest                  the newest complete version, replaced atomically, last
 
 The trainer writes a version while generation goes on elsewhere; a worker reads the newest
@@ -25,11 +27,14 @@ import torch
 import torch.distributed as dist
 
 from rlef_hpc.checkpoint import atomic
-from rlef_hpc.checkpoint.hf_dir import hf_weights
+from rlef_hpc.checkpoint.hf_dir import ShardWriter, hf_weights
 from rlef_hpc.models.config import ModelConfig
 
 WEIGHTS = "weights"
 LATEST = atomic.LATEST
+# A writer's host memory beyond the model: a shard fills before it is written (the peers'
+# refit buckets are 0.5-2 GB; Llama-70B's largest tensor, the embedding, is 2.1 GB in bf16).
+PUBLISH_SHARD_BYTES = 1 << 30
 
 
 def _name(version: int) -> str:
@@ -37,12 +42,20 @@ def _name(version: int) -> str:
 
 
 def publish(
-    run_dir: str | Path, version: int, model: torch.nn.Module, cfg: ModelConfig, keep_last: int = 3
+    run_dir: str | Path,
+    version: int,
+    model: torch.nn.Module,
+    cfg: ModelConfig,
+    keep_last: int = 3,
+    shard_bytes: int = PUBLISH_SHARD_BYTES,
 ) -> Path:
-    """Collective over the model-parallel ranks of the trainer (every rank calls it): each
-    pipeline stage's first tensor- and data-parallel rank writes its layers, HF-named."""
+    """Collective over the trainer's ranks (every rank calls it). In the first data-parallel
+    replica, each pipeline stage's tensor-parallel group gathers the stage's tensors one at a
+    time (`hf_weights`) and its first rank writes them, HF-named, to shards of at most
+    `shard_bytes` as they fill: beyond the model, a writer holds one shard and the tensor in
+    hand (not the stage's whole weights: 35 GB at 70B), the group's other ranks only the tensor
+    being gathered. The other replicas hold the same weights: they neither gather nor write."""
     from megatron.core import parallel_state as ps
-    from safetensors.torch import save_file
 
     root = Path(run_dir) / WEIGHTS
     final, tmp = root / _name(version), root / f".tmp-{_name(version)}"
@@ -51,12 +64,20 @@ def publish(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    # Every TP rank takes part in the gathers; the split QKV and gate/up are views: copy them.
-    tensors = {name: t.clone() for name, t in hf_weights(model, cfg)}
-    if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
-        stage = ps.get_pipeline_model_parallel_rank()
-        save_file(tensors, str(tmp / f"stage-{stage}.safetensors"), metadata={"format": "pt"})
-    del tensors
+    if ps.get_data_parallel_rank() == 0:
+        writer = None
+        if ps.get_tensor_model_parallel_rank() == 0:
+            stage = tmp / f"stage-{ps.get_pipeline_model_parallel_rank()}"
+            stage.mkdir()
+            writer = ShardWriter(stage, shard_bytes)
+        for name, tensor in hf_weights(model, cfg):  # every TP rank takes part in the gathers
+            if writer is not None:
+                # A host copy of its own: the split QKV and gate/up are views of one gathered
+                # tensor (safetensors refuses shared storage), and a GPU's tensor must not
+                # wait in device memory for its shard to fill.
+                writer.add(name, tensor.to("cpu", copy=True))
+        if writer is not None:
+            writer.close()
     dist.barrier()
     if dist.get_rank() == 0:
         atomic.commit(tmp, final, version, "v*", keep_last)
@@ -74,7 +95,7 @@ def read_published(run_dir: str | Path, version: int) -> Iterator[tuple[str, tor
     from safetensors import safe_open
 
     path = Path(run_dir) / WEIGHTS / _name(version)
-    files = sorted(path.glob("stage-*.safetensors"))
+    files = sorted(path.glob("stage-*/*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no published weights")
     for file in files:

@@ -3,29 +3,53 @@
 Each parameter is gathered over tensor-parallel ranks (pipeline stages each yield their own
 layers), renamed and split to the Hugging Face layout by the one shared mapping
 (rlef_hpc.checkpoint.hf), and streamed into the engine in memory, one tensor at a time.
-After a refit the engine's log-probs must equal the trainer's: `check_mismatch` compares them
-on the same tokens and refuses to go on past a threshold, so that a wrong refit never trains
-silently for hours.
+After a refit the engine's log-probs must equal the trainer's up to kernels and precision:
+`check_mismatch` compares them on the same tokens and refuses to go on past the limits
+(rlef_hpc.mismatch: the mean and a high quantile, not the max), so that a wrong refit never
+trains silently for hours. `check_batch_mismatch` applies the same limits to every batch's
+sampled tokens, from the update's metrics.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
+
+from rlef_hpc.mismatch import MismatchLimits, mismatch_stats, mismatch_violation
 
 
 class RefitMismatchError(RuntimeError):
-    """The engine's log-probs disagree with the trainer's beyond the configured threshold."""
+    """The engine's log-probs disagree with the trainer's beyond the configured limits."""
 
 
 def check_mismatch(
-    trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, threshold: float
+    trainer_logp: torch.Tensor,
+    engine_logp: torch.Tensor,
+    mask: torch.Tensor,
+    limits: MismatchLimits,
 ) -> dict[str, float]:
-    """Mean and max |trainer - engine| log-prob over `mask`; raises past `threshold` (max)."""
-    diff = (trainer_logp - engine_logp).abs()[mask]
-    stats = {"mismatch_mean": float(diff.mean()), "mismatch_max": float(diff.max())}
-    if not stats["mismatch_max"] <= threshold:  # NaN (a broken engine) fails too
-        raise RefitMismatchError(
-            f"engine and trainer log-probs differ by up to {stats['mismatch_max']:.3g} "
-            f"(mean {stats['mismatch_mean']:.3g}) after the refit; the threshold is {threshold}"
-        )
+    """The refit probe: mismatch_stats of |trainer - engine| log-prob over `mask`; raises
+    past `limits`."""
+    stats = mismatch_stats(trainer_logp, engine_logp, mask, limits.quantile_limit)
+    problem = mismatch_violation(stats, limits)
+    if problem is not None:
+        raise RefitMismatchError(f"engine and trainer log-probs after the refit: {problem}")
     return stats
+
+
+def check_batch_mismatch(
+    metrics: Mapping[str, float], limits: MismatchLimits, iteration: int
+) -> None:
+    """The per-batch guard: the update's mismatch_* metrics (its pi_old against the engine's
+    sampling log-probs, over every sampled token of the batch, counted at
+    limits.quantile_limit) against `limits`. Ranks without them (not the last pipeline stage)
+    pass."""
+    if "mismatch_tokens" not in metrics:
+        return
+    problem = mismatch_violation(metrics, limits)
+    if problem is not None:
+        raise RefitMismatchError(
+            f"iteration {iteration}: trainer and engine log-probs of the sampled tokens: "
+            f"{problem} (rollout.mismatch)"
+        )

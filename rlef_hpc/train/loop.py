@@ -87,6 +87,7 @@ class Trainer:
             cfg.optim,
             micro_batch_size=cfg.update.micro_batch_size,
             temperature=cfg.rollout.temperature,
+            mismatch=cfg.rollout.mismatch,
         )
         self.start = 0
         if checkpoint is not None:

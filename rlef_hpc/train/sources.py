@@ -33,7 +33,7 @@ from rlef_hpc.models.config import ModelConfig
 from rlef_hpc.models.gpt import causal_mask
 from rlef_hpc.rl.logprobs import next_token_logprobs
 from rlef_hpc.rollout.publish import latest_version, publish
-from rlef_hpc.rollout.refit import RefitMismatchError, check_mismatch
+from rlef_hpc.rollout.refit import check_batch_mismatch, check_mismatch
 from rlef_hpc.rollout.shards import ShardStore, load_shards
 from rlef_hpc.rollout.vllm_engine import VLLMGenerator, build_engine
 from rlef_hpc.sandbox import Executor
@@ -156,13 +156,7 @@ class Colocated:
     def after_update(self, iteration: int, metrics: dict[str, float]) -> dict[str, float]:
         # Every token of the batch was compared (trainer pi_old vs the engine's sampling
         # log-probs): a wrong refit or engine must not train on silently.
-        limit = self.cfg.rollout.mismatch_threshold
-        if metrics.get("mismatch_max", 0.0) > limit:
-            raise RefitMismatchError(
-                f"iteration {iteration}: trainer and engine log-probs of the sampled tokens "
-                f"differ by up to {metrics['mismatch_max']:.3g} "
-                f"(rollout.mismatch_threshold={limit})"
-            )
+        check_batch_mismatch(metrics, self.cfg.rollout.mismatch, iteration)
         # The weights first: the refit's gathered tensors need room before the KV cache (most
         # of the engine's share) takes it back.
         self.engine.wake(["weights"])
@@ -182,7 +176,7 @@ class Colocated:
 
     def check_refit(self, seconds: float) -> dict[str, float]:
         """The engine's log-probs on the probe sequences against the trainer's (fails past
-        rollout.mismatch_threshold), with the refit's `seconds`."""
+        rollout.mismatch's limits), with the refit's `seconds`."""
         device = next(self.policy.parameters()).device
         x = self.probe.to(device)
         length = x.shape[1]
@@ -194,8 +188,12 @@ class Colocated:
         engine = torch.tensor(self.engine.sequence_logprobs(self.probe.tolist()), device="cpu")
         engine = engine[:, 1:]
         mask = torch.ones_like(trainer, dtype=torch.bool)
-        stats = check_mismatch(trainer, engine, mask, self.cfg.rollout.mismatch_threshold)
-        return {"refit_seconds": seconds, "refit_mismatch_max": stats["mismatch_max"]}
+        stats = check_mismatch(trainer, engine, mask, self.cfg.rollout.mismatch)
+        return {
+            "refit_seconds": seconds,
+            "refit_mismatch_mean": stats["mismatch_mean"],
+            "refit_mismatch_max": stats["mismatch_max"],
+        }
 
     def finish(self) -> None:
         pass

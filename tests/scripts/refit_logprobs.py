@@ -22,9 +22,13 @@ def main() -> None:
     from rlef_hpc.checkpoint.convert import load_model_checkpoint
     from rlef_hpc.checkpoint.hf_dir import hf_weights
     from rlef_hpc.dist_env import init_process_groups
+    from rlef_hpc.mismatch import MismatchLimits, mismatch_stats
     from rlef_hpc.models.megatron_compat import seed
     from rlef_hpc.rl.logprobs import token_logprobs
     from rlef_hpc.rollout.refit import RefitMismatchError, check_mismatch
+
+    # fp32 on both sides: equal up to rounding, on every token (quantile 1: the max).
+    exact = MismatchLimits(mean_limit=1e-4, quantile=1.0, quantile_limit=1e-4)
 
     init_process_groups()
     seed(0)
@@ -47,7 +51,7 @@ def main() -> None:
     stale = float((trainer - before).abs().max())
     engine.update_weights(hf_weights(model, cfg))
     after = torch.tensor(engine.sequence_logprobs(sequences))[:, 1:]
-    stats = check_mismatch(trainer, after, everywhere, threshold=1e-4)
+    stats = check_mismatch(trainer, after, everywhere, exact)
     print(f"STALE {stale:.6g} REFIT {stats['mismatch_max']:.6g}")
 
     # Sampling: the engine's log-probs of its sampled tokens are those of the distribution it
@@ -67,13 +71,20 @@ def main() -> None:
                 name = name.replace("up_proj", "gate_proj")
             yield name, tensor
 
-    engine.update_weights(swapped())
-    corrupted = torch.tensor(engine.sequence_logprobs(sequences))[:, 1:]
-    try:
-        check_mismatch(trainer, corrupted, everywhere, threshold=1e-4)
-        print("NOT CAUGHT")
-    except RefitMismatchError as e:
-        print(f"CAUGHT: {e}")
+    def scaled():  # a broken refit: the output projection's weights twice what they are
+        for name, tensor in hf_weights(model, cfg):
+            yield name, 2 * tensor if name == "lm_head.weight" else tensor
+
+    for broken in (swapped, scaled):
+        engine.update_weights(broken())
+        corrupted = torch.tensor(engine.sequence_logprobs(sequences))[:, 1:]
+        stats = mismatch_stats(trainer, corrupted, everywhere, MismatchLimits().quantile_limit)
+        print("BROKEN", broken.__name__, " ".join(f"{k} {v:.6g}" for k, v in stats.items()))
+        try:
+            check_mismatch(trainer, corrupted, everywhere, exact)
+            print("NOT CAUGHT")
+        except RefitMismatchError as e:
+            print(f"CAUGHT: {e}")
 
 
 if __name__ == "__main__":

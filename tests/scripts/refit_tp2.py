@@ -28,6 +28,7 @@ def main() -> None:
 
     from rlef_hpc.checkpoint.convert import load_model_checkpoint
     from rlef_hpc.checkpoint.hf_dir import hf_weights
+    from rlef_hpc.mismatch import MismatchLimits
     from rlef_hpc.models.megatron_compat import seed
     from rlef_hpc.rl.logprobs import token_logprobs
     from rlef_hpc.rl.optim import OptimConfig
@@ -82,7 +83,9 @@ def main() -> None:
     engine.update_weights(hf_weights(policy, cfg))
     after = torch.tensor(engine.sequence_logprobs(sequences))[:, 1:]
     everywhere = torch.ones_like(trainer, dtype=torch.bool)
-    stats = check_mismatch(trainer, after, everywhere, threshold=1e-4)
+    # fp32 on both sides: equal up to rounding, on every token (quantile 1: the max).
+    exact = MismatchLimits(mean_limit=1e-4, quantile=1.0, quantile_limit=1e-4)
+    stats = check_mismatch(trainer, after, everywhere, exact)
     if run_dir is not None:
         from rlef_hpc.rollout.publish import publish
 
