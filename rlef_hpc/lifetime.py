@@ -11,8 +11,10 @@ thing, with the `parent_token()` its parent took when it started it:
 - a watchdog thread that polls the helper's parent pid (re-parented once the parent is gone),
   for any other thread, for other systems, and for a parent that died before the prctl.
 
-The watchdog kills the helper's own descendants before the helper itself: they would
-otherwise be orphaned in turn.
+A helper's own forks are its helpers in turn (megatron's checkpoint writer forks its write
+workers, which block forever once their reader is gone): each fork of an armed process is armed
+on the process it was forked from. The watchdog also kills the helper's descendants before the
+helper itself, for those started otherwise.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ _PR_SET_PDEATHSIG = 1
 WATCHDOG_POLL_S = 0.2
 
 _armed_for: int | None = None  # the parent this process already watches (idempotence)
+_forking: tuple[int, bool] | None = None  # parent_token() of a fork in progress, for its child
 
 
 def parent_token() -> tuple[int, bool]:
@@ -42,10 +45,13 @@ def parent_token() -> tuple[int, bool]:
 
 def die_with_parent(parent_pid: int, from_main_thread: bool) -> None:
     """Ends this process (SIGKILL, with its descendants) when process `parent_pid` stops being
-    its parent. Call it in the child, before anything else; calling it again does nothing."""
+    its parent, and so will each process forked from this one when this one ends. Call it in
+    the child, before anything else; calling it again does nothing."""
     global _armed_for
     if _armed_for == parent_pid:
         return
+    if _armed_for is None:  # a fork of an armed process inherits the hooks
+        os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
     _armed_for = parent_pid
     if from_main_thread and sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
@@ -54,6 +60,16 @@ def die_with_parent(parent_pid: int, from_main_thread: bool) -> None:
     if os.getppid() != parent_pid:  # gone already: before the prctl, or in a fork's race
         _end()
     threading.Thread(target=_watch, args=(parent_pid,), name="die-with-parent", daemon=True).start()
+
+
+def _before_fork() -> None:
+    global _forking
+    _forking = parent_token()  # in the forking thread, which the child cannot tell
+
+
+def _after_fork_in_child() -> None:
+    assert _forking is not None
+    die_with_parent(*_forking)
 
 
 def _watch(parent_pid: int) -> None:

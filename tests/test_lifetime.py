@@ -1,5 +1,5 @@
 """Helper processes end with the process that started them (rlef_hpc.lifetime), whichever
-thread started them, while the stop signals leave them alone."""
+thread started them, and so do their own forks, while the stop signals leave them alone."""
 
 from __future__ import annotations
 
@@ -15,27 +15,33 @@ from tests.conftest import TESTS_DIR
 
 # A parent with two helpers that ignore SIGTERM: one started by its main thread (parent-death
 # signal and watchdog), one by a thread that ends at once (watchdog only: the parent-death
-# signal would have killed it with that thread). It prints their pids, then waits to be killed.
+# signal would have killed it with that thread); each forks a helper of its own. It prints the
+# four pids, then waits to be killed.
 PARENT = """
-import multiprocessing, signal, sys, threading, time
+import multiprocessing, signal, threading, time
 from rlef_hpc import lifetime
+
+fork = multiprocessing.get_context("fork")
+pids = fork.SimpleQueue()
+
+def sleep():
+    pids.put(multiprocessing.current_process().pid)
+    time.sleep(600)
 
 def helper(token):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     lifetime.die_with_parent(*token)
-    time.sleep(600)
+    fork.Process(target=sleep).start()
+    sleep()
 
-def start(helpers):
-    p = multiprocessing.get_context("fork").Process(target=helper, args=(lifetime.parent_token(),))
-    p.start()
-    helpers.append(p.pid)
+def start():
+    fork.Process(target=helper, args=(lifetime.parent_token(),)).start()
 
-helpers = []
-start(helpers)
-thread = threading.Thread(target=start, args=(helpers,))
+start()
+thread = threading.Thread(target=start)
 thread.start()
 thread.join()
-print(*helpers, flush=True)
+print(*(pids.get() for _ in range(4)), flush=True)
 time.sleep(600)
 """
 
@@ -50,7 +56,7 @@ def alive(pids: list[int]) -> list[int]:
     return [pid for pid in pids if running(pid)]
 
 
-def test_helpers_ignore_sigterm_and_die_with_their_parent_whichever_thread_started_them():
+def test_helpers_ignore_sigterm_and_die_with_their_parent_and_so_do_theirs():
     env = {**os.environ, "PYTHONPATH": str(TESTS_DIR.parent)}
     parent = subprocess.Popen(
         [sys.executable, "-c", PARENT], env=env, stdout=subprocess.PIPE, text=True
@@ -58,7 +64,7 @@ def test_helpers_ignore_sigterm_and_die_with_their_parent_whichever_thread_start
     helpers: list[int] = []
     try:
         helpers += map(int, parent.stdout.readline().split())  # type: ignore[union-attr]
-        assert len(helpers) == 2
+        assert len(helpers) == 4
         for pid in helpers:
             os.kill(pid, signal.SIGTERM)
         time.sleep(1.0)  # also: the thread that started the second one is long gone
