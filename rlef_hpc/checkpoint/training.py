@@ -173,6 +173,9 @@ def save(
     also does, blocking: one save in flight at a time)."""
     from megatron.core import dist_checkpointing
 
+    # Megatron's writers (synchronous ones too) report through a Manager that it would start
+    # itself, one that outlives a killed caller; a no-op after the trainer's own call.
+    start_writer_helpers(ignoring=())
     if async_queue is not None:
         async_queue.maybe_finalize_async_calls(blocking=True)
     run_dir = Path(run_dir)
