@@ -7,12 +7,59 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+import psutil
 import pytest
 
-from tests.helpers import require
+from tests.helpers import describe_processes, in_ci, live_processes, require
 
 # Set before any executor starts: the hostile suite checks that no test can read it.
 os.environ["RLEF_TEST_SECRET"] = "hunter2-do-not-leak"
+
+
+# How long the suite's leftover processes get to end after the last test: helpers that watch
+# their parent poll it a few times a second.
+LEFTOVER_GRACE_S = 5.0
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """At the end of the session, nothing the tests started may still run (a leak here is a
+    process that outlives every run of the suite): fails under CI, warns elsewhere. Set up
+    first, so torn down after every other session fixture (the shared executor's workers).
+    This process becomes a child subreaper (Linux): the orphans of the tests' processes (a
+    helper of a trainer that a test ran, and killed) come to it instead of to init, and so are
+    among its descendants."""
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    yield
+    import multiprocessing
+    import time
+    import warnings
+    from multiprocessing import resource_tracker
+
+    # This process's own multiprocessing children and resource tracker: multiprocessing ends
+    # them when this process exits (the tracker at the end of its pipe).
+    own = {p.pid for p in multiprocessing.active_children()}
+    own.add(getattr(resource_tracker._resource_tracker, "_pid", None))
+    deadline = time.monotonic() + LEFTOVER_GRACE_S
+    while True:
+        left = [p for p in live_processes(psutil.Process().children(True)) if p.pid not in own]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if left:
+        message = (
+            f"processes started by the tests still run {LEFTOVER_GRACE_S:.0f} s after the "
+            f"last one:\n{describe_processes(left)}"
+        )
+        if in_ci():
+            pytest.fail(message)
+        warnings.warn(message, stacklevel=1)
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,10 @@ training configs, and how a missing prerequisite fails under CI and skips elsewh
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
+import psutil
 import pytest
 
 TESTS_DIR = Path(__file__).parent
@@ -146,3 +148,25 @@ def save_random_llama(path, tokenizer, **shape):
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def live_processes(processes: Iterable[psutil.Process]) -> list[psutil.Process]:
+    """Those of `processes` still running: neither gone nor zombies."""
+
+    def running(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    return [p for p in processes if running(p)]
+
+
+def describe_processes(processes: Iterable[psutil.Process]) -> str:
+    lines = []
+    for p in processes:
+        try:
+            lines.append(f"pid {p.pid}: {' '.join(p.cmdline())[:200]}")
+        except psutil.Error:
+            lines.append(f"pid {p.pid}: (gone)")
+    return "\n".join(lines)

@@ -1,15 +1,15 @@
 """Every tensor the trainer feeds a model or a collective is where that consumer lives (the
-model's device; the host group's CPU), checked on CPU by tests/device_worker.py."""
+model's device; the host group's CPU), checked on CPU by tests/scripts/device_placement.py."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from tests.conftest import run_script
+from tests.helpers import run_script, script
 
-WORKER = Path(__file__).with_name("device_worker.py")
+pytestmark = pytest.mark.multiprocess
+
+WORKER = script("device_placement")
 
 
 @pytest.mark.parametrize("part", ["ppo_update", "warm_start", "refit_probe", "loop_reductions"])

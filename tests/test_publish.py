@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
-from tests.conftest import torchrun_command
+import pytest
 
-WORKER = Path(__file__).with_name("publish_memory_worker.py")
+from tests.helpers import script, torchrun_command
+
+pytestmark = pytest.mark.multiprocess
+
+WORKER = script("publish_memory")
 
 
 def test_publish_holds_a_shard_and_a_tensor_not_the_model(tmp_path):

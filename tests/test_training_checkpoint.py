@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -97,7 +98,12 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint(init, tmp_path):
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # in the middle of saving iteration 2
+    # In the middle of saving iteration 2. torchrun starts each rank in a session of its own:
+    # the ranks are killed one by one (their helpers then end with them).
+    ranks = psutil.Process(proc.pid).children()
+    os.killpg(proc.pid, signal.SIGKILL)
+    for rank in ranks:
+        rank.kill()
     proc.wait()
     assert (run / ".tmp-iter_0000002").exists()  # the partial save
     assert not (run / "iter_0000002").exists()

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from rlef_hpc import lifetime
 from rlef_hpc.checkpoint import atomic
 from rlef_hpc.checkpoint.convert import CheckpointError
 
@@ -40,12 +41,22 @@ def start_writer_helpers(ignoring: tuple[signal.Signals, ...]) -> None:
     otherwise starts at the first save), ignoring the signals in `ignoring`: Slurm sends
     SIGTERM (preemption, requeue) to every process of a job step, and this helper must live
     on while the trainer finishes its iteration and saves. Forked writers keep the trainer's
-    own handlers; a spawned process keeps only ignored signals."""
+    own handlers; a spawned process keeps only ignored signals. Since no stop signal ends it,
+    it ends with the trainer, however the trainer dies (rlef_hpc.lifetime)."""
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    if filesystem_async._results_queue is not None:
+        return
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in ignoring}
     try:
-        filesystem_async._get_write_results_queue()
+        # What megatron's _get_write_results_queue does, with an initializer; the queue's
+        # proxy keeps the manager referenced (and shuts it down at exit).
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(lifetime.die_with_parent, lifetime.parent_token())
+        filesystem_async._results_queue = manager.Queue()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
@@ -117,7 +128,8 @@ def _in_order(requests: Sequence[Any]) -> Any:
     background process, then their finalizations in the same order. Megatron's writers report
     through one queue shared by every save in flight, and each finalization takes the oldest
     report: concurrent saves (one background process each) could swap reports, and a model's
-    metadata would then describe the other model's files."""
+    metadata would then describe the other model's files. The background process ends with
+    the trainer: a writer of a killed trainer's checkpoint has nothing left to write for."""
     from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 
     calls = []
@@ -127,10 +139,14 @@ def _in_order(requests: Sequence[Any]) -> Any:
             args[1] = r.preload_fn()
         calls.append((r.async_fn, args, r.async_fn_kwargs))
 
-    return AsyncRequest(_call_all, (calls,), [fn for r in requests for fn in r.finalize_fns])
+    finalize = [fn for r in requests for fn in r.finalize_fns]
+    return AsyncRequest(_call_all, (calls, lifetime.parent_token()), finalize)
 
 
-def _call_all(calls: Sequence[tuple[Any, list[Any], dict[str, Any]]]) -> None:
+def _call_all(
+    calls: Sequence[tuple[Any, list[Any], dict[str, Any]]], parent: tuple[int, bool]
+) -> None:
+    lifetime.die_with_parent(*parent)
     for fn, args, kwargs in calls:
         if fn is not None:  # None: nothing of that model to write on this rank
             fn(*args, **kwargs)
@@ -157,6 +173,9 @@ def save(
     also does, blocking: one save in flight at a time)."""
     from megatron.core import dist_checkpointing
 
+    # Megatron's writers (synchronous ones too) report through a Manager that it would start
+    # itself, one that outlives a killed caller; a no-op after the trainer's own call.
+    start_writer_helpers(ignoring=())
     if async_queue is not None:
         async_queue.maybe_finalize_async_calls(blocking=True)
     run_dir = Path(run_dir)

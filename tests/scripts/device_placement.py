@@ -1,5 +1,5 @@
 """Where the trainer's tensors live, checked on CPU (run by test_device_placement, one part per
-process: `python tests/device_worker.py PART`).
+process: `python tests/scripts/device_placement.py PART`).
 
 On a GPU, a model refuses inputs on the CPU and NCCL refuses CPU tensors; on CPU both are the
 CPU, so a tensor made without `device=` goes unnoticed. Here it cannot: the parts run with
@@ -130,7 +130,7 @@ def strict_devices(model_device: torch.device) -> Iterator[None]:
 
 
 def models() -> tuple[Any, Any, Any]:
-    from tests.ppo_worker import MODEL
+    from tests.scripts.ppo_update import MODEL
 
     megatron_compat.seed(1234)
     built = (
@@ -146,7 +146,7 @@ def models() -> tuple[Any, Any, Any]:
 def ppo_update() -> None:
     from rlef_hpc.rl.optim import OptimConfig
     from rlef_hpc.rl.update import PPOUpdate
-    from tests.ppo_worker import fixed_batch
+    from tests.scripts.ppo_update import fixed_batch
 
     policy, value, reference = models()
     update = PPOUpdate(
@@ -160,7 +160,7 @@ def ppo_update() -> None:
 
 def warm_start() -> None:
     from rlef_hpc.train.warmstart import warm_start
-    from tests.warmstart_worker import examples
+    from tests.scripts.warmstart_update import examples
 
     policy, _, _ = models()
     data = examples()
@@ -175,7 +175,7 @@ def refit_probe() -> None:
     from rlef_hpc.mismatch import MismatchLimits
     from rlef_hpc.rl.logprobs import naive_token_logprobs
     from rlef_hpc.train.sources import Colocated
-    from tests.ppo_worker import MODEL
+    from tests.scripts.ppo_update import MODEL
 
     policy, _, _ = models()
     probe = torch.randint(0, MODEL.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))

@@ -2,7 +2,7 @@
 on CPU): it follows a published policy version and samples by worker and shard seed; prints
 the log-prob gaps to the published model's and the sampled tokens (test_rollout_engine runs it).
 
-    python tests/tp2_rollout_worker.py HF_DIR RUN_DIR
+    python tests/scripts/tp2_rollout.py HF_DIR RUN_DIR
 """
 
 from __future__ import annotations

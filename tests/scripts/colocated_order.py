@@ -1,7 +1,7 @@
 """Which the trainer builds first in the colocated layout: the engine or its models (the
 models' builder stops the run there); prints ORDER and the order (test_rollout_engine runs it).
 
-    python tests/colocated_order_worker.py RUN_DIR OVERRIDE...
+    python tests/scripts/colocated_order.py RUN_DIR OVERRIDE...
 """
 
 from __future__ import annotations

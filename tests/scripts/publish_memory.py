@@ -2,7 +2,7 @@
 publishing a policy whose tensors are small next to the whole model, and whether what was
 published is the model (test_publish runs it).
 
-    torchrun --nproc-per-node 4 tests/publish_memory_worker.py RUN_DIR OUT.json
+    torchrun --nproc-per-node 4 tests/scripts/publish_memory.py RUN_DIR OUT.json
 
 The peak is the kernel's (VmHWM, reset through /proc/self/clear_refs just before publishing):
 it sees every allocation, torch's included, unlike tracemalloc.
