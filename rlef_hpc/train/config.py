@@ -31,8 +31,10 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """The policy: a Hugging Face Llama directory, or a tiny Llama built from scratch."""
+class ModelInitConfig:
+    """Where the initial policy comes from (the `model` group): a Hugging Face Llama directory,
+    or a tiny Llama built from scratch in the shape given here. (ModelConfig, in models/, is
+    the architecture itself, read from the resulting HF directory.)"""
 
     init: Literal["scratch", "hf"] = "scratch"
     hf_dir: str | None = None  # init=hf: weights, config and tokenizer (Llama-3.1-Instruct)
@@ -120,7 +122,7 @@ class EvalConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
-    model: ModelSpec = field(default_factory=ModelSpec)
+    model: ModelInitConfig = field(default_factory=ModelInitConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     data: DataConfig = field(default_factory=DataConfig)
