@@ -60,12 +60,13 @@ class MultiprocLLM:
         self.prefix_resets += 1
 
 
-def generator_over(llm: Any, params: Any = None) -> Any:
-    """A VLLMGenerator around `llm`, without starting vLLM."""
+def generator_over(llm: Any, params: Any = None, request_seeds: bool = True) -> Any:
+    """A VLLMGenerator around `llm`, without starting vLLM (`request_seeds`: as an engine in
+    worker processes or on a GPU)."""
     from rlef_hpc.rollout.vllm_engine import VLLMGenerator
 
     engine = VLLMGenerator.__new__(VLLMGenerator)
-    engine.llm, engine.params = llm, params
+    engine.llm, engine.params, engine.request_seeds = llm, params, request_seeds
     return engine
 
 
@@ -74,9 +75,9 @@ def publish_tensors(run_dir: Path, version: int, tensors: dict[str, Any]) -> Non
 
     from rlef_hpc.rollout.publish import LATEST, WEIGHTS
 
-    path = run_dir / WEIGHTS / f"v{version:08d}"
+    path = run_dir / WEIGHTS / f"v{version:08d}" / "stage-0"  # as publish() lays it out
     path.mkdir(parents=True)
-    save_file(tensors, str(path / "stage-0.safetensors"))
+    save_file(tensors, str(path / "model-00001-of-00001.safetensors"))
     (run_dir / WEIGHTS / LATEST).write_text(f"{version}\n")
 
 
@@ -132,7 +133,8 @@ def test_a_version_pruned_while_workers_load_it_is_replaced_by_the_newer_one(tmp
 
 
 def test_every_request_carries_a_seed_from_the_callers_generator():
-    """Issue item 17 at the level of the requests the engine is sent (the CPU run at TP=2 is
+    """Issue item 17 at the level of the requests an engine in worker processes or on a GPU is
+    sent (the CPU run at TP=2 is
     test_a_tp2_rollout_worker_follows_published_weights_and_seeds_by_worker_and_shard)."""
     have_vllm()
     from vllm import SamplingParams
@@ -158,6 +160,11 @@ def test_every_request_carries_a_seed_from_the_callers_generator():
     assert seeds(1, 5) != first and seeds(0, 6) != first
     assert seeds(0, 5, temperature=0.5) == first and llm.sent[0].temperature == 0.5
     assert engine.params.seed is None  # the configured params are not changed
+    # A CPU engine in this process samples from this process's generator itself: vLLM cannot
+    # rewind a seeded request's CPU generator after a partial prefill.
+    in_process = generator_over(llm, SamplingParams(temperature=1.0), request_seeds=False)
+    in_process([[1, 2]] * 3)
+    assert llm.sent.seed is None
 
 
 @pytest.fixture(scope="module")

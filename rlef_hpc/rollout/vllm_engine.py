@@ -55,6 +55,18 @@ class VLLMGenerator:
             args.setdefault("kv_cache_memory_bytes", int(kv_cache_gib * (1 << 30)))
             args.setdefault("dtype", "float32")
         self.llm = LLM(**args)
+        # What sampling draws from. A CPU engine in this process: torch's generator here, which
+        # the caller seeds (rlef_hpc.seeding.seed_sampling); per-request seeds are not usable
+        # there (vLLM rewinds a seeded request's generator after a partial prefill, which a CPU
+        # generator cannot: "CPU Generator does not use offset"). Engines in worker processes
+        # (tensor parallelism) and on GPUs (whose model runner seeds unseeded requests from
+        # numpy) are out of that generator's reach: each request then carries a seed drawn
+        # from it.
+        in_process = (
+            args.get("tensor_parallel_size", 1) == 1
+            or args.get("distributed_executor_backend") == "external_launcher"
+        )
+        self.request_seeds = torch.cuda.is_available() or not in_process
         end_of_turn = self.llm.get_tokenizer().eos_token_id
         self.params = SamplingParams(
             temperature=sampling.temperature,
@@ -127,11 +139,9 @@ class VLLMGenerator:
         top_p: float | None = None,
     ) -> list[Generation]:
         """Samples one response per prompt (`temperature`, `top_p`: instead of the configured
-        ones). Each request carries a seed of its own, drawn from torch's generator in this
-        process: seed it (rlef_hpc.seeding.seed_sampling) to make a sequence of calls
-        reproducible. The generator vLLM would otherwise sample from lives in its worker
-        processes under tensor parallelism (and on GPU its model runner seeds unseeded requests
-        from numpy), out of the caller's reach; distinct seeds keep repeated prompts (a
+        ones). Seed torch's generator in this process (rlef_hpc.seeding.seed_sampling) to make
+        a sequence of calls reproducible: it is what sampling draws from, directly or through
+        per-request seeds (see `request_seeds`); distinct seeds keep repeated prompts (a
         problem's rollouts) distinct samples."""
         from vllm.inputs import TokensPrompt
 
@@ -140,11 +150,13 @@ class VLLMGenerator:
             base = self.params.clone()
             base.temperature = self.params.temperature if temperature is None else temperature
             base.top_p = self.params.top_p if top_p is None else top_p
-        params = []
-        for seed in torch.randint(0, 1 << 62, (len(prompts),)).tolist():
-            request = base.clone()
-            request.seed = seed
-            params.append(request)
+        params: Any = base  # one SamplingParams for all, or one per request
+        if self.request_seeds:
+            params = []
+            for seed in torch.randint(0, 1 << 62, (len(prompts),)).tolist():
+                request = base.clone()
+                request.seed = seed
+                params.append(request)
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
         )

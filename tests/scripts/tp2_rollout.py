@@ -33,10 +33,10 @@ def main() -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    version = run_dir / WEIGHTS / "v00000001"
-    version.mkdir(parents=True)
+    stage = run_dir / WEIGHTS / "v00000001" / "stage-0"  # as publish() lays it out
+    stage.mkdir(parents=True)
     tensors = {n: t.contiguous() for n, t in model.state_dict().items()}
-    save_file(tensors, str(version / "stage-0.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(stage / "model-00001-of-00001.safetensors"), metadata={"format": "pt"})
     (run_dir / WEIGHTS / LATEST).write_text("1\n")
 
     sequences = [[(i * 7 + j * 3) % 200 + 3 for j in range(10)] for i in range(3)]
