@@ -10,8 +10,11 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from tests.helpers import TESTS_DIR
+
+pytestmark = pytest.mark.multiprocess
 
 # A parent with two helpers that ignore SIGTERM: one started by its main thread (parent-death
 # signal and watchdog), one by a thread that ends at once (watchdog only: the parent-death
@@ -20,8 +23,6 @@ from tests.helpers import TESTS_DIR
 PARENT = """
 import multiprocessing, signal, threading, time
 from rlef_hpc import lifetime
-
-pytestmark = pytest.mark.multiprocess
 
 fork = multiprocessing.get_context("fork")
 pids = fork.SimpleQueue()
