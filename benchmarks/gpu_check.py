@@ -359,12 +359,10 @@ class GpuCheck:
         """What one loop iteration does around the update (rlef_hpc/train/loop.py): the
         episode metrics averaged over ranks and the stop flag, over the host (gloo) group; the
         update's own collectives (advantage statistics, token counts, metrics) over NCCL."""
-        from types import SimpleNamespace
 
-        from rlef_hpc.dist_env import device
+        from rlef_hpc.dist_env import device, mean_over_ranks
         from rlef_hpc.rl.ppo import collate
         from rlef_hpc.rl.update import PPOUpdate
-        from rlef_hpc.train.loop import Trainer
         from rlef_hpc.train.metrics import episode_metrics
         from rlef_hpc.train.preemption import StopFlag
 
@@ -378,9 +376,6 @@ class GpuCheck:
             cfg.update.micro_batch_size,
         )
         before = {k: fingerprint(m) for k, m in self.models.items()}
-        # The loop's method, unbound: it uses nothing of the trainer (as in
-        # tests/scripts/device_placement.py), and a Trainer needs a run directory and engine.
-        trainer = SimpleNamespace()
         metrics: dict[str, float] = {}
         first_kl = math.nan
         with StopFlag(announce=False) as stop:
@@ -393,9 +388,7 @@ class GpuCheck:
                     self.prompt_tokens,
                     seed=step,
                 )
-                episodes = Trainer._mean_over_ranks(
-                    trainer, episode_metrics(trajs, cfg.episodes.max_turns)
-                )
+                episodes = mean_over_ranks(episode_metrics(trajs, cfg.episodes.max_turns))
                 batch = collate(trajs, device=device())
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()

@@ -131,3 +131,14 @@ def host_group() -> Any:
         f"no gloo group beside the default {dist.get_backend()} one: "
         "set up torch.distributed with rlef_hpc.dist_env.init_process_groups"
     )
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over every rank (collective, over the host group: a few floats)."""
+    import torch
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device="cpu")
+    dist.all_reduce(t, group=host_group())
+    return dict(zip(keys, (t / dist.get_world_size()).tolist(), strict=True))

@@ -22,14 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 import yaml
 
 from rlef_hpc.checkpoint import training
 from rlef_hpc.checkpoint.hf_dir import TOKENIZER_FILES, build_from_hf, read_model_config
 from rlef_hpc.config import to_dict
-from rlef_hpc.dist_env import device, host_group, init_process_groups
+from rlef_hpc.dist_env import device, host_group, init_process_groups, mean_over_ranks
 from rlef_hpc.eval.report import EvalReport, evaluate, plot_solve_rate
 from rlef_hpc.models.megatron_compat import seed
 from rlef_hpc.rl.ppo import collate
@@ -127,7 +126,7 @@ class Trainer:
 
     def iteration(self, it: int) -> dict[str, float]:
         trajectories, rollout = self.source.batch(it)
-        episodes = self._mean_over_ranks(episode_metrics(trajectories, self.cfg.episodes.max_turns))
+        episodes = mean_over_ranks(episode_metrics(trajectories, self.cfg.episodes.max_turns))
         start = time.perf_counter()
         batch = collate(trajectories, pad_id=self.tokenizer.pad_token_id or 0, device=device())
         self.source.before_update()
@@ -135,12 +134,6 @@ class Trainer:
         update_s = time.perf_counter() - start
         synced = self.source.after_update(it, metrics)
         return {**episodes, **metrics, **synced, **rollout, "update_seconds": update_s}
-
-    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
-        keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device="cpu")
-        dist.all_reduce(t, group=host_group())  # host-side floats: gloo, not NCCL
-        return dict(zip(keys, (t / dist.get_world_size()).tolist(), strict=True))
 
     # --- evaluation and checkpoints ---------------------------------------------------------
 
