@@ -32,9 +32,24 @@ rlef_colocated() {
   rlef_finish $?
 }
 
+# rlef_task_mem_mb: one task's share (MB) of the job's memory on a node: the node's memory
+# split evenly over the job's tasks per node. With `--mem=0` Slurm sets no SLURM_MEM_PER_NODE
+# (the job has the whole node): the node's RealMemory, then.
+rlef_task_mem_mb() {
+  local node_mb=${SLURM_MEM_PER_NODE:-} per_node=${SLURM_NTASKS_PER_NODE:-${SLURM_TASKS_PER_NODE%%[(,]*}}
+  if [ -z "$node_mb" ] || [ "$node_mb" -eq 0 ]; then
+    local first
+    first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -1)
+    node_mb=$(scontrol -o show node "$first" | grep -o 'RealMemory=[0-9]*' | cut -d= -f2)
+  fi
+  echo $((node_mb / ${per_node:-1}))
+}
+
 # rlef_disaggregated TRAIN_NODES WORKERS ROLLOUT_GPUS CONFIG [KEY=VALUE ...]: the trainer on
 # the job's first TRAIN_NODES nodes (one rank per task), WORKERS rollout workers (one task and
 # ROLLOUT_GPUS GPUs each) on the rest (on the same nodes when the job has no others).
+# Memory: a worker asks one task's share of its node, the trainer its tasks' shares of each of
+# its nodes, so that workers sharing a node run at once instead of queueing for memory.
 rlef_disaggregated() {
   local train_nodes=$1 workers=$2 gpus=$3
   shift 3
@@ -42,18 +57,22 @@ rlef_disaggregated() {
   mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
   local trainers=("${nodes[@]:0:$train_nodes}") rest=("${nodes[@]:$train_nodes}")
   [ ${#rest[@]} -gt 0 ] || rest=("${trainers[@]}")
+  local per_node=${SLURM_NTASKS_PER_NODE:-1} task_mb
+  task_mb=$(rlef_task_mem_mb)
+  # The job's --gpus-per-node reaches every step (SLURM_GPUS_PER_NODE) and outranks a step's
+  # --gpus-per-task: each worker would get all of its node's GPUs and the next worker step on
+  # that node would wait for them. A one-task step's own --gpus-per-node overrides it.
   local gpu_flag=() pids=() i
-  [ "$gpus" -gt 0 ] && gpu_flag=(--gpus-per-task="$gpus")
+  [ "$gpus" -gt 0 ] && gpu_flag=(--gpus-per-node="$gpus")
   for ((i = 0; i < workers; i++)); do
     srun --exact --nodes=1 --ntasks=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
-      --mem-per-cpu="${RLEF_STEP_MEM_PER_CPU:-2G}" "${gpu_flag[@]}" \
+      --mem="${task_mb}M" "${gpu_flag[@]}" \
       --nodelist="${rest[$((i % ${#rest[@]}))]}" \
       "$RLEF_PYTHON" -m rlef_hpc.train.rollout_worker "$1" "$i" "${@:2}" rollout.workers="$workers" &
     pids+=($!)
   done
-  local per_node=${SLURM_NTASKS_PER_NODE:-1}
   srun --exact --kill-on-bad-exit=1 --nodes="$train_nodes" --ntasks=$((train_nodes * per_node)) \
-    --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --mem-per-cpu="${RLEF_STEP_MEM_PER_CPU:-2G}" \
+    --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --mem="$((task_mb * per_node))M" \
     --nodelist="$(IFS=,; echo "${trainers[*]}")" \
     "$RLEF_PYTHON" -m rlef_hpc.train.cli "$@" rollout.layout=disaggregated
   local rc=$?

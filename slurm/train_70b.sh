@@ -22,5 +22,4 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 source slurm/lib.sh
-RLEF_STEP_MEM_PER_CPU=${RLEF_STEP_MEM_PER_CPU:-16G}
 rlef_disaggregated 128 32 8 configs/llama3_70b.yaml "$@"

@@ -21,5 +21,4 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 source slurm/lib.sh
-RLEF_STEP_MEM_PER_CPU=${RLEF_STEP_MEM_PER_CPU:-16G}
 rlef_disaggregated 16 16 2 configs/llama3_8b.yaml "$@"

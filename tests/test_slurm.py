@@ -238,3 +238,45 @@ def test_bad_inputs_are_refused_before_anything_is_submitted(tmp_path):
     assert not (tmp_path / "run").exists()
     proc = run_tool("submit.py", "status", tmp_path / "missing")
     assert proc.returncode == 2 and "no such run directory" in proc.stderr
+
+
+@pytest.mark.slurm
+def test_disaggregated_worker_steps_share_a_node_with_their_own_gpus_and_memory(slurm, tmp_path):
+    """slurm/lib.sh's worker steps on one node of the stand-in GPUs: each step its own two
+    devices and a task's share of the memory, all four running at once (with the job's
+    --gpus-per-node each saw all eight and the next waited: "Requested nodes are busy")."""
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    # A stand-in Python: each step records its devices and memory; a worker then waits until
+    # all four workers are running at the same time.
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/bash\n"
+        "mem=$(scontrol -o show step $SLURM_JOB_ID.$SLURM_STEP_ID | grep -o 'mem=[0-9]*.')\n"
+        f'echo "$CUDA_VISIBLE_DEVICES $mem" > {seen}/$2.$SLURM_STEP_ID.$SLURM_PROCID\n'
+        '[ "$2" = rlef_hpc.train.rollout_worker ] || exit 0\n'
+        "for _ in $(seq 300); do\n"
+        f"  [ $(ls {seen} | grep -c rollout_worker) -ge 4 ] && exit 0; sleep 0.1\n"
+        "done\n"
+        "exit 1\n"
+    )
+    fake.chmod(0o755)
+    job = tmp_path / "job.sh"
+    job.write_text(
+        "#!/bin/bash\nsource slurm/lib.sh\nrlef_disaggregated 1 4 2 configs/demo_cpu.yaml\n"
+    )
+    proc = sh(
+        "sbatch", "--wait", "--output", tmp_path / "job.out", "--nodes=1", "--ntasks=8",
+        "--cpus-per-task=1", "--gpus-per-node=8", "--mem=800M", "--time=5",
+        f"--export=ALL,RLEF_PYTHON={fake}", job, timeout=300,
+    )  # fmt: skip
+    log = (tmp_path / "job.out").read_text()
+    assert proc.returncode == 0, proc.stderr + log[-3000:]
+    workers = [p.read_text().split() for p in sorted(seen.glob("rlef_hpc.train.rollout_worker.*"))]
+    assert len(workers) == 4, log
+    devices = [set(d.split(",")) for d, _ in workers]
+    assert all(len(d) == 2 for d in devices) and len(set().union(*devices)) == 8, workers
+    assert {mem for _, mem in workers} == {"mem=100M"}, workers  # 800M over 8 tasks
+    # One trainer task here (its step waits for the workers' GPUs: it asks the job's eight).
+    (trainer,) = seen.glob("rlef_hpc.train.cli.*")
+    assert trainer.read_text().split()[-1] == "mem=100M"
