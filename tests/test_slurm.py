@@ -280,3 +280,34 @@ def test_disaggregated_worker_steps_share_a_node_with_their_own_gpus_and_memory(
     # One trainer task here (its step waits for the workers' GPUs: it asks the job's eight).
     (trainer,) = seen.glob("rlef_hpc.train.cli.*")
     assert trainer.read_text().split()[-1] == "mem=100M"
+
+
+def sbatch_directives(script: str) -> dict[str, str]:
+    return dict(
+        line[len("#SBATCH --") :].partition("=")[::2]
+        for line in script.splitlines()
+        if line.startswith("#SBATCH --")
+    )
+
+
+def test_a_rollout_or_eval_job_asks_its_share_of_a_node_and_the_trainer_the_node(tmp_path):
+    """slurm.mem_gb is per node: a rollout worker (or the evaluation) on rollout.tensor_parallel
+    of a node's GPUs asks that share of it, not a whole node's memory."""
+    from rlef_hpc.config import load
+    from rlef_hpc.launch.config import JobConfig
+    from rlef_hpc.launch.submit import sbatch_script
+
+    cfg = load(JobConfig, REPO / "configs" / "llama3_8b.yaml", [f"run.dir={tmp_path / 'run'}"])
+    train = sbatch_directives(sbatch_script(cfg, "train"))
+    assert train["mem"] == "1600GB" and train["gpus-per-node"] == "8"
+    for job in ("rollout", "eval"):  # 2 of 8 GPUs
+        d = sbatch_directives(sbatch_script(cfg, job))
+        assert d["mem"] == "400GB" and d["gpus-per-node"] == "2" and d["nodes"] == "1", d
+    # CPU clusters: one trainer task's share of the node (two trainer tasks on one node).
+    cfg = load(
+        JobConfig,
+        REPO / "configs" / "demo_cpu.yaml",
+        ["parallel.data=2", "slurm.mem_gb=8", "rollout.layout=disaggregated", "run.dir=/tmp/r"],
+    )
+    assert sbatch_directives(sbatch_script(cfg, "train"))["mem"] == "8GB"
+    assert sbatch_directives(sbatch_script(cfg, "rollout"))["mem"] == "4GB"

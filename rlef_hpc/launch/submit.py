@@ -71,9 +71,9 @@ def preflight(cfg: JobConfig) -> list[str]:
     return problems
 
 
-def _submitter(cfg: JobConfig, name: str, nodes: int, tasks: int, gpus: int) -> Any:
+def _submitter(cfg: JobConfig, name: str, nodes: int, tasks: int, gpus: int, mem_gb: int) -> Any:
     """submitit's SlurmExecutor for one job, called a submitter here: "executor" in this
-    project is the sandbox's test executor."""
+    project is the sandbox's test executor. `mem_gb`: per node."""
     import submitit
 
     s = cfg.slurm
@@ -90,7 +90,7 @@ def _submitter(cfg: JobConfig, name: str, nodes: int, tasks: int, gpus: int) -> 
         nodes=nodes,
         ntasks_per_node=tasks,
         cpus_per_task=s.cpus_per_task,
-        mem=f"{s.mem_gb}GB",
+        mem=f"{mem_gb}GB",
         time=s.time_minutes,
         signal_delay_s=s.signal_seconds,
         additional_parameters=extra,
@@ -107,12 +107,16 @@ def submitters(cfg: JobConfig) -> dict[str, Any]:
     """The submitter of each job the layout needs: train, rollout (an array), eval."""
     s, r, p = cfg.slurm, cfg.rollout, cfg.parallel
     tasks = s.gpus_per_node or p.world_size // s.nodes
-    out = {"train": _submitter(cfg, "train", s.nodes, tasks, s.gpus_per_node)}
+    out = {"train": _submitter(cfg, "train", s.nodes, tasks, s.gpus_per_node, s.mem_gb)}
     rollout_gpus = r.tensor_parallel if s.gpus_per_node else 0
+    # slurm.mem_gb is a whole node's: a one-task job on part of a node asks its share (its
+    # GPUs' share, or one trainer task's on CPU clusters), else one worker takes the node.
+    share = rollout_gpus / s.gpus_per_node if s.gpus_per_node else 1 / tasks
+    one_task_gb = max(1, int(s.mem_gb * share))
     if r.layout == "disaggregated":
-        out["rollout"] = _submitter(cfg, "rollout", 1, 1, rollout_gpus)
+        out["rollout"] = _submitter(cfg, "rollout", 1, 1, rollout_gpus, one_task_gb)
     if s.eval_after:
-        out["eval"] = _submitter(cfg, "eval", 1, 1, rollout_gpus)
+        out["eval"] = _submitter(cfg, "eval", 1, 1, rollout_gpus, one_task_gb)
     return out
 
 
