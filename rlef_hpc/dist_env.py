@@ -10,9 +10,11 @@ tensors, and copying a flag to the GPU to agree on it would only add a device sy
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -67,15 +69,33 @@ def adopt_slurm_env() -> bool:
     return bool(found)
 
 
-def init_process_groups(tensor: int = 1, pipeline: int = 1, world_size: int | None = None) -> None:
+def cuda_device_index(local_rank: int, visible: int) -> int:
+    """The CUDA device this task uses among the `visible` ones. A task that sees all of its
+    node's GPUs (srun's default, torchrun) takes the one at its LOCAL_RANK; a task bound to its
+    own (--gpus-per-task, CUDA_VISIBLE_DEVICES of one device) sees fewer than LOCAL_RANK + 1
+    and takes its share of them: with one visible, index 0."""
+    if visible < 1:
+        raise ValueError(f"no visible CUDA device (local rank {local_rank})")
+    return local_rank % visible
+
+
+def init_process_groups(
+    tensor: int = 1,
+    pipeline: int = 1,
+    world_size: int | None = None,
+    timeout_s: float | None = None,
+) -> None:
     """torch.distributed (NCCL where CUDA exists, else gloo) from torchrun's or srun's
     environment, or a one-process group when neither launched us; megatron's parallel state
     (`tensor` x `pipeline` model parallelism, data parallelism over the rest) on top.
-    Idempotent. `world_size`: the number of processes the config expects (checked)."""
+    Idempotent. `world_size`: the number of processes the config expects (checked).
+    `timeout_s`: how long a collective may wait for the slowest rank (both groups; torch's
+    default, 10 minutes for NCCL, when None)."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
     if not dist.is_initialized():
         adopt_slurm_env()
         if "RANK" not in os.environ:
@@ -83,19 +103,23 @@ def init_process_groups(tensor: int = 1, pipeline: int = 1, world_size: int | No
             os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         if torch.cuda.is_available():  # one GPU per task: srun and torchrun start 8 a node
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(cuda_device_index(local_rank, torch.cuda.device_count()))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
     global _device, _host_group
     _device = None  # the current CUDA device may have been set just now
     if _host_group is None and not _default_group_takes_cpu():
-        _host_group = dist.new_group(backend="gloo")  # collective: every rank, same order
+        # collective: every rank, same order
+        _host_group = dist.new_group(backend="gloo", timeout=timeout)
     if world_size is not None and dist.get_world_size() != world_size:
         raise ValueError(
             f"{dist.get_world_size()} processes, but parallel.tensor x pipeline x data = "
             f"{world_size}: set parallel.data={dist.get_world_size() // (tensor * pipeline)}"
         )
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor, pipeline)
+        # megatron's groups (its own default: 30 minutes) wait as long as the default one
+        minutes = {"distributed_timeout_minutes": math.ceil(timeout_s / 60)} if timeout_s else {}
+        ps.initialize_model_parallel(tensor, pipeline, **minutes)
 
 
 def _default_group_takes_cpu() -> bool:

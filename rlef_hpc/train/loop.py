@@ -41,6 +41,18 @@ from rlef_hpc.train.preemption import STOP_SIGNALS, Preempted, StopFlag
 from rlef_hpc.train.problems import load_problems, write_problems
 from rlef_hpc.train.sources import colocated_engine, make_source
 
+# What rank 0 may do alone while the other ranks wait in a collective, besides waiting for
+# trajectory shards: save a checkpoint, convert and publish the weights of a large model.
+COPY_ALLOWANCE_S = 1800.0
+COLLECTIVE_MARGIN_S = 600.0
+
+
+def collective_timeout_s(cfg: TrainConfig) -> float:
+    """How long a collective may wait for the slowest rank: the longest legitimate wait of one
+    rank (rank 0 waits up to rollout.shard_timeout_s for shards, and gives up itself after
+    that), plus a margin. NCCL's default, 10 minutes, aborted the job during such waits."""
+    return max(cfg.rollout.shard_timeout_s, COPY_ALLOWANCE_S) + COLLECTIVE_MARGIN_S
+
 
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
@@ -49,7 +61,7 @@ class Trainer:
 
         self.cfg = cfg
         p = cfg.parallel
-        init_process_groups(p.tensor, p.pipeline, p.world_size)
+        init_process_groups(p.tensor, p.pipeline, p.world_size, collective_timeout_s(cfg))
         self.rank = dist.get_rank()
         self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.run_dir = Path(cfg.run.dir)

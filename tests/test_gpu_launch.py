@@ -1,0 +1,56 @@
+"""The GPU launch path as far as a CPU machine reaches it: which CUDA device a task takes,
+and how long collectives wait."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from rlef_hpc.config import load
+from rlef_hpc.dist_env import cuda_device_index, init_process_groups
+from rlef_hpc.launch.config import JobConfig
+from rlef_hpc.train.loop import collective_timeout_s
+from tests.helpers import TESTS_DIR
+
+REPO = TESTS_DIR.parent
+
+
+def test_a_task_takes_its_local_rank_among_all_gpus_or_its_own_bound_one():
+    assert [cuda_device_index(r, 8) for r in range(8)] == list(range(8))  # sees the node's 8
+    assert [cuda_device_index(r, 1) for r in range(8)] == [0] * 8  # bound to one device
+    assert [cuda_device_index(r, 2) for r in (0, 1, 2, 3)] == [0, 1, 0, 1]
+    with pytest.raises(ValueError, match="no visible CUDA device"):
+        cuda_device_index(0, 0)
+
+
+def demo(*overrides: str) -> JobConfig:
+    return load(JobConfig, REPO / "configs" / "demo_cpu.yaml", list(overrides))
+
+
+def test_collectives_wait_longer_than_rank_0_waits_for_shards():
+    assert collective_timeout_s(demo()) == 3600 + 600  # rollout.shard_timeout_s by default
+    assert collective_timeout_s(demo("rollout.shard_timeout_s=7200")) == 7200 + 600
+    # A short shard timeout still leaves rank 0 time to save and publish alone.
+    assert collective_timeout_s(demo("rollout.shard_timeout_s=60")) == 1800 + 600
+
+
+def test_init_process_groups_gives_the_timeout_to_torch_distributed(monkeypatch):
+    import torch.distributed as dist
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def init_process_group(backend: str, timeout: timedelta | None = None) -> None:
+        seen.update(backend=backend, timeout=timeout)
+        raise Stop
+
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    with pytest.raises(Stop):
+        init_process_groups(1, 1, 1, timeout_s=4200.0)
+    assert seen["timeout"] == timedelta(seconds=4200)
