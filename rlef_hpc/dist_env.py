@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -79,6 +80,29 @@ def cuda_device_index(local_rank: int, visible: int) -> int:
     return local_rank % visible
 
 
+def missing_gpus(env: Mapping[str, str], cuda_devices: int) -> str | None:
+    """Why this process must not start, when Slurm gave its job GPUs (SLURM_GPUS_ON_NODE, set
+    in the batch script, its steps and submitit's jobs alike) but torch sees none: it would
+    otherwise train or generate on the CPU, hours later and slower, without saying so."""
+    asked = env.get("SLURM_GPUS_ON_NODE", "0")
+    if asked.isdigit() and int(asked) > 0 and cuda_devices == 0:
+        return (
+            f"error: the job asked for GPUs (SLURM_GPUS_ON_NODE={asked}) but CUDA sees none "
+            "here (a CPU-only torch, or no driver): refusing to run on the CPU"
+        )
+    return None
+
+
+def require_gpus_where_asked() -> None:
+    """Exits with status 2 and one line (missing_gpus) where the job's GPUs are not usable."""
+    import torch
+
+    problem = missing_gpus(os.environ, torch.cuda.device_count())
+    if problem:
+        print(problem, file=sys.stderr)
+        sys.exit(2)
+
+
 def init_process_groups(
     tensor: int = 1,
     pipeline: int = 1,
@@ -95,6 +119,7 @@ def init_process_groups(
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    require_gpus_where_asked()
     timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
     if not dist.is_initialized():
         adopt_slurm_env()

@@ -1,19 +1,22 @@
 """The GPU launch path as far as a CPU machine reaches it: which CUDA device a task takes,
-and how long collectives wait."""
+how long collectives wait, and a job that asked for GPUs refusing to run without CUDA (in
+process, and under srun on the local cluster's stand-in GPUs)."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
 import pytest
+import torch
 
-from rlef_hpc.config import load
-from rlef_hpc.dist_env import cuda_device_index, init_process_groups
+from rlef_hpc.config import load, to_dict
+from rlef_hpc.dist_env import cuda_device_index, init_process_groups, missing_gpus
 from rlef_hpc.launch.config import JobConfig
 from rlef_hpc.train.loop import collective_timeout_s
-from tests.helpers import TESTS_DIR
+from tests.helpers import TESTS_DIR, require
 
 REPO = TESTS_DIR.parent
+REFUSAL = "error: the job asked for GPUs (SLURM_GPUS_ON_NODE=2) but CUDA sees none"
 
 
 def test_a_task_takes_its_local_rank_among_all_gpus_or_its_own_bound_one():
@@ -22,6 +25,13 @@ def test_a_task_takes_its_local_rank_among_all_gpus_or_its_own_bound_one():
     assert [cuda_device_index(r, 2) for r in (0, 1, 2, 3)] == [0, 1, 0, 1]
     with pytest.raises(ValueError, match="no visible CUDA device"):
         cuda_device_index(0, 0)
+
+
+def test_gpus_asked_by_slurm_and_absent_are_refused():
+    assert missing_gpus({"SLURM_GPUS_ON_NODE": "2"}, 0).startswith(REFUSAL)
+    assert missing_gpus({"SLURM_GPUS_ON_NODE": "2"}, 2) is None
+    assert missing_gpus({"SLURM_GPUS_ON_NODE": "0"}, 0) is None
+    assert missing_gpus({}, 0) is None  # not a Slurm job, or one without GPUs: CPU runs
 
 
 def demo(*overrides: str) -> JobConfig:
@@ -47,6 +57,7 @@ def test_init_process_groups_gives_the_timeout_to_torch_distributed(monkeypatch)
         seen.update(backend=backend, timeout=timeout)
         raise Stop
 
+    monkeypatch.delenv("SLURM_GPUS_ON_NODE", raising=False)
     for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
@@ -54,3 +65,20 @@ def test_init_process_groups_gives_the_timeout_to_torch_distributed(monkeypatch)
     with pytest.raises(Stop):
         init_process_groups(1, 1, 1, timeout_s=4200.0)
     assert seen["timeout"] == timedelta(seconds=4200)
+
+
+@pytest.mark.parametrize("job", ["train", "rollout"])
+def test_a_launch_job_that_asked_for_gpus_refuses_to_run_without_cuda(
+    job, monkeypatch, capsys, tmp_path
+):
+    from rlef_hpc.launch.jobs import RolloutJob, TrainJob
+
+    require(not torch.cuda.is_available(), "CUDA is here: the refusal is for machines without")
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "2")
+    config = to_dict(demo(f"run.dir={tmp_path / 'run'}"))
+    with pytest.raises(SystemExit) as stop:
+        TrainJob(config)() if job == "train" else RolloutJob(config, 0)()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(REFUSAL) and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()

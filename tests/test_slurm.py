@@ -311,3 +311,18 @@ def test_a_rollout_or_eval_job_asks_its_share_of_a_node_and_the_trainer_the_node
     )
     assert sbatch_directives(sbatch_script(cfg, "train"))["mem"] == "8GB"
     assert sbatch_directives(sbatch_script(cfg, "rollout"))["mem"] == "4GB"
+
+
+@pytest.mark.slurm
+@pytest.mark.multiprocess
+def test_the_trainer_under_srun_with_gpus_refuses_to_run_without_cuda(slurm, tmp_path):
+    """The sbatch path (slurm/*.sh): the trainer in a step that has two stand-in GPUs."""
+    require(not torch.cuda.is_available(), "CUDA is here: the refusal is for machines without")
+    proc = sh(
+        "srun", "--ntasks=1", "--cpus-per-task=1", "--gpus-per-node=2", "--mem=2G",
+        "--time=5", "env", f"PYTHONPATH={REPO}", sys.executable, "-m", "rlef_hpc.train.cli",
+        REPO / "configs" / "demo_cpu.yaml", f"run.dir={tmp_path / 'run'}", timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "error: the job asked for GPUs (SLURM_GPUS_ON_NODE=2)" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()

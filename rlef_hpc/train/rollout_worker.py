@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rlef_hpc.data.problem import Problem
+from rlef_hpc.dist_env import require_gpus_where_asked
 from rlef_hpc.episodes.runner import EpisodeRunner
 from rlef_hpc.rollout.publish import WeightFollower, latest_version
 from rlef_hpc.rollout.shards import ShardStore
@@ -57,6 +58,7 @@ def run_worker(cfg: TrainConfig, worker: int, poll_s: float = 0.5) -> int:
     """Produces shards until the trainer is done; returns how many this call wrote."""
     from transformers import AutoTokenizer  # heavy: imported when a worker starts
 
+    require_gpus_where_asked()
     r, run_dir = cfg.rollout, Path(cfg.run.dir)
     store = ShardStore(run_dir)
     # The trainer builds init/ and publishes version `start` before it claims anything.
