@@ -5,9 +5,130 @@ spec's RMSNorm."""
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
+import pytest
 import torch
+
+from rlef_hpc.checkpoint.hf import checkpoint_key_to_name, hf_to_megatron, megatron_to_hf
+from rlef_hpc.models.config import ModelConfig
+
+CFG = ModelConfig(
+    vocab_size=32,
+    hidden_size=16,
+    num_layers=2,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=24,
+)
+
+# Written out here, not derived as the code derives them: what Transformer Engine's layer spec
+# names the layer norms it fuses into the next linear.
+TE_NAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+
+
+def local_state(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A random full state named as megatron's local spec names it."""
+    gen = torch.Generator().manual_seed(0)
+    h, f, v = cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * cfg.head_dim
+    shapes = {
+        "embedding.word_embeddings.weight": (v, h),
+        "decoder.final_layernorm.weight": (h,),
+        "output_layer.weight": (v, h),
+    }
+    for i in range(cfg.num_layers):
+        shapes |= {
+            f"decoder.layers.{i}.input_layernorm.weight": (h,),
+            f"decoder.layers.{i}.self_attention.linear_qkv.weight": (qkv, h),
+            f"decoder.layers.{i}.self_attention.linear_proj.weight": (h, h),
+            f"decoder.layers.{i}.pre_mlp_layernorm.weight": (h,),
+            f"decoder.layers.{i}.mlp.linear_fc1.weight": (2 * f, h),
+            f"decoder.layers.{i}.mlp.linear_fc2.weight": (h, f),
+        }
+    return {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+
+
+def te_name(name: str) -> str:
+    for local, te in TE_NAMES.items():
+        if name.endswith("." + local):
+            return name.removesuffix(local) + te
+    return name
+
+
+def module_with(state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A module whose parameters are named (and ordered) as `state`'s keys."""
+    root = torch.nn.Module()
+    for name, tensor in state.items():
+        *path, leaf = name.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(leaf, torch.nn.Parameter(tensor.clone()))
+    return root
+
+
+def to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return dict(itertools.chain.from_iterable(megatron_to_hf(k, t, CFG) for k, t in state.items()))
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """megatron's parallel state of a single process (TP=1, PP=1), without a process group."""
+    from megatron.core import parallel_state as ps
+
+    for getter, value in [
+        ("get_pipeline_model_parallel_rank", 0),
+        ("get_pipeline_model_parallel_world_size", 1),
+        ("get_tensor_model_parallel_rank", 0),
+        ("get_tensor_model_parallel_world_size", 1),
+        ("get_tensor_model_parallel_group", None),
+    ]:
+        monkeypatch.setattr(ps, getter, lambda value=value, **_: value)
+
+
+def test_te_names_export_as_the_local_spec_names_do():
+    local = local_state(CFG)
+    hf = to_hf(local)
+    te = {te_name(k): t for k, t in local.items()}
+    assert set(te) != set(local)
+    exported = to_hf(te)
+    assert exported.keys() == hf.keys()
+    assert all(torch.equal(exported[k], hf[k]) for k in hf)
+    # torch_dist keys: stacked layers, norms under TE's names whichever spec saved them
+    for suffix in TE_NAMES.values():
+        local_suffix = next(k for k, v in TE_NAMES.items() if v == suffix)
+        assert checkpoint_key_to_name(f"decoder.layers.{suffix}", 3) == (
+            f"decoder.layers.3.{local_suffix}"
+        )
+    extra = "decoder.layers.self_attention.linear_qkv._extra_state"
+    assert checkpoint_key_to_name(extra, 0) is None
+
+
+def test_te_named_models_import_and_refit_as_local_ones(one_rank):
+    from rlef_hpc.checkpoint.hf_dir import hf_weights
+    from rlef_hpc.checkpoint.layout import gather_full_state, load_full_state
+
+    local = local_state(CFG)
+    hf = to_hf(local)
+    imported = hf_to_megatron(hf, CFG)
+    for strict in (True, False):  # the policy's load, and the value model's (a fresh head)
+        model = module_with({te_name(k): torch.zeros_like(t) for k, t in local.items()})
+        load_full_state(model, imported, CFG.num_layers, strict=strict)
+        for name, param in model.named_parameters():
+            original = next(k for k in local if te_name(k) == name)
+            assert torch.equal(param, local[original]), name  # norms included, not left at 0
+        gathered = gather_full_state(model, CFG.num_layers)
+        assert gathered.keys() == local.keys()
+        refit = dict(hf_weights(model, CFG))
+        assert refit.keys() == hf.keys()
+        assert all(torch.equal(refit[k], hf[k]) for k in hf)
 
 
 class StrictAdam(torch.optim.Optimizer):
