@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rlef_hpc.checkpoint.hf import checkpoint_key_to_name, hf_to_megatron, megatron_to_hf
-from rlef_hpc.models.config import ModelConfig
+from rlef_hpc.models.config import PRESETS, ModelConfig, PrecisionConfig
 
 CFG = ModelConfig(
     vocab_size=32,
@@ -165,3 +165,73 @@ def test_resume_workaround_only_touches_torch_adam():
     adamw = torch.optim.AdamW(params)
     _init_state(SimpleNamespace(optimizer=adamw))
     assert set(adamw.state[params[0]]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_batches_pad_to_the_models_sequence_multiple():
+    from rlef_hpc.data.trajectory import Trajectory, Turn
+    from rlef_hpc.models.gpt import sequence_multiple
+    from rlef_hpc.rl.ppo import collate
+
+    turn = Turn(0, 3, 5, [-0.5, -0.25], "", None, False, reward=1.0)
+    trajectory = Trajectory("p", "python", [1, 2, 3, 4, 5], [turn], False)
+    plain, padded = collate([trajectory]), collate([trajectory], multiple=16)
+    assert plain.tokens.shape == (1, 5) and padded.tokens.shape == (1, 16)
+    assert torch.equal(padded.tokens[:, :5], plain.tokens) and not padded.response_mask[:, 5:].any()
+    assert torch.equal(padded.logp_behaviour[:, :5], plain.logp_behaviour)
+
+    def config(fp8: str | None, sp: bool, tp: int) -> SimpleNamespace:
+        return SimpleNamespace(fp8=fp8, sequence_parallel=sp, tensor_model_parallel_size=tp)
+
+    assert sequence_multiple(config(None, False, 4)) == 1
+    assert sequence_multiple(config("e4m3", False, 4)) == 16
+    assert sequence_multiple(config(None, True, 4)) == 4
+    assert sequence_multiple(config("hybrid", True, 32)) == 32
+
+
+@pytest.fixture
+def te_rope(monkeypatch):
+    """megatron refuses apply_rope_fusion unless Transformer Engine's fused RoPE imported."""
+    import megatron.core.models.common.embeddings.rope_utils as rope_utils
+
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", lambda *a, **k: None)
+
+
+def test_fusions_follow_the_kernels_present(te_rope):
+    from rlef_hpc.models.gpt import Kernels, available_kernels, transformer_config
+
+    fusions = (
+        "gradient_accumulation_fusion",
+        "bias_dropout_fusion",
+        "apply_rope_fusion",
+        "masked_softmax_fusion",
+        "sequence_parallel",
+    )
+
+    def on(kernels: Kernels, tp: int = 2) -> set[str]:
+        config = transformer_config(PRESETS["tiny"], PrecisionConfig(), tp, 1, kernels)
+        return {f for f in fusions if getattr(config, f)}
+
+    assert available_kernels() == Kernels()  # this CPU machine: everything as before
+    assert on(Kernels()) == set()
+    assert on(Kernels(cuda=True)) == {"bias_dropout_fusion"}
+    te = {"bias_dropout_fusion", "apply_rope_fusion", "sequence_parallel"}
+    assert on(Kernels(cuda=True, te=True)) == te
+    assert on(Kernels(cuda=True, te=True), tp=1) == te - {"sequence_parallel"}
+    assert on(Kernels(cuda=True, te=True, apex=True)) == set(fusions)
+    assert on(Kernels(cuda=True, apex=True)) == {
+        "bias_dropout_fusion",
+        "gradient_accumulation_fusion",
+        "masked_softmax_fusion",
+    }
+
+
+def test_gradient_and_parameter_communication_overlap_with_te():
+    from rlef_hpc.models.gpt import Kernels
+    from rlef_hpc.rl.optim import OptimConfig, ddp_config
+
+    gpu = ddp_config(OptimConfig(), Kernels(cuda=True, te=True))
+    assert gpu.overlap_grad_reduce and gpu.overlap_param_gather and gpu.use_distributed_optimizer
+    replicated = ddp_config(OptimConfig(distributed_optimizer=False), Kernels(cuda=True, te=True))
+    assert replicated.overlap_grad_reduce and not replicated.overlap_param_gather
+    cpu = ddp_config(OptimConfig(), Kernels())
+    assert not cpu.overlap_grad_reduce and not cpu.overlap_param_gather
