@@ -235,3 +235,20 @@ def test_gradient_and_parameter_communication_overlap_with_te():
     assert replicated.overlap_grad_reduce and not replicated.overlap_param_gather
     cpu = ddp_config(OptimConfig(), Kernels())
     assert not cpu.overlap_grad_reduce and not cpu.overlap_param_gather
+
+
+def test_local_spec_asks_for_rmsnorm(monkeypatch):
+    """With apex installed the local spec's norm is apex's FusedLayerNorm unless RMSNorm is
+    asked for (and FusedLayerNorm rejects RMSNorm): a stand-in for it shows which one is used."""
+    from megatron.core.models import backends
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    from rlef_hpc.models.gpt import Kernels, layer_spec
+
+    class ApexFusedLayerNorm(torch.nn.Module):
+        pass
+
+    monkeypatch.setattr(backends, "LNImpl", ApexFusedLayerNorm)
+    layer = layer_spec(Kernels()).submodules
+    assert layer.input_layernorm is WrappedTorchNorm
+    assert layer.pre_mlp_layernorm is WrappedTorchNorm

@@ -125,7 +125,9 @@ def layer_spec(kernels: Kernels | None = None) -> Any:
     kernels = available_kernels() if kernels is None else kernels
     if kernels.te:
         return specs.get_gpt_layer_with_transformer_engine_spec()
-    return specs.get_gpt_layer_local_spec()
+    # RMSNorm named: without it the local spec takes apex's FusedLayerNorm where apex is
+    # installed, which rejects RMSNorm (without apex both are torch's norm: the same numbers).
+    return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
 class ValueHead(torch.nn.Module):
