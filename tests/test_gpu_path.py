@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import itertools
 from types import SimpleNamespace
+from typing import get_args, get_type_hints
 
 import pytest
 import torch
 
 from rlef_hpc.checkpoint.hf import checkpoint_key_to_name, hf_to_megatron, megatron_to_hf
-from rlef_hpc.models.config import PRESETS, ModelConfig, PrecisionConfig
+from rlef_hpc.models.config import PRESETS, ModelConfig, PrecisionConfig, validate
 
 CFG = ModelConfig(
     vocab_size=32,
@@ -165,6 +166,57 @@ def test_resume_workaround_only_touches_torch_adam():
     adamw = torch.optim.AdamW(params)
     _init_state(SimpleNamespace(optimizer=adamw))
     assert set(adamw.state[params[0]]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_fp8_configs_are_valid_exactly_where_megatron_accepts_them():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    hints = get_type_hints(PrecisionConfig)
+    formats = [f for f in get_args(get_args(hints["fp8"])[0]) if f is not None]
+    recipes = get_args(hints["fp8_recipe"])
+    assert formats and recipes
+    for fmt, recipe, bf16_ends in itertools.product(formats, recipes, (False, True)):
+        try:
+            TransformerConfig(
+                num_layers=4,
+                hidden_size=64,
+                num_attention_heads=2,
+                bf16=True,
+                params_dtype=torch.bfloat16,
+                fp8=fmt,
+                fp8_recipe=recipe,
+                first_last_layers_bf16=bf16_ends,
+            )
+            megatron = True
+        except ValueError:
+            megatron = False
+        try:
+            precision = PrecisionConfig("bfloat16", fmt, recipe, bf16_ends)
+            validate(PRESETS["tiny"], _parallel(), precision, (9, 0), transformer_engine=True)
+            ours = True
+        except ValueError as e:
+            assert "precision.fp8_first_last_bf16" in str(e)
+            ours = False
+        assert ours == megatron, (fmt, recipe, bf16_ends)
+    # the defaults with FP8 switched on are a valid config
+    validate(
+        PRESETS["tiny"],
+        _parallel(),
+        PrecisionConfig("bfloat16", "e4m3"),
+        (9, 0),
+        transformer_engine=True,
+    )
+
+
+def _parallel():
+    from rlef_hpc.models.config import ParallelConfig
+
+    return ParallelConfig()
+
+
+def test_fp8_without_transformer_engine_is_refused_by_name():
+    with pytest.raises(ValueError, match="precision.fp8 needs Transformer Engine"):
+        validate(PRESETS["tiny"], _parallel(), PrecisionConfig("bfloat16", "e4m3"), (9, 0))
 
 
 def test_batches_pad_to_the_models_sequence_multiple():

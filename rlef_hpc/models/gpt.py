@@ -172,6 +172,7 @@ def build_gpt(model: ModelConfig, precision: PrecisionConfig, value: bool = Fals
             ps.get_data_parallel_world_size(),
         ),
         precision,
+        kernels.te,
     )
     config = transformer_config(
         model,
