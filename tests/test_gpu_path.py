@@ -304,3 +304,20 @@ def test_local_spec_asks_for_rmsnorm(monkeypatch):
     layer = layer_spec(Kernels()).submodules
     assert layer.input_layernorm is WrappedTorchNorm
     assert layer.pre_mlp_layernorm is WrappedTorchNorm
+
+
+def test_step_finishes_an_overlapped_parameter_gather_unless_a_forward_comes_next():
+    from rlef_hpc.rl.optim import Trainable
+
+    def trainable(overlap: bool, syncs: list[bool]) -> Trainable:
+        model = SimpleNamespace(
+            ddp_config=SimpleNamespace(overlap_param_gather=overlap),
+            start_param_sync=lambda force_sync=False: syncs.append(force_sync),
+        )
+        return Trainable(model, SimpleNamespace(step=lambda: (True, 1.0, 0)), None)
+
+    syncs: list[bool] = []
+    assert trainable(True, syncs).step() == (True, 1.0, 0) and syncs == [True]
+    trainable(True, syncs).step(gather=False)
+    trainable(False, syncs).step()
+    assert syncs == [True]

@@ -48,13 +48,14 @@ class Trainable:
 
         finalize_model_grads([self.model])
 
-    def step(self) -> tuple[bool, float, Any]:
-        """The optimizer step (its (success, grad norm, zeros) result); the parameters are
-        complete on return. With overlap_param_gather the distributed optimizer leaves their
-        all-gather to the next forward, but refit, publishing and checkpoints read them
-        before any: finished here."""
+    def step(self, gather: bool = True) -> tuple[bool, float, Any]:
+        """The optimizer step (its (success, grad norm, zeros) result). With
+        overlap_param_gather the distributed optimizer leaves the updated parameters'
+        all-gather to the next forward, where it overlaps with compute; refit, publishing and
+        checkpoints read them before any forward, so `gather` finishes it here (False: the
+        next thing to touch them is this model's forward)."""
         result = self.optimizer.step()
-        if self.model.ddp_config.overlap_param_gather:
+        if gather and self.model.ddp_config.overlap_param_gather:
             self.model.start_param_sync(force_sync=True)
         return result
 

@@ -204,7 +204,9 @@ def warm_start(
             forward_only=False,
         )
         trainable.finish_grads()  # the data-parallel average
-        trainable.step()  # clipped by the norm over the model-parallel group
+        # clipped by the norm over the model-parallel group; the parameters' all-gather (when
+        # overlapped) waits for the next step's forward, and is finished after the last step
+        trainable.step(gather=step == steps - 1)
         losses.append(float(out["loss"]))
         if progress:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
