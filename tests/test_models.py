@@ -52,6 +52,7 @@ def test_presets_validate_at_their_layouts():
         ParallelConfig(8, 8, 16),
         PrecisionConfig("bfloat16", "hybrid"),
         (9, 0),
+        transformer_engine=True,
     )
     assert PRESETS["llama3_70b"].num_layers == 80 and PRESETS["llama3_8b"].num_query_groups == 8
 
@@ -132,7 +133,7 @@ def test_fp8_is_refused_on_this_cpu_machine():
     with pytest.raises(
         ValueError, match="precision.fp8 needs a GPU with compute capability >= 8.9; none found"
     ):
-        check(PRESETS["tiny"], ParallelConfig(), PrecisionConfig("bfloat16", "e4m3"))
+        check(PRESETS["tiny"], ParallelConfig(), PrecisionConfig("bfloat16", "e4m3"), True)
 
 
 def test_vocab_must_divide_by_tensor_parallel():

@@ -1,6 +1,11 @@
-"""Hugging Face Llama <-> megatron GPTModel (local spec) parameter names and layouts, for full
-(unsharded, TP=1, global layer numbers) tensors. The one place that knows them: conversion in
-both directions and the rollout engine's refit use it.
+"""Hugging Face Llama <-> megatron GPTModel parameter names and layouts, for full (unsharded,
+TP=1, global layer numbers) tensors. The one place that knows them: conversion in both
+directions and the rollout engine's refit use it.
+
+- Two layer specs name the layer norms differently: megatron's local spec has its own
+  `input_layernorm` / `pre_mlp_layernorm` modules, Transformer Engine's fuses them into the
+  next linear (`self_attention.linear_qkv.layer_norm_weight`, `mlp.linear_fc1.layer_norm_
+  weight`). Full states are named as the local spec names them; `local_name` maps TE names.
 
 - q/k/v_proj <-> linear_qkv: megatron interleaves per query group,
   [q_g0 (heads per group), k_g0, v_g0, q_g1, ...], each head `head_dim` rows.
@@ -12,6 +17,7 @@ both directions and the rollout engine's refit use it.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 
@@ -33,6 +39,31 @@ _GLOBAL_RENAMES = {
 }
 _VALUE_HEAD = {"output_layer.weight": "value_head.weight", "output_layer.bias": "value_head.bias"}
 _MEGATRON_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+@functools.cache
+def _fused_norms() -> tuple[tuple[str, str], ...]:
+    """(TE spec's prefix, local spec's prefix) of each layer norm TE fuses into a linear,
+    e.g. ("self_attention.linear_qkv.layer_norm_", "input_layernorm."): from megatron's own
+    map, the one its local spec uses to checkpoint under TE's names (so no TE needed)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    keys = get_gpt_layer_local_spec(normalization="RMSNorm").submodules.sharded_state_dict_keys_map
+    return tuple((te, local) for local, te in keys.items())
+
+
+def _local_suffix(suffix: str) -> str:
+    """A parameter name within a layer, as the local spec names it."""
+    for te, local in _fused_norms():
+        if suffix.startswith(te):
+            return local + suffix.removeprefix(te)
+    return suffix
+
+
+def local_name(name: str) -> str:
+    """A megatron parameter name as the local spec names it, whichever spec built the model."""
+    m = _MEGATRON_LAYER.match(name)
+    return f"decoder.layers.{m[1]}.{_local_suffix(m[2])}" if m else name
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -65,33 +96,33 @@ _CHECKPOINT_GLOBAL = (
     "output_layer.weight",
     "output_layer.bias",
 )
-_CHECKPOINT_LAYER = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "self_attention.linear_qkv.weight": "self_attention.linear_qkv.weight",
-    "self_attention.linear_proj.weight": "self_attention.linear_proj.weight",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-    "mlp.linear_fc1.weight": "mlp.linear_fc1.weight",
-    "mlp.linear_fc2.weight": "mlp.linear_fc2.weight",
-}
+_CHECKPOINT_LAYER = (
+    "input_layernorm.weight",
+    "self_attention.linear_qkv.weight",
+    "self_attention.linear_proj.weight",
+    "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.weight",
+    "mlp.linear_fc2.weight",
+)
 
 
 def checkpoint_key_to_name(key: str, layer: int) -> str | None:
-    """The megatron parameter name of a torch_dist key at `layer`; None for what is not a model
-    weight (optimizer state, TE extra state)."""
+    """The megatron parameter name (local spec) of a torch_dist key at `layer`; None for what
+    is not a model weight (optimizer state, TE extra state)."""
     if key in _CHECKPOINT_GLOBAL:
         return key
-    suffix = _CHECKPOINT_LAYER.get(key.removeprefix("decoder.layers."))
-    return (
-        None
-        if suffix is None or not key.startswith("decoder.layers.")
-        else f"decoder.layers.{layer}.{suffix}"
-    )
+    if not key.startswith("decoder.layers."):
+        return None
+    suffix = _local_suffix(key.removeprefix("decoder.layers."))
+    return f"decoder.layers.{layer}.{suffix}" if suffix in _CHECKPOINT_LAYER else None
 
 
 def megatron_to_hf(
     name: str, tensor: torch.Tensor, cfg: ModelConfig, value: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """One full megatron tensor -> its HF tensor(s); `value`: of the value model."""
+    """One full megatron tensor (named by either spec) -> its HF tensor(s); `value`: of the
+    value model."""
+    name = local_name(name)
     if value and name in _VALUE_HEAD:
         yield _VALUE_HEAD[name], tensor
         return
@@ -116,7 +147,8 @@ def megatron_to_hf(
 
 
 def hf_to_megatron(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """A whole HF Llama state dict -> full megatron tensors (missing names are errors)."""
+    """A whole HF Llama state dict -> full megatron tensors, named as the local spec names
+    them (load_full_state maps them onto either spec's model); missing names are errors."""
 
     def take(name: str) -> torch.Tensor:
         if name not in hf:

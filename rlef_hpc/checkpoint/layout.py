@@ -7,6 +7,8 @@ import and refit, so that the layout rules exist once).
 - linear_fc1 of a gated MLP is [gate; up]: each rank holds [gate_shard; up_shard].
 - Everything else (norms, the value head) is replicated.
 - Layer numbers are local to a pipeline stage; global = local + stage * layers per stage.
+- Full states are named as megatron's local spec names parameters (rlef_hpc.checkpoint.hf.
+  local_name), whichever spec built the model: Transformer Engine's fuses the norms.
 """
 
 from __future__ import annotations
@@ -16,16 +18,20 @@ import re
 import torch
 import torch.distributed as dist
 
+from rlef_hpc.checkpoint.hf import local_name
+
 _LAYER = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
 
 
 def global_name(name: str, stage: int, layers_per_stage: int) -> str:
+    """The name in a full state: global layer number, the local spec's name."""
     m = _LAYER.match(name)
-    return f"{m[1]}{int(m[2]) + stage * layers_per_stage}{m[3]}" if m else name
+    return local_name(f"{m[1]}{int(m[2]) + stage * layers_per_stage}{m[3]}" if m else name)
 
 
 def _gated(name: str, param: torch.Tensor) -> bool:
-    return "linear_fc1" in name and getattr(param, "partition_dim", None) == 0
+    # the weight alone: TE's linear_fc1 also holds the (replicated) fused norm
+    return name.endswith("linear_fc1.weight") and getattr(param, "partition_dim", None) == 0
 
 
 def shard_of(
@@ -62,7 +68,8 @@ def load_full_state(
     layers_per_stage: int,
     strict: bool = True,
 ) -> None:
-    """Copies this rank's shards of a full (TP=1, PP=1 named) state into `model`; with
+    """Copies this rank's shards of a full (TP=1, PP=1, local spec named) state into `model`
+    (either spec's); with
     strict=False, parameters the state lacks keep their initialisation (a new value head)."""
     from megatron.core import parallel_state as ps
 
@@ -79,7 +86,7 @@ def load_full_state(
 
 
 def gather_full_state(model: torch.nn.Module, layers_per_stage: int) -> dict[str, torch.Tensor]:
-    """This pipeline stage's parameters as full tensors with global names."""
+    """This pipeline stage's parameters as full tensors with global (local spec) names."""
     from megatron.core import parallel_state as ps
 
     stage = ps.get_pipeline_model_parallel_rank()

@@ -79,10 +79,21 @@ def _adams(optimizer: Any) -> list[torch.optim.Optimizer]:
     return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
 
 
+def _per_param_step(adam: torch.optim.Optimizer) -> bool:
+    """Whether `adam` is torch's, which keeps a step count per parameter, the one the
+    workarounds below are for. Transformer Engine's (and apex's) FusedAdam, megatron's choice
+    where they exist, keeps one per group, which megatron handles, and rejects a
+    per-parameter "step" in state_dict and load_state_dict."""
+    return isinstance(adam, torch.optim.Adam | torch.optim.AdamW)
+
+
 def _init_state(optimizer: Any) -> None:
-    """Adam's state must exist before megatron builds a loading template from it: zero moments
-    and one step count per parameter (overwritten by the load)."""
+    """torch Adam's state must exist before megatron builds a loading template from it: zero
+    moments and one step count per parameter (overwritten by the load). Megatron initialises
+    FusedAdam's itself."""
     for adam in _adams(optimizer):
+        if not _per_param_step(adam):
+            continue
         for group in adam.param_groups:
             for p in group["params"]:
                 state = adam.state[p]
@@ -96,11 +107,16 @@ def _load_optimizer(optimizer: Any, state: dict[str, Any]) -> None:
     """optimizer.load_state_dict, around two bugs of megatron-core 0.16.1's DistributedOptimizer
     with torch's Adam (no TE or apex): it gives every parameter one shared `step` tensor (torch
     increments each parameter's step in place: a shared one would advance by the number of
-    parameters per update), then fails copying the parameter state, which has no `step`."""
+    parameters per update), then fails copying the parameter state, which has no `step`.
+    Other optimizers (TE's FusedAdam) load as megatron loads them."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     (inner,) = getattr(optimizer, "chained_optimizers", [optimizer])
-    if not isinstance(inner, DistributedOptimizer) or "param_state" not in state:
+    if (
+        not isinstance(inner, DistributedOptimizer)
+        or "param_state" not in state
+        or not _per_param_step(inner.optimizer)
+    ):
         optimizer.load_state_dict(state)
         return
     param_state = state.pop("param_state")

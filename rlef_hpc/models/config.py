@@ -107,11 +107,21 @@ class PrecisionConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # "bfloat16" on GPUs
     fp8: Literal["e4m3", "hybrid"] | None = None
     fp8_recipe: Literal["delayed", "tensorwise", "blockwise"] = "delayed"
-    fp8_first_last_bf16: bool = True
+    # The first and last layers in bf16: megatron's default (off); delayed scaling refuses it.
+    fp8_first_last_bf16: bool = False
     # Activation recomputation: None keeps every layer's activations for backward; "full"
     # keeps only each layer's input and recomputes the layer in backward (~1/3 more compute,
     # what makes 70B episodes of ~9k tokens fit at TP 8: see tools/plan.py).
     recompute: Literal["full"] | None = None
+
+    def __post_init__(self) -> None:
+        # megatron's TransformerConfig rule (0.16.1), here so that a config is refused when it
+        # is loaded rather than when every rank builds its model (tests hold the two equal).
+        if self.fp8 is not None and self.fp8_recipe == "delayed" and self.fp8_first_last_bf16:
+            raise ValueError(
+                "precision.fp8_first_last_bf16=true needs precision.fp8_recipe tensorwise or "
+                "blockwise: megatron's delayed scaling does not support first/last layers in bf16"
+            )
 
 
 def validate_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
@@ -132,9 +142,12 @@ def validate_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
 
 
 def validate_hardware(
-    precision: PrecisionConfig, compute_capability: tuple[int, int] | None
+    precision: PrecisionConfig,
+    compute_capability: tuple[int, int] | None,
+    transformer_engine: bool,
 ) -> None:
-    """FP8 against the GPU (None: no CUDA): only the machine that builds the model can tell."""
+    """FP8 against the GPU (None: no CUDA) and Transformer Engine: only the machine that
+    builds the model can tell."""
     if precision.fp8 is None:
         return
     if compute_capability is None:
@@ -147,6 +160,9 @@ def validate_hardware(
         raise ValueError(
             f"precision.fp8_recipe=blockwise needs Hopper (9.x), this GPU has {compute_capability}"
         )
+    if not transformer_engine:
+        # megatron's own layers would build and silently train in bf16
+        raise ValueError("precision.fp8 needs Transformer Engine, which is not installed")
 
 
 def validate(
@@ -154,10 +170,11 @@ def validate(
     parallel: ParallelConfig,
     precision: PrecisionConfig,
     compute_capability: tuple[int, int] | None = None,
+    transformer_engine: bool = False,
 ) -> None:
-    """validate_layout() and validate_hardware() on a given compute capability."""
+    """validate_layout() and validate_hardware() on a given machine."""
     validate_layout(model, parallel)
-    validate_hardware(precision, compute_capability)
+    validate_hardware(precision, compute_capability, transformer_engine)
 
 
 def compute_capability() -> tuple[int, int] | None:
@@ -167,6 +184,12 @@ def compute_capability() -> tuple[int, int] | None:
     return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
 
 
-def check(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig) -> None:
-    """validate() against this machine's hardware: call it before building the model."""
-    validate(model, parallel, precision, compute_capability())
+def check(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    transformer_engine: bool,
+) -> None:
+    """validate() against this machine's hardware (and whether it has Transformer Engine):
+    call it before building the model."""
+    validate(model, parallel, precision, compute_capability(), transformer_engine)

@@ -3,6 +3,8 @@ with a fresh scalar head in place of the output layer)."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,10 +13,50 @@ import torch.nn.functional as F
 from rlef_hpc.models.config import ModelConfig, PrecisionConfig
 
 
-def transformer_config(model: ModelConfig, precision: PrecisionConfig, tp: int, pp: int) -> Any:
-    from megatron.core.transformer.transformer_config import TransformerConfig
+@dataclass(frozen=True)
+class Kernels:
+    """What this machine offers megatron beyond plain torch; each fusion is on exactly where its
+    kernel exists (a parameter of the builders below, so that tests can pose any machine).
+
+    - cuda: the jit-fused bias-dropout-add.
+    - te (Transformer Engine, on CUDA): its layers (norms fused into the linears, FP8), fused
+      RoPE, and sequence parallelism (its norms handle sequence-sharded activations).
+    - apex (apex's CUDA extensions): fused weight-gradient accumulation in megatron's own
+      linears (the output layer is one even with TE: megatron raises without the extension)
+      and the fused masked softmax of megatron's own attention.
+    """
+
+    cuda: bool = False
+    te: bool = False
+    apex: bool = False
+
+
+def available_kernels() -> Kernels:
+    """This machine's Kernels."""
+    import importlib.util
 
     cuda = torch.cuda.is_available()
+
+    def present(module: str) -> bool:
+        return cuda and importlib.util.find_spec(module) is not None
+
+    return Kernels(
+        cuda=cuda,
+        te=present("transformer_engine"),
+        apex=present("fused_weight_gradient_mlp_cuda") and present("scaled_masked_softmax_cuda"),
+    )
+
+
+def transformer_config(
+    model: ModelConfig,
+    precision: PrecisionConfig,
+    tp: int,
+    pp: int,
+    kernels: Kernels | None = None,
+) -> Any:
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kernels = available_kernels() if kernels is None else kernels
     dtype = getattr(torch, precision.dtype)
     extra: dict[str, Any] = {}
     if precision.recompute == "full":
@@ -48,16 +90,27 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, tp: int, 
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         pipeline_dtype=dtype,
-        use_cpu_initialization=not cuda,
+        use_cpu_initialization=not kernels.cuda,
         perform_initialization=True,
         init_method_std=0.02,
-        gradient_accumulation_fusion=False,  # needs apex for non-TE linears
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
+        sequence_parallel=kernels.te and tp > 1,
+        gradient_accumulation_fusion=kernels.apex,
+        bias_dropout_fusion=kernels.cuda,
+        apply_rope_fusion=kernels.te,
+        masked_softmax_fusion=kernels.apex,
+        persist_layer_norm=False,  # apex's persistent LayerNorm: not an RMSNorm
         **extra,
     )
+
+
+def sequence_multiple(config: Any) -> int:
+    """What a batch's sequence length must be a multiple of for a model of this megatron
+    config: 16 under FP8 (its GEMMs need token counts divisible by 16), the tensor-parallel
+    size under sequence parallelism (each rank takes an equal slice); batches right-pad to it."""
+    multiple = 16 if config.fp8 else 1
+    if config.sequence_parallel:
+        multiple = math.lcm(multiple, config.tensor_model_parallel_size)
+    return multiple
 
 
 def causal_mask(length: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -65,32 +118,38 @@ def causal_mask(length: int, device: torch.device | str | None = None) -> torch.
     return torch.triu(torch.ones(1, 1, length, length, dtype=torch.bool, device=device), 1)
 
 
-def layer_spec() -> Any:
+def layer_spec(kernels: Kernels | None = None) -> Any:
     """Transformer Engine's spec where TE and CUDA exist, megatron's local one elsewhere."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
-    if torch.cuda.is_available():
-        try:
-            import transformer_engine  # noqa: F401
-
-            return specs.get_gpt_layer_with_transformer_engine_spec()
-        except ImportError:
-            pass
-    return specs.get_gpt_layer_local_spec()
+    kernels = available_kernels() if kernels is None else kernels
+    if kernels.te:
+        return specs.get_gpt_layer_with_transformer_engine_spec()
+    # RMSNorm named: without it the local spec takes apex's FusedLayerNorm where apex is
+    # installed, which rejects RMSNorm (without apex both are torch's norm: the same numbers).
+    return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
 class ValueHead(torch.nn.Module):
     """Hidden state -> scalar, in the output layer's place. Every tensor-parallel rank holds
     the whole (tiny) head and sees the same hidden states, so their gradients agree."""
 
-    def __init__(self, hidden_size: int, dtype: torch.dtype) -> None:
+    def __init__(self, hidden_size: int, dtype: torch.dtype, sequence_parallel: bool) -> None:
         super().__init__()
+        self.sequence_parallel = sequence_parallel
         # Named like the output layer's (output_layer.weight / .bias), which megatron's
         # checkpointing expects; zero, so that V = 0 at the start and advantages start unbiased.
         self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype))
         self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
 
     def forward(self, hidden: torch.Tensor, weight: Any = None, runtime_gather_output: Any = None):
+        if self.sequence_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            # Sequence parallelism hands each rank a slice of the sequence; the head wants it
+            # whole. Every rank then computes the same values, so backward takes this rank's
+            # slice of the gradient (a reduce-scatter would add up tp identical copies).
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         return F.linear(hidden, self.weight, self.bias), None
 
 
@@ -104,6 +163,7 @@ def build_gpt(model: ModelConfig, precision: PrecisionConfig, value: bool = Fals
     megatron_compat.install()
     from rlef_hpc.models.config import ParallelConfig, check
 
+    kernels = available_kernels()
     check(
         model,
         ParallelConfig(
@@ -112,16 +172,18 @@ def build_gpt(model: ModelConfig, precision: PrecisionConfig, value: bool = Fals
             ps.get_data_parallel_world_size(),
         ),
         precision,
+        kernels.te,
     )
     config = transformer_config(
         model,
         precision,
         ps.get_tensor_model_parallel_world_size(),
         ps.get_pipeline_model_parallel_world_size(),
+        kernels,
     )
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(),
+        transformer_layer_spec=layer_spec(kernels),
         vocab_size=model.vocab_size,
         max_sequence_length=model.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
@@ -134,5 +196,7 @@ def build_gpt(model: ModelConfig, precision: PrecisionConfig, value: bool = Fals
         rope_scaling_factor=model.rope_scaling_factor,
     )
     if value and ps.is_pipeline_last_stage():
-        gpt.output_layer = ValueHead(model.hidden_size, config.params_dtype)
+        gpt.output_layer = ValueHead(
+            model.hidden_size, config.params_dtype, config.sequence_parallel
+        )
     return gpt

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from rlef_hpc.models.gpt import Kernels, available_kernels
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -38,21 +40,54 @@ class Trainable:
     def module(self) -> torch.nn.Module:
         return self.model.module
 
+    def finish_grads(self) -> None:
+        """After the backward passes: megatron's finalize_model_grads waits for (or does) the
+        data-parallel reduction, and all-reduces over tensor-parallel ranks the gradients of
+        parameters sequence parallelism computes from a slice of the sequence (the norms)."""
+        from megatron.core.distributed import finalize_model_grads
 
-def make_trainable(model: torch.nn.Module, cfg: OptimConfig) -> Trainable:
+        finalize_model_grads([self.model])
+
+    def step(self, gather: bool = True) -> tuple[bool, float, Any]:
+        """The optimizer step (its (success, grad norm, zeros) result). With
+        overlap_param_gather the distributed optimizer leaves the updated parameters'
+        all-gather to the next forward, where it overlaps with compute; refit, publishing and
+        checkpoints read them before any forward, so `gather` finishes it here (False: the
+        next thing to touch them is this model's forward)."""
+        result = self.optimizer.step()
+        if gather and self.model.ddp_config.overlap_param_gather:
+            self.model.start_param_sync(force_sync=True)
+        return result
+
+
+def ddp_config(cfg: OptimConfig, kernels: Kernels) -> Any:
+    """Megatron DDP's config: the data-parallel gradient reduce-scatter (all-reduce without
+    the distributed optimizer) overlapped with backward, and the parameter all-gather with the
+    next forward, on CUDA with Transformer Engine (NCCL on GPUs); synchronous elsewhere."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=cfg.distributed_optimizer,
+        overlap_grad_reduce=kernels.te,
+        overlap_param_gather=kernels.te and cfg.distributed_optimizer,
+    )
+
+
+def make_trainable(
+    model: torch.nn.Module, cfg: OptimConfig, kernels: Kernels | None = None
+) -> Trainable:
     """AdamW without weight decay on norms and biases, a linear warm-up to `lr` then constant,
     gradients clipped by their global norm."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallel
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    ddp = DistributedDataParallel(
-        model.config,
-        DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.distributed_optimizer
-        ),
-        model,
-    )
+    kernels = available_kernels() if kernels is None else kernels
+    ddp = DistributedDataParallel(model.config, ddp_config(cfg, kernels), model)
+    # Megatron's schedules run all micro-batches but the last inside no_sync: an overlapped
+    # reduction starts once, when the last one's gradients are ready.
+    model.config.no_sync_func = ddp.no_sync
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",

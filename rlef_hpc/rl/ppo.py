@@ -64,12 +64,18 @@ class PPOBatch:
 
 
 def collate(
-    trajectories: list[Any], pad_id: int = 0, device: torch.device | str | None = None
+    trajectories: list[Any],
+    pad_id: int = 0,
+    device: torch.device | str | None = None,
+    multiple: int = 1,
 ) -> PPOBatch:
     """Trajectories (rlef_hpc.data.Trajectory) into a padded batch on `device` (the model's;
-    default the CPU): built row by row on the host, then moved in one copy per tensor."""
+    default the CPU): built row by row on the host, then moved in one copy per tensor. The
+    length is rounded up to a `multiple` (rlef_hpc.models.gpt.sequence_multiple: FP8,
+    sequence parallelism); padding is masked out of every loss, and causal attention keeps
+    it from the real tokens' outputs."""
     b = len(trajectories)
-    t = max(len(x.tokens) for x in trajectories)
+    t = -(-max(len(x.tokens) for x in trajectories) // multiple) * multiple
     k = max(len(x.turns) for x in trajectories)
     tokens = torch.full((b, t), pad_id, dtype=torch.long)
     response = torch.zeros((b, t), dtype=torch.bool)

@@ -30,6 +30,7 @@ from rlef_hpc.checkpoint.hf_dir import TOKENIZER_FILES, build_from_hf, read_mode
 from rlef_hpc.config import to_dict
 from rlef_hpc.dist_env import device, host_group, init_process_groups, mean_over_ranks
 from rlef_hpc.eval.report import EvalReport, evaluate, plot_solve_rate
+from rlef_hpc.models.gpt import sequence_multiple
 from rlef_hpc.models.megatron_compat import seed
 from rlef_hpc.rl.ppo import collate
 from rlef_hpc.rl.update import PPOUpdate
@@ -140,7 +141,12 @@ class Trainer:
         trajectories, rollout = self.source.batch(it)
         episodes = mean_over_ranks(episode_metrics(trajectories, self.cfg.episodes.max_turns))
         start = time.perf_counter()
-        batch = collate(trajectories, pad_id=self.tokenizer.pad_token_id or 0, device=device())
+        batch = collate(
+            trajectories,
+            pad_id=self.tokenizer.pad_token_id or 0,
+            device=device(),
+            multiple=sequence_multiple(self.update.trainables["policy"].module.config),
+        )
         self.source.before_update()
         metrics = self.update.step(batch, self.cfg.update.num_minibatches, progress=self.rank == 0)
         update_s = time.perf_counter() - start

@@ -15,7 +15,7 @@ import torch
 from rlef_hpc.data.problem import Problem
 from rlef_hpc.episodes.conversation import Conversation
 from rlef_hpc.episodes.templates import FENCE_TAGS, Templates, initial_prompt, public_feedback
-from rlef_hpc.models.gpt import causal_mask
+from rlef_hpc.models.gpt import causal_mask, sequence_multiple
 from rlef_hpc.rl.logprobs import next_token_logprobs
 from rlef_hpc.rl.optim import OptimConfig, make_trainable
 from rlef_hpc.sandbox import Executor, Job
@@ -123,11 +123,14 @@ def lr_factor(step: int, steps: int) -> float:
 
 
 def answer_batch(
-    batch: Sequence[tuple[list[int], int]], device: torch.device | str | None = None
+    batch: Sequence[tuple[list[int], int]],
+    device: torch.device | str | None = None,
+    multiple: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens [b, s], right-padded with 0; which positions are answer tokens [b, s]) of
+    """(tokens [b, s], right-padded with 0 to a `multiple` of tokens (see
+    rlef_hpc.models.gpt.sequence_multiple); which positions are answer tokens [b, s]) of
     demonstrations (tokens, where the answer starts)."""
-    length = max(len(t) for t, _ in batch)
+    length = -(-max(len(t) for t, _ in batch) // multiple) * multiple
     tokens = torch.zeros(len(batch), length, dtype=torch.long, device=device)
     answer = torch.zeros(len(batch), length, dtype=torch.bool, device=device)
     for row, (seq, start) in enumerate(batch):
@@ -174,6 +177,7 @@ def warm_start(
     rank, world = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     device = next(model.parameters()).device
     trainable = make_trainable(model, dataclasses.replace(OPTIM, lr=lr))
+    multiple = sequence_multiple(model.config)
     rng = random.Random(seed)
     losses = []
     bar = range(steps)
@@ -184,7 +188,7 @@ def warm_start(
     model.train()
     for step in bar:
         tokens, answer = answer_batch(
-            rng.sample(examples, min(batch_size, len(examples)))[rank::world], device
+            rng.sample(examples, min(batch_size, len(examples)))[rank::world], device, multiple
         )
         for group in trainable.optimizer.param_groups:
             group["lr"] = lr * lr_factor(step, steps)
@@ -199,8 +203,10 @@ def warm_start(
             micro_batch_size=len(tokens),
             forward_only=False,
         )
-        trainable.model.finish_grad_sync()  # the data-parallel average
-        trainable.optimizer.step()  # clipped by the norm over the model-parallel group
+        trainable.finish_grads()  # the data-parallel average
+        # clipped by the norm over the model-parallel group; the parameters' all-gather (when
+        # overlapped) waits for the next step's forward, and is finished after the last step
+        trainable.step(gather=step == steps - 1)
         losses.append(float(out["loss"]))
         if progress:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
