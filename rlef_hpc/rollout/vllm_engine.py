@@ -153,7 +153,7 @@ class VLLMGenerator:
         params: Any = base  # one SamplingParams for all, or one per request
         if self.request_seeds:
             params = []
-            for seed in torch.randint(0, 1 << 62, (len(prompts),)).tolist():
+            for seed in torch.randint(0, 1 << 62, (len(prompts),), device="cpu").tolist():
                 request = base.clone()
                 request.seed = seed
                 params.append(request)

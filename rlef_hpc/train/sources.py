@@ -309,7 +309,7 @@ def probe_sequences(
         conversation.add_user(initial_prompt(episodes.templates, p.description, episodes.language))
         sequences.append(conversation.tokens)
     length = min(len(s) for s in sequences)
-    return torch.tensor([s[:length] for s in sequences])
+    return torch.tensor([s[:length] for s in sequences], device="cpu")  # moved where checked
 
 
 def make_source(
