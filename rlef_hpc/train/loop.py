@@ -121,6 +121,7 @@ class Trainer:
         training.start_writer_helpers(ignoring=STOP_SIGNALS)
         self.async_queue = None
         if cfg.run.async_save:
+            # megatron, likewise; only runs that save in the background need it
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
             self.async_queue = AsyncCallsQueue()
