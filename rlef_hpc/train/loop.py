@@ -40,7 +40,7 @@ from rlef_hpc.train.initial_policy import build_initial_policy
 from rlef_hpc.train.metrics import MetricsLog, episode_metrics, plot_training
 from rlef_hpc.train.preemption import STOP_SIGNALS, Preempted, StopFlag
 from rlef_hpc.train.problems import load_problems, write_problems
-from rlef_hpc.train.sources import colocated_engine, make_source
+from rlef_hpc.train.sources import make_source, own_engine
 
 # What rank 0 may do alone while the other ranks wait in a collective, besides waiting for
 # trajectory shards: save a checkpoint, convert and publish the weights of a large model.
@@ -86,8 +86,7 @@ class Trainer:
             build_initial_policy(cfg, self.train_problems, self.init_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.init_dir)
         self.model_cfg = read_model_config(self.init_dir)
-        # Before the models and optimizers fill the GPU (see colocated_engine).
-        engine = colocated_engine(cfg, self.init_dir) if cfg.rollout.layout == "colocated" else None
+        engine = own_engine(cfg, self.init_dir)  # before the models fill the GPU
         self.policy, self.reference, self.value = build_from_hf(
             self.init_dir, self.model_cfg, cfg.precision, ("policy", "policy", "value")
         )

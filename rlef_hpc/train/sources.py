@@ -66,11 +66,14 @@ def _ranks() -> tuple[int, int]:
     return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
 
 
-def colocated_engine(cfg: TrainConfig, init_dir: Path) -> VLLMGenerator:
-    """This training process's engine, over the initial policy in `init_dir`. Built before the
-    trainer's models and optimizers: vLLM takes rollout.gpu_memory_utilization of the whole GPU
-    and refuses to start unless that much is free. What an earlier step in this process freed
-    (the warm start's) is still held in PyTorch's cache until returned to the device."""
+def own_engine(cfg: TrainConfig, init_dir: Path) -> VLLMGenerator | None:
+    """This training process's engine over the initial policy in `init_dir` (colocated), or
+    None where the layout gives it none. Built before the trainer's models and optimizers:
+    vLLM takes rollout.gpu_memory_utilization of the whole GPU and refuses to start unless that
+    much is free. What an earlier step in this process freed (the warm start's) is still held
+    in PyTorch's cache until returned to the device."""
+    if cfg.rollout.layout == "disaggregated":
+        return None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return build_engine(
@@ -323,9 +326,8 @@ def make_source(
     problems: tuple[list[Problem], list[Problem]],
     start: int,
 ) -> RolloutSource:
-    """`engine`: this process's (colocated_engine), None in the disaggregated layout."""
-    if cfg.rollout.layout == "disaggregated":
+    """`engine`: this process's (own_engine), None in the disaggregated layout."""
+    if engine is None:
         return Disaggregated(cfg, run_dir, policy, model_cfg, start)
-    assert engine is not None
     kind = AsyncColocated if cfg.rollout.asynchronous else Colocated
     return kind(cfg, engine, tokenizer, executor, policy, model_cfg, problems, start)

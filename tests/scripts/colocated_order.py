@@ -28,7 +28,7 @@ def main() -> None:
         built.append("models")
         raise Stop
 
-    loop.colocated_engine = engine
+    loop.own_engine = engine
     loop.build_from_hf = models
     cfg = load(TrainConfig, None, [f"run.dir={sys.argv[1]}", *sys.argv[2:]])
     try:
