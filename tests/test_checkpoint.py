@@ -136,3 +136,50 @@ def test_errors_exit_2_with_one_line(hf_model, tmp_path):
     for proc, message in zip(cases, messages, strict=True):
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_each_rank_reads_its_shard_not_the_checkpoint(tmp_path):
+    """TP2 x PP2 from an HF directory: every rank's three models hold exactly their shards,
+    and the memory a rank adds while building them is about those shards plus one tensor
+    (at 70B: ~35 GB per rank instead of the 140 GB checkpoint and its fused copies)."""
+    import json
+
+    from safetensors import safe_open
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.helpers import torchrun_command
+
+    hf_dir = tmp_path / "hf"
+    config = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=16,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(hf_dir)
+    largest = 0
+    for f in hf_dir.glob("*.safetensors"):
+        with safe_open(f, framework="pt") as st:
+            for name in st.keys():  # noqa: SIM118 - safe_open is not a mapping
+                shape = torch.Size(st.get_slice(name).get_shape())
+                largest = max(largest, shape.numel() * 4)
+
+    out = tmp_path / "out.json"
+    cmd, env = torchrun_command(script("hf_import_memory"), 4, hf_dir, out)
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # as in test_publish: RSS without heap slack
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    m = json.loads(out.read_text())
+    assert m["model_bytes"] > 25 * largest
+    for r in m["ranks"]:
+        # Before: every rank read the whole checkpoint (218 MB here) and built a fused copy
+        # of it, and at PP2 took stage 1's layers for layers 16-31 (a KeyError).
+        # Measured now: own + 21 MB (stage 0), own + 29 MB (stage 1), of which building the
+        # models alone is own + 20-29 MB (megatron's CPU initialisation makes each full
+        # tensor, then its split): reading adds under one tensor.
+        assert r["own_bytes"] < m["model_bytes"] * 3 / 4 + largest, r
+        assert r["peak_bytes"] < r["own_bytes"] + 4 * largest, (r, largest)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -67,8 +67,10 @@ def local_name(name: str) -> str:
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    groups, d, hidden = cfg.num_query_groups, cfg.head_dim, cfg.hidden_size
-    per_group = cfg.num_attention_heads // groups
+    """Megatron's QKV of the query groups q, k and v hold: all of them, or a tensor-parallel
+    rank's (a contiguous block of groups)."""
+    d, hidden = cfg.head_dim, cfg.hidden_size
+    groups, per_group = k.shape[0] // d, cfg.num_attention_heads // cfg.num_query_groups
     q = q.reshape(groups, per_group * d, hidden)
     k = k.reshape(groups, d, hidden)
     v = v.reshape(groups, d, hidden)
@@ -146,30 +148,54 @@ def megatron_to_hf(
         raise KeyError(f"no Hugging Face name for megatron parameter {name!r}")
 
 
+# (HF tensor name, dim to take this rank's chunk along or None for all of it) -> that block
+ReadHF = Callable[[str, int | None], torch.Tensor]
+
+
+def megatron_from_hf(name: str, cfg: ModelConfig, read: ReadHF, dim: int | None) -> torch.Tensor:
+    """The megatron parameter `name` (global layer number, either spec's name) built from the
+    HF tensors it comes from, each read through `read` along `dim` (the parameter's
+    tensor-parallel partition dim, None where it is replicated). Every rule is one of chunks:
+    a rank's QKV block is its query groups' q, k and v rows fused, its linear_fc1 block is
+    [its gate rows; its up rows], so a reader that returns one chunk of each HF tensor gives
+    this rank's shard without the whole tensor ever being read."""
+    name = local_name(name)
+    if name == "output_layer.weight" and cfg.tie_embeddings:  # the last stage's copy, PP > 1
+        return read("model.embed_tokens.weight", dim)
+    if name in _GLOBAL_RENAMES:
+        return read(_GLOBAL_RENAMES[name], dim)
+    m = _MEGATRON_LAYER.match(name)
+    if m is None:
+        raise KeyError(f"no Hugging Face tensor for megatron parameter {name!r}")
+    prefix, suffix = f"model.layers.{m[1]}.", m[2]
+    if suffix == "self_attention.linear_qkv.weight":
+        parts = (read(f"{prefix}self_attn.{p}_proj.weight", dim) for p in "qkv")
+        return fuse_qkv(*parts, cfg)
+    if suffix == "mlp.linear_fc1.weight":
+        gate, up = (read(f"{prefix}mlp.{p}_proj.weight", dim) for p in ("gate", "up"))
+        return torch.cat([gate, up], dim=0)
+    if suffix in _LAYER_RENAMES:
+        return read(prefix + _LAYER_RENAMES[suffix], dim)
+    raise KeyError(f"no Hugging Face tensor for megatron parameter {name!r}")
+
+
+def megatron_names(cfg: ModelConfig) -> list[str]:
+    """The full model's parameter names (local spec, global layers) an HF Llama provides."""
+    names = [n for n in _GLOBAL_RENAMES if not (n == "output_layer.weight" and cfg.tie_embeddings)]
+    return names + [
+        f"decoder.layers.{i}.{suffix}"
+        for i in range(cfg.num_layers)
+        for suffix in (*_LAYER_RENAMES, "self_attention.linear_qkv.weight", "mlp.linear_fc1.weight")
+    ]
+
+
 def hf_to_megatron(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """A whole HF Llama state dict -> full megatron tensors, named as the local spec names
     them (load_full_state maps them onto either spec's model); missing names are errors."""
 
-    def take(name: str) -> torch.Tensor:
+    def take(name: str, dim: int | None) -> torch.Tensor:
         if name not in hf:
             raise KeyError(f"the Hugging Face checkpoint has no {name!r}")
         return hf[name]
 
-    out = {}
-    for meg, h in _GLOBAL_RENAMES.items():
-        if not (h == "lm_head.weight" and cfg.tie_embeddings):
-            out[meg] = take(h)
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        out[f"decoder.layers.{i}.self_attention.linear_qkv.weight"] = fuse_qkv(
-            take(p + "self_attn.q_proj.weight"),
-            take(p + "self_attn.k_proj.weight"),
-            take(p + "self_attn.v_proj.weight"),
-            cfg,
-        )
-        out[f"decoder.layers.{i}.mlp.linear_fc1.weight"] = torch.cat(
-            [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")], dim=0
-        )
-        for meg, h in _LAYER_RENAMES.items():
-            out[f"decoder.layers.{i}.{meg}"] = take(p + h)
-    return out
+    return {name: megatron_from_hf(name, cfg, take, None) for name in megatron_names(cfg)}

@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 import torch
 
-from rlef_hpc.checkpoint.hf import hf_to_megatron, megatron_to_hf
-from rlef_hpc.checkpoint.layout import full_of, global_name, load_full_state
+from rlef_hpc.checkpoint.hf import megatron_from_hf, megatron_to_hf
+from rlef_hpc.checkpoint.layout import full_of, global_name
 from rlef_hpc.models.config import ModelConfig, PrecisionConfig
 
 TOKENIZER_FILES = (
@@ -75,13 +75,36 @@ def stored_dtype(hf_dir: Path) -> str:
     return _SAFETENSORS_DTYPES[stored]
 
 
-def read_hf_state(hf_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+class HFTensors:
+    """Reads single tensors, or one chunk of one, from an HF directory's safetensors shards:
+    only the bytes asked for leave the file. Each read maps its shard and unmaps it after, so
+    what a reader holds in memory is what it returned, not the pages it looked at."""
 
-    state: dict[str, torch.Tensor] = {}
-    for path in _weight_files(hf_dir):
-        state.update(load_file(path))
-    return state
+    def __init__(self, hf_dir: Path) -> None:
+        from safetensors import safe_open
+
+        self.files: dict[str, Path] = {}
+        for path in _weight_files(hf_dir):
+            with safe_open(path, framework="pt") as f:
+                self.files.update(dict.fromkeys(f.keys(), path))
+
+    def read(
+        self, name: str, dim: int | None = None, index: int = 0, parts: int = 1
+    ) -> torch.Tensor:
+        """Tensor `name`, or with `dim` its chunk `index` of `parts` equal ones along `dim`."""
+        from safetensors import safe_open
+
+        if name not in self.files:
+            raise CheckpointError(f"the Hugging Face checkpoint has no {name!r}")
+        with safe_open(self.files[name], framework="pt") as f:
+            if dim is None or parts == 1:
+                return f.get_tensor(name)
+            block = f.get_slice(name)
+            size = block.get_shape()[dim]
+            if size % parts:
+                raise CheckpointError(f"{name}: {size} rows along dim {dim} in {parts} parts")
+            step = size // parts
+            return block[(slice(None),) * dim + (slice(index * step, (index + 1) * step),)]
 
 
 def build_from_hf(
@@ -91,20 +114,43 @@ def build_from_hf(
     kinds: Sequence[Literal["policy", "value"]],
 ) -> list[Any]:
     """One megatron model of this rank's pipeline stage and tensor-parallel slice per kind,
-    loaded from the HF directory (read once): a policy takes every weight, a value model the
-    trunk with a fresh head. Parallel state must be initialised."""
+    loaded from the HF directory: a policy takes every weight, a value model the trunk with a
+    fresh head. Each rank reads only its own stage's tensors and of those only its
+    tensor-parallel chunk, each once for all the models: at 70B a rank's host memory is its
+    shard of the models plus one tensor, not the 140 GB checkpoint. Parallel state must be
+    initialised."""
+    from megatron.core import parallel_state as ps
+
     from rlef_hpc.models.gpt import build_gpt
 
-    state = hf_to_megatron(read_hf_state(hf_dir), cfg)
-    trunk = {k: v for k, v in state.items() if not k.startswith("output_layer")}
-    models = []
-    for kind in kinds:
-        model = build_gpt(cfg, precision, value=kind == "value")
-        if kind == "value":
-            load_full_state(model, trunk, cfg.num_layers, strict=False)  # a fresh head
-        else:
-            load_full_state(model, state, cfg.num_layers)
-        models.append(model)
+    models = [build_gpt(cfg, precision, value=kind == "value") for kind in kinds]
+    stage = ps.get_pipeline_model_parallel_rank()
+    per_stage = cfg.num_layers // ps.get_pipeline_model_parallel_world_size()
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    tensors = HFTensors(hf_dir)
+
+    def read(name: str, dim: int | None) -> torch.Tensor:
+        return tensors.read(name, dim, tp_rank, tp)
+
+    targets: dict[str, list[torch.nn.Parameter]] = {}
+    for kind, model in zip(kinds, models, strict=True):
+        for name, param in model.named_parameters():
+            if not (kind == "value" and name.startswith("output_layer")):  # a fresh head
+                targets.setdefault(name, []).append(param)
+    with torch.no_grad():
+        for name, params in targets.items():
+            param = params[0]
+            split = getattr(param, "tensor_model_parallel", False) and tp > 1
+            key = global_name(name, stage, per_stage)
+            shard = megatron_from_hf(key, cfg, read, param.partition_dim if split else None)
+            if shard.shape != param.shape:
+                raise CheckpointError(
+                    f"{hf_dir}: {key} is {tuple(shard.shape)} on this rank, the model's "
+                    f"{tuple(param.shape)} (config.json does not describe these weights?)"
+                )
+            for p in params:
+                p.copy_(shard)
+            del shard
     return models
 
 
