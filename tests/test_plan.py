@@ -108,3 +108,33 @@ def test_bytes_per_parameter_are_megatrons_report():
     per_param = report.trainer["policy weights + grads + optimizer"] / n
     assert per_param == pytest.approx(6 + 12 / cfg.parallel.data)
     assert report.trainer["reference policy (frozen)"] / n == pytest.approx(2)
+
+
+def test_fp8_rollouts_hold_linear_weights_in_one_byte():
+    """The engine's weights with rollout.quantization=fp8: the linear layers' parameters (as
+    transformers' Llama 3.1 70B counts them, on the meta device) in one byte each, the
+    embedding and LM head in bf16."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = load(JobConfig, CONFIGS / "llama3_70b.yaml", [])
+    bf16 = plan(cfg).rollout["vLLM weights"]
+    fp8 = plan(load(JobConfig, CONFIGS / "llama3_70b.yaml", ["rollout.quantization=fp8"]))
+    mc = LLAMA_31["70B"]
+    hf = LlamaConfig(
+        vocab_size=mc.vocab_size,
+        hidden_size=mc.hidden_size,
+        intermediate_size=mc.ffn_hidden_size,
+        num_hidden_layers=mc.num_layers,
+        num_attention_heads=mc.num_attention_heads,
+        num_key_value_heads=mc.num_query_groups,
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(hf)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    linear -= model.lm_head.weight.numel()
+    total = sum(p.numel() for p in model.parameters())
+    tp = cfg.rollout.tensor_parallel
+    assert bf16 == pytest.approx(2 * total / tp, rel=1e-4)
+    assert fp8.rollout["vLLM weights"] == pytest.approx((linear + 2 * (total - linear)) / tp, 1e-4)
+    assert fp8.kv_tokens > plan(cfg).kv_tokens

@@ -274,3 +274,108 @@ def test_the_colocated_engine_is_built_before_the_trainers_models(tmp_path, hf_d
     proc = run_script(script("colocated_order"), run, *overrides, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "ORDER engine models" in proc.stdout.splitlines()
+
+
+def _engine_arguments(monkeypatch, hf_dir, rollout: Any, capability: tuple[int, int]) -> dict:
+    """What build_engine asks of vLLM on a GPU of `capability` (vLLM not started)."""
+    import torch
+    import vllm
+
+    from rlef_hpc.rollout.vllm_engine import build_engine
+
+    sent: dict[str, Any] = {}
+
+    class LLM:
+        def __init__(self, **kwargs: Any) -> None:
+            sent.update(kwargs)
+
+        def get_tokenizer(self) -> Any:
+            return type("Tokenizer", (), {"eos_token_id": 2})()
+
+    with monkeypatch.context() as m:
+        m.setattr(vllm, "LLM", LLM)
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "get_device_capability", lambda *_: capability)
+        build_engine(str(hf_dir), rollout, 0, "bfloat16")
+    return sent
+
+
+def test_fp8_rollouts_ask_vllm_for_online_per_channel_fp8(monkeypatch, hf_dir):
+    """rollout.quantization=fp8 on Hopper: vLLM's online scheme (bf16 weights in, quantised by
+    the engine, per output channel), which its in-place reload re-applies at every refit; not
+    vLLM's "fp8", which since 0.30 means an FP8 checkpoint and refuses a bf16 one."""
+    from vllm.config.quantization import resolve_quantization_config
+    from vllm.model_executor.layers.quantization.fp8 import Fp8Config
+    from vllm.model_executor.layers.quantization.utils.quant_utils import kFp8StaticChannelSym
+
+    from rlef_hpc.rollout.config import RolloutConfig
+
+    sent = _engine_arguments(monkeypatch, hf_dir, RolloutConfig(quantization="fp8"), (9, 0))
+    assert sent["quantization"] == "fp8_per_channel"
+    assert resolve_quantization_config(sent["quantization"], None).linear.weight == (
+        kFp8StaticChannelSym
+    )
+    with pytest.raises(ValueError, match="no longer supports online"):
+        Fp8Config(is_checkpoint_fp8_serialized=False)
+    assert "quantization" not in _engine_arguments(monkeypatch, hf_dir, RolloutConfig(), (9, 0))
+
+
+@pytest.mark.parametrize(
+    ("capability", "refused"),
+    [(None, "needs a CUDA GPU"), ((8, 0), r"needs compute capability >= 8\.9"), ((8, 9), None)],
+)
+def test_fp8_rollouts_are_refused_by_name_where_the_gpu_has_no_fp8(capability, refused):
+    from rlef_hpc.rollout.config import RolloutConfig, validate_rollout_hardware
+
+    rollout = RolloutConfig(quantization="fp8")
+    if refused is None:
+        validate_rollout_hardware(rollout, capability)
+        return
+    with pytest.raises(ValueError, match=f"rollout.quantization=fp8 {refused}"):
+        validate_rollout_hardware(rollout, capability)
+    validate_rollout_hardware(RolloutConfig(), capability)  # bf16 rollouts run anywhere
+
+
+def test_fp8_rollouts_stop_a_cpu_engine_before_vllm_starts(hf_dir):
+    from rlef_hpc.rollout.config import RolloutConfig
+    from rlef_hpc.rollout.vllm_engine import build_engine
+
+    with pytest.raises(ValueError, match="rollout.quantization=fp8 needs a CUDA GPU"):
+        build_engine(str(hf_dir), RolloutConfig(quantization="fp8"), 0)
+
+
+def test_evaluation_runs_the_model_unquantised(monkeypatch, hf_dir):
+    """The reported solve rates are the model's, not an FP8 engine's."""
+    from rlef_hpc.eval import policy
+    from rlef_hpc.rollout.config import RolloutConfig
+
+    asked = []
+
+    def build_engine(model_dir: str, rollout: RolloutConfig, *args: Any, **kwargs: Any) -> Any:
+        asked.append(rollout)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(policy, "build_engine", build_engine)
+    with pytest.raises(RuntimeError, match="stop here"):
+        policy.evaluate_model(
+            hf_dir, [], None, RolloutConfig(quantization="fp8"), 1, ["1@1"], 0, None
+        )
+    assert [r.quantization for r in asked] == ["none"]
+
+
+def test_the_refit_probe_is_a_multiple_of_the_models_sequence_multiple(hf_dir):
+    """Under FP8 training the trainer's GEMMs take multiples of 16 tokens: the probe's length
+    is one, as every batch's is (test_gpu_path)."""
+    from transformers import AutoTokenizer
+
+    from rlef_hpc.data.bundled import BUNDLED
+    from rlef_hpc.data.codecontests import load_problems
+    from rlef_hpc.episodes.runner import EpisodeConfig
+    from rlef_hpc.train.sources import probe_sequences
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    problems = load_problems(BUNDLED)[:2]
+    shortest = len(probe_sequences(tokenizer, problems, EpisodeConfig())[0])
+    probe = probe_sequences(tokenizer, problems, EpisodeConfig(), multiple=16)
+    assert probe.shape[1] % 16 == 0 and shortest - 16 < probe.shape[1] <= shortest
+    assert probe.device.type == "cpu"

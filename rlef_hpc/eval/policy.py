@@ -4,7 +4,7 @@ and the report's files. What rlef-eval --model and the Slurm evaluation job both
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ def evaluate_model(
     from transformers import AutoTokenizer  # heavy: only when a model is evaluated
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # The model's own numbers, not a quantised engine's: rollout.quantization is for training.
+    rollout = replace(rollout, quantization="none")
     engine = build_engine(str(model_dir), rollout, seed, tensor_parallel=rollout.tensor_parallel)
     runner = EpisodeRunner(tokenizer, executor, engine, episodes)
     trajectories = runner.run([p for p in problems for _ in range(rollouts)], progress=True)

@@ -157,7 +157,10 @@ def plan(cfg: JobConfig) -> Plan:
     block, embedding = parameter_counts(mc)
     total = block + embedding * (1 if mc.tie_embeddings else 2)
     engine_tp = p.tensor if r.layout == "colocated" else r.tensor_parallel
-    engine_weights = total * width / engine_tp
+    # FP8 rollouts quantise the linear layers' weights to one byte; the embedding and the LM
+    # head stay in the model's dtype (vLLM quantises neither).
+    linear_width = 1 if r.quantization == "fp8" else width
+    engine_weights = (block * linear_width + (total - block) * width) / engine_tp
     budget = r.gpu_memory_utilization * gpu_gb * GB
     kv_per_token = 2 * mc.num_layers * mc.num_query_groups * mc.head_dim * width / engine_tp
     rollout = {"vLLM weights": engine_weights, "vLLM KV cache": max(0.0, budget - engine_weights)}

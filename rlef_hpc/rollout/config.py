@@ -22,6 +22,12 @@ class RolloutConfig:
     max_tokens: int = 96  # per turn
     kv_cache_gib: float = 0.5  # CPU engines; GPU engines use gpu_memory_utilization
     gpu_memory_utilization: float = 0.5
+    # "fp8": the engine quantises its copy of the policy to FP8 (vLLM's online fp8_per_channel:
+    # per-output-channel e4m3 weights, per-token dynamic activations, the recipe of Meta's
+    # own FP8 Llama 3.1), again at every refit, on GPUs of compute capability >= 8.9. The
+    # trainer stays in its precision; the truncated importance weights correct the sampling
+    # difference and the mismatch guard (below) bounds it. Evaluation runs unquantised.
+    quantization: Literal["none", "fp8"] = "none"
     # Trainer vs engine log-probs, on every batch's sampled tokens and after each refit: the
     # run stops when their mean |difference| passes mismatch.mean_limit (0.2 nats) or their
     # mismatch.quantile (p99.9) passes mismatch.quantile_limit (2 nats), not on the max, which
@@ -41,3 +47,25 @@ class RolloutConfig:
     shard_rollouts: int = 16
     max_staleness: int = 1
     shard_timeout_s: float = 3600.0
+
+
+# vLLM's name for rollout.quantization=fp8 (an online shorthand of vllm.config.quantization;
+# plain "fp8" in vLLM >= 0.30 means an FP8 checkpoint and refuses bf16 weights)
+VLLM_QUANTIZATION = {"fp8": "fp8_per_channel"}
+
+
+def validate_rollout_hardware(
+    rollout: RolloutConfig, compute_capability: tuple[int, int] | None
+) -> None:
+    """rollout.quantization against the GPU (None: no CUDA): only the machine that starts the
+    engine can tell. vLLM's CPU build has no FP8 kernels, and before Ada/Hopper (8.9) vLLM
+    would run FP8 weights through weight-only kernels, slower than bf16's."""
+    if rollout.quantization == "none":
+        return
+    if compute_capability is None:
+        raise ValueError("rollout.quantization=fp8 needs a CUDA GPU; none found")
+    if compute_capability < (8, 9):
+        raise ValueError(
+            f"rollout.quantization=fp8 needs compute capability >= 8.9, this GPU has "
+            f"{compute_capability}"
+        )

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from rlef_hpc.episodes.runner import Generation
-from rlef_hpc.rollout.config import RolloutConfig
+from rlef_hpc.rollout.config import VLLM_QUANTIZATION, RolloutConfig, validate_rollout_hardware
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,13 @@ def build_engine(
     import torch.distributed as dist
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    validate_rollout_hardware(rollout, capability)
     extra: dict[str, Any] = {}
+    if rollout.quantization != "none":
+        # re-applied by every in-place reload (update_weights): vLLM's layer-wise reload
+        # re-runs each layer's quantisation once the layer's new weights are in
+        extra["quantization"] = VLLM_QUANTIZATION[rollout.quantization]
     if dtype is not None:
         extra["dtype"] = dtype
     if tensor_parallel > 1:

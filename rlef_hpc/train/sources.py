@@ -30,7 +30,7 @@ from rlef_hpc.episodes.conversation import Conversation
 from rlef_hpc.episodes.runner import EpisodeConfig, EpisodeRunner
 from rlef_hpc.episodes.templates import initial_prompt
 from rlef_hpc.models.config import ModelConfig
-from rlef_hpc.models.gpt import causal_mask
+from rlef_hpc.models.gpt import causal_mask, sequence_multiple
 from rlef_hpc.rl.logprobs import next_token_logprobs
 from rlef_hpc.rollout.publish import latest_version, publish
 from rlef_hpc.rollout.refit import check_batch_mismatch, check_mismatch
@@ -99,7 +99,12 @@ class Colocated:
         self.rank = dist.get_rank()
         self.dp_rank, self.dp = _ranks()
         self.engine = engine
-        self.probe = probe_sequences(tokenizer, problems[1][:2] or problems[0][:2], cfg.episodes)
+        self.probe = probe_sequences(
+            tokenizer,
+            problems[1][:2] or problems[0][:2],
+            cfg.episodes,
+            sequence_multiple(policy.config),
+        )
         if start > 0:  # the engine starts from init/: give it the restored policy
             self.refit()
 
@@ -303,15 +308,18 @@ class Disaggregated:
 
 
 def probe_sequences(
-    tokenizer: Any, problems: list[Problem], episodes: EpisodeConfig
+    tokenizer: Any, problems: list[Problem], episodes: EpisodeConfig, multiple: int = 1
 ) -> torch.Tensor:
-    """The refit check's sequences: first prompts of the problems, cut to one length."""
+    """The refit check's sequences: first prompts of the problems, cut to one length, a
+    `multiple` of tokens (the model's sequence_multiple: FP8 GEMMs take multiples of 16)."""
     sequences = []
     for p in problems:
         conversation = Conversation(tokenizer)
         conversation.add_user(initial_prompt(episodes.templates, p.description, episodes.language))
         sequences.append(conversation.tokens)
-    length = min(len(s) for s in sequences)
+    length = min(len(s) for s in sequences) // multiple * multiple
+    if length == 0:
+        raise ValueError(f"the probe's prompts are shorter than {multiple} tokens")
     return torch.tensor([s[:length] for s in sequences], device="cpu")  # moved where checked
 
 
