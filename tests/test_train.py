@@ -57,6 +57,11 @@ def test_two_processes_log_checkpoint_convert_and_resume_exactly(tmp_path):
     proc = rlef_train(2, f"run.dir={run}", "run.iterations=3", "parallel.data=2",
                       "run.checkpoint_every=1", "run.async_save=true")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # The terminal: progress lines, one line per iteration, the result; the libraries' logs
+    # and warnings in each rank's log file.
+    assert "Warning" not in proc.stderr and "\r" not in proc.stderr + proc.stdout, proc.stderr
+    assert "Apex is not installed" in (run / "logs" / "train.log").read_text()
+    assert (run / "logs" / "train-rank1.log").exists()
     records = train_records(run)
     assert sorted(records) == [1, 2, 3]
     for r in records.values():

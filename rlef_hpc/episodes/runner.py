@@ -21,6 +21,7 @@ from rlef_hpc.data.trajectory import Trajectory, Turn
 from rlef_hpc.episodes.conversation import Conversation
 from rlef_hpc.episodes.extract import extract_code, python_parses
 from rlef_hpc.episodes.templates import Templates, fill, initial_prompt, public_feedback
+from rlef_hpc.progress import progress_bar
 from rlef_hpc.sandbox import Job, TestResult, Verdict
 
 
@@ -89,9 +90,7 @@ class EpisodeRunner:
         running: dict[concurrent.futures.Future[list[TestResult]], tuple[_Episode, str]] = {}
         bar = None
         if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(episodes), desc="episodes", unit="ep")
+            bar = progress_bar(total=len(episodes), desc="episodes", unit="ep")
         while ready or running:
             if ready:
                 batch = [

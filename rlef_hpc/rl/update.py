@@ -29,6 +29,7 @@ import torch.distributed as dist
 from rlef_hpc.dist_env import host_group
 from rlef_hpc.mismatch import MismatchLimits, mismatch_stats
 from rlef_hpc.models.gpt import causal_mask
+from rlef_hpc.progress import progress_bar
 from rlef_hpc.rl import ppo
 from rlef_hpc.rl.logprobs import next_token_logprobs
 from rlef_hpc.rl.optim import OptimConfig, make_trainable
@@ -173,9 +174,7 @@ class PPOUpdate:
         totals: dict[str, float] = {}
         minibatches = range(num_minibatches)
         if progress:
-            from tqdm import tqdm
-
-            minibatches = tqdm(minibatches, desc="update", unit="minibatch")
+            minibatches = progress_bar(minibatches, desc="update", unit="minibatch")
         for m in minibatches:
             rows = slice(m * size, (m + 1) * size)
             sub = batch.select(rows)

@@ -49,6 +49,7 @@ class VLLMGenerator:
         # Log-probs of the distribution actually sampled (after temperature), as the trainer
         # computes them; vLLM's default is the raw model's.
         args.setdefault("logprobs_mode", "processed_logprobs")
+        args.setdefault("use_tqdm_on_load", False)  # a bar per engine start: log noise
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             args.setdefault("enforce_eager", True)

@@ -20,6 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from rlef_hpc.progress import progress_bar
 from rlef_hpc.sandbox.compare import as_bytes, outputs_match
 from rlef_hpc.sandbox.protocol import (
     DONE,
@@ -286,9 +287,7 @@ class Executor:
         """Runs many jobs with every worker kept busy; results in the order of `jobs`."""
         futures = [self.submit(job) for job in jobs]
         if progress:
-            from tqdm import tqdm
-
-            with tqdm(total=len(futures), desc="sandbox", unit="job") as bar:
+            with progress_bar(total=len(futures), desc="sandbox", unit="job") as bar:
                 for _ in concurrent.futures.as_completed(futures):
                     bar.update()
         return [f.result() for f in futures]

@@ -4,7 +4,9 @@
     rlef-train configs/llama3_8b.yaml ppo.kl_coef=0.02 run.dir=runs/8b
     torchrun --nproc-per-node 2 -m rlef_hpc.train.cli CONFIG parallel.data=2
 
-A run directory that holds a checkpoint is resumed from its latest. Exit status: 0 when
+A run directory that holds a checkpoint is resumed from its latest. The terminal shows progress,
+one line per iteration and the result; the libraries' logs and warnings go to
+run.dir/logs/train.log (--verbose: shown live too). Exit status: 0 when
 done; 2 for a bad config or input; 75 when stopped by SIGTERM/SIGUSR1 after saving a
 checkpoint (run the same command again, or let Slurm requeue, to continue).
 """
@@ -12,8 +14,14 @@ checkpoint (run the same command again, or let Slurm requeue, to continue).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
+# C++ warnings bypass rlef_hpc.logs: errors only (torch reads this once, as it loads)
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
+from rlef_hpc import logs
 from rlef_hpc.config import describe, load_or_exit
 from rlef_hpc.train.config import TrainConfig
 
@@ -30,6 +38,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", nargs="?", help="YAML config file (default: the CPU demo)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the libraries' logs live (always in run.dir/logs/)",
+    )
     return p
 
 
@@ -42,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.insert(0, path)
         path = None
     cfg = load_or_exit(p, TrainConfig, path, overrides)
+    logs.setup(Path(cfg.run.dir) / "logs", logs.process_name("train"), args.verbose)
     from rlef_hpc.train.loop import train
 
     train(cfg)

@@ -21,6 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# C++ warnings bypass rlef_hpc.logs: errors only (torch reads this once, as it loads)
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
 from rlef_hpc.data.problem import Problem
 from rlef_hpc.dist_env import require_gpus_where_asked
 from rlef_hpc.episodes.runner import EpisodeRunner
@@ -117,14 +120,17 @@ def install_stop_handlers(before_exit: Callable[[int], None] | None = None) -> N
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from rlef_hpc import logs
     from rlef_hpc.config import load_or_exit
 
     p = argparse.ArgumentParser(prog="rlef-rollout-worker", description=__doc__.splitlines()[0])
     p.add_argument("config", help="the run's YAML config")
     p.add_argument("worker", type=int, help="this worker's number (0, 1, ...)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--verbose", action="store_true", help="show the libraries' logs live too")
     args = p.parse_args(argv)
     cfg = load_or_exit(p, TrainConfig, args.config, args.overrides)
+    logs.setup(Path(cfg.run.dir) / "logs", f"worker-{args.worker}", args.verbose)
     install_stop_handlers()
     run_worker(cfg, args.worker)
     return 0

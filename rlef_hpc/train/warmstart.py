@@ -16,6 +16,7 @@ from rlef_hpc.data.problem import Problem
 from rlef_hpc.episodes.conversation import Conversation
 from rlef_hpc.episodes.templates import FENCE_TAGS, Templates, initial_prompt, public_feedback
 from rlef_hpc.models.gpt import causal_mask, sequence_multiple
+from rlef_hpc.progress import progress_bar
 from rlef_hpc.rl.logprobs import next_token_logprobs
 from rlef_hpc.rl.optim import OptimConfig, make_trainable
 from rlef_hpc.sandbox import Executor, Job
@@ -182,9 +183,7 @@ def warm_start(
     losses = []
     bar = range(steps)
     if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(bar, desc="warm start", unit="step")
+        bar = progress_bar(bar, desc="warm start", unit="step")
     model.train()
     for step in bar:
         tokens, answer = answer_batch(
