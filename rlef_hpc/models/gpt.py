@@ -23,7 +23,8 @@ class Kernels:
       RoPE, and sequence parallelism (its norms handle sequence-sharded activations).
     - apex (apex's CUDA extensions): fused weight-gradient accumulation in megatron's own
       linears (the output layer is one even with TE: megatron raises without the extension)
-      and the fused masked softmax of megatron's own attention.
+      and the fused masked softmax of megatron's own attention (set in the config, though the
+      local spec's self-attention is SDPA's, which needs no softmax kernel: see layer_spec).
     """
 
     cuda: bool = False
