@@ -24,6 +24,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/sandbox_bench.py
 	$(BIN)/python benchmarks/logprob_bench.py
+	$(BIN)/python benchmarks/attention_bench.py
 	$(BIN)/python benchmarks/convert_bench.py
 	$(BIN)/python benchmarks/refit_bench.py
 	$(BIN)/python benchmarks/learning_bench.py

@@ -23,7 +23,8 @@ class Kernels:
       RoPE, and sequence parallelism (its norms handle sequence-sharded activations).
     - apex (apex's CUDA extensions): fused weight-gradient accumulation in megatron's own
       linears (the output layer is one even with TE: megatron raises without the extension)
-      and the fused masked softmax of megatron's own attention.
+      and the fused masked softmax of megatron's own attention (set in the config, though the
+      local spec's self-attention is SDPA's, which needs no softmax kernel: see layer_spec).
     """
 
     cuda: bool = False
@@ -119,15 +120,24 @@ def causal_mask(length: int, device: torch.device | str | None = None) -> torch.
 
 
 def layer_spec(kernels: Kernels | None = None) -> Any:
-    """Transformer Engine's spec where TE and CUDA exist, megatron's local one elsewhere."""
+    """Transformer Engine's spec where TE and CUDA exist (its fused attention included),
+    megatron's local one elsewhere with SDPA as its core attention: the one place that decides
+    which attention implementation the model runs."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     kernels = available_kernels() if kernels is None else kernels
     if kernels.te:
         return specs.get_gpt_layer_with_transformer_engine_spec()
+    from rlef_hpc.models.attention import SDPAttention
+
     # RMSNorm named: without it the local spec takes apex's FusedLayerNorm where apex is
     # installed, which rejects RMSNorm (without apex both are torch's norm: the same numbers).
-    return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    # megatron's local DotProductAttention materialises the T x T scores and probabilities
+    # (and apex's fused softmax, where it would help, needs fp16/bf16 and T <= 4096); SDPA's
+    # kernels do neither and give the same numbers (tests/test_attention.py).
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 class ValueHead(torch.nn.Module):
