@@ -320,6 +320,10 @@ def test_a_malformed_message_is_rejected() -> None:
         ({"reason": 2, "code": -9, "cpu_s": 0.1, "stderr": b""}, 0, Verdict.OUTPUT_LIMIT),
         ({"reason": 0, "code": -31, "cpu_s": 0.1, "stderr": b""}, 0, Verdict.SANDBOX_VIOLATION),
         ({"reason": 1, "code": -9, "cpu_s": 0.1, "stderr": b""}, 0, Verdict.TIME_LIMIT),
+        # Killed by the clock while it sat at its memory limit: out of memory first.
+        ({"reason": 1, "code": -9, "cpu_s": 1.5, "stderr": b""}, 99 << 10, Verdict.MEMORY_LIMIT),
+        # Near the limit but exited cleanly: it fit.
+        ({"reason": 0, "code": 0, "cpu_s": 0.1, "stderr": b""}, 99 << 10, Verdict.OK),
         ({"reason": 0, "code": 0, "cpu_s": 1.5, "stderr": b""}, 0, Verdict.TIME_LIMIT),
         (
             {"reason": 0, "code": 1, "cpu_s": 0.1, "stderr": b"MemoryError\n"},
