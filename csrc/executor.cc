@@ -368,6 +368,83 @@ int enter_sandbox(const ChildSpec& s) {
   _exit(120);
 }
 
+// --- a Python test out of memory --------------------------------------------------------------
+//
+// Under RLIMIT_AS, CPython does not die when memory runs out: it carries on at the limit. A
+// recursion without bound (its frames live on the heap since 3.11) fails to push a frame, which
+// 3.11 reports as a SystemError, and then unwinds a million frames, each of which needs memory
+// for its traceback that it cannot get: seconds of CPU at the limit until the clock kills it,
+// judged TIME_LIMIT. So a Python test's allocators are wrapped: when a small request fails the
+// process is within that much of its limit and cannot make progress (not even to report it), and
+// it ends there, at once, as an uncaught MemoryError would end it. A large request that fails
+// still raises MemoryError as usual (a solution may catch that one and carry on).
+
+// Requests up to this size count as small: pymalloc arenas (256 KiB; 1 MiB from 3.12) and the
+// frame stack's chunks (16 KiB and up) go through the arena allocator.
+constexpr size_t kSmallRequest = size_t{1} << 20;
+// What run_solution (child.py) prints for a MemoryError: one verdict whichever way it ends.
+const char kOutOfMemory[] =
+    "Traceback (most recent call last):\n  (omitted: out of memory)\nMemoryError\n";
+
+PyMemAllocatorEx g_base_alloc[3];  // PYMEM_DOMAIN_RAW, _MEM, _OBJ as they were before the wrap
+PyObjectArenaAllocator g_base_arena;
+
+[[noreturn]] void out_of_memory() {
+  (void)!write(2, kOutOfMemory, sizeof kOutOfMemory - 1);
+  _exit(1);
+}
+
+void* unless_exhausted(void* p, size_t size) {
+  if (p == nullptr && size <= kSmallRequest) out_of_memory();
+  return p;
+}
+
+void* oom_malloc(void* ctx, size_t size) {
+  auto* base = static_cast<PyMemAllocatorEx*>(ctx);
+  return unless_exhausted(base->malloc(base->ctx, size), size);
+}
+
+void* oom_calloc(void* ctx, size_t n, size_t elsize) {
+  auto* base = static_cast<PyMemAllocatorEx*>(ctx);
+  size_t size;
+  if (__builtin_mul_overflow(n, elsize, &size)) size = SIZE_MAX;  // fails as a large request
+  return unless_exhausted(base->calloc(base->ctx, n, elsize), size);
+}
+
+void* oom_realloc(void* ctx, void* ptr, size_t size) {
+  auto* base = static_cast<PyMemAllocatorEx*>(ctx);
+  return unless_exhausted(base->realloc(base->ctx, ptr, size), size);
+}
+
+void oom_free(void* ctx, void* ptr) {
+  auto* base = static_cast<PyMemAllocatorEx*>(ctx);
+  base->free(base->ctx, ptr);
+}
+
+void* oom_arena_alloc(void* ctx, size_t size) {
+  auto* base = static_cast<PyObjectArenaAllocator*>(ctx);
+  return unless_exhausted(base->alloc(base->ctx, size), size);
+}
+
+void oom_arena_free(void* ctx, void* ptr, size_t size) {
+  auto* base = static_cast<PyObjectArenaAllocator*>(ctx);
+  base->free(base->ctx, ptr, size);
+}
+
+// In a Python test's process, once it is in the sandbox (one thread): wraps, never replaces,
+// the interpreter's allocators, as the C API allows after initialisation.
+void end_when_out_of_memory() {
+  const PyMemAllocatorDomain domains[] = {PYMEM_DOMAIN_RAW, PYMEM_DOMAIN_MEM, PYMEM_DOMAIN_OBJ};
+  for (int i = 0; i < 3; i++) {
+    PyMem_GetAllocator(domains[i], &g_base_alloc[i]);
+    PyMemAllocatorEx wrap{&g_base_alloc[i], oom_malloc, oom_calloc, oom_realloc, oom_free};
+    PyMem_SetAllocator(domains[i], &wrap);
+  }
+  PyObject_GetArenaAllocator(&g_base_arena);
+  PyObjectArenaAllocator arena{&g_base_arena, oom_arena_alloc, oom_arena_free};
+  PyObject_SetArenaAllocator(&arena);
+}
+
 char* const kNativeArgv[] = {const_cast<char*>("solution"), nullptr};
 char* const kNativeEnv[] = {const_cast<char*>("PATH=/usr/bin:/bin"),
                             const_cast<char*>("LANG=C.UTF-8"), nullptr};
@@ -445,6 +522,7 @@ PyObject* spawn(PyObject*, PyObject* args, PyObject* kwargs) {
       PyOS_AfterFork_Child();
       int e = enter_sandbox(spec);
       if (e != 0) setup_failed(e);
+      end_when_out_of_memory();
       return Py_BuildValue("(iii)", 0, -1, -1);  // the solution runs in Python from here
     }
     PyOS_AfterFork_Parent();
@@ -580,6 +658,7 @@ PyObject* await_go(PyObject*, PyObject*) {
                  h.safe ? &g_policies[0][h.allow_sub ? 1 : 0] : nullptr};
   int e = enter_sandbox(spec);
   if (e != 0) setup_failed(e);
+  end_when_out_of_memory();
   return payload;
 }
 

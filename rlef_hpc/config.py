@@ -160,6 +160,9 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] 
         except yaml.YAMLError as e:
             # One line, as every config error: YAML's own message spans several.
             raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+        except (OSError, UnicodeDecodeError) as e:  # a directory, unreadable, not text
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise ConfigError(f"{path}: cannot read this config file ({reason})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config groups")
     try:

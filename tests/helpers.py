@@ -76,9 +76,10 @@ def torchrun(path: object, nproc: int, *args: object, timeout: int = 600) -> Non
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
-def run_script(path: object, *args: object, timeout: int = 600):
+def run_script(path: object, *args: object, timeout: int = 600, env: dict[str, str] | None = None):
     """A Python script in a process of its own (one thread, its own gloo port, the repository
-    importable); returns the completed process, output captured."""
+    importable); returns the completed process, output captured. `env`: variables to set on
+    top of this process's (PATH without Slurm's commands, say)."""
     import subprocess
     import sys
 
@@ -87,14 +88,15 @@ def run_script(path: object, *args: object, timeout: int = 600):
         "OMP_NUM_THREADS": "1",
         "MASTER_PORT": str(free_port()),
         "PYTHONPATH": str(TESTS_DIR.parent),
+        **(env or {}),
     }
     cmd = [sys.executable, str(path), *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def run_tool(name: str, *args: object, timeout: int = 300):
+def run_tool(name: str, *args: object, timeout: int = 300, env: dict[str, str] | None = None):
     """tools/NAME as a user runs it."""
-    return run_script(TESTS_DIR.parent / "tools" / name, *args, timeout=timeout)
+    return run_script(TESTS_DIR.parent / "tools" / name, *args, timeout=timeout, env=env)
 
 
 # A training run in seconds: a tiny Llama and tokenizer, a few problems, a short warm start.

@@ -146,3 +146,13 @@ def test_function_problems_for_the_transfer_evaluation(tmp_path: Path) -> None:
     proc = run("--problems", str(fixture), "--answers", str(answers), "--metrics", "1@3")
     assert proc.returncode == 0, proc.stderr
     assert "| 1@3 | 66.7% |" in proc.stdout  # add and shout solved, evens never
+
+
+def test_a_model_that_is_not_there_is_one_line_before_anything_starts(tmp_path):
+    for model, message in (
+        (tmp_path / "missing", "no such model directory"),
+        (tmp_path, "not a Hugging Face model (no config.json)"),
+    ):
+        proc = run("--model", str(model), "--limit", "1")
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

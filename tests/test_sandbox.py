@@ -83,6 +83,66 @@ def test_memory_limit_is_enforced(executor: Executor) -> None:
     assert fits.verdict == Verdict.OK and over.verdict == Verdict.MEMORY_LIMIT
 
 
+# Programs that run out of memory: each must be judged MEMORY_LIMIT, and end when it does, not
+# sit at its limit until the clock kills it (a Python recursion used to: TIME_LIMIT, 2.5 s).
+OUT_OF_MEMORY = {
+    "py_unbounded_recursion": (
+        "python",
+        "import sys\nsys.setrecursionlimit(10**7)\n\n\ndef f(n):\n    return f(n + 1) + 1\n\n\n"
+        "print(f(0))\n",
+    ),
+    "py_unbounded_list": ("python", "a = []\nwhile True:\n    a.append([len(a)])\n"),
+    "py_unbounded_string": ("python", "s = 'x'\nwhile True:\n    s += s\n"),
+    "cpp_unbounded_vector": (
+        "cpp",
+        "#include <vector>\nint main() {\n  std::vector<long long> v;\n"
+        "  for (;;) v.push_back(1);\n}\n",
+    ),
+    "cpp_unbounded_nested_vectors": (
+        "cpp",
+        "#include <vector>\nint main() {\n  std::vector<std::vector<int>> v;\n"
+        "  for (;;) v.emplace_back(1000, 1);\n}\n",
+    ),
+}
+OUT_OF_MEMORY_LIMITS = Limits(time_s=10.0, memory_mb=256)
+# CPU seconds to fill 256 MB, with room for a loaded machine: sitting at the limit took 2-3 s.
+FILL_CPU_S = 1.5
+
+
+@pytest.mark.parametrize("name", sorted(OUT_OF_MEMORY))
+def test_running_out_of_memory_is_memory_limit_at_once(executor: Executor, name: str) -> None:
+    from rlef_hpc.episodes.templates import Templates, failure_line
+
+    language, source = OUT_OF_MEMORY[name]
+    if language == "cpp":  # compile outside the timed run
+        executor.run("cpp", source, [TestCase("", None)], Limits(time_s=0.01))
+    [r] = executor.run(language, source, [TestCase("", None)], OUT_OF_MEMORY_LIMITS)
+    assert r.verdict == Verdict.MEMORY_LIMIT, (r.exit_code, r.memory_kb, r.stderr)
+    assert r.wall_s < OUT_OF_MEMORY_LIMITS.time_s / 2 and r.time_s < FILL_CPU_S, r
+    assert "Out of memory" in failure_line(Templates(), "", None, r)
+
+
+def test_cpp_stack_overflow_is_a_crash_not_out_of_memory(executor: Executor) -> None:
+    """The stack has a limit of its own (half the memory): recursing without bound overflows
+    it, a crash (SIGSEGV), long before the memory limit is reached."""
+    source = (
+        "#include <cstdio>\nint down(int n) {\n  volatile char pad[64];\n  pad[0] = n;\n"
+        '  return down(n + 1) + pad[0];\n}\nint main() { printf("%d\\n", down(0)); }\n'
+    )
+    executor.run("cpp", source, [TestCase("", None)], Limits(time_s=0.01))
+    [r] = executor.run("cpp", source, [TestCase("", None)], OUT_OF_MEMORY_LIMITS)
+    assert r.verdict == Verdict.RUNTIME_ERROR and r.exit_code == -11, (r.exit_code, r.stderr)
+    assert r.wall_s < OUT_OF_MEMORY_LIMITS.time_s / 2 and r.time_s < FILL_CPU_S, r
+
+
+def test_a_caught_failed_allocation_is_the_solutions_to_handle(executor: Executor) -> None:
+    """Only a process at its limit is ended: one request larger than the limit raises
+    MemoryError as usual, and a solution that catches it carries on."""
+    source = "try:\n    x = bytearray(10**12)\nexcept MemoryError:\n    x = None\nprint(1)\n"
+    [r] = executor.run("python", source, [TestCase("", "1\n")], OUT_OF_MEMORY_LIMITS)
+    assert r.verdict == Verdict.OK, r.stderr
+
+
 def test_stop_on_first_failure(executor: Executor) -> None:
     tests = [TestCase("1 1\n", "2\n"), TestCase("1 1\n", "3\n"), TestCase("1 1\n", "2\n")]
     source = "a, b = map(int, input().split())\nprint(a + b)\n"
@@ -260,6 +320,10 @@ def test_a_malformed_message_is_rejected() -> None:
         ({"reason": 2, "code": -9, "cpu_s": 0.1, "stderr": b""}, 0, Verdict.OUTPUT_LIMIT),
         ({"reason": 0, "code": -31, "cpu_s": 0.1, "stderr": b""}, 0, Verdict.SANDBOX_VIOLATION),
         ({"reason": 1, "code": -9, "cpu_s": 0.1, "stderr": b""}, 0, Verdict.TIME_LIMIT),
+        # Killed by the clock while it sat at its memory limit: out of memory first.
+        ({"reason": 1, "code": -9, "cpu_s": 1.5, "stderr": b""}, 99 << 10, Verdict.MEMORY_LIMIT),
+        # Near the limit but exited cleanly: it fit.
+        ({"reason": 0, "code": 0, "cpu_s": 0.1, "stderr": b""}, 99 << 10, Verdict.OK),
         ({"reason": 0, "code": 0, "cpu_s": 1.5, "stderr": b""}, 0, Verdict.TIME_LIMIT),
         (
             {"reason": 0, "code": 1, "cpu_s": 0.1, "stderr": b"MemoryError\n"},

@@ -169,7 +169,9 @@ def test_cancel_leaves_no_job_and_no_process(slurm, tmp_path):
 
 @pytest.mark.slurm
 def test_dry_run_of_the_70b_config_is_an_sbatch_script_slurm_accepts(slurm, tmp_path):
-    proc = run_tool("submit.py", REPO / "configs" / "llama3_70b.yaml", "--dry-run")
+    proc = run_tool(
+        "submit.py", REPO / "configs" / "llama3_70b.yaml", "--dry-run", "--job", "train"
+    )
     assert proc.returncode == 0, proc.stderr
     script = proc.stdout
     assert script.startswith("#!/bin/bash")

@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
             parse_metric(m)
         if args.rollouts < 1 or args.max_turns < 1:
             raise UsageError("--rollouts and --max-turns must be positive")
+        # Checked before the sandbox and vLLM start: a typo should cost one line, not a minute.
+        if args.model and not Path(args.model).is_dir():
+            raise UsageError(f"--model {args.model}: no such model directory")
+        if args.model and not (Path(args.model) / "config.json").is_file():
+            raise UsageError(f"--model {args.model}: not a Hugging Face model (no config.json)")
         functions = None
         if is_function_file(args.problems):  # HumanEval+/MBPP+ style: the transfer evaluation
             functions = load_function_problems(args.problems)[: args.limit]

@@ -102,6 +102,8 @@ def evaluate_run(cfg: TrainConfig) -> dict[str, Any]:
     from rlef_hpc.sandbox import Executor
 
     run_dir = Path(cfg.run.dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory (run.dir)")
     checkpoint = training.latest(run_dir)
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to evaluate")
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         evaluate_run(cfg)  # rlef-eval prints the table and writes the report
     except FileNotFoundError as e:
-        p.exit(2, f"error: {e}\n")
+        p.exit(2, f"{p.prog}: error: {e}\n")
     return 0
 
 

@@ -6,15 +6,22 @@ import os
 import shutil
 import subprocess
 
+# What submitting needs on this host: sbatch submits, submitit refuses to start without srun,
+# scontrol asks the controller.
+SLURM_COMMANDS = ("sbatch", "srun", "scontrol")
+
 
 class SlurmUnavailable(RuntimeError):
     pass
 
 
 def require_slurm(timeout: float = 15.0) -> None:
-    """Raises SlurmUnavailable, saying why, unless sbatch exists and the controller answers."""
-    if shutil.which("sbatch") is None:
-        raise SlurmUnavailable("Slurm is not installed here: no `sbatch` on PATH")
+    """Raises SlurmUnavailable, saying why, unless Slurm's commands exist and the controller
+    answers."""
+    missing = [cmd for cmd in SLURM_COMMANDS if shutil.which(cmd) is None]
+    if missing:
+        names = ", ".join(f"`{cmd}`" for cmd in missing)
+        raise SlurmUnavailable(f"Slurm is not installed here: no {names} on PATH")
     try:
         proc = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -31,21 +38,23 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
     """Job id -> state (PENDING, RUNNING, COMPLETED, ...), from accounting, else from squeue."""
     if not job_ids:
         return {}
-    proc = subprocess.run(
-        ["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
-        capture_output=True,
-        text=True,
-    )
+    ids = ",".join(job_ids)
     states: dict[str, str] = {}
-    for line in proc.stdout.splitlines():
+    for line in _output(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ids]):
         job, _, state = line.partition("|")
         if job:
             states[job] = state.split()[0] if state else "UNKNOWN"
     if not states:
-        proc = subprocess.run(
-            ["squeue", "-h", "-o", "%i|%T", "-j", ",".join(job_ids)], capture_output=True, text=True
-        )
-        for line in proc.stdout.splitlines():
+        for line in _output(["squeue", "-h", "-o", "%i|%T", "-j", ids]):
             job, _, state = line.partition("|")
             states[job] = state
     return states
+
+
+def _output(cmd: list[str]) -> list[str]:
+    """The command's output lines; none if it is not installed (a cluster without accounting
+    has no sacct: squeue then answers)."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True).stdout.splitlines()
+    except OSError:
+        return []

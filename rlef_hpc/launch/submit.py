@@ -15,13 +15,19 @@ in RUN_DIR/slurm/jobs.json for `status` and `cancel`; logs in RUN_DIR/slurm/.
 
 Before anything is submitted: the config is validated, the memory plan must fit
 (tools/plan.py), the run directory's parent must exist, and Slurm must answer.
+
+--dry-run needs no Slurm (a laptop, a login node): it prints the memory plan and the sbatch script
+of every job the layout submits (--job JOB: that script alone, to pipe into `sbatch
+--test-only`), warns about paths it cannot find, and says what it did not check.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -31,7 +37,7 @@ from typing import Any
 
 from rlef_hpc.config import ConfigError, load, to_dict
 from rlef_hpc.launch.config import JobConfig
-from rlef_hpc.launch.slurm import SlurmUnavailable, job_states, require_slurm
+from rlef_hpc.launch.slurm import SLURM_COMMANDS, SlurmUnavailable, job_states, require_slurm
 from rlef_hpc.rollout.config import RolloutConfig
 
 JOBS_FILE = "jobs.json"
@@ -71,15 +77,43 @@ def preflight(cfg: JobConfig) -> list[str]:
     return problems
 
 
-def _submitter(cfg: JobConfig, name: str, nodes: int, tasks: int, gpus: int, mem_gb: int) -> Any:
+@functools.cache
+def _script_writer() -> type:
+    """submitit's SlurmExecutor that only writes scripts: its constructor refuses to run where
+    `srun` is not on PATH, which a dry run (on a laptop, a login node) must not need."""
+    import submitit
+
+    class ScriptWriter(submitit.SlurmExecutor):
+        @classmethod
+        def affinity(cls) -> int:
+            return 2  # "available": nothing it does here runs srun or sbatch
+
+        def _submit_command(self, command: str) -> Any:
+            raise SubmitError("a dry run submits nothing")
+
+    return ScriptWriter
+
+
+def _submitter(
+    cfg: JobConfig,
+    name: str,
+    nodes: int,
+    tasks: int,
+    gpus: int,
+    mem_gb: int,
+    dry_run: bool = False,
+) -> Any:
     """submitit's SlurmExecutor for one job, called a submitter here: "executor" in this
-    project is the sandbox's test executor. `mem_gb`: per node."""
+    project is the sandbox's test executor. `mem_gb`: per node. `dry_run`: one that writes
+    scripts only, and needs no Slurm."""
     import submitit
 
     s = cfg.slurm
-    submitter = submitit.SlurmExecutor(
-        folder=Path(cfg.run.dir) / "slurm" / "%j", max_num_timeout=s.max_requeues
-    )
+    cls = _script_writer() if dry_run else submitit.SlurmExecutor
+    try:
+        submitter = cls(folder=Path(cfg.run.dir) / "slurm" / "%j", max_num_timeout=s.max_requeues)
+    except RuntimeError as e:  # no srun: require_slurm() says so first, this is a backstop
+        raise SlurmUnavailable(str(e)) from None
     extra: dict[str, Any] = {"requeue": True}
     if s.account:
         extra["account"] = s.account
@@ -103,34 +137,78 @@ def _submitter(cfg: JobConfig, name: str, nodes: int, tasks: int, gpus: int, mem
     return submitter
 
 
-def submitters(cfg: JobConfig) -> dict[str, Any]:
+def submitters(cfg: JobConfig, dry_run: bool = False) -> dict[str, Any]:
     """The submitter of each job the layout needs: train, rollout (an array), eval."""
     s, r, p = cfg.slurm, cfg.rollout, cfg.parallel
     tasks = s.gpus_per_node or p.world_size // s.nodes
-    out = {"train": _submitter(cfg, "train", s.nodes, tasks, s.gpus_per_node, s.mem_gb)}
+    job = functools.partial(_submitter, cfg, dry_run=dry_run)
+    out = {"train": job("train", s.nodes, tasks, s.gpus_per_node, s.mem_gb)}
     rollout_gpus = r.tensor_parallel if s.gpus_per_node else 0
     # slurm.mem_gb is a whole node's: a one-task job on part of a node asks its share (its
     # GPUs' share, or one trainer task's on CPU clusters), else one worker takes the node.
     share = rollout_gpus / s.gpus_per_node if s.gpus_per_node else 1 / tasks
     one_task_gb = max(1, int(s.mem_gb * share))
     if r.layout == "disaggregated":
-        out["rollout"] = _submitter(cfg, "rollout", 1, 1, rollout_gpus, one_task_gb)
+        out["rollout"] = job("rollout", 1, 1, rollout_gpus, one_task_gb)
     if s.eval_after:
-        out["eval"] = _submitter(cfg, "eval", 1, 1, rollout_gpus, one_task_gb)
+        out["eval"] = job("eval", 1, 1, rollout_gpus, one_task_gb)
     return out
 
 
+def sbatch_scripts(cfg: JobConfig) -> dict[str, str]:
+    """The sbatch script submitit would submit for each job of the run (--dry-run); needs no
+    Slurm."""
+    scripts = {}
+    for job, submitter in submitters(cfg, dry_run=True).items():
+        if job == "rollout":
+            submitter.parameters["map_count"] = cfg.rollout.workers
+        if job == "eval":
+            submitter.update_parameters(dependency="afterok:TRAIN_JOB_ID")
+        command = submitter._submitit_command_str
+        scripts[job] = submitter._make_submission_file_text(command, "dry-run")
+    return scripts
+
+
 def sbatch_script(cfg: JobConfig, job: str = "train") -> str:
-    """The sbatch script submitit would submit for `job` (--dry-run)."""
-    by_job = submitters(cfg)
-    if job not in by_job:
-        raise SubmitError(f"--job {job}: this config submits only {', '.join(by_job)}")
-    submitter = by_job[job]
-    if job == "rollout":
-        submitter.parameters["map_count"] = cfg.rollout.workers
-    if job == "eval":
-        submitter.update_parameters(dependency="afterok:TRAIN_JOB_ID")
-    return submitter._make_submission_file_text(submitter._submitit_command_str, "dry-run")
+    """The sbatch script submitit would submit for `job` (--dry-run --job JOB)."""
+    scripts = sbatch_scripts(cfg)
+    if job not in scripts:
+        raise SubmitError(f"--job {job}: this config submits only {', '.join(scripts)}")
+    return scripts[job]
+
+
+_JOB_TITLES = {
+    "train": "trainer",
+    "rollout": "rollout workers (a job array, one task each)",
+    "eval": "evaluation (after the trainer: afterok)",
+}
+
+
+def not_checked() -> str:
+    """The one line a dry run ends with: what only Slurm itself can tell."""
+    missing = [cmd for cmd in SLURM_COMMANDS if shutil.which(cmd) is None]
+    why = f"no Slurm here: no {', '.join(missing)} on PATH" if missing else "nothing was submitted"
+    return (
+        "not checked: sbatch --test-only, whether Slurm accepts these jobs (partition, account, "
+        f"QOS, node and GPU counts; {why})"
+    )
+
+
+def dry_run(cfg: JobConfig) -> str:
+    """What --dry-run prints: the memory plan, every job's sbatch script, what was not checked."""
+    from rlef_hpc.launch.plan import plan
+
+    if cfg.slurm.gpus_per_node:
+        memory = plan(cfg).table()
+    else:
+        memory = "none: a CPU-only job (slurm.gpus_per_node=0)"
+    parts = [f"# ==== memory plan (tools/plan.py)\n{memory}"]
+    scripts = sbatch_scripts(cfg)
+    for job, script in scripts.items():
+        parts.append(f"# ==== {job}: {_JOB_TITLES[job]}: sbatch script\n{script.rstrip()}")
+    if "rollout" not in scripts:
+        parts.append("# ==== rollout: none (colocated: each trainer rank has its own engine)")
+    return "\n\n".join([*parts, not_checked()])
 
 
 def submit(cfg: JobConfig) -> dict[str, Any]:
@@ -205,6 +283,7 @@ def status(run_dir: Path) -> str:
 def cancel(run_dir: Path, timeout_s: float = 120.0) -> list[str]:
     """scancel every job of the run, then waits until Slurm has none of them left."""
     jobs = [j for submission in recorded(run_dir) for _, j in _ids(submission)]
+    require_slurm()  # after the run's records: a wrong RUN_DIR is the likelier mistake
     subprocess.run(["scancel", *jobs], check=False, capture_output=True)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -228,9 +307,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     layouts = typing.get_args(typing.get_type_hints(RolloutConfig)["layout"])
     p.add_argument("--layout", choices=layouts, help="rollout.layout")
-    p.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
     p.add_argument(
-        "--job", choices=("train", "rollout", "eval"), default="train", help="with --dry-run"
+        "--dry-run",
+        action="store_true",
+        help="print the memory plan and every job's sbatch script; submit nothing, need no Slurm",
+    )
+    p.add_argument(
+        "--job",
+        choices=("train", "rollout", "eval"),
+        help="with --dry-run: print only this job's sbatch script",
     )
     return p
 
@@ -246,7 +331,6 @@ def main(argv: list[str] | None = None) -> int:
             if args.config == "status":
                 print(status(run_dir))
             else:
-                require_slurm()
                 print("cancelled: " + " ".join(cancel(run_dir)))
             return 0
         overrides = list(args.overrides)
@@ -258,8 +342,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             for problem in problems:
                 print(f"submit: warning: {problem}", file=sys.stderr)
-            print(sbatch_script(cfg, args.job))
+            if args.job:  # the script alone on stdout, ready for `sbatch --test-only`
+                print(sbatch_script(cfg, args.job))
+                print(not_checked(), file=sys.stderr)
+            else:
+                print(dry_run(cfg))
             return 0
+        if args.job:
+            raise SubmitError("--job is for --dry-run: a submission submits every job")
         if problems:
             raise SubmitError("; ".join(problems))
         require_slurm()

@@ -73,6 +73,7 @@ def run_spare() -> NoReturn:
     run_solution(code, source)
 
 
+# csrc/executor.cc (kOutOfMemory) prints the same when an allocation at the limit fails.
 _OUT_OF_MEMORY = b"Traceback (most recent call last):\n  (omitted: out of memory)\nMemoryError\n"
 
 

@@ -26,8 +26,10 @@ def rlimits_for(limits: Limits, *, native: bool, inherited_vm_bytes: int) -> Rli
 
     A forked Python test starts with the server's address space (`inherited_vm_bytes`) mapped:
     the solution's budget comes on top of it. Half the memory goes to the stack: deep recursion
-    works, and a runaway one ends as a stack overflow (RUNTIME_ERROR) before it could pass for
-    memory exhaustion."""
+    works, and a runaway one on the C stack (C++, or Python recursing through C) ends as a stack
+    overflow (RUNTIME_ERROR) before it could pass for memory exhaustion. Python's own frames live
+    on the heap: its runaway recursion runs out of memory (csrc/executor.cc:
+    end_when_out_of_memory)."""
     memory = limits.memory_mb << 20
     return Rlimits(
         address_space=memory + (0 if native else inherited_vm_bytes),

@@ -21,12 +21,16 @@ def verdict_of(obs: Mapping[str, Any], limits: Limits, memory_kb: int) -> Verdic
         return Verdict.OUTPUT_LIMIT
     if code == -signal.SIGSYS:  # seccomp killed it
         return Verdict.SANDBOX_VIOLATION
+    # Out of address space shows as an allocation failure, or (for a solution that handles it)
+    # as a crash or a stall with its peak at the limit. Memory comes before the clock: a test
+    # that reached its memory limit and then ran out of time ran out of memory first, and
+    # "too long" would send the model after the wrong fault.
+    at_limit = memory_kb >= 0.98 * (limits.memory_mb << 10)
+    if code != 0 and at_limit:
+        return Verdict.MEMORY_LIMIT
     if obs["reason"] == REASON_WALL or obs["cpu_s"] > limits.time_s or code == -signal.SIGXCPU:
         return Verdict.TIME_LIMIT
     if code != 0:
-        # Out of address space shows as an allocation failure, or (for a solution that handles
-        # it) as a crash with its peak at the limit.
         out_of_memory = b"MemoryError" in stderr[-512:] or b"std::bad_alloc" in stderr[-512:]
-        out_of_memory |= memory_kb >= 0.98 * (limits.memory_mb << 10)
         return Verdict.MEMORY_LIMIT if out_of_memory else Verdict.RUNTIME_ERROR
     return Verdict.OK

@@ -1,5 +1,6 @@
-# expect: TIME_LIMIT
-# Pure-Python recursion lives on the heap in CPython 3.11: it runs until the deadline.
+# expect: MEMORY_LIMIT
+# Pure-Python recursion lives on the heap in CPython 3.11: it runs out of memory, and must end
+# there (not sit at its limit until the deadline).
 import sys
 
 sys.setrecursionlimit(10**9)
