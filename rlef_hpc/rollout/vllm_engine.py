@@ -192,10 +192,10 @@ def build_engine(
     import torch.distributed as dist
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
-    validate_rollout_hardware(rollout, capability)
     extra: dict[str, Any] = {}
     if rollout.quantization != "none":
+        capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+        validate_rollout_hardware(rollout, capability)
         # re-applied by every in-place reload (update_weights): vLLM's layer-wise reload
         # re-runs each layer's quantisation once the layer's new weights are in
         extra["quantization"] = VLLM_QUANTIZATION[rollout.quantization]
