@@ -2,8 +2,9 @@
 
     run_dir/
       iter_0000040/            complete checkpoints only (written under .tmp-*, then renamed)
-        policy/  value/        megatron torch_dist: model and optimizer (AdamW moments, fp32
-                               master weights, step), layout-free
+        policy/  value/        megatron torch_dist: model (global shapes) and optimizer
+                               (AdamW moments, fp32 master weights, step: each rank's
+                               bucket shard, and the buckets' index; see Layout)
         trainer_state.pt       iteration, LR/WD schedules, the run's own
                                state (data/rollout cursor, config), per-rank RNG states
       latest                   the newest complete iteration, replaced atomically, last
