@@ -1,5 +1,7 @@
-"""Training checkpoints: resume at another layout gives the uninterrupted run's next update;
-a save killed half-way leaves the previous checkpoint and `latest` intact."""
+"""Training checkpoints: resume at the same layout is megatron's parallel load and continues
+bit for bit; at another layout it reshards and gives the uninterrupted run's next update;
+checkpoints in the format before still load; a save killed half-way leaves the previous
+checkpoint and `latest` intact."""
 
 from __future__ import annotations
 
@@ -80,10 +82,96 @@ def test_resume_at_other_layouts_matches_the_uninterrupted_run(init, tmp_path):
         out = tmp_path / f"resumed{nproc}.pt"
         # Two more updates: the second one's losses depend on the restored Adam moments, step
         # counts and LR schedule, not only on the restored weights.
-        torchrun(nproc, *layout, "--resume", run, "--steps", 2, "--metrics", out)
+        torchrun(
+            nproc, *layout, "--resume", run, "--steps", 2, "--metrics", out,
+            "--expect-load", "reshard",
+        )  # fmt: skip
         resumed = torch.load(out)
         for key in ("policy_loss", "value_loss", "approx_kl", "entropy", "policy_grad_norm"):
             assert resumed[key] == pytest.approx(straight[key], abs=1e-5), (nproc, key)
+
+
+def content_metadata(path: Path) -> dict:
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_content_metadata(str(path))
+
+
+def assert_same_state(a: Path, b: Path, nproc: int) -> None:
+    """Each rank's optimizer state dumps (ppo_resume --dump) equal, bit for bit."""
+    for rank in range(nproc):
+        x, y = torch.load(f"{a}.{rank}"), torch.load(f"{b}.{rank}")
+        assert x.keys() == y.keys() == {"policy", "value"}
+        for name in x:
+            main_x, main_y = x[name]["main"], y[name]["main"]
+            assert len(main_x) == len(main_y) > 0
+            for p, q in zip(main_x, main_y, strict=True):
+                assert torch.equal(p, q), (rank, name)
+            sx, sy = x[name]["adam"], y[name]["adam"]
+            # Megatron's load copies the saved groups' step count (the per-parameter "step"
+            # tensors, compared below, are what torch's Adam uses) into each group.
+            groups_x, groups_y = (
+                [{k: v for k, v in g.items() if k != "step"} for g in s["param_groups"]]
+                for s in (sx, sy)
+            )
+            assert groups_x == groups_y, (rank, name)
+            assert sx["state"].keys() == sy["state"].keys()
+            for i, state in sx["state"].items():
+                assert state.keys() == sy["state"][i].keys() == {"step", "exp_avg", "exp_avg_sq"}
+                for k, v in state.items():
+                    assert torch.equal(v, sy["state"][i][k]), (rank, name, i, k)
+
+
+@pytest.mark.multiprocess
+def test_resume_at_the_same_layout_is_parallel_and_bit_identical(init, tmp_path):
+    # DP=2: both ranks hold a shard of each optimizer's state.
+    torchrun(
+        2, "--init", init, "--steps", 3, "--metrics", tmp_path / "straight.pt",
+        "--dump", tmp_path / "straight",
+    )  # fmt: skip
+    run = tmp_path / "run"
+    # The save fails if any optimizer state is gathered onto one rank.
+    torchrun(
+        2, "--init", init, "--steps", 1, "--save", run, "--forbid-gather",
+        "--dump", tmp_path / "saved",
+    )  # fmt: skip
+    content = content_metadata(training.latest(run) / "policy")
+    assert content["distrib_optim_sharding_type"] == "dp_reshardable"
+    assert content["layout"] == {
+        "tp": 1, "pp": 1, "dp": 2, "cp": 1, "bucket_layouts": 1,
+    }  # fmt: skip
+    # Megatron's parallel load (each rank reads its shard), then two more updates.
+    torchrun(
+        2, "--resume", run, "--steps", 2, "--metrics", tmp_path / "resumed.pt",
+        "--expect-load", "parallel", "--dump-loaded", tmp_path / "loaded",
+        "--dump", tmp_path / "resumed",
+    )  # fmt: skip
+    assert_same_state(tmp_path / "saved", tmp_path / "loaded", 2)
+    assert_same_state(tmp_path / "straight", tmp_path / "resumed", 2)
+    assert torch.load(tmp_path / "resumed.pt") == torch.load(tmp_path / "straight.pt")
+    # DP=1 is the same bucket layout: megatron's format reshards over DP itself.
+    torchrun(
+        1, "--resume", run, "--steps", 2, "--metrics", tmp_path / "dp1.pt",
+        "--expect-load", "parallel",
+    )  # fmt: skip
+    dp1, straight = torch.load(tmp_path / "dp1.pt"), torch.load(tmp_path / "straight.pt")
+    for key in ("policy_loss", "value_loss", "approx_kl", "entropy", "policy_grad_norm"):
+        assert dp1[key] == pytest.approx(straight[key], abs=1e-5), key
+
+
+@pytest.mark.multiprocess
+def test_a_checkpoint_in_the_format_before_still_loads(init, tmp_path):
+    run = tmp_path / "run"
+    torchrun(
+        2, "--init", init, "--steps", 1, "--save", run, "--legacy-save",
+        "--dump", tmp_path / "saved",
+    )  # fmt: skip
+    assert content_metadata(training.latest(run) / "policy") == training.OPTIMIZER_METADATA
+    torchrun(
+        2, "--resume", run, "--steps", 1, "--expect-load", "fully_reshardable",
+        "--dump-loaded", tmp_path / "loaded",
+    )  # fmt: skip
+    assert_same_state(tmp_path / "saved", tmp_path / "loaded", 2)
 
 
 @pytest.mark.multiprocess

@@ -5,6 +5,11 @@
 --resume RUN --steps 1 --metrics OUT           resume from RUN's latest, one more update
 --init INIT --steps 1 --save RUN --hang-at 2   save iteration 1, then hang inside the save
                                                of iteration 2 (the test kills it there)
+--expect-load MODE          the resume loads both models so (training.load's report)
+--forbid-gather             saving fails if optimizer state is gathered onto one rank
+--legacy-save               save as this repository did before the parallel format
+--dump-loaded PATH          each rank's optimizer state right after the resume, to PATH.RANK
+--dump PATH                 each rank's optimizer state at the end, to PATH.RANK
 """
 
 from __future__ import annotations
@@ -47,6 +52,44 @@ def slow_down_policy_writes() -> None:
     Writer.write_preloaded_data_multiproc = staticmethod(slow)
 
 
+def forbid_gather() -> None:
+    """Megatron gathers the distributed optimizer's state onto DP rank 0 (fully_reshardable,
+    dp_zero_gather_scatter) in get_parameter_state_dp_zero: the parallel save must not."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    def gather(self, *args, **kwargs):
+        raise AssertionError("optimizer state gathered onto one rank")
+
+    DistributedOptimizer.get_parameter_state_dp_zero = gather
+
+
+def save_legacy() -> None:
+    """Saves as training.save did before the parallel format: megatron's fully_reshardable
+    (gathered onto DP rank 0 over gloo), default strategy, the format in the content
+    metadata and nothing else."""
+
+    def state(model, optimizer):
+        sharded = training._sharded(
+            model, optimizer, is_loading=False, sharding=training.FULLY_RESHARDABLE
+        )
+        return sharded, dict(training.OPTIMIZER_METADATA)
+
+    training._save_state = state
+    training._save_strategy = lambda: None
+
+
+def dump(models, path: Path) -> None:
+    """Each rank's optimizer state (its fp32 master weights, Adam moments and steps, groups)."""
+    state = {}
+    for name, _, optimizer in models:
+        adam = optimizer.optimizer
+        state[name] = {
+            "adam": adam.state_dict(),
+            "main": [p.detach().clone() for g in adam.param_groups for p in g["params"]],
+        }
+    torch.save(state, f"{path}.{dist.get_rank()}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tp", type=int, default=1)
@@ -58,6 +101,11 @@ def main() -> None:
     p.add_argument("--metrics", type=Path)
     p.add_argument("--hang-at", type=int)
     p.add_argument("--async-save", action="store_true")
+    p.add_argument("--expect-load")
+    p.add_argument("--forbid-gather", action="store_true")
+    p.add_argument("--legacy-save", action="store_true")
+    p.add_argument("--dump-loaded", type=Path)
+    p.add_argument("--dump", type=Path)
     args = p.parse_args()
     dist.init_process_group("gloo")
     from megatron.core import parallel_state as ps
@@ -87,7 +135,12 @@ def main() -> None:
     iteration = 0
     init_path = os.path.abspath(args.init) if args.init else None
     if args.resume:
-        state = training.load(training.latest(args.resume), models, schedulers)
+        report = {}
+        state = training.load(training.latest(args.resume), models, schedulers, report)
+        if args.expect_load:
+            assert report == {"policy": args.expect_load, "value": args.expect_load}, report
+        if args.dump_loaded:
+            dump(models, args.dump_loaded)
         iteration = state["iteration"]
         assert state["cursor"] == iteration * BATCH
         # The schedule continues where it stopped: the warm-up pre-step plus 2 per iteration.
@@ -104,6 +157,10 @@ def main() -> None:
 
         queue = AsyncCallsQueue()
         slow_down_policy_writes()
+    if args.forbid_gather:
+        forbid_gather()
+    if args.legacy_save:
+        save_legacy()
     dp = dist.get_world_size() // (args.tp * args.pp)
     batch = fixed_batch()
     metrics = {}
@@ -142,6 +199,8 @@ def main() -> None:
 
         atomic.os.replace = slow_replace
         training.save(args.save, args.hang_at, models, schedulers, {"cursor": 0, "init": args.init})
+    if args.dump:
+        dump(models, args.dump)
     if args.metrics and dist.get_rank() == dist.get_world_size() - 1:
         torch.save(metrics, args.metrics)
     dist.barrier()
