@@ -228,55 +228,9 @@ def test_sleep_discards_and_waking_returns_pytorchs_cache_first(monkeypatch):
     inspect.signature(LLM.wake_up).bind(None, tags=["weights"])
 
 
-def test_the_colocated_gpu_engine_arguments_are_vllms(monkeypatch, hf_dir):
-    """What build_engine asks of vLLM for a colocated engine on a GPU, checked by vLLM's own
-    EngineArgs and config classes (sleep mode itself is refused on CPU: checked as a field)."""
-    import dataclasses
-
-    import torch
-    import vllm
-    from vllm.config import ModelConfig
-    from vllm.engine.arg_utils import EngineArgs
-
-    from rlef_hpc.rollout.config import RolloutConfig
-    from rlef_hpc.rollout.vllm_engine import build_engine
-
-    sent: dict[str, Any] = {}
-
-    class LLM:
-        def __init__(self, **kwargs: Any) -> None:
-            sent.update(kwargs)
-
-        def get_tokenizer(self) -> Any:
-            return type("Tokenizer", (), {"eos_token_id": 2})()
-
-    monkeypatch.setattr(vllm, "LLM", LLM)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    build_engine(
-        str(hf_dir), RolloutConfig(gpu_memory_utilization=0.3), 0, "bfloat16", colocated=True
-    )
-    monkeypatch.undo()
-    assert sent["enable_sleep_mode"] is True and sent["gpu_memory_utilization"] == 0.3
-    assert "enable_sleep_mode" in {f.name for f in dataclasses.fields(ModelConfig)}
-    config = EngineArgs(**{**sent, "enable_sleep_mode": False}).create_engine_config()
-    assert config.cache_config.gpu_memory_utilization == 0.3
-    assert config.model_config.logprobs_mode == "processed_logprobs"
-
-
-@pytest.mark.multiprocess
-def test_the_colocated_engine_is_built_before_the_trainers_models(tmp_path, hf_dir):
-    """Issue item 18: vLLM refuses to start unless its share of the GPU is free."""
-    import shutil
-
-    run = tmp_path / "run"
-    shutil.copytree(hf_dir, run / "init")  # an initial policy: no warm start
-    overrides = [o for o in TINY_TRAIN if not o.startswith("run.tensorboard")]
-    proc = run_script(script("colocated_order"), run, *overrides, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "ORDER engine models" in proc.stdout.splitlines()
-
-
-def _engine_arguments(monkeypatch, hf_dir, rollout: Any, capability: tuple[int, int]) -> dict:
+def _engine_arguments(
+    monkeypatch, hf_dir, rollout: Any, capability: tuple[int, int], **kwargs: Any
+) -> dict:
     """What build_engine asks of vLLM on a GPU of `capability` (vLLM not started)."""
     import torch
     import vllm
@@ -296,8 +250,40 @@ def _engine_arguments(monkeypatch, hf_dir, rollout: Any, capability: tuple[int, 
         m.setattr(vllm, "LLM", LLM)
         m.setattr(torch.cuda, "is_available", lambda: True)
         m.setattr(torch.cuda, "get_device_capability", lambda *_: capability)
-        build_engine(str(hf_dir), rollout, 0, "bfloat16")
+        build_engine(str(hf_dir), rollout, 0, "bfloat16", **kwargs)
     return sent
+
+
+def test_the_colocated_gpu_engine_arguments_are_vllms(monkeypatch, hf_dir):
+    """What build_engine asks of vLLM for a colocated engine on a GPU, checked by vLLM's own
+    EngineArgs and config classes (sleep mode itself is refused on CPU: checked as a field)."""
+    import dataclasses
+
+    from vllm.config import ModelConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    from rlef_hpc.rollout.config import RolloutConfig
+
+    rollout = RolloutConfig(gpu_memory_utilization=0.3)
+    sent = _engine_arguments(monkeypatch, hf_dir, rollout, (9, 0), colocated=True)
+    assert sent["enable_sleep_mode"] is True and sent["gpu_memory_utilization"] == 0.3
+    assert "enable_sleep_mode" in {f.name for f in dataclasses.fields(ModelConfig)}
+    config = EngineArgs(**{**sent, "enable_sleep_mode": False}).create_engine_config()
+    assert config.cache_config.gpu_memory_utilization == 0.3
+    assert config.model_config.logprobs_mode == "processed_logprobs"
+
+
+@pytest.mark.multiprocess
+def test_the_colocated_engine_is_built_before_the_trainers_models(tmp_path, hf_dir):
+    """Issue item 18: vLLM refuses to start unless its share of the GPU is free."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(hf_dir, run / "init")  # an initial policy: no warm start
+    overrides = [o for o in TINY_TRAIN if not o.startswith("run.tensorboard")]
+    proc = run_script(script("colocated_order"), run, *overrides, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "ORDER engine models" in proc.stdout.splitlines()
 
 
 def test_fp8_rollouts_ask_vllm_for_online_per_channel_fp8(monkeypatch, hf_dir):
@@ -322,7 +308,11 @@ def test_fp8_rollouts_ask_vllm_for_online_per_channel_fp8(monkeypatch, hf_dir):
 
 @pytest.mark.parametrize(
     ("capability", "refused"),
-    [(None, "needs a CUDA GPU"), ((8, 0), r"needs compute capability >= 8\.9"), ((8, 9), None)],
+    [
+        (None, r"needs a GPU with compute capability >= 8\.9; none found"),
+        ((8, 0), r"needs compute capability >= 8\.9, this GPU has"),
+        ((8, 9), None),
+    ],
 )
 def test_fp8_rollouts_are_refused_by_name_where_the_gpu_has_no_fp8(capability, refused):
     from rlef_hpc.rollout.config import RolloutConfig, validate_rollout_hardware
@@ -340,7 +330,7 @@ def test_fp8_rollouts_stop_a_cpu_engine_before_vllm_starts(hf_dir):
     from rlef_hpc.rollout.config import RolloutConfig
     from rlef_hpc.rollout.vllm_engine import build_engine
 
-    with pytest.raises(ValueError, match="rollout.quantization=fp8 needs a CUDA GPU"):
+    with pytest.raises(ValueError, match="rollout.quantization=fp8 needs a GPU"):
         build_engine(str(hf_dir), RolloutConfig(quantization="fp8"), 0)
 
 

@@ -141,6 +141,17 @@ def validate_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
         raise ValueError("model.num_attention_heads must divide model.hidden_size")
 
 
+def require_fp8_gpu(setting: str, compute_capability: tuple[int, int] | None) -> None:
+    """FP8 GEMMs (Transformer Engine's, vLLM's) need Ada or Hopper (compute capability 8.9+);
+    `setting` names what asked for them (None: no CUDA)."""
+    if compute_capability is None:
+        raise ValueError(f"{setting} needs a GPU with compute capability >= 8.9; none found")
+    if compute_capability < (8, 9):
+        raise ValueError(
+            f"{setting} needs compute capability >= 8.9, this GPU has {compute_capability}"
+        )
+
+
 def validate_hardware(
     precision: PrecisionConfig,
     compute_capability: tuple[int, int] | None,
@@ -150,12 +161,7 @@ def validate_hardware(
     builds the model can tell."""
     if precision.fp8 is None:
         return
-    if compute_capability is None:
-        raise ValueError("precision.fp8 needs a GPU with compute capability >= 8.9; none found")
-    if compute_capability < (8, 9):
-        raise ValueError(
-            f"precision.fp8 needs compute capability >= 8.9, this GPU has {compute_capability}"
-        )
+    require_fp8_gpu("precision.fp8", compute_capability)
     if precision.fp8_recipe == "blockwise" and compute_capability[0] != 9:
         raise ValueError(
             f"precision.fp8_recipe=blockwise needs Hopper (9.x), this GPU has {compute_capability}"

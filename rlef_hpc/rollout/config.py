@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from rlef_hpc.mismatch import MismatchLimits
+from rlef_hpc.models.config import require_fp8_gpu
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,5 @@ def validate_rollout_hardware(
     """rollout.quantization against the GPU (None: no CUDA): only the machine that starts the
     engine can tell. vLLM's CPU build has no FP8 kernels, and before Ada/Hopper (8.9) vLLM
     would run FP8 weights through weight-only kernels, slower than bf16's."""
-    if rollout.quantization == "none":
-        return
-    if compute_capability is None:
-        raise ValueError("rollout.quantization=fp8 needs a CUDA GPU; none found")
-    if compute_capability < (8, 9):
-        raise ValueError(
-            f"rollout.quantization=fp8 needs compute capability >= 8.9, this GPU has "
-            f"{compute_capability}"
-        )
+    if rollout.quantization != "none":
+        require_fp8_gpu(f"rollout.quantization={rollout.quantization}", compute_capability)

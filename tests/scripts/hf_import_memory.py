@@ -11,16 +11,12 @@ it sees every allocation and every mapped page of the safetensors files.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-
-def _status_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())[1])
+from peak_rss import PeakRSS
 
 
 def main() -> None:
@@ -40,10 +36,8 @@ def main() -> None:
     cfg = read_model_config(hf_dir)
     precision = PrecisionConfig(dtype="float32")
 
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    before = _status_kib("VmRSS")
-    models = build_from_hf(hf_dir, cfg, precision, ("policy", "policy", "value"))
-    peak = (_status_kib("VmHWM") - before) << 10
+    with PeakRSS() as peak:
+        models = build_from_hf(hf_dir, cfg, precision, ("policy", "policy", "value"))
     own = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
 
     # Now the whole checkpoint may be read: each model's stage against it.
@@ -61,7 +55,7 @@ def main() -> None:
     record = {
         "tp": ps.get_tensor_model_parallel_rank(),
         "pp": ps.get_pipeline_model_parallel_rank(),
-        "peak_bytes": peak,
+        "peak_bytes": peak.bytes,
         "own_bytes": own,
     }
     records: list = [None] * dist.get_world_size()

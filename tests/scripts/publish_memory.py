@@ -11,18 +11,14 @@ it sees every allocation, torch's included, unlike tracemalloc.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from peak_rss import PeakRSS
 
 SHARD_BYTES = 8 << 20
-
-
-def _status_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())[1])
 
 
 def main() -> None:
@@ -42,15 +38,13 @@ def main() -> None:
     cfg = ModelConfig(2048, 512, 16, 8, 4, 1536, 256)
     model = build_gpt(cfg, PrecisionConfig(dtype="float32"))
 
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    before = _status_kib("VmRSS")
-    publish(run_dir, 1, model, cfg, shard_bytes=SHARD_BYTES)
-    peak = (_status_kib("VmHWM") - before) << 10
+    with PeakRSS() as peak:
+        publish(run_dir, 1, model, cfg, shard_bytes=SHARD_BYTES)
 
     record = {
         "dp": ps.get_data_parallel_rank(),
         "tp": ps.get_tensor_model_parallel_rank(),
-        "peak_bytes": peak,
+        "peak_bytes": peak.bytes,
     }
     records: list = [None] * dist.get_world_size()
     dist.all_gather_object(records, record)
