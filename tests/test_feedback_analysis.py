@@ -246,7 +246,12 @@ def test_budget_curves_equal_n_at_k_computed_directly(tokenizer, executor):
 
 def test_more_turns_than_three(tokenizer, executor):
     scripts = {A.name: [[WRONG] * 4 + [right(1)], [WRONG] * 5]}
-    report = evaluate(episodes(tokenizer, executor, [A], scripts, max_turns=5), ["1@5"], 5)
+    # Deterministic batches: the scripted policy tells these rollouts apart only by the order
+    # in which their (identical) turns ask.
+    trajectories = episodes(tokenizer, executor, [A], scripts, max_turns=5, deterministic=True)
+    report = evaluate(trajectories, ["1@3", "1@5"], 5)
+    assert report.skipped == ["1@3 buys less than one 5-turn rollout"]
+    assert [r.name for r in report.rows] == ["1@5"] and report.rows[0].mean == 0.5
     assert report.solved_by_turn == [0, 0, 0, 0, 0.5]
     assert [e.turn for e in report.edits] == [1, 2, 3, 4] and report.edits[3].fixed == 0.5
 
@@ -322,6 +327,7 @@ def test_feedback_analysis_compares_two_policies(tmp_path, problem_file):
     table = (out / "analysis.md").read_text()
     # before: nothing solved; after: 3 of 4 rollouts (1@3 = 75%, a gain of 75 points)
     assert "| real | 0.0% [0.0, 0.0] | 75.0% " in table and "+75.0 points" in table
+    assert "before: 0.0% / 0.0% / 0.0%, after: 25.0% / 75.0% / 75.0% |" in table
     assert "| after | random | 1->2 | 3 | 66.7% |" in table
     assert "| 2 | 0.0% | 75.0% |" in table  # solved by turn 2, real feedback
     assert (out / "budgets.png").read_bytes()[:4] == b"\x89PNG"

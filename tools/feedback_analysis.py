@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             where = out / mode if len(modes) > 1 else out
             reports[label, mode] = json.loads((where / "report.json").read_text())
-    tables = comparison_tables(reports)
+    try:
+        tables = comparison_tables(reports)
+    except ValueError as e:
+        p.exit(2, f"feedback_analysis: error: {e}\n")
     (args.out / "analysis.md").write_text(tables + "\n")
     (args.out / "analysis.json").write_text(
         json.dumps([{"policy": k[0], "feedback": k[1], **r} for k, r in reports.items()], indent=2)

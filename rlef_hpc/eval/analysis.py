@@ -190,14 +190,18 @@ def comparison_tables(reports: Mapping[tuple[str, str], Mapping[str, Any]]) -> s
     policies = list(dict.fromkeys(p for p, _ in reports))
     modes = list(dict.fromkeys(m for _, m in reports))
     first, last = policies[0], policies[-1]
+    if not all(r["rows"] for r in reports.values()):
+        raise ValueError("no n@k was estimated: pass rlef-eval --metrics the rollouts support")
     metric = reports[first, modes[0]]["rows"][0]["name"]
 
     def row(p: str, m: str) -> dict[str, Any]:
         return reports[p, m]["rows"][0]
 
     head = [f"{p} {metric}" for p in policies]
+    turns = len(reports[first, modes[0]]["solved_by_turn"])
     lines = [
-        f"| feedback | {' | '.join(head)} | gain ({first} -> {last}) | solved by turn 1 / last |",
+        f"| feedback | {' | '.join(head)} | gain ({first} -> {last}) "
+        f"| solved by turn {' / '.join(map(str, range(1, turns + 1)))} |",
         "|---" * (len(policies) + 3) + "|",
     ]
     for m in modes:
@@ -208,9 +212,7 @@ def comparison_tables(reports: Mapping[tuple[str, str], Mapping[str, Any]]) -> s
         ]
         gain = 100 * (row(last, m)["mean"] - row(first, m)["mean"])
         by_turn = ", ".join(
-            f"{p}: {_pct(reports[p, m]['solved_by_turn'][0])} / "
-            f"{_pct(reports[p, m]['solved_by_turn'][-1])}"
-            for p in policies
+            f"{p}: {' / '.join(_pct(v) for v in reports[p, m]['solved_by_turn'])}" for p in policies
         )
         lines.append(f"| {m} | {' | '.join(cells)} | {gain:+.1f} points | {by_turn} |")
 
@@ -235,7 +237,6 @@ def comparison_tables(reports: Mapping[tuple[str, str], Mapping[str, Any]]) -> s
                 )
 
     budget_mode = "real" if "real" in modes else modes[0]
-    turns = len(reports[first, budget_mode]["solved_by_turn"])
     lines += [
         "",
         f"solve rate against turns ({budget_mode} feedback)",

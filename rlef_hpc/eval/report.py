@@ -108,6 +108,9 @@ def evaluate(
     rows, skipped = [], []
     for name in metrics:
         n, k = parse_metric(name)
+        if k < max_turns:  # e.g. 1@3 of 5-turn rollouts: not even one rollout
+            skipped.append(f"{name} buys less than one {max_turns}-turn rollout")
+            continue
         if k // max_turns > fewest:
             skipped.append(f"{name} needs {k // max_turns} rollouts per problem; have {fewest}")
             continue
