@@ -135,6 +135,18 @@ def test_feedback_modes_parse():
             parse_feedback_modes(bad)
 
 
+def test_the_evaluation_jobs_feedback_modes_are_configured():
+    from rlef_hpc.config import ConfigError, load
+    from rlef_hpc.train.config import TrainConfig
+
+    assert load(TrainConfig).eval.feedback == ("real",)
+    cfg = load(TrainConfig, None, ["eval.feedback=[real,random,none]"])
+    assert cfg.eval.feedback == ("real", "random", "none")
+    for bad, message in (("[real,real]", "distinct"), ("[fake]", "'fake' is not one of")):
+        with pytest.raises(ConfigError, match=message):
+            load(TrainConfig, None, [f"eval.feedback={bad}"])
+
+
 # --- edit statistics ---------------------------------------------------------------------------
 
 
