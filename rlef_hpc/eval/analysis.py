@@ -169,7 +169,7 @@ def plot_budgets(reports: Mapping[str, Any], path: str | Path, title: str = "") 
     by_sample.set_ylabel("1@k (%)")
     for ax in (by_turn, by_sample):
         ax.grid(alpha=0.3)
-    by_sample.legend(fontsize=7)
+    by_sample.legend(fontsize=7, handlelength=3)  # long enough to show the dashes
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
