@@ -344,3 +344,18 @@ def test_feedback_analysis_compares_two_policies(tmp_path, problem_file):
     assert "| 2 | 0.0% | 75.0% |" in table  # solved by turn 2, real feedback
     assert (out / "budgets.png").read_bytes()[:4] == b"\x89PNG"
     assert len(json.loads((out / "analysis.json").read_text())) == 6
+
+
+def test_an_unknown_feedback_mode_is_one_line(tmp_path, problem_file):
+    answers = write_answers(tmp_path / "answers.jsonl", [A], {A.name: [[right(1)]]})
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlef_hpc.eval.cli", "--problems", str(problem_file)]
+        + ["--answers", str(answers), "--feedback", "real,fake"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        proc.returncode == 2 and "feedback 'fake' is not one of real, random, none" in proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
