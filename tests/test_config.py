@@ -90,7 +90,7 @@ def test_overrides_are_typed_and_nested():
             "precision.fp8_recipe: 'mx' is not one of 'delayed', 'tensorwise', 'blockwise'",
         ),
         (["episodes.language=rust"], "episodes.language: 'rust' is not one of 'python', 'cpp'"),
-        (["episodes.feedback=none"], "episodes.feedback: 'none' is not one of 'real', 'random'"),
+        (["episodes.feedback=fake"], "episodes.feedback: 'fake' is not one of 'real', 'random'"),
         (["rollout.layout=split"], "rollout.layout: 'split' is not one of 'colocated', 'disagg"),
         (["parallel.data=0"], "parallel.data must be at least 1, got 0"),
     ],

@@ -20,7 +20,13 @@ from rlef_hpc.data.problem import Problem
 from rlef_hpc.data.trajectory import Trajectory, Turn
 from rlef_hpc.episodes.conversation import Conversation
 from rlef_hpc.episodes.extract import extract_code, python_parses
-from rlef_hpc.episodes.templates import Templates, fill, initial_prompt, public_feedback
+from rlef_hpc.episodes.templates import (
+    Templates,
+    feedback_message,
+    fill,
+    initial_prompt,
+    public_feedback,
+)
 from rlef_hpc.progress import progress_bar
 from rlef_hpc.sandbox import Job, TestResult, Verdict
 
@@ -45,8 +51,10 @@ class EpisodeConfig:
     invalid_code_reward: float = -0.2
     generation_batch: int = 64  # prompts per generate() call
     # "random": the paper's ablation; each feedback message is replaced by one given to an
-    # episode of another problem (the real one while no other exists yet)
-    feedback: Literal["real", "random"] = "real"
+    # episode of another problem (while none exists yet, by the "none" message: never the
+    # problem's own). "none": the message without the failing tests (header and footer only),
+    # so that a retry is asked for but nothing says what went wrong.
+    feedback: Literal["real", "random", "none"] = "real"
     # Generate each batch only once every running execution has finished: the batches (and so
     # the samples, under a seeded engine) no longer depend on timing, at the cost of overlap.
     deterministic: bool = False
@@ -181,17 +189,21 @@ class EpisodeRunner:
         else:
             tests = episode.problem.public_tests
             message = public_feedback(templates, self.config.language, tests, results)
-            message = self._maybe_swap(episode.problem.name, message)
+            message = self._shown_feedback(episode.problem.name, message)
         turn.feedback = message
         episode.prompt_span = episode.conversation.add_user(message)
         return True
 
-    def _maybe_swap(self, problem: str, message: str) -> str:
+    def _shown_feedback(self, problem: str, message: str) -> str:
+        """What the policy is shown after a failure whose real feedback is `message`."""
         if self.config.feedback == "real":
             return message
+        withheld = feedback_message(self.config.templates, self.config.language, [])
+        if self.config.feedback == "none":
+            return withheld
         self._given.append((problem, message))
         others = [m for p, m in self._given if p != problem]
-        return self._rng.choice(others) if others else message
+        return self._rng.choice(others) if others else withheld
 
     def _judge(self, episode: _Episode) -> Any:
         """The final answer passed the public tests: now the private ones decide."""

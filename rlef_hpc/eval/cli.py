@@ -8,7 +8,13 @@ function problems in the HumanEval+/MBPP+ style (JSON lines with an entry_point)
 
 --model generates with vLLM; --answers replays pre-generated rollouts, one JSON line each:
 {"problem": NAME, "turns": [response 1, response 2, ...]}. Prints the table; with --out, also
-writes report.json, trajectories.jsonl and solve_rate.png there.
+writes report.json, report.md, trajectories.jsonl and solve_rate.png there.
+
+--feedback real,random,none runs the same episodes once per mode of feedback after a failure
+(real: the failing public tests; random: another problem's feedback; none: the message without
+the failing tests), each from the same sampling seed, a report each (in --out/MODE/). Every
+report also has the edit statistics between consecutive turns and the n@k-against-k curve (see
+rlef_hpc/eval/analysis.py); tools/feedback_analysis.py compares two policies that way.
 """
 
 from __future__ import annotations
@@ -54,6 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tensor-parallel", type=int, default=1, help="GPUs of the vLLM engine (--model)"
     )
+    p.add_argument(
+        "--feedback",
+        default="real",
+        help="comma-separated feedback modes after a failure: real, random, none (default real)",
+    )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="generate only once every execution has finished, so that samples do not depend "
+        "on timing (always on with several --feedback modes)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="directory for report.json, trajectories, the plot")
     return p
@@ -83,12 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     from rlef_hpc.data.codecontests import ProblemFormatError, load_problems
     from rlef_hpc.data.functions import load_function_problems, to_problems
     from rlef_hpc.episodes import Templates
+    from rlef_hpc.eval.analysis import parse_feedback_modes
     from rlef_hpc.eval.metrics import parse_metric
 
     try:
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
         for m in metrics:
             parse_metric(m)
+        args.feedback = parse_feedback_modes(args.feedback)
         if args.rollouts < 1 or args.max_turns < 1:
             raise UsageError("--rollouts and --max-turns must be positive")
         # Checked before the sandbox and vLLM start: a typo should cost one line, not a minute.
@@ -114,12 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     with Executor(workers=args.workers) as executor:
         if functions is not None:
             problems = to_problems(functions, executor)  # expected outputs, in the sandbox
-        report, trajectories = run(args, problems, scripts, metrics, executor)
-    print(report.table())
+        results = run(args, problems, scripts, metrics, executor)
+    for mode, (report, _) in results.items():
+        if len(results) > 1:
+            print(f"\n## {mode} feedback\n")
+        print(report.table())
     if args.out:
         from rlef_hpc.eval.policy import write_outputs
 
-        write_outputs(args.out, report, trajectories, args.max_turns)
+        write_outputs(args.out, results, args.max_turns)
     return 0
 
 
@@ -134,13 +156,17 @@ def is_function_file(path: Path) -> bool:
 def run(
     args: argparse.Namespace, problems: list[Any], scripts: Any, metrics: list[str], executor: Any
 ) -> Any:
-    from rlef_hpc.episodes import EpisodeConfig, EpisodeRunner, ScriptedPolicy
-    from rlef_hpc.eval.policy import evaluate_model
-    from rlef_hpc.eval.report import evaluate
+    """{feedback mode: (report, trajectories)} of the model or the replayed answers."""
+    from rlef_hpc.episodes import EpisodeConfig, ScriptedPolicy
+    from rlef_hpc.eval.policy import evaluate_model, evaluate_modes
     from rlef_hpc.rollout.config import RolloutConfig
 
     config = EpisodeConfig(
-        max_turns=args.max_turns, language=args.language, templates=args.templates
+        max_turns=args.max_turns,
+        language=args.language,
+        templates=args.templates,
+        # Modes compared must differ only in their feedback, not in batches formed by timing.
+        deterministic=args.deterministic or len(args.feedback) > 1,
     )
     if scripts is None:
         rollout = RolloutConfig(
@@ -150,19 +176,35 @@ def run(
             tensor_parallel=args.tensor_parallel,
         )
         return evaluate_model(
-            args.model, problems, config, rollout, args.rollouts, metrics, args.seed, executor
+            args.model,
+            problems,
+            config,
+            rollout,
+            args.rollouts,
+            metrics,
+            args.seed,
+            executor,
+            args.feedback,
         )
     from rlef_hpc.models.tokenizer import build_tokenizer
 
     # Replaying text needs a tokenizer only to keep the conversation: any will do.
     corpus = [t for rollouts in scripts.values() for r in rollouts for t in r]
     tokenizer = build_tokenizer(corpus + [p.description for p in problems], vocab_size=400)
-    policy = ScriptedPolicy(
-        tokenizer, problems, scripts, args.templates, args.language, strict=False
-    )
     episodes = [p for p in problems if p.name in scripts for _ in scripts[p.name]]
-    trajectories = EpisodeRunner(tokenizer, executor, policy, config).run(episodes, progress=True)
-    return evaluate(trajectories, metrics, args.max_turns, args.seed), trajectories
+    return evaluate_modes(
+        tokenizer,
+        # A fresh replay per mode: the policy counts the rollouts it has handed out.
+        lambda: ScriptedPolicy(
+            tokenizer, problems, scripts, args.templates, args.language, strict=False
+        ),
+        episodes,
+        config,
+        args.feedback,
+        metrics,
+        args.seed,
+        executor,
+    )
 
 
 if __name__ == "__main__":

@@ -4,17 +4,46 @@ and the report's files. What rlef-eval --model and the Slurm evaluation job both
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from rlef_hpc.data.problem import Problem
 from rlef_hpc.data.trajectory import Trajectory
-from rlef_hpc.episodes import EpisodeConfig, EpisodeRunner
+from rlef_hpc.episodes import EpisodeConfig, EpisodeRunner, GenerateFn
 from rlef_hpc.eval.report import EvalReport, evaluate, plot_solve_rate
 from rlef_hpc.rollout.config import RolloutConfig
 from rlef_hpc.rollout.vllm_engine import build_engine
 from rlef_hpc.sandbox import Executor
+from rlef_hpc.seeding import seed_sampling
+
+Results = dict[str, tuple[EvalReport, list[Trajectory]]]  # feedback mode -> report, episodes
+
+
+def evaluate_modes(
+    tokenizer: Any,
+    policy: Callable[[], GenerateFn],
+    episodes: list[Problem],
+    config: EpisodeConfig,
+    modes: Sequence[str],
+    metrics: Sequence[str],
+    seed: int,
+    executor: Any,
+) -> Results:
+    """The same `episodes` (one per entry: repeat a problem for several rollouts) run once per
+    feedback mode, each with a fresh `policy()`, from the same sampling seed: the modes differ
+    in what follows a failure, not in the draw of first answers. Deterministic batching
+    (config.deterministic) makes that exact under a seeded engine."""
+    results = {}
+    for mode in modes:
+        seed_sampling(seed, "eval")
+        run = replace(config, feedback=mode)
+        runner = EpisodeRunner(tokenizer, executor, policy(), run)
+        trajectories = runner.run(episodes, progress=True)
+        report = evaluate(trajectories, metrics, run.max_turns, seed, feedback=mode)
+        results[mode] = (report, trajectories)
+    return results
 
 
 def evaluate_model(
@@ -26,25 +55,33 @@ def evaluate_model(
     metrics: list[str],
     seed: int,
     executor: Executor,
-) -> tuple[EvalReport, list[Trajectory]]:
+    modes: Sequence[str] = ("real",),
+) -> Results:
     """`rollouts` episodes per problem with the HF model at `model_dir` (sampling and engine
-    as `rollout` says), scored by `metrics` (n@k)."""
+    as `rollout` says), scored by `metrics` (n@k), for each feedback mode in `modes` (one
+    engine for all)."""
     from transformers import AutoTokenizer  # heavy: only when a model is evaluated
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     # The model's own numbers, not a quantised engine's: rollout.quantization is for training.
     rollout = replace(rollout, quantization="none")
     engine = build_engine(str(model_dir), rollout, seed, tensor_parallel=rollout.tensor_parallel)
-    runner = EpisodeRunner(tokenizer, executor, engine, episodes)
-    trajectories = runner.run([p for p in problems for _ in range(rollouts)], progress=True)
-    return evaluate(trajectories, metrics, episodes.max_turns, seed), trajectories
+    repeated = [p for p in problems for _ in range(rollouts)]
+    return evaluate_modes(
+        tokenizer, lambda: engine, repeated, episodes, modes, metrics, seed, executor
+    )
 
 
-def write_outputs(out: Path, report: Any, trajectories: list[Any], max_turns: int) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report.to_json(), indent=2))
-    with open(out / "trajectories.jsonl", "w") as f:
-        for t in trajectories:
-            f.write(json.dumps(asdict(t)) + "\n")
-    plot_solve_rate(trajectories, out / "solve_rate.png", max_turns)
-    print(f"wrote {out}/report.json, trajectories.jsonl, solve_rate.png")
+def write_outputs(out: Path, results: Results, max_turns: int) -> None:
+    """report.json, report.md, trajectories.jsonl and solve_rate.png in `out`, or with several
+    feedback modes in `out`/MODE/ each."""
+    for mode, (report, trajectories) in results.items():
+        where = out / mode if len(results) > 1 else out
+        where.mkdir(parents=True, exist_ok=True)
+        (where / "report.json").write_text(json.dumps(report.to_json(), indent=2))
+        (where / "report.md").write_text(report.table() + "\n")
+        with open(where / "trajectories.jsonl", "w") as f:
+            for t in trajectories:
+                f.write(json.dumps(asdict(t)) + "\n")
+        plot_solve_rate(trajectories, where / "solve_rate.png", max_turns, title=f"{mode} feedback")
+        print(f"wrote {where}/report.json, report.md, trajectories.jsonl, solve_rate.png")

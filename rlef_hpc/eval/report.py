@@ -1,5 +1,5 @@
-"""From trajectories to the n@k table (with bootstrap intervals), per-turn solve rates and a
-plot of solve rate against sample budget."""
+"""From trajectories to the n@k table (with bootstrap intervals), per-turn solve rates, how
+answers change between turns, solve rate against the sample budget, and a plot of the latter."""
 
 from __future__ import annotations
 
@@ -10,6 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from rlef_hpc.data.trajectory import Trajectory
+from rlef_hpc.eval.analysis import (
+    SAMPLE_CURVE_N,
+    EditRow,
+    edit_statistics,
+    resample_distance,
+    sample_curve,
+)
 from rlef_hpc.eval.metrics import RolloutOutcome, bootstrap_ci, n_at_k, parse_metric, solved_by_turn
 
 
@@ -29,6 +36,11 @@ class EvalReport:
     rollouts_per_problem: int
     problems: int
     skipped: list[str] = field(default_factory=list)  # metrics the rollouts cannot support
+    feedback: str = "real"  # what the episodes showed after a failure (EpisodeConfig.feedback)
+    edits: list[EditRow] = field(default_factory=list)  # per pair of consecutive turns
+    resample_distance: float | None = None  # first answers of two rollouts: the yardstick
+    # n@k against k for n in SAMPLE_CURVE_N ("1", "10": JSON keys), as [k, solve rate] pairs
+    sample_curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
     def table(self) -> str:
         lines = ["| metric | solve rate | 95% CI | problems |", "|---|---|---|---|"]
@@ -42,6 +54,29 @@ class EvalReport:
         )
         lines.append(f"\nsolved by turn (share of rollouts): {turns}")
         lines += [f"not estimated: {s}" for s in self.skipped]
+        lines.append(f"feedback after a failure: {self.feedback}")
+        if self.edits:
+            lines += [
+                "",
+                "| turns | pairs | code changed | edit distance | fixed |",
+                "|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {e.turn}->{e.turn + 1} | {e.pairs} | {100 * e.changed:.1f}% "
+                f"| {e.distance:.3f} | {100 * e.fixed:.1f}% |"
+                for e in self.edits
+            ]
+        if self.resample_distance is not None:
+            lines.append(
+                f"edit distance between two rollouts' first answers: {self.resample_distance:.3f}"
+            )
+        if self.sample_curves:
+            names = list(self.sample_curves)
+            lines += ["", f"| k | {' | '.join(f'{n}@k' for n in names)} |"]
+            lines.append("|---" * (len(names) + 1) + "|")
+            columns = [dict(self.sample_curves[n]) for n in names]
+            for k in columns[0]:
+                lines.append(f"| {k} | {' | '.join(f'{100 * c[k]:.1f}%' for c in columns)} |")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -62,7 +97,10 @@ def evaluate(
     metrics: Sequence[str] = ("1@3", "10@100"),
     max_turns: int = 3,
     seed: int = 0,
+    feedback: str = "real",
 ) -> EvalReport:
+    """The report of `trajectories` (several rollouts of each problem); `feedback` names what
+    their episodes were shown after a failure."""
     grouped = outcomes_by_problem(trajectories)
     if not grouped:
         raise ValueError("no trajectories to evaluate")
@@ -70,13 +108,26 @@ def evaluate(
     rows, skipped = [], []
     for name in metrics:
         n, k = parse_metric(name)
+        if k < max_turns:  # e.g. 1@3 of 5-turn rollouts: not even one rollout
+            skipped.append(f"{name} buys less than one {max_turns}-turn rollout")
+            continue
         if k // max_turns > fewest:
             skipped.append(f"{name} needs {k // max_turns} rollouts per problem; have {fewest}")
             continue
         per_problem = [n_at_k(o, n, k, max_turns) for o in grouped.values()]
         rows.append(MetricRow(name, *bootstrap_ci(per_problem, seed=seed), len(per_problem)))
     everything = [o for outcomes in grouped.values() for o in outcomes]
-    return EvalReport(rows, solved_by_turn(everything, max_turns), fewest, len(grouped), skipped)
+    return EvalReport(
+        rows,
+        solved_by_turn(everything, max_turns),
+        fewest,
+        len(grouped),
+        skipped,
+        feedback=feedback,
+        edits=edit_statistics(trajectories, max_turns),
+        resample_distance=resample_distance(trajectories),
+        sample_curves={str(n): sample_curve(grouped, n, max_turns) for n in SAMPLE_CURVE_N},
+    )
 
 
 def plot_solve_rate(
@@ -90,14 +141,16 @@ def plot_solve_rate(
 
     grouped = outcomes_by_problem(trajectories)
     fewest = min(len(o) for o in grouped.values())
-    budgets = [max_turns * m for m in range(1, fewest + 1)]
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    for n in (1, 10):
-        rates = [
-            sum(n_at_k(o, n, k, max_turns) for o in grouped.values()) / len(grouped)
-            for k in budgets
-        ]
-        ax.plot(budgets, [100 * r for r in rates], marker="o", markersize=3, label=f"{n}@k")
+    for n in SAMPLE_CURVE_N:
+        curve = sample_curve(grouped, n, max_turns)
+        ax.plot(
+            [k for k, _ in curve],
+            [100 * r for _, r in curve],
+            marker="o",
+            markersize=3,
+            label=f"{n}@k",
+        )
     ax.set_xlabel(f"sample budget k (turns; {max_turns} per rollout)")
     ax.set_ylabel("solve rate (%)")
     ax.set_title(title or f"{len(grouped)} problems, {fewest} rollouts each")

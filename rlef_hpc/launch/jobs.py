@@ -4,7 +4,7 @@ run's slurm/ folder, run once per task by `srun`).
 - TrainJob: the trainer (rlef_hpc.train.loop), one task per trainer rank.
 - RolloutJob: one rollout worker of the disaggregated layout (a job-array task each).
 - EvalJob: after training, the latest checkpoint exported to Hugging Face and evaluated (1@3 on
-  the run's evaluation problems) with vLLM.
+  the run's evaluation problems, for each of eval.feedback's modes) with vLLM.
 
 Preemption: the trainer checkpoints at the end of the iteration on SIGTERM (scancel,
 `scontrol requeue`, preemption) and on submitit's time-limit signal; for the latter, rank 0
@@ -90,8 +90,9 @@ class EvalJob:
 
 def evaluate_run(cfg: TrainConfig) -> dict[str, Any]:
     """The run's latest checkpoint exported to HF (run_dir/export/iter_N) and evaluated on
-    run_dir/problems/eval.jsonl as the trainer evaluates (eval.*: three turns of the real
-    feedback, low temperature); the report goes to run_dir/eval/job_iter_N/."""
+    run_dir/problems/eval.jsonl as the trainer evaluates (eval.*: three turns, low
+    temperature), once per feedback mode of eval.feedback (the real feedback by default); the
+    report goes to run_dir/eval/job_iter_N/ (job_iter_N/MODE/ with several modes)."""
     import dataclasses
 
     from rlef_hpc.checkpoint import training
@@ -112,12 +113,15 @@ def evaluate_run(cfg: TrainConfig) -> dict[str, Any]:
         export_hf(checkpoint, export)
     e = cfg.eval
     episodes = EpisodeConfig(
-        max_turns=e.max_turns, language=cfg.episodes.language, templates=cfg.episodes.templates
+        max_turns=e.max_turns,
+        language=cfg.episodes.language,
+        templates=cfg.episodes.templates,
+        deterministic=len(e.feedback) > 1,  # modes compared differ only in their feedback
     )
     rollout = dataclasses.replace(cfg.rollout, temperature=e.temperature, top_p=e.top_p)
     problems = load_problems(run_dir / "problems" / "eval.jsonl")
     with Executor(workers=2) as executor:
-        report, trajectories = evaluate_model(
+        results = evaluate_model(
             export,
             problems,
             episodes,
@@ -126,10 +130,13 @@ def evaluate_run(cfg: TrainConfig) -> dict[str, Any]:
             ["1@3"],
             cfg.run.seed,
             executor,
+            e.feedback,
         )
-    print(report.table())
-    write_outputs(run_dir / "eval" / f"job_{checkpoint.name}", report, trajectories, e.max_turns)
-    return report.to_json()
+    for mode, (report, _) in results.items():
+        print(f"{mode} feedback:\n{report.table()}")
+    write_outputs(run_dir / "eval" / f"job_{checkpoint.name}", results, e.max_turns)
+    report = results[e.feedback[0]][0]
+    return {**report.to_json(), "by_feedback": {m: r.to_json() for m, (r, _) in results.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -117,6 +117,9 @@ class EvalConfig:
     max_turns: int = 3
     temperature: float = 0.2
     top_p: float = 0.95
+    # The evaluation job's feedback modes (eval.feedback=[real,random,none]): the same episodes
+    # once per mode, a report each. The trainer's own evaluations use the real feedback only.
+    feedback: tuple[Literal["real", "random", "none"], ...] = ("real",)
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,8 @@ class TrainConfig:
             )
         if self.eval.max_turns < 1:
             raise ValueError(f"eval.max_turns must be at least 1, got {self.eval.max_turns}")
+        if not self.eval.feedback or len(set(self.eval.feedback)) != len(self.eval.feedback):
+            raise ValueError(f"eval.feedback must name distinct modes, got {self.eval.feedback}")
         if self.warmstart.steps and p.pipeline > 1:
             raise ValueError(
                 f"warmstart.steps={self.warmstart.steps} with parallel.pipeline={p.pipeline}: "
