@@ -100,6 +100,9 @@ def transformer_config(
         apply_rope_fusion=kernels.te,
         masked_softmax_fusion=kernels.apex,
         persist_layer_norm=False,  # apex's persistent LayerNorm: not an RMSNorm
+        # The PPO update's micro-batches differ in length and rows (rl/batching.py): between
+        # pipeline stages each activation's shape is sent ahead of it (3 integers a transfer).
+        variable_seq_lengths=pp > 1,
         **extra,
     )
 

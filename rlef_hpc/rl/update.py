@@ -13,6 +13,13 @@ One `PPOUpdate.step(batch)` (the batch being this data-parallel rank's share):
    data-parallel ranks (the distributed optimizer) unless configured otherwise.
 Only the last pipeline stage sees logits, so steps 1-2 and the losses happen there; the
 metrics reach every rank (rank 0, on the first stage, logs them).
+Micro-batches (rlef_hpc.rl.batching): by default rows sorted by length and cut by a token
+budget, each padded only to its own longest row (`batching="bucketed"`); `"padded"` is the
+original fixed-size micro-batches at the batch's length, kept for comparison. Plans are made
+once per step from the rows' lengths (one device sync), and the causal mask and positions are
+views of tensors made once per longest length. Under pipeline parallelism micro-batches differ
+in shape, which the p2p exchange learns from the config's `variable_seq_lengths`
+(models/gpt.transformer_config).
 Everything runs on the policy's device: the batch is moved there once per `step`, and every
 tensor made here is made there.
 """
@@ -20,6 +27,7 @@ tensor made here is made there.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -28,9 +36,17 @@ import torch.distributed as dist
 
 from rlef_hpc.dist_env import host_group
 from rlef_hpc.mismatch import MismatchLimits, mismatch_stats
-from rlef_hpc.models.gpt import causal_mask
+from rlef_hpc.models.gpt import causal_mask, sequence_multiple
 from rlef_hpc.progress import progress_bar
 from rlef_hpc.rl import ppo
+from rlef_hpc.rl.batching import (
+    Batching,
+    MicroBatch,
+    bucketed_plan,
+    padded_plan,
+    padding_fraction,
+    split_to,
+)
 from rlef_hpc.rl.logprobs import next_token_logprobs
 from rlef_hpc.rl.optim import OptimConfig, make_trainable
 
@@ -39,6 +55,21 @@ def _ps() -> Any:  # megatron's import is heavy: deferred to first use
     from megatron.core import parallel_state
 
     return parallel_state
+
+
+@dataclass
+class _Part:
+    """One micro-batch: its rows of the batch cut to its length, and (on the last stage, in
+    the update) the same rows of what `prepare` computed."""
+
+    batch: ppo.PPOBatch
+    rows: torch.Tensor  # indices into the (mini)batch it was cut from
+    prep: dict[str, torch.Tensor] | None = None
+
+
+# prepare()'s per-row results, and which of them are per token ([B, T]; the rest are [B, K]).
+_PER_ROW = ("logp_old", "values_old", "returns", "adv")
+_PER_TOKEN = frozenset({"logp_old"})
 
 
 class PPOUpdate:
@@ -52,6 +83,8 @@ class PPOUpdate:
         micro_batch_size: int = 1,
         temperature: float = 1.0,
         mismatch: MismatchLimits | None = None,
+        batching: Batching = "bucketed",
+        micro_batch_tokens: int = 4096,
     ) -> None:
         self.reference = reference
         for p in reference.parameters():
@@ -62,43 +95,89 @@ class PPOUpdate:
             "policy": make_trainable(policy, self.optim),
             "value": make_trainable(value, self.optim),
         }
-        self.mbs = micro_batch_size
+        if batching not in ("padded", "bucketed"):
+            raise ValueError(f"batching must be 'padded' or 'bucketed', got {batching!r}")
+        self.batching = batching
+        self.mbs = micro_batch_size  # "padded": rows per micro-batch
+        self.micro_batch_tokens = micro_batch_tokens  # "bucketed": rows x length per micro-batch
+        self.multiple = sequence_multiple(policy.config)
         self.temperature = temperature
         self.device = next(policy.parameters()).device
         self.mismatch = mismatch or MismatchLimits()  # its quantile_limit: what counts
+        # Made once per longest length seen; every micro-batch takes views of them.
+        self._causal = causal_mask(0, self.device)
+        self._arange = torch.arange(0, device=self.device)
+
+    # --- micro-batches ----------------------------------------------------------------------
+
+    def _mask(self, length: int) -> torch.Tensor:
+        """Megatron's causal mask for `length` positions: a view of the longest made so far
+        (the top-left corner of a causal mask is the shorter causal mask). Under the causal
+        mask type neither SDPA nor TE reads it; megatron's own attention would."""
+        if self._causal.shape[-1] < length:
+            self._causal = causal_mask(length, self.device)
+        return self._causal[..., :length, :length]
+
+    def _positions(self, rows: int, length: int) -> torch.Tensor:
+        if self._arange.shape[0] < length:
+            self._arange = torch.arange(length, device=self.device)
+        return self._arange[:length].expand(rows, length)
+
+    def _plan(self, rows: list[int], lengths: list[int], length: int) -> list[MicroBatch]:
+        """Micro-batches of `rows` (indices into a batch of sequences `length` long whose rows
+        need `lengths` positions each)."""
+        if self.batching == "padded":
+            return padded_plan(rows, self.mbs, length)
+        return bucketed_plan(rows, lengths, self.micro_batch_tokens, self.multiple)
+
+    def _parts(
+        self,
+        batch: ppo.PPOBatch,
+        plan: list[MicroBatch],
+        prep: dict[str, torch.Tensor] | None = None,
+    ) -> list[_Part]:
+        """`plan`'s micro-batches of `batch` (and of `prep`'s per-row results): the row
+        indices go to the device in one copy; each part is cut to its length before its rows
+        are gathered, so only what it runs is copied."""
+        index = torch.tensor([r for m in plan for r in m.rows], device=self.device)
+        parts, start = [], 0
+        for m in plan:
+            rows = index[start : start + len(m.rows)]
+            start += len(m.rows)
+            sub = None
+            if prep is not None:
+                sub = {
+                    k: (prep[k][:, : m.length] if k in _PER_TOKEN else prep[k])[rows]
+                    for k in _PER_ROW
+                }
+                sub["num_tokens"], sub["num_turns"] = prep["num_tokens"], prep["num_turns"]
+            parts.append(_Part(batch.narrow(m.length).select(rows), rows, sub))
+        return parts
 
     # --- passes -----------------------------------------------------------------------------
 
     def _run(
-        self, model: torch.nn.Module, batch: ppo.PPOBatch, loss: Callable, forward_only: bool
+        self, model: torch.nn.Module, parts: list[_Part], loss: Callable, forward_only: bool
     ) -> list:
-        """Micro-batches of `batch` through `model`; returns what `loss` reported per micro-batch
-        (on the last pipeline stage; nothing elsewhere)."""
+        """`parts` through `model` as micro-batches; returns what `loss(part, output)` reported
+        per micro-batch (on the last pipeline stage; nothing elsewhere)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        b, seq = batch.tokens.shape
-        if b % self.mbs:
-            raise ValueError(
-                f"batch of {b} sequences is not a multiple of micro_batch_size={self.mbs}"
-            )
-        n = b // self.mbs
-        chunks = iter(
-            [(i, batch.select(slice(i * self.mbs, (i + 1) * self.mbs))) for i in range(n)]
-        )
-        positions = torch.arange(seq, device=self.device).expand(self.mbs, seq)
-        mask = causal_mask(seq, self.device)
-
         def forward_step(data: Any, model: torch.nn.Module) -> Any:
-            i, chunk = next(data)
-            return model(chunk.tokens, positions, mask), partial(loss, i, chunk, n)
+            part = next(data)
+            rows, length = part.batch.tokens.shape
+            output = model(part.batch.tokens, self._positions(rows, length), self._mask(length))
+            return output, partial(loss, part)
 
+        # The schedule's shape is every micro-batch's under "padded"; under "bucketed" and
+        # pipeline parallelism the p2p exchange sends each one's (variable_seq_lengths).
         out = get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=chunks,
+            data_iterator=iter(parts),
             model=[model],
-            num_microbatches=n,
-            seq_length=seq,
-            micro_batch_size=self.mbs,
+            num_microbatches=len(parts),
+            seq_length=max(p.batch.tokens.shape[1] for p in parts),
+            micro_batch_size=max(p.batch.tokens.shape[0] for p in parts),
             forward_only=forward_only,
         )
         return [o for o in out if o] if isinstance(out, list) else []
@@ -109,31 +188,53 @@ class PPOUpdate:
         """logits [b, s, vocab shard] -> (logp, entropy) [b, s], position 0 zero."""
         return next_token_logprobs(logits, tokens, self.temperature)
 
-    def _collect_logprobs(self, model: torch.nn.Module, batch: ppo.PPOBatch) -> torch.Tensor | None:
-        def loss(i, chunk, n, logits):
-            logp, _ = self._token_logprobs(logits.detach(), chunk.tokens)
+    def _collect_logprobs(
+        self, model: torch.nn.Module, batch: ppo.PPOBatch, parts: list[_Part]
+    ) -> torch.Tensor | None:
+        """[B, T] log-probs of `batch`'s tokens, put back in the batch's rows and positions
+        (zero past each micro-batch's length, where no loss reads)."""
+
+        def loss(part, logits):
+            logp, _ = self._token_logprobs(logits.detach(), part.batch.tokens)
             return logp.new_zeros(()), {"logp": logp}
 
-        parts = self._run(model, batch, loss, forward_only=True)
-        return torch.cat([p["logp"] for p in parts]) if parts else None
+        got = self._run(model, parts, loss, forward_only=True)
+        if not got:
+            return None
+        out = torch.zeros(batch.tokens.shape, device=self.device)
+        for part, g in zip(parts, got, strict=True):
+            out[part.rows, : g["logp"].shape[1]] = g["logp"]
+        return out
 
-    def _collect_values(self, batch: ppo.PPOBatch) -> torch.Tensor | None:
-        def loss(i, chunk, n, values):
-            v = values.detach().squeeze(-1).float().gather(1, chunk.value_index)
+    def _collect_values(self, batch: ppo.PPOBatch, parts: list[_Part]) -> torch.Tensor | None:
+        def loss(part, values):
+            v = values.detach().squeeze(-1).float().gather(1, part.batch.value_index)
             return v.new_zeros(()), {"values": v}
 
-        parts = self._run(self.trainables["value"].model, batch, loss, forward_only=True)
-        return torch.cat([p["values"] for p in parts]) if parts else None
+        got = self._run(self.trainables["value"].model, parts, loss, forward_only=True)
+        if not got:
+            return None
+        out = torch.zeros(batch.value_index.shape, device=self.device)
+        for part, g in zip(parts, got, strict=True):
+            out[part.rows] = g["values"]
+        return out
 
     # --- the update -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def prepare(self, batch: ppo.PPOBatch) -> dict[str, torch.Tensor] | None:
-        """pi_old, reference log-probs, V_old, returns, advantages (last stage only)."""
+    def prepare(
+        self, batch: ppo.PPOBatch, plan: list[MicroBatch] | None = None
+    ) -> dict[str, torch.Tensor] | None:
+        """pi_old, reference log-probs, V_old, returns, advantages (last stage only), in
+        `plan`'s micro-batches (default: the whole batch's own plan)."""
         ps = _ps()
-        logp_old = self._collect_logprobs(self.trainables["policy"].model, batch)
-        logp_ref = self._collect_logprobs(self.reference, batch)
-        values_old = self._collect_values(batch)
+        if plan is None:
+            lengths = ppo.row_lengths(batch).tolist()
+            plan = self._plan(list(range(len(lengths))), lengths, batch.tokens.shape[1])
+        parts = self._parts(batch, plan)
+        logp_old = self._collect_logprobs(self.trainables["policy"].model, batch, parts)
+        logp_ref = self._collect_logprobs(self.reference, batch, parts)
+        values_old = self._collect_values(batch, parts)
         if not ps.is_pipeline_last_stage():
             return None
         rewards, kl = ppo.rewards_with_kl(batch, logp_old, logp_ref, self.ppo.kl_coef)
@@ -163,29 +264,51 @@ class PPOUpdate:
         trainer-vs-engine mismatch_*, taken once over the whole batch."""
         ps = _ps()
         batch = batch.to(self.device)
-        prep = self.prepare(batch)
-        b = batch.tokens.shape[0]
-        if b % num_minibatches or (b // num_minibatches) % self.mbs:
+        b, t = batch.tokens.shape
+        if b % num_minibatches:
+            raise ValueError(f"{b} sequences do not split into {num_minibatches} minibatches")
+        if t % self.multiple:
             raise ValueError(
-                f"{b} sequences do not split into {num_minibatches} minibatches of whole "
-                f"micro-batches of {self.mbs}"
+                f"sequences of {t} tokens: the model needs multiples of {self.multiple} "
+                "(collate(..., multiple=sequence_multiple(config)))"
             )
         size = b // num_minibatches
+        # Every plan of the step from one read of the rows' lengths.
+        lengths = ppo.row_lengths(batch).tolist()
+        plans = self._same_count(
+            [
+                self._plan(list(range(m * size, (m + 1) * size)), lengths, t)
+                for m in range(num_minibatches)
+            ],
+            lengths,
+        )
+        prep_plan = self._plan(list(range(b)), lengths, t)
+        prep = self.prepare(batch, prep_plan)
+        if prep is not None:
+            # Each minibatch's response tokens and turns over all data-parallel ranks (the
+            # losses' normalisers), every minibatch's in one all-reduce.
+            counts = torch.stack(
+                [
+                    batch.response_mask.reshape(num_minibatches, -1).sum(1),
+                    batch.turn_mask.reshape(num_minibatches, -1).sum(1),
+                ],
+                1,
+            ).double()
+            dist.all_reduce(counts, group=ps.get_data_parallel_group())
         totals: dict[str, float] = {}
         minibatches = range(num_minibatches)
         if progress:
             minibatches = progress_bar(minibatches, desc="update", unit="minibatch")
         for m in minibatches:
-            rows = slice(m * size, (m + 1) * size)
-            sub = batch.select(rows)
             sub_prep = None
             if prep is not None:
-                sub_prep = {k: v[rows] if v.dim() else v for k, v in prep.items()}
-                counts = torch.stack([sub.response_mask.sum(), sub.turn_mask.sum()]).double()
-                dist.all_reduce(counts, group=ps.get_data_parallel_group())
-                sub_prep["num_tokens"], sub_prep["num_turns"] = counts[0], counts[1]
-            for key, value in self._update(sub, sub_prep).items():
+                sub_prep = {**prep, "num_tokens": counts[m, 0], "num_turns": counts[m, 1]}
+            parts = self._parts(batch, plans[m], sub_prep)
+            for key, value in self._update(parts).items():
                 totals[key] = totals.get(key, 0.0) + value / num_minibatches
+        # Padding's share of the positions the step's passes ran: three forward-only passes
+        # over the prepare plan, two trained ones over the minibatches'.
+        totals["padding_fraction"] = padding_fraction([prep_plan] * 3 + plans * 2, lengths)
         if prep is not None:
             totals["explained_variance"] = float(prep["explained_variance"])
             kl = torch.stack([prep["kl"].sum(), batch.turn_mask.sum().float()]).double()
@@ -204,6 +327,23 @@ class PPOUpdate:
             )
         return self._from_last_stage(totals)
 
+    def _same_count(
+        self, plans: list[list[MicroBatch]], lengths: list[int]
+    ) -> list[list[MicroBatch]]:
+        """The minibatches' plans with as many micro-batches on every data-parallel rank as on
+        the one that needs most (one all-reduce for all minibatches): the schedules run no-sync
+        until their last micro-batch, where the gradient reduction starts, and every rank
+        must start it together. Fixed-size micro-batches agree already."""
+        ps = _ps()
+        if self.batching == "padded" or ps.get_data_parallel_world_size() == 1:
+            return plans
+        counts = torch.tensor([len(p) for p in plans], device=self.device)
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+        return [
+            split_to(p, n, lengths, self.multiple)
+            for p, n in zip(plans, counts.tolist(), strict=True)
+        ]
+
     def _from_last_stage(self, metrics: dict[str, float]) -> dict[str, float]:
         """Every rank's metrics with its pipeline's last stage's: losses, KL, entropy and the
         mismatch exist only there, but rank 0 (a first stage) logs them and every rank's
@@ -217,23 +357,24 @@ class PPOUpdate:
         last = dist.get_group_rank(group, ps.get_pipeline_model_parallel_last_rank())
         return {**metrics, **gathered[last]}
 
-    def _update(
-        self, batch: ppo.PPOBatch, prep: dict[str, torch.Tensor] | None
-    ) -> dict[str, float]:
+    def _update(self, parts: list[_Part]) -> dict[str, float]:
+        """One optimizer step of the policy and one of the value model on a minibatch's
+        `parts` (with prepare's results and the minibatch's token and turn counts on the
+        last stage)."""
         ps = _ps()
-        rows = lambda i, t: t[i * self.mbs : (i + 1) * self.mbs]  # noqa: E731
-        # The losses are means over the whole batch already, but the schedule divides by the
-        # number of micro-batches and DDP averages gradients over data-parallel ranks: undo both.
-        scale = (batch.tokens.shape[0] // self.mbs) * ps.get_data_parallel_world_size()
+        # The losses are means over the whole minibatch already (divided by its counts, not
+        # by a micro-batch's), but the schedule divides by the number of micro-batches and
+        # DDP averages gradients over data-parallel ranks: undo both.
+        scale = len(parts) * ps.get_data_parallel_world_size()
 
-        def policy_loss(i, chunk, n, logits):
+        def policy_loss(part, logits):
+            prep, chunk = part.prep, part.batch
             logp, entropy = self._token_logprobs(logits, chunk.tokens)
-            token_adv = ppo.token_advantages(rows(i, prep["adv"]), chunk)
             loss, metrics = ppo.policy_loss(
                 logp,
-                rows(i, prep["logp_old"]),
+                prep["logp_old"],
                 chunk.logp_behaviour,
-                token_adv,
+                ppo.token_advantages(prep["adv"], chunk),
                 chunk.response_mask,
                 self.ppo,
                 prep["num_tokens"],
@@ -243,12 +384,13 @@ class PPOUpdate:
             metrics["policy_loss"] = loss.detach()
             return loss * scale, metrics
 
-        def value_loss(i, chunk, n, values):
+        def value_loss(part, values):
+            prep, chunk = part.prep, part.batch
             v = values.squeeze(-1).float().gather(1, chunk.value_index)
             loss = ppo.value_loss(
                 v,
-                rows(i, prep["values_old"]),
-                rows(i, prep["returns"]),
+                prep["values_old"],
+                prep["returns"],
                 chunk.turn_mask,
                 self.ppo,
                 prep["num_turns"],
@@ -260,12 +402,12 @@ class PPOUpdate:
             trainable = self.trainables[name]
             trainable.model.zero_grad_buffer()
             trainable.optimizer.zero_grad()
-            parts = self._run(trainable.model, batch, loss_fn, forward_only=False)
+            got = self._run(trainable.model, parts, loss_fn, forward_only=False)
             trainable.finish_grads()
             _, norm, _ = trainable.step()
             trainable.scheduler.step(1)
             metrics[f"{name}_grad_norm"] = float(norm)
-            metrics.update(self._reduce(parts, ps))
+            metrics.update(self._reduce(got, ps))
         return metrics
 
     def _reduce(self, parts: list[dict[str, torch.Tensor]], ps: Any) -> dict[str, float]:
