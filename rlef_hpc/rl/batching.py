@@ -50,27 +50,43 @@ def padded_plan(rows: list[int], micro_batch_size: int, length: int) -> list[Mic
     ]
 
 
+# What one more micro-batch costs, in positions, as a share of the budget: its fixed costs
+# (the schedule's and megatron's per-call Python, kernel launches, the logits' chunks). A cut
+# that saves less padding than this is not worth making.
+OVERHEAD_SHARE = 1 / 16
+
+
 def bucketed_plan(
     rows: list[int], lengths: list[int], budget: int, multiple: int = 1
 ) -> list[MicroBatch]:
     """`rows` sorted by `lengths` (one per row of the batch, indexed by row), longest first,
-    cut greedily: a micro-batch takes the next row while rows x its padded length (its first
-    row's, rounded up to `multiple`) stays within `budget` tokens. Ties keep the given order,
-    so the plan is deterministic."""
+    cut into runs of at most `budget` tokens (rows x the run's padded length, its first row's
+    rounded up to `multiple`; a row longer than the budget runs alone). Where to cut is chosen
+    to minimise the positions run, padding included, plus `OVERHEAD_SHARE` of the budget per
+    micro-batch (a dynamic program over the sorted rows: O(rows x rows per micro-batch)).
+    Ties keep the given order, so the plan is deterministic."""
     order = sorted(rows, key=lambda r: -lengths[r])
+    padded = [round_up(max(lengths[r], 1), multiple) for r in order]
+    overhead = budget * OVERHEAD_SHARE
+    n = len(order)
+    # best[j]: the cheapest cut of the first j rows, ending a micro-batch at j; start[j]: where
+    # that micro-batch starts.
+    best = [0.0] + [float("inf")] * n
+    start = [0] * (n + 1)
+    for i in range(n):  # a micro-batch starting at row i runs at padded[i]
+        for j in range(i + 1, n + 1):
+            if j - i > 1 and (j - i) * padded[i] > budget:
+                break
+            cost = best[i] + (j - i) * padded[i] + overhead
+            if cost < best[j]:
+                best[j], start[j] = cost, i
     plan: list[MicroBatch] = []
-    current: list[int] = []
-    length = 0
-    for row in order:
-        if current and (len(current) + 1) * length > budget:
-            plan.append(MicroBatch(tuple(current), length))
-            current = []
-        if not current:
-            length = round_up(max(lengths[row], 1), multiple)
-        current.append(row)
-    if current:
-        plan.append(MicroBatch(tuple(current), length))
-    return plan
+    j = n
+    while j > 0:
+        i = start[j]
+        plan.append(MicroBatch(tuple(order[i:j]), padded[i]))
+        j = i
+    return plan[::-1]
 
 
 def split_to(
@@ -93,8 +109,9 @@ def split_to(
     return plan
 
 
-def padding_fraction(plans: list[list[MicroBatch]], lengths: list[int]) -> float:
-    """The share of processed positions that are padding, over every micro-batch of `plans`."""
-    processed = sum(m.positions for plan in plans for m in plan)
-    real = sum(lengths[r] for plan in plans for m in plan for r in m.rows)
-    return 1.0 - real / processed if processed else 0.0
+def padding_fraction(passes: list[tuple[list[MicroBatch], list[int]]]) -> float:
+    """The share of processed positions that no loss reads, over passes given as (plan, the
+    positions each row needs in that pass)."""
+    processed = sum(m.positions for plan, _ in passes for m in plan)
+    needed = sum(lengths[r] for plan, lengths in passes for m in plan for r in m.rows)
+    return 1.0 - needed / processed if processed else 0.0

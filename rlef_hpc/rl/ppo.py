@@ -79,15 +79,21 @@ TOKEN_FIELDS = frozenset({"tokens", "response_mask", "turn_of_token", "logp_beha
 
 
 def row_lengths(batch: PPOBatch) -> torch.Tensor:
-    """[B]: the positions of each sequence that any loss reads, through its last response
-    token or value index, whichever is later (at least 1). Under causal attention nothing
-    after them changes what is read, so a sequence can run cut or padded to any length that
-    covers them and give the same losses."""
+    """[B]: the positions of each sequence that the policy's losses read, through its last
+    response token or value index, whichever is later (at least 1). Under causal attention
+    nothing after them changes what is read, so a sequence can run cut or padded to any length
+    that covers them and give the same losses."""
     t = batch.tokens.shape[1]
     positions = torch.arange(t, device=batch.tokens.device)
     last_response = torch.where(batch.response_mask, positions, -1).amax(1)
+    return torch.maximum(last_response + 1, value_lengths(batch))
+
+
+def value_lengths(batch: PPOBatch) -> torch.Tensor:
+    """[B]: the positions of each sequence that the value model's losses read, through its
+    last value index (the last turn's prompt): that turn's response is never needed."""
     last_value = torch.where(batch.turn_mask, batch.value_index, -1).amax(1)
-    return (torch.maximum(last_response, last_value) + 1).clamp(min=1)
+    return (last_value + 1).clamp(min=1)
 
 
 def collate(

@@ -67,6 +67,24 @@ class _Part:
     prep: dict[str, torch.Tensor] | None = None
 
 
+@dataclass
+class _Plans:
+    """A step's micro-batches, per model kind: "policy" (the policy and the reference) and
+    "value" (the value model, whose rows stop at their last value index), for the whole
+    batch (prepare) and for each minibatch, with the positions each row needs."""
+
+    lengths: dict[str, list[int]]
+    prepare: dict[str, list[MicroBatch]]
+    minibatches: dict[str, list[list[MicroBatch]]]
+
+    def padding_fraction(self) -> float:
+        """Padding's share of the positions the step's passes run: the policy, the reference
+        and the value model over the batch, then the policy and value over each minibatch."""
+        passes = [(self.prepare[k], self.lengths[k]) for k in ("policy", "policy", "value")]
+        passes += [(p, self.lengths[k]) for k, plans in self.minibatches.items() for p in plans]
+        return padding_fraction(passes)
+
+
 # prepare()'s per-row results, and which of them are per token ([B, T]; the rest are [B, K]).
 _PER_ROW = ("logp_old", "values_old", "returns", "adv")
 _PER_TOKEN = frozenset({"logp_old"})
@@ -129,6 +147,35 @@ class PPOUpdate:
         if self.batching == "padded":
             return padded_plan(rows, self.mbs, length)
         return bucketed_plan(rows, lengths, self.micro_batch_tokens, self.multiple)
+
+    def plans(self, batch: ppo.PPOBatch, num_minibatches: int = 1) -> _Plans:
+        """Every micro-batch of a step on `batch` from one read of its rows' lengths (the
+        plans' only device sync), with as many per minibatch on every data-parallel rank."""
+        b, t = batch.tokens.shape
+        if b % num_minibatches:
+            raise ValueError(f"{b} sequences do not split into {num_minibatches} minibatches")
+        if t % self.multiple:
+            raise ValueError(
+                f"sequences of {t} tokens: the model needs multiples of {self.multiple} "
+                "(collate(..., multiple=sequence_multiple(config)))"
+            )
+        size = b // num_minibatches
+        both = torch.stack([ppo.row_lengths(batch), ppo.value_lengths(batch)]).tolist()
+        lengths = dict(zip(("policy", "value"), both, strict=True))
+        return _Plans(
+            lengths,
+            {k: self._plan(list(range(b)), lengths[k], t) for k in lengths},
+            self._same_count(
+                {
+                    k: [
+                        self._plan(list(range(m * size, (m + 1) * size)), lengths[k], t)
+                        for m in range(num_minibatches)
+                    ]
+                    for k in lengths
+                },
+                lengths,
+            ),
+        )
 
     def _parts(
         self,
@@ -223,18 +270,16 @@ class PPOUpdate:
 
     @torch.no_grad()
     def prepare(
-        self, batch: ppo.PPOBatch, plan: list[MicroBatch] | None = None
+        self, batch: ppo.PPOBatch, plans: _Plans | None = None
     ) -> dict[str, torch.Tensor] | None:
         """pi_old, reference log-probs, V_old, returns, advantages (last stage only), in
-        `plan`'s micro-batches (default: the whole batch's own plan)."""
+        `plans`' micro-batches (default: the batch's own)."""
         ps = _ps()
-        if plan is None:
-            lengths = ppo.row_lengths(batch).tolist()
-            plan = self._plan(list(range(len(lengths))), lengths, batch.tokens.shape[1])
-        parts = self._parts(batch, plan)
-        logp_old = self._collect_logprobs(self.trainables["policy"].model, batch, parts)
-        logp_ref = self._collect_logprobs(self.reference, batch, parts)
-        values_old = self._collect_values(batch, parts)
+        plans = plans or self.plans(batch)
+        policy = self._parts(batch, plans.prepare["policy"])
+        logp_old = self._collect_logprobs(self.trainables["policy"].model, batch, policy)
+        logp_ref = self._collect_logprobs(self.reference, batch, policy)
+        values_old = self._collect_values(batch, self._parts(batch, plans.prepare["value"]))
         if not ps.is_pipeline_last_stage():
             return None
         rewards, kl = ppo.rewards_with_kl(batch, logp_old, logp_ref, self.ppo.kl_coef)
@@ -264,26 +309,8 @@ class PPOUpdate:
         trainer-vs-engine mismatch_*, taken once over the whole batch."""
         ps = _ps()
         batch = batch.to(self.device)
-        b, t = batch.tokens.shape
-        if b % num_minibatches:
-            raise ValueError(f"{b} sequences do not split into {num_minibatches} minibatches")
-        if t % self.multiple:
-            raise ValueError(
-                f"sequences of {t} tokens: the model needs multiples of {self.multiple} "
-                "(collate(..., multiple=sequence_multiple(config)))"
-            )
-        size = b // num_minibatches
-        # Every plan of the step from one read of the rows' lengths.
-        lengths = ppo.row_lengths(batch).tolist()
-        plans = self._same_count(
-            [
-                self._plan(list(range(m * size, (m + 1) * size)), lengths, t)
-                for m in range(num_minibatches)
-            ],
-            lengths,
-        )
-        prep_plan = self._plan(list(range(b)), lengths, t)
-        prep = self.prepare(batch, prep_plan)
+        plans = self.plans(batch, num_minibatches)
+        prep = self.prepare(batch, plans)
         if prep is not None:
             # Each minibatch's response tokens and turns over all data-parallel ranks (the
             # losses' normalisers), every minibatch's in one all-reduce.
@@ -303,12 +330,10 @@ class PPOUpdate:
             sub_prep = None
             if prep is not None:
                 sub_prep = {**prep, "num_tokens": counts[m, 0], "num_turns": counts[m, 1]}
-            parts = self._parts(batch, plans[m], sub_prep)
+            parts = {k: self._parts(batch, p[m], sub_prep) for k, p in plans.minibatches.items()}
             for key, value in self._update(parts).items():
                 totals[key] = totals.get(key, 0.0) + value / num_minibatches
-        # Padding's share of the positions the step's passes ran: three forward-only passes
-        # over the prepare plan, two trained ones over the minibatches'.
-        totals["padding_fraction"] = padding_fraction([prep_plan] * 3 + plans * 2, lengths)
+        totals["padding_fraction"] = plans.padding_fraction()  # this rank's
         if prep is not None:
             totals["explained_variance"] = float(prep["explained_variance"])
             kl = torch.stack([prep["kl"].sum(), batch.turn_mask.sum().float()]).double()
@@ -328,21 +353,25 @@ class PPOUpdate:
         return self._from_last_stage(totals)
 
     def _same_count(
-        self, plans: list[list[MicroBatch]], lengths: list[int]
-    ) -> list[list[MicroBatch]]:
-        """The minibatches' plans with as many micro-batches on every data-parallel rank as on
-        the one that needs most (one all-reduce for all minibatches): the schedules run no-sync
-        until their last micro-batch, where the gradient reduction starts, and every rank
-        must start it together. Fixed-size micro-batches agree already."""
+        self, plans: dict[str, list[list[MicroBatch]]], lengths: dict[str, list[int]]
+    ) -> dict[str, list[list[MicroBatch]]]:
+        """The minibatches' plans (per model kind) with as many micro-batches on every
+        data-parallel rank as on the one that needs most (one all-reduce for all of them):
+        the schedules run no-sync until their last micro-batch, where the gradient reduction
+        starts, and every rank must start it together. Fixed-size micro-batches agree."""
         ps = _ps()
         if self.batching == "padded" or ps.get_data_parallel_world_size() == 1:
             return plans
-        counts = torch.tensor([len(p) for p in plans], device=self.device)
+        kinds = list(plans)
+        counts = torch.tensor([[len(p) for p in plans[k]] for k in kinds], device=self.device)
         dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
-        return [
-            split_to(p, n, lengths, self.multiple)
-            for p, n in zip(plans, counts.tolist(), strict=True)
-        ]
+        return {
+            k: [
+                split_to(p, n, lengths[k], self.multiple)
+                for p, n in zip(plans[k], row, strict=True)
+            ]
+            for k, row in zip(kinds, counts.tolist(), strict=True)
+        }
 
     def _from_last_stage(self, metrics: dict[str, float]) -> dict[str, float]:
         """Every rank's metrics with its pipeline's last stage's: losses, KL, entropy and the
@@ -357,15 +386,15 @@ class PPOUpdate:
         last = dist.get_group_rank(group, ps.get_pipeline_model_parallel_last_rank())
         return {**metrics, **gathered[last]}
 
-    def _update(self, parts: list[_Part]) -> dict[str, float]:
+    def _update(self, parts: dict[str, list[_Part]]) -> dict[str, float]:
         """One optimizer step of the policy and one of the value model on a minibatch's
-        `parts` (with prepare's results and the minibatch's token and turn counts on the
-        last stage)."""
+        `parts` of each (with prepare's results and the minibatch's token and turn counts on
+        the last stage)."""
         ps = _ps()
         # The losses are means over the whole minibatch already (divided by its counts, not
         # by a micro-batch's), but the schedule divides by the number of micro-batches and
         # DDP averages gradients over data-parallel ranks: undo both.
-        scale = len(parts) * ps.get_data_parallel_world_size()
+        scale = {k: len(p) * ps.get_data_parallel_world_size() for k, p in parts.items()}
 
         def policy_loss(part, logits):
             prep, chunk = part.prep, part.batch
@@ -382,7 +411,7 @@ class PPOUpdate:
             mask = chunk.response_mask
             metrics["entropy"] = (entropy.detach() * mask).sum() / prep["num_tokens"]
             metrics["policy_loss"] = loss.detach()
-            return loss * scale, metrics
+            return loss * scale["policy"], metrics
 
         def value_loss(part, values):
             prep, chunk = part.prep, part.batch
@@ -395,14 +424,14 @@ class PPOUpdate:
                 self.ppo,
                 prep["num_turns"],
             )
-            return loss * scale, {"value_loss": loss.detach()}
+            return loss * scale["value"], {"value_loss": loss.detach()}
 
         metrics: dict[str, float] = {}
         for name, loss_fn in (("policy", policy_loss), ("value", value_loss)):
             trainable = self.trainables[name]
             trainable.model.zero_grad_buffer()
             trainable.optimizer.zero_grad()
-            got = self._run(trainable.model, parts, loss_fn, forward_only=False)
+            got = self._run(trainable.model, parts[name], loss_fn, forward_only=False)
             trainable.finish_grads()
             _, norm, _ = trainable.step()
             trainable.scheduler.step(1)
