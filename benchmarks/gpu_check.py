@@ -386,6 +386,8 @@ class GpuCheck:
             cfg.ppo,
             cfg.optim,
             cfg.update.micro_batch_size,
+            batching=cfg.update.batching,
+            micro_batch_tokens=cfg.update.micro_batch_tokens,
         )
         before = {k: fingerprint(m) for k, m in self.models.items()}
         metrics: dict[str, float] = {}
