@@ -47,7 +47,7 @@ from rlef_hpc.rl.batching import (
     padding_fraction,
     split_to,
 )
-from rlef_hpc.rl.logprobs import next_token_logprobs
+from rlef_hpc.rl.logprobs import next_token_logprobs, vocab_parallel_logprobs
 from rlef_hpc.rl.optim import OptimConfig, make_trainable
 
 
@@ -65,6 +65,36 @@ class _Part:
     batch: ppo.PPOBatch
     rows: torch.Tensor  # indices into the (mini)batch it was cut from
     prep: dict[str, torch.Tensor] | None = None
+    # Where the policy's logits are needed (None: everywhere), as _Responses.part makes it.
+    response: _Response | None = None
+
+
+@dataclass
+class _Response:
+    """A micro-batch's response tokens, k per row (k: its rows' most; rows with fewer are
+    filled with positions outside their responses, `valid` False), and the positions of the
+    hidden states [s, b] flattened whose logits predict them: the one before each."""
+
+    positions: torch.Tensor  # [rows, k]
+    valid: torch.Tensor  # [rows, k]
+    logit_index: torch.Tensor  # [rows * k]
+
+
+@dataclass
+class _Responses:
+    """Every row's response positions first, in order, then the rest ([B, T]); how many."""
+
+    order: torch.Tensor
+    counts: torch.Tensor  # [B], on the device
+    host_counts: list[int]
+
+    def part(self, m: MicroBatch, rows: torch.Tensor) -> _Response:
+        k = max(1, max(self.host_counts[r] for r in m.rows))
+        positions = self.order[rows, :k]
+        valid = torch.arange(k, device=rows.device) < self.counts[rows, None]
+        index = (positions - 1).clamp(min=0) * len(m.rows)
+        index = index + torch.arange(len(m.rows), device=rows.device)[:, None]
+        return _Response(positions, valid, index.flatten())
 
 
 @dataclass
@@ -76,6 +106,7 @@ class _Plans:
     lengths: dict[str, list[int]]
     prepare: dict[str, list[MicroBatch]]
     minibatches: dict[str, list[list[MicroBatch]]]
+    responses: _Responses
 
     def padding_fraction(self) -> float:
         """Padding's share of the positions the step's passes run: the policy, the reference
@@ -122,6 +153,18 @@ class PPOUpdate:
         self.temperature = temperature
         self.device = next(policy.parameters()).device
         self.mismatch = mismatch or MismatchLimits()  # its quantile_limit: what counts
+        # The policy's and the reference's logits only where a loss reads them (response
+        # tokens: a sixth of the demo's tokens), on the bucketed path: the output layer gets
+        # those hidden states alone (_select_hidden). Not under sequence parallelism, where
+        # the output layer gathers the sequence itself.
+        self._logit_index: torch.Tensor | None = None
+        self.select_logits = batching == "bucketed" and not policy.config.sequence_parallel
+        if self.select_logits:
+            for model in (policy, reference):
+                if getattr(model, "output_layer", None) is not None:  # the last stage's
+                    model.output_layer.register_forward_pre_hook(
+                        self._select_hidden, with_kwargs=True
+                    )
         # Made once per longest length seen; every micro-batch takes views of them.
         self._causal = causal_mask(0, self.device)
         self._arange = torch.arange(0, device=self.device)
@@ -135,6 +178,15 @@ class PPOUpdate:
         if self._causal.shape[-1] < length:
             self._causal = causal_mask(length, self.device)
         return self._causal[..., :length, :length]
+
+    def _select_hidden(self, module: Any, args: tuple, kwargs: dict) -> Any:
+        """The output layer's forward pre-hook: while `_run` feeds it a micro-batch with
+        `_logit_index` set, only those hidden states ([s, b, h] -> [n, 1, h]); the model then
+        returns logits [1, n, vocab shard]. Otherwise (any other caller) a no-op."""
+        if self._logit_index is None:
+            return None
+        hidden = args[0].flatten(0, 1)[self._logit_index].unsqueeze(1)
+        return (hidden, *args[1:]), kwargs
 
     def _positions(self, rows: int, length: int) -> torch.Tensor:
         if self._arange.shape[0] < length:
@@ -160,8 +212,15 @@ class PPOUpdate:
                 "(collate(..., multiple=sequence_multiple(config)))"
             )
         size = b // num_minibatches
-        both = torch.stack([ppo.row_lengths(batch), ppo.value_lengths(batch)]).tolist()
-        lengths = dict(zip(("policy", "value"), both, strict=True))
+        counts = batch.response_mask.sum(1)
+        policy, value, host_counts = torch.stack(
+            [ppo.row_lengths(batch), ppo.value_lengths(batch), counts]
+        ).tolist()
+        lengths = {"policy": policy, "value": value}
+        response_first = (~batch.response_mask).to(torch.int32)
+        responses = _Responses(
+            torch.argsort(response_first, dim=1, stable=True), counts, host_counts
+        )
         return _Plans(
             lengths,
             {k: self._plan(list(range(b)), lengths[k], t) for k in lengths},
@@ -175,6 +234,7 @@ class PPOUpdate:
                 },
                 lengths,
             ),
+            responses,
         )
 
     def _parts(
@@ -182,10 +242,12 @@ class PPOUpdate:
         batch: ppo.PPOBatch,
         plan: list[MicroBatch],
         prep: dict[str, torch.Tensor] | None = None,
+        responses: _Responses | None = None,
     ) -> list[_Part]:
-        """`plan`'s micro-batches of `batch` (and of `prep`'s per-row results): the row
-        indices go to the device in one copy; each part is cut to its length before its rows
-        are gathered, so only what it runs is copied."""
+        """`plan`'s micro-batches of `batch` (and of `prep`'s per-row results; with
+        `responses`, where the policy's logits are needed): the row indices go to the device
+        in one copy; each part is cut to its length before its rows are gathered, so only
+        what it runs is copied."""
         index = torch.tensor([r for m in plan for r in m.rows], device=self.device)
         parts, start = [], 0
         for m in plan:
@@ -198,7 +260,8 @@ class PPOUpdate:
                     for k in _PER_ROW
                 }
                 sub["num_tokens"], sub["num_turns"] = prep["num_tokens"], prep["num_turns"]
-            parts.append(_Part(batch.narrow(m.length).select(rows), rows, sub))
+            response = responses.part(m, rows) if responses is not None else None
+            parts.append(_Part(batch.narrow(m.length).select(rows), rows, sub, response))
         return parts
 
     # --- passes -----------------------------------------------------------------------------
@@ -213,7 +276,11 @@ class PPOUpdate:
         def forward_step(data: Any, model: torch.nn.Module) -> Any:
             part = next(data)
             rows, length = part.batch.tokens.shape
-            output = model(part.batch.tokens, self._positions(rows, length), self._mask(length))
+            self._logit_index = part.response.logit_index if part.response else None
+            try:
+                output = model(part.batch.tokens, self._positions(rows, length), self._mask(length))
+            finally:
+                self._logit_index = None
             return output, partial(loss, part)
 
         # The schedule's shape is every micro-batch's under "padded"; under "bucketed" and
@@ -230,10 +297,27 @@ class PPOUpdate:
         return [o for o in out if o] if isinstance(out, list) else []
 
     def _token_logprobs(
-        self, logits: torch.Tensor, tokens: torch.Tensor
+        self, logits: torch.Tensor, part: _Part
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [b, s, vocab shard] -> (logp, entropy) [b, s], position 0 zero."""
-        return next_token_logprobs(logits, tokens, self.temperature)
+        """The model's logits on `part` -> (logp, entropy) [b, s] of its tokens: position 0
+        zero, and with the logits selected (part.response), every position outside the
+        responses zero too (no loss reads them)."""
+        tokens = part.batch.tokens
+        if part.response is None:
+            return next_token_logprobs(logits, tokens, self.temperature)
+        r = part.response
+        rows, k = r.positions.shape
+        logp, entropy = vocab_parallel_logprobs(
+            logits.reshape(rows, k, logits.shape[-1]),
+            tokens.gather(1, r.positions),
+            self.temperature,
+        )
+        zeros = torch.zeros(tokens.shape, dtype=logp.dtype, device=logp.device)
+        valid = r.valid.to(logp.dtype)
+        return (
+            zeros.scatter(1, r.positions, logp * valid),
+            zeros.scatter(1, r.positions, entropy * valid),
+        )
 
     def _collect_logprobs(
         self, model: torch.nn.Module, batch: ppo.PPOBatch, parts: list[_Part]
@@ -242,7 +326,7 @@ class PPOUpdate:
         (zero past each micro-batch's length, where no loss reads)."""
 
         def loss(part, logits):
-            logp, _ = self._token_logprobs(logits.detach(), part.batch.tokens)
+            logp, _ = self._token_logprobs(logits.detach(), part)
             return logp.new_zeros(()), {"logp": logp}
 
         got = self._run(model, parts, loss, forward_only=True)
@@ -276,7 +360,8 @@ class PPOUpdate:
         `plans`' micro-batches (default: the batch's own)."""
         ps = _ps()
         plans = plans or self.plans(batch)
-        policy = self._parts(batch, plans.prepare["policy"])
+        responses = plans.responses if self.select_logits else None
+        policy = self._parts(batch, plans.prepare["policy"], responses=responses)
         logp_old = self._collect_logprobs(self.trainables["policy"].model, batch, policy)
         logp_ref = self._collect_logprobs(self.reference, batch, policy)
         values_old = self._collect_values(batch, self._parts(batch, plans.prepare["value"]))
@@ -330,7 +415,11 @@ class PPOUpdate:
             sub_prep = None
             if prep is not None:
                 sub_prep = {**prep, "num_tokens": counts[m, 0], "num_turns": counts[m, 1]}
-            parts = {k: self._parts(batch, p[m], sub_prep) for k, p in plans.minibatches.items()}
+            responses = plans.responses if self.select_logits else None
+            parts = {
+                "policy": self._parts(batch, plans.minibatches["policy"][m], sub_prep, responses),
+                "value": self._parts(batch, plans.minibatches["value"][m], sub_prep),
+            }
             for key, value in self._update(parts).items():
                 totals[key] = totals.get(key, 0.0) + value / num_minibatches
         totals["padding_fraction"] = plans.padding_fraction()  # this rank's
@@ -398,7 +487,7 @@ class PPOUpdate:
 
         def policy_loss(part, logits):
             prep, chunk = part.prep, part.batch
-            logp, entropy = self._token_logprobs(logits, chunk.tokens)
+            logp, entropy = self._token_logprobs(logits, part)
             loss, metrics = ppo.policy_loss(
                 logp,
                 prep["logp_old"],
