@@ -1,21 +1,25 @@
-"""One PPO update (`PPOUpdate.step`) on a realistic RLEF batch, padded against bucketed
+"""One PPO update (`PPOUpdate.step`) on realistic RLEF batches, padded against bucketed
 micro-batches (update.batching), in the same run.
 
-    python benchmarks/update_bench.py [--config configs/demo_cpu.yaml] [--repeats 2]
-        [--set KEY=VALUE ...] [--out PATH]
+    python benchmarks/update_bench.py [--config configs/demo_cpu.yaml] [--rounds 2]
+        [--batches demo long-tail] [--set KEY=VALUE ...] [--out PATH]
 
-Batches: "demo", the config's rollouts_per_iteration trajectories drawn (seeded) from the turn
-shapes of a real demo run (benchmarks/demo_trajectory_shapes.json: 1 or 3 turns, 90 to 521
-tokens), random tokens; "long-tail", the same with one trajectory replaced by a three-turn
-4096-token one. The model is the config's (the demo's tiny Llama by default), random init.
+Batches, of random tokens in recorded shapes: "demo", the four batches of a real demo run
+(benchmarks/demo_trajectory_shapes.json: 64 trajectories each, of 1 or 3 turns, 90 to 521
+tokens), one step on each; "long-tail", the config's rollouts_per_iteration trajectories drawn
+(seeded) from them, the first replaced by a three-turn 4096-token one. The model is the
+config's (the demo's tiny Llama by default), random init, the same in every arm.
 
 Each (batch, batching) arm runs in a fresh process, after one warm-up step on a few short
-rows: the timed step's seconds (the fastest of `--repeats`), tokens/s (trajectory tokens per
-second), the share of processed positions that are padding, the process's peak memory growth
-over the steps (on a CPU the peak resident set, on a GPU the allocator's), and the model's
-matmul FLOP/s (its linear layers and output layer on the real tokens: what padding does not
-count) as a fraction of what `torch.matmul` reaches on the same shapes here: on this CPU the
-hardware bound, on a GPU the MFU against its measured matmul rate.
+rows; arms alternate `--rounds` times and keep their fastest round (a shared machine's load
+comes and goes). Reported: the steps' wall seconds and process CPU seconds (steadier under
+contention), tokens/s (trajectory tokens per wall second), the share of processed positions
+no loss reads (padding, and tokens past a row's last response or value index), the process's
+peak memory growth over the steps (on a CPU the peak resident set, on a GPU the allocator's),
+and the model's matmul FLOP/s (its linear layers and output layer over the real tokens: what
+padding does not count) as a fraction of what `torch.matmul` reaches on the same shapes in
+the same process: on this CPU the hardware bound, on a GPU the MFU against its measured
+matmul rate.
 """
 
 from __future__ import annotations
