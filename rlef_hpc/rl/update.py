@@ -19,7 +19,9 @@ original fixed-size micro-batches at the batch's length, kept for comparison. Pl
 once per step from the rows' lengths (one device sync), and the causal mask and positions are
 views of tensors made once per longest length. Under pipeline parallelism micro-batches differ
 in shape, which the p2p exchange learns from the config's `variable_seq_lengths`
-(models/gpt.transformer_config).
+(models/gpt.transformer_config). On the bucketed path the policy and the reference also
+compute logits only at the positions that predict response tokens (a pre-hook on their
+output layers), and the value model runs each row only to its last value index.
 Everything runs on the policy's device: the batch is moved there once per `step`, and every
 tensor made here is made there.
 """
