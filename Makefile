@@ -27,6 +27,7 @@ bench: setup
 	$(BIN)/python benchmarks/attention_bench.py
 	$(BIN)/python benchmarks/convert_bench.py
 	$(BIN)/python benchmarks/refit_bench.py
+	$(BIN)/python benchmarks/update_bench.py
 	$(BIN)/python benchmarks/learning_bench.py
 
 setup: system-deps $(STAMP)

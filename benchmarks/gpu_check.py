@@ -253,19 +253,31 @@ def update_flops(mc: Any, tokens: int, seq: int) -> float:
 def trajectories(count: int, vocab: int, max_turns: int, max_tokens: int, prompt: int, seed: int):
     """Random RLEF trajectories: 1 to `max_turns` turns of up to `prompt` prompt/feedback and
     `max_tokens` answer tokens; the first one is the longest episode (every turn full), the
-    length the memory plan assumes. Behaviour log-probs near a random-init model's own
-    (-log vocab), so that the importance weights are not all clipped to nothing; the rewards
-    the paper's (an invalid-code penalty, +-1 at the end)."""
-    from rlef_hpc.data.trajectory import Trajectory, Turn
-
+    length the memory plan assumes (see `from_shapes` for the rest)."""
     rng = random.Random(seed)
-    uniform = -math.log(vocab)
-    out = []
+    shapes = []
     for i in range(count):
-        turns, tokens = [], []
+        turns = []
         for _ in range(max_turns if i == 0 else rng.randint(1, max_turns)):
             p = prompt if i == 0 else rng.randint(prompt // 4, prompt)
             r = max_tokens if i == 0 else rng.randint(max(1, max_tokens // 8), max_tokens)
+            turns.append((p, r))
+        shapes.append(turns)
+    return from_shapes(shapes, vocab, rng)
+
+
+def from_shapes(shapes: list[list[tuple[int, int]]], vocab: int, rng: random.Random):
+    """Trajectories of the given turns ((prompt or feedback tokens, answer tokens) each), of
+    random tokens. Behaviour log-probs near a random-init model's own (-log vocab), so that
+    the importance weights are not all clipped to nothing; the rewards the paper's (an
+    invalid-code penalty, +-1 at the end)."""
+    from rlef_hpc.data.trajectory import Trajectory, Turn
+
+    uniform = -math.log(vocab)
+    out = []
+    for i, turn_shapes in enumerate(shapes):
+        turns, tokens = [], []
+        for p, r in turn_shapes:
             start = len(tokens)
             tokens += [rng.randrange(vocab) for _ in range(p + r)]
             valid = rng.random() < 0.8
@@ -374,6 +386,8 @@ class GpuCheck:
             cfg.ppo,
             cfg.optim,
             cfg.update.micro_batch_size,
+            batching=cfg.update.batching,
+            micro_batch_tokens=cfg.update.micro_batch_tokens,
         )
         before = {k: fingerprint(m) for k, m in self.models.items()}
         metrics: dict[str, float] = {}

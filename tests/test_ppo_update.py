@@ -1,4 +1,6 @@
-"""One PPO update under TP=2, PP=2, TP2xPP2 and DP=2 gives the losses and weights of TP=1."""
+"""One PPO update under TP=2, PP=2, TP2xPP2 and DP=2 gives the losses and weights of TP=1, and
+bucketed micro-batches (sorted by length, cut by a token budget, each padded to its own
+longest row) give those of fixed-size ones padded to the batch's length."""
 
 from __future__ import annotations
 
@@ -11,12 +13,15 @@ from tests.helpers import torchrun as torchrun_script
 SCRIPT = script("ppo_update")
 
 pytestmark = pytest.mark.multiprocess  # tests/scripts/ppo_update.py under torchrun
+# name: (tensor, pipeline, processes, batching)
 LAYOUTS = {
-    "tp1": (1, 1, 1),
-    "tp2": (2, 1, 2),
-    "pp2": (1, 2, 2),
-    "tp2pp2": (2, 2, 4),
-    "dp2": (1, 1, 2),
+    "tp1": (1, 1, 1, "bucketed"),
+    "tp2": (2, 1, 2, "bucketed"),
+    "pp2": (1, 2, 2, "bucketed"),
+    "tp2pp2": (2, 2, 4, "bucketed"),
+    "dp2": (1, 1, 2, "bucketed"),
+    "tp1_padded": (1, 1, 1, "padded"),
+    "pp2_padded": (1, 2, 2, "padded"),
 }
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}
 
@@ -31,9 +36,11 @@ def results(tmp_path_factory) -> dict[str, dict]:
     init = tmp / "init.pt"
     torchrun(1, "--make-init", str(init))
     out = {}
-    for name, (tp, pp, nproc) in LAYOUTS.items():
+    for name, (tp, pp, nproc, batching) in LAYOUTS.items():
         torchrun(
-            nproc, "--tp", str(tp), "--pp", str(pp), "--init", str(init), "--out", str(tmp / name)
+            nproc,
+            *("--tp", tp, "--pp", pp, "--batching", batching),
+            *("--init", init, "--out", tmp / name),
         )
         stages = [torch.load(f"{tmp / name}.stage{s}") for s in range(pp)]
         merged = {"policy": {}, "value": {}, "metrics": stages[-1]["metrics"]}
@@ -46,15 +53,16 @@ def results(tmp_path_factory) -> dict[str, dict]:
     return out
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2pp2", "dp2"])
-def test_layout_matches_tp1(results, layout):
-    ref, got = results["tp1"], results[layout]
+def assert_same_update(ref: dict, got: dict) -> None:
     for key in (
         "policy_loss",
         "value_loss",
         "clip_fraction",
         "approx_kl",
         "entropy",
+        "is_weight",
+        "kl",
+        "explained_variance",
         "mismatch_mean",
         "mismatch_max",
         "mismatch_tokens",
@@ -65,6 +73,20 @@ def test_layout_matches_tp1(results, layout):
         assert got[model].keys() == ref[model].keys()
         for name, tensor in ref[model].items():
             torch.testing.assert_close(got[model][name], tensor, **TOLERANCE, msg=f"{model} {name}")
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2pp2", "dp2"])
+def test_layout_matches_tp1(results, layout):
+    assert_same_update(results["tp1"], results[layout])
+
+
+@pytest.mark.parametrize("layout", ["tp1", "pp2"])
+def test_bucketed_batching_matches_padded(results, layout):
+    """The same minibatches in other micro-batches, cut to their rows' lengths (tokens after a
+    row's last response are never run): the same losses, metrics and updated weights."""
+    padded, bucketed = results[f"{layout}_padded"], results[layout]
+    assert_same_update(padded, bucketed)
+    assert bucketed["metrics"]["padding_fraction"] < padded["metrics"]["padding_fraction"]
 
 
 @pytest.mark.parametrize("layout", ["pp2", "tp2pp2"])

@@ -70,7 +70,7 @@ def transformer_config(
             fp8_recipe=precision.fp8_recipe,
             first_last_layers_bf16=precision.fp8_first_last_bf16,
         )
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
@@ -102,6 +102,12 @@ def transformer_config(
         persist_layer_norm=False,  # apex's persistent LayerNorm: not an RMSNorm
         **extra,
     )
+    # The PPO update's micro-batches differ in length and rows (rl/batching.py): between
+    # pipeline stages each activation's shape is sent ahead of it (3 integers a transfer). Set
+    # after construction: the config's check refuses it for the MoE "allgather" token
+    # dispatcher, its default, which this dense model never runs.
+    config.variable_seq_lengths = pp > 1
+    return config
 
 
 def sequence_multiple(config: Any) -> int:

@@ -113,24 +113,31 @@ def token_logprobs(
     return logp.reshape(shape), entropy.reshape(shape)
 
 
+def vocab_parallel_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logprobs` of a model's output `logits` [..., vocab shard], this tensor-parallel
+    rank's slice of the vocabulary (megatron's parallel state, which must be initialised,
+    gives the rank and group): the result is over the whole vocabulary at any tensor
+    parallelism."""
+    from megatron.core import parallel_state as ps  # heavy: deferred to first use
+
+    return token_logprobs(
+        logits,
+        targets,
+        temperature,
+        vocab_start=ps.get_tensor_model_parallel_rank() * logits.shape[-1],
+        group=ps.get_tensor_model_parallel_group(),
+    )
+
+
 def next_token_logprobs(
     logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(token | the tokens before it), entropy of that prediction) [b, s] from a model's
-    output `logits` [b, s, vocab shard] on `tokens` [b, s]; position 0, which nothing predicts,
-    is zero. The logits are this tensor-parallel rank's slice of the vocabulary (megatron's
-    parallel state, which must be initialised, gives the rank and group): the result is over
-    the whole vocabulary at any tensor parallelism."""
-    from megatron.core import parallel_state as ps  # heavy: deferred to first use
-
-    shard = logits.shape[-1]
-    logp, entropy = token_logprobs(
-        logits[:, :-1],
-        tokens[:, 1:],
-        temperature,
-        vocab_start=ps.get_tensor_model_parallel_rank() * shard,
-        group=ps.get_tensor_model_parallel_group(),
-    )
+    vocab-parallel output `logits` [b, s, vocab shard] on `tokens` [b, s]; position 0, which
+    nothing predicts, is zero."""
+    logp, entropy = vocab_parallel_logprobs(logits[:, :-1], tokens[:, 1:], temperature)
     pad = torch.zeros(logp.shape[0], 1, dtype=logp.dtype, device=logp.device)
     return torch.cat([pad, logp], 1), torch.cat([pad, entropy], 1)
 

@@ -62,6 +62,39 @@ class PPOBatch:
     def select(self, rows: slice | torch.Tensor) -> PPOBatch:
         return PPOBatch(*(getattr(self, f.name)[rows] for f in fields(self)))
 
+    def narrow(self, length: int) -> PPOBatch:
+        """The first `length` positions of every sequence (per-turn fields unchanged): views."""
+        return PPOBatch(
+            *(
+                getattr(self, f.name)[:, :length]
+                if f.name in TOKEN_FIELDS
+                else getattr(self, f.name)
+                for f in fields(self)
+            )
+        )
+
+
+# The [B, T] fields of PPOBatch (the others are per turn, [B, K]).
+TOKEN_FIELDS = frozenset({"tokens", "response_mask", "turn_of_token", "logp_behaviour"})
+
+
+def row_lengths(batch: PPOBatch) -> torch.Tensor:
+    """[B]: the positions of each sequence that the policy's losses read, through its last
+    response token or value index, whichever is later (at least 1). Under causal attention
+    nothing after them changes what is read, so a sequence can run cut or padded to any length
+    that covers them and give the same losses."""
+    t = batch.tokens.shape[1]
+    positions = torch.arange(t, device=batch.tokens.device)
+    last_response = torch.where(batch.response_mask, positions, -1).amax(1)
+    return torch.maximum(last_response + 1, value_lengths(batch))
+
+
+def value_lengths(batch: PPOBatch) -> torch.Tensor:
+    """[B]: the positions of each sequence that the value model's losses read, through its
+    last value index (the last turn's prompt): that turn's response is never needed."""
+    last_value = torch.where(batch.turn_mask, batch.value_index, -1).amax(1)
+    return (last_value + 1).clamp(min=1)
+
 
 def collate(
     trajectories: list[Any],

@@ -89,6 +89,12 @@ class UpdateConfig:
     """How each iteration's rollouts become optimizer steps."""
 
     num_minibatches: int = 2  # the paper: 4 updates of 256 from 1024 rollouts
+    # How a minibatch is cut into micro-batches (rlef_hpc.rl.batching): "bucketed" sorts its
+    # rows by length and cuts them by micro_batch_tokens (rows x padded length, at least one
+    # row), each padded to its own longest; "padded" takes micro_batch_size rows at a time,
+    # all padded to the batch's longest (the original path, kept for comparison).
+    batching: Literal["padded", "bucketed"] = "bucketed"
+    micro_batch_tokens: int = 4096
     micro_batch_size: int = 8
 
 
@@ -182,12 +188,22 @@ class TrainConfig:
                 f"rollout.rollouts_per_iteration={r.rollouts_per_iteration}"
             )
         per_rank = r.rollouts_per_iteration // p.data
-        if r.rollouts_per_iteration % p.data or per_rank % (u.num_minibatches * u.micro_batch_size):
+        # Fixed-size micro-batches must divide a minibatch; token-budget ones cut any.
+        rows = u.micro_batch_size if u.batching == "padded" else 1
+        if r.rollouts_per_iteration % p.data or per_rank % (u.num_minibatches * rows):
+            whole = (
+                f" of whole micro-batches of update.micro_batch_size={u.micro_batch_size}"
+                if u.batching == "padded"
+                else ""
+            )
             raise ValueError(
                 f"rollout.rollouts_per_iteration={r.rollouts_per_iteration} must split over "
                 f"parallel.data={p.data} ranks into update.num_minibatches={u.num_minibatches} "
-                f"minibatches of whole micro-batches of update.micro_batch_size="
-                f"{u.micro_batch_size}"
+                f"minibatches{whole}"
+            )
+        if u.micro_batch_tokens < 1:
+            raise ValueError(
+                f"update.micro_batch_tokens must be positive, got {u.micro_batch_tokens}"
             )
         if r.layout == "disaggregated" and r.rollouts_per_iteration % r.shard_rollouts:
             raise ValueError(

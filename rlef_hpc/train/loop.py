@@ -99,6 +99,8 @@ class Trainer:
             micro_batch_size=cfg.update.micro_batch_size,
             temperature=cfg.rollout.temperature,
             mismatch=cfg.rollout.mismatch,
+            batching=cfg.update.batching,
+            micro_batch_tokens=cfg.update.micro_batch_tokens,
         )
         self.start = 0
         if checkpoint is not None:

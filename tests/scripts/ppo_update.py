@@ -1,6 +1,7 @@
 """One PPO update on a fixed batch under a given layout (run by torchrun from test_ppo_update).
 
-torchrun --nproc-per-node N tests/scripts/ppo_update.py --tp T --pp P --init init.pt --out out.pt
+torchrun --nproc-per-node N tests/scripts/ppo_update.py --tp T --pp P --init init.pt --out out.pt \
+    [--batching padded|bucketed]
 python tests/scripts/ppo_update.py --make-init init.pt
 """
 
@@ -29,24 +30,39 @@ MODEL = ModelConfig(
     ffn_hidden_size=128,
     max_position_embeddings=64,
 )
-BATCH, SEQ = 4, 16
+BATCH, SEQ = 8, 24
+# Each row's turns (response spans): rows of 6 to 24 positions, one to three turns, random
+# tokens after the last response (what bucketed batching cuts off and padded batching runs).
+SPANS = [
+    [(3, 7), (12, 20)],
+    [(4, 12)],
+    [(2, 8)],
+    [(3, 5), (7, 10)],
+    [(5, 9), (11, 15), (18, 22)],
+    [(2, 6)],
+    [(4, 9), (11, 14)],
+    [(6, 24)],
+]
+# Tokens per micro-batch under bucketed batching: with the rows above, one or two rows each,
+# and data-parallel ranks that need different numbers of micro-batches for a minibatch.
+MICRO_BATCH_TOKENS = 32
 
 
 def fixed_batch() -> PPOBatch:
     g = torch.Generator().manual_seed(7)
+    k = max(len(spans) for spans in SPANS)
     tokens = torch.randint(0, MODEL.vocab_size, (BATCH, SEQ), generator=g)
     response = torch.zeros(BATCH, SEQ, dtype=torch.bool)
     turn_of = torch.full((BATCH, SEQ), -1)
-    value_index = torch.zeros(BATCH, 2, dtype=torch.long)
-    turn_mask = torch.zeros(BATCH, 2, dtype=torch.bool)
-    for row in range(BATCH):
-        spans = [(3, 7), (9, 13)] if row % 2 else [(4, 12)]
-        for k, (start, end) in enumerate(spans):
+    value_index = torch.zeros(BATCH, k, dtype=torch.long)
+    turn_mask = torch.zeros(BATCH, k, dtype=torch.bool)
+    for row, spans in enumerate(SPANS):
+        for j, (start, end) in enumerate(spans):
             response[row, start:end] = True
-            turn_of[row, start:end] = k
-            value_index[row, k] = start - 1
-            turn_mask[row, k] = True
-    reward = torch.tensor([[1.0, 0.0], [-0.2, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+            turn_of[row, start:end] = j
+            value_index[row, j] = start - 1
+            turn_mask[row, j] = True
+    reward = (torch.rand(BATCH, k, generator=g) * 2 - 1) * turn_mask
     behaviour = -torch.rand(BATCH, SEQ, generator=g) * 5 * response
     return PPOBatch(tokens, response, turn_of, value_index, turn_mask, reward, behaviour)
 
@@ -105,6 +121,7 @@ def main() -> None:
     p.add_argument("--out")
     p.add_argument("--make-init")
     p.add_argument("--direction", type=float, help="reward of the answer to reinforce (+1 or -1)")
+    p.add_argument("--batching", choices=("padded", "bucketed"), default="bucketed")
     args = p.parse_args()
     dp = int(os.environ.get("WORLD_SIZE", "1")) // (args.tp * args.pp)
     validate(MODEL, ParallelConfig(args.tp, args.pp, dp), PrecisionConfig())  # before any group
@@ -147,6 +164,8 @@ def main() -> None:
         # below the comparison's 1e-5; large enough that every weight visibly moves.
         OptimConfig(lr=1e-4, warmup_steps=1, grad_clip=1.0),
         micro_batch_size=1,
+        batching=args.batching,
+        micro_batch_tokens=MICRO_BATCH_TOKENS,
     )
     metrics = update.step(mine, num_minibatches=2)
     # How much of Adam's state this rank holds (the distributed optimizer shards it over DP).
