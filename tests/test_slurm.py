@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -137,15 +138,24 @@ def test_submit_colocated_requeued_midway_resumes_and_finishes_the_same(slurm, t
 
 
 @pytest.mark.slurm
-def test_submit_disaggregated_survives_requeues_without_losing_a_shard(slurm, tmp_path):
+def test_submit_disaggregated_on_two_nodes_survives_requeues_without_losing_a_shard(
+    slurm, tmp_path
+):
+    """The demo's multi-node shape through tools/submit.py: a trainer job of two nodes, TP2 on
+    each x DP2, and two rollout-worker jobs; each side requeued mid-run."""
+    from rlef_hpc.dist_env import expand_hostlist
     from rlef_hpc.rollout.shards import ShardStore
 
+    cluster_nodes(2)
     run = tmp_path / "run"
     jobs = submit(
-        f"run.dir={run}", "run.iterations=6", "rollout.workers=2", "--layout", "disaggregated"
-    )
+        f"run.dir={run}", "run.iterations=6", "rollout.workers=2", "--layout", "disaggregated",
+        "slurm.nodes=2", "parallel.tensor=2", "parallel.data=2", "model.num_query_groups=2",
+    )  # fmt: skip
     assert len(jobs["rollout"]) == 2
     wait_iterations(run, 2)
+    nodes = sh("squeue", "-h", "-o", "%N", "-j", jobs["train"]).stdout.strip()
+    assert len(expand_hostlist(nodes)) == 2, nodes
     # Either side stopped midway: the trainer and worker 1 by submitit's time-limit signal
     # (they requeue themselves; the trainer checkpoints first), worker 0 by `scontrol requeue`.
     assert sh("scancel", "--signal=USR2", jobs["train"]).returncode == 0
@@ -162,6 +172,12 @@ def test_submit_disaggregated_survives_requeues_without_losing_a_shard(slurm, tm
         assert len(list(store.iteration_dir(it).glob("*.pt"))) == 2
     log = next((run / "slurm" / jobs["train"]).glob("*_0_log.out")).read_text()
     assert "signal SIGUSR2: checkpointing after this iteration" in log and "resumed from" in log
+    # Four trainer tasks, both runs of the job: ranks 0-1 (a TP pair) on its first node, 2-3
+    # on its second (submitit's JobEnvironment: node=index(nodes), global_rank=rank(tasks)).
+    placed = set()
+    for path in (run / "slurm" / jobs["train"]).glob("*_log.out"):
+        placed |= set(re.findall(r"node=(\d)\(2\), global_rank=(\d)\(4\)", path.read_text()))
+    assert placed == {("0", "0"), ("0", "1"), ("1", "2"), ("1", "3")}, placed
     for worker in jobs["rollout"]:  # each worker ran again
         log = next((run / "slurm" / worker).glob("*_0_log.out")).read_text()
         assert log.count("Starting with JobEnvironment") == 2, worker
@@ -201,11 +217,13 @@ def test_dry_run_of_the_70b_config_is_an_sbatch_script_slurm_accepts(slurm, tmp_
     assert "srun" in script and "submitit.core._submit" in script
     path = tmp_path / "train_70b.sbatch"
     path.write_text(script)
-    # The local cluster is one node of 8 stand-in GPUs and 16 CPUs: only the node, CPU and
-    # memory counts are scaled down; every other directive is the script's own.
+    # The local cluster's nodes have 8 stand-in GPUs and 16 CPUs each: only the node count
+    # (still several: 2), CPUs and memory are scaled down; every other directive is the
+    # script's own. (slurm/train_*.sh run for real on 3 nodes: the placement test below.)
+    cluster_nodes(2)
     for script_path in (path, REPO / "slurm" / "train_70b.sh", REPO / "slurm" / "train_8b.sh"):
         test = sh(
-            "sbatch", "--test-only", "--nodes=1", "--cpus-per-task=1", "--mem=1G", script_path
+            "sbatch", "--test-only", "--nodes=2", "--cpus-per-task=1", "--mem=1G", script_path
         )
         assert test.returncode == 0 and "to start at" in test.stderr, (script_path, test.stderr)
 
