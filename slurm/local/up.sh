@@ -203,4 +203,4 @@ done
 [ "$idle" -ge "$NODES" ] || die "$idle of $NODES nodes idle: $(sinfo -h -N -o '%N=%T' 2>&1 | sort -u | tr '\n' ' ')see $STATE/log/"
 echo "$NODES" > nodes
 echo "export SLURM_CONF=$SLURM_CONF" > env
-echo "up: source $STATE/env  ($NODES nodes node[1-$NODES], each $CPUS CPUs, $GPUS stand-in GPUs, ${MEM_MB} MB)"
+echo "up: source $STATE/env  ($NODES node(s) $(sinfo -h -o %N), each $CPUS CPUs, $GPUS stand-in GPUs, ${MEM_MB} MB)"
