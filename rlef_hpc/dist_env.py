@@ -126,6 +126,15 @@ def tensor_group_straddles(env: Mapping[str, str], tensor: int) -> str | None:
     )
 
 
+def require_tensor_groups_within_nodes(tensor: int) -> None:
+    """Exits with status 2 and one line (tensor_group_straddles) where this srun step's
+    tensor-parallel groups would span nodes."""
+    problem = tensor_group_straddles(os.environ, tensor)
+    if problem:
+        print(problem, file=sys.stderr)
+        sys.exit(2)
+
+
 def init_process_groups(
     tensor: int = 1,
     pipeline: int = 1,
@@ -143,10 +152,7 @@ def init_process_groups(
     from megatron.core import parallel_state as ps
 
     require_gpus_where_asked()
-    straddles = tensor_group_straddles(os.environ, tensor)
-    if straddles:
-        print(straddles, file=sys.stderr)
-        sys.exit(2)
+    require_tensor_groups_within_nodes(tensor)
     timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
     if not dist.is_initialized():
         adopt_slurm_env()

@@ -474,8 +474,8 @@ def test_the_demo_trains_tp2_on_two_nodes_with_its_rollout_worker_on_a_third(slu
 @pytest.mark.multiprocess
 def test_a_trainer_step_whose_tp_group_would_span_nodes_refuses_to_start(slurm, tmp_path):
     """The sbatch path's backstop (tools/submit.py refuses such a config before submitting):
-    one task on each of two nodes at parallel.tensor=2 exits 2, one line each, before any
-    process group."""
+    one task on each of two nodes at parallel.tensor=2 exits 2, one line each, having written
+    nothing."""
     first, second = cluster_nodes(2)[:2]
     proc = sh(
         "srun", f"--nodelist={first},{second}", "--nodes=2", "--ntasks-per-node=1",
@@ -487,6 +487,7 @@ def test_a_trainer_step_whose_tp_group_would_span_nodes_refuses_to_start(slurm, 
     assert proc.returncode == 2, proc.stdout + proc.stderr
     line = "error: parallel.tensor=2 does not divide this step's tasks a node"
     assert proc.stderr.count(line) == 2, proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_tensor_parallel_group_across_nodes_is_refused_before_submission(tmp_path):
