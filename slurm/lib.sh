@@ -71,19 +71,21 @@ rlef_disaggregated() {
   # The job's --gpus-per-node reaches every step (SLURM_GPUS_PER_NODE) and outranks a step's
   # --gpus-per-task: each worker would get all of its node's GPUs and the next worker step on
   # that node would wait for them. A one-task step's own --gpus-per-node overrides it.
+  # rollout.layout=disaggregated to the workers too: they validate the config as the trainer
+  # does, and a TP/PP trainer is refused with the colocated layout (the demo config's).
   local gpu_flag=() pids=() i
   [ "$gpus" -gt 0 ] && gpu_flag=(--gpus-per-node="$gpus")
   for ((i = 0; i < workers; i++)); do
     srun --exact --nodes=1 --ntasks=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
       --mem="${task_mb}M" "${gpu_flag[@]}" \
       --nodelist="${rest[$((i % ${#rest[@]}))]}" \
-      "$RLEF_PYTHON" -m rlef_hpc.train.rollout_worker "$1" "$i" "${@:2}" rollout.workers="$workers" \
-      rollout.layout=disaggregated &
+      "$RLEF_PYTHON" -m rlef_hpc.train.rollout_worker "$1" "$i" "${@:2}" \
+      rollout.workers="$workers" rollout.layout=disaggregated &
     pids+=($!)
   done
   srun --exact --kill-on-bad-exit=1 --nodes="$train_nodes" --ntasks=$((train_nodes * per_node)) \
-    --ntasks-per-node="$per_node" --distribution=block --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
-    --mem="$((task_mb * per_node))M" \
+    --ntasks-per-node="$per_node" --distribution=block \
+    --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --mem="$((task_mb * per_node))M" \
     --nodelist="$(IFS=,; echo "${trainers[*]}")" \
     "$RLEF_PYTHON" -m rlef_hpc.train.cli "$@" rollout.layout=disaggregated
   local rc=$?
