@@ -103,6 +103,38 @@ def require_gpus_where_asked() -> None:
         sys.exit(2)
 
 
+def tasks_per_node(spec: str) -> list[int]:
+    """Slurm's tasks-a-node list ("2(x3),1", SLURM_STEP_TASKS_PER_NODE) as [2, 2, 2, 1]."""
+    counts: list[int] = []
+    for count, repeat in re.findall(r"(\d+)(?:\(x(\d+)\))?", spec):
+        counts += [int(count)] * int(repeat or 1)
+    return counts
+
+
+def tensor_group_straddles(env: Mapping[str, str], tensor: int) -> str | None:
+    """Why this srun step's tensor-parallel groups would span nodes, or None. Megatron puts
+    `tensor` consecutive ranks in a group and srun numbers a step's tasks node by node (block
+    distribution, slurm/lib.sh), so a group sits within one node exactly when `tensor` divides
+    every node's task count. Only a step of several nodes can straddle; outside srun, None."""
+    counts = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE", ""))
+    if tensor <= 1 or len(counts) < 2 or all(c % tensor == 0 for c in counts):
+        return None
+    return (
+        f"error: parallel.tensor={tensor} does not divide this step's tasks a node "
+        f"(SLURM_STEP_TASKS_PER_NODE={env['SLURM_STEP_TASKS_PER_NODE']}): a tensor-parallel "
+        "group would straddle nodes; run tensor x k tasks a node (--ntasks-per-node)"
+    )
+
+
+def require_tensor_groups_within_nodes(tensor: int) -> None:
+    """Exits with status 2 and one line (tensor_group_straddles) where this srun step's
+    tensor-parallel groups would span nodes."""
+    problem = tensor_group_straddles(os.environ, tensor)
+    if problem:
+        print(problem, file=sys.stderr)
+        sys.exit(2)
+
+
 def init_process_groups(
     tensor: int = 1,
     pipeline: int = 1,
@@ -120,6 +152,7 @@ def init_process_groups(
     from megatron.core import parallel_state as ps
 
     require_gpus_where_asked()
+    require_tensor_groups_within_nodes(tensor)
     timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
     if not dist.is_initialized():
         adopt_slurm_env()

@@ -46,8 +46,12 @@ rlef_task_mem_mb() {
 }
 
 # rlef_disaggregated TRAIN_NODES WORKERS ROLLOUT_GPUS CONFIG [KEY=VALUE ...]: the trainer on
-# the job's first TRAIN_NODES nodes (one rank per task), WORKERS rollout workers (one task and
-# ROLLOUT_GPUS GPUs each) on the rest (on the same nodes when the job has no others).
+# the job's first TRAIN_NODES nodes (one rank per task: the job's --ntasks-per-node a node, or
+# TRAIN_TASKS_PER_NODE where the workers share its nodes), WORKERS rollout workers (one task
+# and ROLLOUT_GPUS GPUs each) spread over the rest, in turn (on the trainer's nodes when the
+# job has no others). The trainer's ranks are placed in blocks (ranks 0..n-1 on the first
+# node, ...), so a tensor-parallel group of consecutive ranks stays on one node when
+# parallel.tensor divides the tasks a node; the trainer refuses to start otherwise.
 # Memory: a worker asks one task's share of its node, the trainer its tasks' shares of each of
 # its nodes, so that workers sharing a node run at once instead of queueing for memory.
 rlef_disaggregated() {
@@ -55,23 +59,32 @@ rlef_disaggregated() {
   shift 3
   local nodes
   mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+  if [ "$train_nodes" -gt ${#nodes[@]} ]; then
+    echo "error: the trainer needs $train_nodes nodes, the job has ${#nodes[@]}" \
+      "(${SLURM_JOB_NODELIST}): sbatch --nodes, or TRAIN_NODES for a smaller layout" >&2
+    exit 2
+  fi
   local trainers=("${nodes[@]:0:$train_nodes}") rest=("${nodes[@]:$train_nodes}")
   [ ${#rest[@]} -gt 0 ] || rest=("${trainers[@]}")
-  local per_node=${SLURM_NTASKS_PER_NODE:-1} task_mb
+  local per_node=${TRAIN_TASKS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-1}} task_mb
   task_mb=$(rlef_task_mem_mb)
   # The job's --gpus-per-node reaches every step (SLURM_GPUS_PER_NODE) and outranks a step's
   # --gpus-per-task: each worker would get all of its node's GPUs and the next worker step on
   # that node would wait for them. A one-task step's own --gpus-per-node overrides it.
+  # rollout.layout=disaggregated to the workers too: they validate the config as the trainer
+  # does, and a TP/PP trainer is refused with the colocated layout (the demo config's).
   local gpu_flag=() pids=() i
   [ "$gpus" -gt 0 ] && gpu_flag=(--gpus-per-node="$gpus")
   for ((i = 0; i < workers; i++)); do
     srun --exact --nodes=1 --ntasks=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
       --mem="${task_mb}M" "${gpu_flag[@]}" \
       --nodelist="${rest[$((i % ${#rest[@]}))]}" \
-      "$RLEF_PYTHON" -m rlef_hpc.train.rollout_worker "$1" "$i" "${@:2}" rollout.workers="$workers" &
+      "$RLEF_PYTHON" -m rlef_hpc.train.rollout_worker "$1" "$i" "${@:2}" \
+      rollout.workers="$workers" rollout.layout=disaggregated &
     pids+=($!)
   done
   srun --exact --kill-on-bad-exit=1 --nodes="$train_nodes" --ntasks=$((train_nodes * per_node)) \
+    --ntasks-per-node="$per_node" --distribution=block \
     --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --mem="$((task_mb * per_node))M" \
     --nodelist="$(IFS=,; echo "${trainers[*]}")" \
     "$RLEF_PYTHON" -m rlef_hpc.train.cli "$@" rollout.layout=disaggregated

@@ -9,6 +9,9 @@
 #
 # Resumes from run.dir's latest checkpoint; SIGUSR1 5 minutes before the time limit ->
 # checkpoint, exit 75, requeue.
+#
+# The same layout on fewer nodes (the local cluster: tests/test_slurm.py): TRAIN_NODES and
+# WORKERS from the environment, e.g. sbatch --nodes=3 --export=ALL,TRAIN_NODES=2,WORKERS=1.
 #SBATCH --job-name=rlef-70b
 #SBATCH --nodes=160
 #SBATCH --ntasks-per-node=8
@@ -22,4 +25,4 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 source slurm/lib.sh
-rlef_disaggregated 128 32 8 configs/llama3_70b.yaml "$@"
+rlef_disaggregated "${TRAIN_NODES:-128}" "${WORKERS:-32}" 8 configs/llama3_70b.yaml "$@"

@@ -8,6 +8,9 @@
 #
 # Resumes from run.dir's latest checkpoint; SIGUSR1 5 minutes before the time limit ->
 # checkpoint, exit 75, requeue.
+#
+# The same layout on fewer nodes (the local cluster: tests/test_slurm.py): TRAIN_NODES and
+# WORKERS from the environment, e.g. sbatch --nodes=3 --export=ALL,TRAIN_NODES=2,WORKERS=4.
 #SBATCH --job-name=rlef-8b
 #SBATCH --nodes=20
 #SBATCH --ntasks-per-node=8
@@ -21,4 +24,4 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 source slurm/lib.sh
-rlef_disaggregated 16 16 2 configs/llama3_8b.yaml "$@"
+rlef_disaggregated "${TRAIN_NODES:-16}" "${WORKERS:-16}" 2 configs/llama3_8b.yaml "$@"

@@ -1,11 +1,15 @@
 """Slurm launch against a real cluster: the local one from slurm/local/up.sh (.ci/run starts
-it; elsewhere these tests skip, saying how to start it). sbatch scripts, tools/submit.py in
-both layouts with a requeue in the middle, cancel, --dry-run, and the bad inputs."""
+three nodes; elsewhere these tests skip, saying how to start it). sbatch scripts, tools/submit.py
+in both layouts with a requeue in the middle, cancel, --dry-run, and the bad inputs; the
+multi-node layouts: the rendezvous at the first node, trainer and worker steps on the nodes
+the layout says (8B and 70B shapes, fewer nodes), a TP group never across nodes."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import TESTS_DIR, TINY_TRAIN, require, run_tool
+from tests.helpers import TESTS_DIR, TINY_TRAIN, require, run_tool, script
 
 REPO = TESTS_DIR.parent
 TINY = [*TINY_TRAIN, "rollout.shard_rollouts=8"]
@@ -28,6 +32,18 @@ def slurm() -> None:
         require_slurm(timeout=10)
     except SlurmUnavailable as e:
         require(False, f"{e}: start one with `slurm/local/up.sh` and `source /tmp/rlef-slurm/env`")
+
+
+def cluster_nodes(n: int) -> list[str]:
+    """The local cluster's node names, sorted; fails (CI) or skips unless it has `n` or more."""
+    out = sh("sinfo", "-h", "-N", "-o", "%N").stdout.split()
+    names = sorted(set(out), key=lambda name: (len(name), name))
+    require(
+        len(names) >= n,
+        f"a Slurm cluster of {n} nodes ({len(names)} here): "
+        f"`slurm/local/down.sh && NODES={n} slurm/local/up.sh`",
+    )
+    return names
 
 
 def sh(*cmd: object, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -122,15 +138,24 @@ def test_submit_colocated_requeued_midway_resumes_and_finishes_the_same(slurm, t
 
 
 @pytest.mark.slurm
-def test_submit_disaggregated_survives_requeues_without_losing_a_shard(slurm, tmp_path):
+def test_submit_disaggregated_on_two_nodes_survives_requeues_without_losing_a_shard(
+    slurm, tmp_path
+):
+    """The demo's multi-node shape through tools/submit.py: a trainer job of two nodes, TP2 on
+    each x DP2, and two rollout-worker jobs; each side requeued mid-run."""
+    from rlef_hpc.dist_env import expand_hostlist
     from rlef_hpc.rollout.shards import ShardStore
 
+    cluster_nodes(2)
     run = tmp_path / "run"
     jobs = submit(
-        f"run.dir={run}", "run.iterations=6", "rollout.workers=2", "--layout", "disaggregated"
-    )
+        f"run.dir={run}", "run.iterations=6", "rollout.workers=2", "--layout", "disaggregated",
+        "slurm.nodes=2", "parallel.tensor=2", "parallel.data=2", "model.num_query_groups=2",
+    )  # fmt: skip
     assert len(jobs["rollout"]) == 2
     wait_iterations(run, 2)
+    nodes = sh("squeue", "-h", "-o", "%N", "-j", jobs["train"]).stdout.strip()
+    assert len(expand_hostlist(nodes)) == 2, nodes
     # Either side stopped midway: the trainer and worker 1 by submitit's time-limit signal
     # (they requeue themselves; the trainer checkpoints first), worker 0 by `scontrol requeue`.
     assert sh("scancel", "--signal=USR2", jobs["train"]).returncode == 0
@@ -147,6 +172,12 @@ def test_submit_disaggregated_survives_requeues_without_losing_a_shard(slurm, tm
         assert len(list(store.iteration_dir(it).glob("*.pt"))) == 2
     log = next((run / "slurm" / jobs["train"]).glob("*_0_log.out")).read_text()
     assert "signal SIGUSR2: checkpointing after this iteration" in log and "resumed from" in log
+    # Four trainer tasks, both runs of the job: ranks 0-1 (a TP pair) on its first node, 2-3
+    # on its second (submitit's JobEnvironment: node=index(nodes), global_rank=rank(tasks)).
+    placed = set()
+    for path in (run / "slurm" / jobs["train"]).glob("*_log.out"):
+        placed |= set(re.findall(r"node=(\d)\(2\), global_rank=(\d)\(4\)", path.read_text()))
+    assert placed == {("0", "0"), ("0", "1"), ("1", "2"), ("1", "3")}, placed
     for worker in jobs["rollout"]:  # each worker ran again
         log = next((run / "slurm" / worker).glob("*_0_log.out")).read_text()
         assert log.count("Starting with JobEnvironment") == 2, worker
@@ -186,12 +217,16 @@ def test_dry_run_of_the_70b_config_is_an_sbatch_script_slurm_accepts(slurm, tmp_
     assert "srun" in script and "submitit.core._submit" in script
     path = tmp_path / "train_70b.sbatch"
     path.write_text(script)
-    # The local cluster is one node of 8 stand-in GPUs and 16 CPUs: only the node, CPU and
-    # memory counts are scaled down; every other directive is the script's own.
+    # The local cluster's nodes have 8 stand-in GPUs and 16 CPUs each: only the node count
+    # (still several where the cluster has them: 2), CPUs and memory are scaled down; every
+    # other directive is the script's own. (slurm/train_*.sh run for real on 3 nodes: the
+    # placement test below.)
+    nodes = min(2, len(set(sh("sinfo", "-h", "-N", "-o", "%N").stdout.split())))
     for script_path in (path, REPO / "slurm" / "train_70b.sh", REPO / "slurm" / "train_8b.sh"):
         test = sh(
-            "sbatch", "--test-only", "--nodes=1", "--cpus-per-task=1", "--mem=1G", script_path
-        )
+            "sbatch", "--test-only", f"--nodes={nodes}", "--cpus-per-task=1", "--mem=1G",
+            script_path,
+        )  # fmt: skip
         assert test.returncode == 0 and "to start at" in test.stderr, (script_path, test.stderr)
 
 
@@ -328,3 +363,159 @@ def test_the_trainer_under_srun_with_gpus_refuses_to_run_without_cuda(slurm, tmp
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "error: the job asked for GPUs (SLURM_GPUS_ON_NODE=2)" in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+# ---- several nodes: the local cluster's node1..nodeN (NODES=3 slurm/local/up.sh) ----------
+
+
+def steps_by_tasks(job: str) -> dict[int, list[str]]:
+    """The job's steps from accounting: task count -> the node list of each such step."""
+    out: dict[int, list[str]] = {}
+    for line in sh("sacct", "-n", "-P", "-o", "JobID,NTasks,NodeList", "-j", job).stdout.split():
+        step, tasks, nodes = line.split("|")
+        if "." in step and step.split(".")[1].isdigit():  # numbered srun steps, not batch
+            out.setdefault(int(tasks), []).append(nodes)
+    return out
+
+
+@pytest.mark.slurm
+@pytest.mark.multiprocess
+def test_ranks_on_two_nodes_meet_at_the_first_nodes_address(slurm):
+    """srun of 2 tasks on each of two nodes: every rank takes the job's first node as the
+    rendezvous (rlef_hpc.dist_env, from Slurm's variables), resolves it to that node's own
+    address, and a gloo all-gather over the four sees ranks 0-1 on the first node, 2-3 on the
+    second."""
+    first, second = cluster_nodes(2)[:2]
+    proc = sh(
+        "srun", f"--nodelist={first},{second}", "--nodes=2", "--ntasks-per-node=2",
+        "--mem=500M", "--time=5", "env", f"PYTHONPATH={REPO}", "OMP_NUM_THREADS=1",
+        sys.executable, script("slurm_rendezvous"), timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ranks = sorted((json.loads(line) for line in proc.stdout.splitlines()), key=lambda r: r["rank"])
+    assert [r["rank"] for r in ranks] == [0, 1, 2, 3], proc.stdout
+    address = socket.gethostbyname(first)
+    assert address != socket.gethostbyname(second)  # each node its own address
+    for r in ranks:
+        assert r["master"] == first and r["master_ip"] == address, r
+        assert r["peers"] == [first, first, second, second], r
+    assert len({r["port"] for r in ranks}) == 1
+
+
+@pytest.mark.slurm
+def test_the_8b_and_70b_scripts_place_trainer_and_workers_on_the_nodes_of_their_layout(
+    slurm, tmp_path
+):
+    """slurm/train_8b.sh and train_70b.sh as shipped (8 tasks and 8 GPUs a node, --exclusive),
+    on 3 nodes instead of 20 and 160 (TRAIN_NODES=2; CPUs a task scaled down), a stand-in
+    Python recording each task's node and devices: the trainer's ranks fill the first two
+    nodes in order, 8 a node, and each worker step runs on the third node with GPUs of its own
+    (8B: four workers at TP2 share it; 70B: one at TP8 takes it)."""
+    nodes = cluster_nodes(3)[:3]
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/bash\n"
+        'echo "$SLURMD_NODENAME $SLURM_PROCID ${CUDA_VISIBLE_DEVICES:-none}"'
+        f" > {tmp_path}/$2.$SLURM_STEP_ID.$SLURM_PROCID\n"
+    )
+    fake.chmod(0o755)
+    for script_name, workers, gpus in (("train_8b.sh", 4, 2), ("train_70b.sh", 1, 8)):
+        for old in tmp_path.glob("rlef_hpc.*"):
+            old.unlink()
+        proc = sh(
+            "sbatch", "--wait", "--output", tmp_path / f"{script_name}.out",
+            f"--nodelist={','.join(nodes)}", "--nodes=3", "--cpus-per-task=1", "--time=5",
+            f"--export=ALL,RLEF_PYTHON={fake},TRAIN_NODES=2,WORKERS={workers}",
+            REPO / "slurm" / script_name, timeout=300,
+        )  # fmt: skip
+        log = (tmp_path / f"{script_name}.out").read_text()
+        assert proc.returncode == 0, proc.stderr + log[-3000:]
+        seen = {p.name: p.read_text().split() for p in tmp_path.glob("rlef_hpc.*")}
+        trainer = sorted(
+            (int(rank), node) for name, (node, rank, _) in seen.items() if ".train.cli." in name
+        )
+        assert trainer == [(r, nodes[r // 8]) for r in range(16)], (script_name, trainer)
+        rollout = [v for name, v in seen.items() if ".rollout_worker." in name]
+        assert len(rollout) == workers, (script_name, seen)
+        assert {node for node, _, _ in rollout} == {nodes[2]}, (script_name, rollout)
+        devices = [set(d.split(",")) for _, _, d in rollout]
+        assert all(len(d) == gpus for d in devices), (script_name, rollout)
+        assert len(set().union(*devices)) == workers * gpus, (script_name, rollout)
+
+
+@pytest.mark.slurm
+@pytest.mark.multiprocess
+def test_the_demo_trains_tp2_on_two_nodes_with_its_rollout_worker_on_a_third(slurm, tmp_path):
+    """sbatch slurm/train_demo.sh on 3 nodes, disaggregated: the trainer TP2 x DP2, a
+    tensor-parallel pair on each of the first two nodes, the rollout worker on the third; it
+    trains, and accounting shows each step where the layout put it."""
+    from rlef_hpc.dist_env import expand_hostlist
+
+    nodes = cluster_nodes(3)[:3]
+    run = tmp_path / "run"
+    proc = sh(
+        "sbatch", "--wait", "--output", tmp_path / "job.out", f"--nodelist={','.join(nodes)}",
+        "--nodes=3", "--export=ALL,LAYOUT=disaggregated", REPO / "slurm" / "train_demo.sh",
+        *TINY, "model.num_query_groups=2", "parallel.tensor=2", "parallel.data=2",
+        f"run.dir={run}", "run.iterations=2", timeout=900,
+    )  # fmt: skip
+    log = (tmp_path / "job.out").read_text()
+    assert proc.returncode == 0, proc.stderr + log[-3000:]
+    assert train_iterations(run) == [1, 2]
+    assert (run / "latest").read_text().strip() == "2"
+    job = proc.stdout.split()[-1]
+    steps = steps_by_tasks(job)
+    (trainer,) = steps[4]
+    assert expand_hostlist(trainer) == nodes[:2], steps
+    assert steps[1] == [nodes[2]], steps  # the rollout worker
+
+
+@pytest.mark.slurm
+@pytest.mark.multiprocess
+def test_a_trainer_step_whose_tp_group_would_span_nodes_refuses_to_start(slurm, tmp_path):
+    """The sbatch path's backstop (tools/submit.py refuses such a config before submitting):
+    one task on each of two nodes at parallel.tensor=2 exits 2, one line each, having written
+    nothing."""
+    first, second = cluster_nodes(2)[:2]
+    proc = sh(
+        "srun", f"--nodelist={first},{second}", "--nodes=2", "--ntasks-per-node=1",
+        "--mem=1G", "--time=5", "env", f"PYTHONPATH={REPO}", sys.executable, "-m",
+        "rlef_hpc.train.cli", REPO / "configs" / "demo_cpu.yaml", *TINY,
+        "model.num_query_groups=2", "parallel.tensor=2", "rollout.layout=disaggregated",
+        f"run.dir={tmp_path / 'run'}", timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    line = "error: parallel.tensor=2 does not divide this step's tasks a node"
+    assert proc.stderr.count(line) == 2, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_tensor_parallel_group_across_nodes_is_refused_before_submission(tmp_path):
+    """No cluster needed: TP2 with one trainer task on each of two nodes (CPU), or TP8 on nodes
+    of 4 GPUs, is refused by tools/submit.py (dry run too) and tools/plan.py: exit 2, one line
+    naming the fields."""
+    from rlef_hpc.dist_env import tasks_per_node, tensor_group_straddles
+
+    demo = REPO / "configs" / "demo_cpu.yaml"
+    cpu = [demo, "model.num_query_groups=2", "parallel.tensor=2", "slurm.nodes=2"]
+    cpu += ["rollout.layout=disaggregated", f"run.dir={tmp_path / 'run'}"]
+    gpu = [REPO / "configs" / "llama3_70b.yaml", "slurm.gpus_per_node=4", "slurm.nodes=256"]
+    for args, fields in (
+        (cpu, ("parallel.tensor=2", "1 trainer tasks a node", "slurm.nodes=2")),
+        (gpu, ("parallel.tensor=8", "slurm.gpus_per_node=4")),
+    ):
+        for tool, extra in (("submit.py", []), ("submit.py", ["--dry-run"]), ("plan.py", [])):
+            proc = run_tool(tool, *args, *extra)
+            assert proc.returncode == 2 and proc.stdout == "", (tool, proc.stdout)
+            assert proc.stderr.count("\n") == 1 and "within one node" in proc.stderr, proc.stderr
+            assert all(f in proc.stderr for f in fields), proc.stderr
+    assert not (tmp_path / "run").exists()
+    # Two trainer tasks a node is the same run, allowed (DP across the nodes).
+    ok = run_tool("submit.py", *cpu, "parallel.data=2", "--dry-run", "--job", "train")
+    assert ok.returncode == 0, ok.stderr
+    assert "#SBATCH --nodes=2\n" in ok.stdout and "#SBATCH --ntasks-per-node=2\n" in ok.stdout
+    # srun's side (the sbatch scripts): a step's tasks a node, as Slurm writes them.
+    assert tasks_per_node("2(x3),1") == [2, 2, 2, 1] and tasks_per_node("8") == [8]
+    for spec, straddles in (("1(x2)", True), ("2(x2)", False), ("3", False), ("4,2", False)):
+        env = {"SLURM_STEP_TASKS_PER_NODE": spec}
+        assert bool(tensor_group_straddles(env, 2)) is straddles, spec

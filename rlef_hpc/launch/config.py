@@ -65,3 +65,10 @@ class JobConfig(TrainConfig):
             raise ValueError(
                 f"slurm.nodes={s.nodes} must divide the {p.world_size} trainer processes"
             )
+        per_node = p.world_size // s.nodes
+        if not s.gpus_per_node and per_node % p.tensor:
+            raise ValueError(
+                f"parallel.tensor={p.tensor} does not divide the {per_node} trainer tasks a "
+                f"node (parallel.tensor x pipeline x data = {p.world_size} over slurm.nodes="
+                f"{s.nodes}): a tensor-parallel group must sit within one node"
+            )

@@ -21,7 +21,7 @@ from pathlib import Path
 # C++ warnings bypass rlef_hpc.logs: errors only (torch reads this once, as it loads)
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
-from rlef_hpc import logs
+from rlef_hpc import dist_env, logs
 from rlef_hpc.config import describe, load_or_exit
 from rlef_hpc.train.config import TrainConfig
 
@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides.insert(0, path)
         path = None
     cfg = load_or_exit(p, TrainConfig, path, overrides)
+    # The launch's refusals first (GPUs asked for but unusable, a TP group across nodes):
+    # a process that must not start writes nothing, not even its log directory.
+    dist_env.require_gpus_where_asked()
+    dist_env.require_tensor_groups_within_nodes(cfg.parallel.tensor)
     logs.setup(Path(cfg.run.dir) / "logs", logs.process_name("train"), args.verbose)
     from rlef_hpc.train.loop import train
 
