@@ -237,13 +237,7 @@ def comparison_tables(reports: Mapping[tuple[str, str], Mapping[str, Any]]) -> s
                 )
 
     budget_mode = "real" if "real" in modes else modes[0]
-    lines += [
-        "",
-        f"solve rate against turns ({budget_mode} feedback)",
-        "",
-        f"| turns | {' | '.join(policies)} |",
-        "|---" * (len(policies) + 1) + "|",
-    ]
+    lines += _table_head(f"solve rate against turns ({budget_mode} feedback)", ["turns", *policies])
     for t in range(turns):
         cells = [_pct(reports[p, budget_mode]["solved_by_turn"][t]) for p in policies]
         lines.append(f"| {t + 1} | {' | '.join(cells)} |")
@@ -254,14 +248,16 @@ def comparison_tables(reports: Mapping[tuple[str, str], Mapping[str, Any]]) -> s
     }
     budgets = sorted(set.intersection(*(set(c) for c in curves.values())))
     names = [f"{p} {n}@k" for n in SAMPLE_CURVE_N for p in policies]
-    lines += [
-        "",
+    lines += _table_head(
         f"solve rate against samples k ({budget_mode} feedback, turns counted as samples)",
-        "",
-        f"| k | {' | '.join(names)} |",
-        "|---" * (len(names) + 1) + "|",
-    ]
+        ["k", *names],
+    )
     for k in budgets:
         cells = [_pct(curves[p, n][k]) for n in SAMPLE_CURVE_N for p in policies]
         lines.append(f"| {k} | {' | '.join(cells)} |")
     return "\n".join(lines)
+
+
+def _table_head(title: str, columns: list[str]) -> list[str]:
+    """A titled markdown table's first lines."""
+    return ["", title, "", f"| {' | '.join(columns)} |", "|---" * len(columns) + "|"]
