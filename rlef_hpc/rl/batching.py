@@ -3,8 +3,9 @@ row indices and padded lengths, made once per step from the rows' lengths (one d
 
 - "padded" (the original path): `micro_batch_size` rows at a time in their given order, every
   one padded to the whole batch's length.
-- "bucketed" (the default): rows sorted by length, longest first, cut greedily so that rows x
-  padded length stays within `micro_batch_tokens` (at least one row each), each micro-batch
+- "bucketed" (the default): rows sorted by length, longest first, cut (where: a small dynamic
+  program, `bucketed_plan`) so that rows x padded length stays within `micro_batch_tokens`
+  (at least one row each), each micro-batch
   padded only to its own longest row, rounded up to the model's sequence multiple (FP8,
   sequence parallelism). RLEF episodes run from one short turn to three long ones: padding
   every row to the batch's longest spends most of a pass on padding.
