@@ -29,6 +29,10 @@ def test_fixture_loads_and_drops_problems_without_tests(caplog):
     assert [p.name for p in problems] == ["1000_A. Two Sums", "1000_C. Echo"]
     assert stats.loaded == 2 and stats.dropped_without_tests == ["1000_B. No Tests"]
     assert "dropped 1 problems without tests" in caplog.text
+    # Private tests only: no feedback could ever be given, and the empty public tests would
+    # "pass" every first answer.
+    assert stats.dropped_without_public_tests == ["1000_D. Hidden Tests Only"]
+    assert "dropped 1 problems without public tests" in caplog.text
     first = problems[0]
     assert first.time_limit_s == pytest.approx(2.5) and first.memory_limit_bytes == 256 << 20
     assert first.limits().time_s == 2.5 and first.limits().memory_mb == 256

@@ -33,6 +33,10 @@ class ProblemFormatError(ValueError):
 class LoadStats:
     loaded: int = 0
     dropped_without_tests: list[str] = field(default_factory=list)
+    # Private tests only: nothing to run an answer on before the final judgment, so no
+    # feedback, and the first answer would "pass" the empty public tests: a one-turn problem
+    # in a multi-turn experiment. Dropped, as the paper drops problems it cannot run.
+    dropped_without_public_tests: list[str] = field(default_factory=list)
 
 
 def problem_files(path: str | Path, split: str | None = None) -> list[Path]:
@@ -69,7 +73,8 @@ def _split_of(filename: str) -> str | None:
 def iter_problems(
     path: str | Path, split: str | None = None, stats: LoadStats | None = None
 ) -> Iterator[Problem]:
-    """Every problem with at least one test, in file order."""
+    """Every problem with public tests (the feedback's) and a test to judge by, in file order;
+    what was dropped is counted in `stats` and logged."""
     stats = stats if stats is not None else LoadStats()
     for file in problem_files(path, split):
         for where, record in _records(file):
@@ -77,10 +82,18 @@ def iter_problems(
             if not problem.public_tests and not problem.private_tests:
                 stats.dropped_without_tests.append(problem.name)
                 continue
+            if not problem.public_tests:
+                stats.dropped_without_public_tests.append(problem.name)
+                continue
             stats.loaded += 1
             yield problem
     if stats.dropped_without_tests:
         log.info("dropped %d problems without tests", len(stats.dropped_without_tests))
+    if stats.dropped_without_public_tests:
+        log.info(
+            "dropped %d problems without public tests (no feedback to give)",
+            len(stats.dropped_without_public_tests),
+        )
 
 
 def load_problems(path: str | Path, split: str | None = None) -> list[Problem]:
