@@ -5,8 +5,8 @@ one line per iteration, the result table, errors. Everything else, the libraries
 
 Set up at the start of each entry point (rlef-train, the rollout worker), before vLLM is
 imported: vLLM configures its own console logging at import unless told not to. C++ warnings
-(torch's, vLLM's CPU extension's "NUMA binding") bypass Python: the entry points lower them to
-errors only (TORCH_CPP_LOG_LEVEL=ERROR unless set, before torch loads; WARNING shows them).
+bypass Python logging: importing this module lowers them to errors (TORCH_CPP_LOG_LEVEL, unless
+set; WARNING shows them).
 """
 
 from __future__ import annotations
@@ -17,6 +17,11 @@ import sys
 from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# C++ warnings (torch's, vLLM's CPU extension's "NUMA binding") print straight to stderr, out of
+# reach of the handlers below: errors only, unless set otherwise. Torch reads this once, as it
+# loads, so the entry points import this module before anything imports torch.
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 
 def process_name(kind: str) -> str:

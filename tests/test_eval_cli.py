@@ -123,6 +123,9 @@ def test_model_directory_is_evaluated_with_vllm(tiny_model: Path, tmp_path: Path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| 1@3 |" in proc.stdout and "| 1@6 |" in proc.stdout
+    # vLLM's engine logs and the libraries' warnings in the log file, not on the terminal
+    assert "INFO" not in proc.stderr + proc.stdout and "Warning" not in proc.stderr
+    assert "vllm" in (out / "logs" / "eval.log").read_text()
     trajectories = [json.loads(x) for x in (out / "trajectories.jsonl").read_text().splitlines()]
     assert len(trajectories) == 4
     for t in trajectories:

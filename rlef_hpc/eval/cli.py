@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from rlef_hpc import logs  # before torch loads: it quiets C++ warnings
 from rlef_hpc.data.bundled import BUNDLED
 from rlef_hpc.jsonl import JsonLinesError, iter_jsonl
 
@@ -73,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="directory for report.json, trajectories, the plot")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show vLLM's and the other libraries' logs live (else in --out/logs/eval.log, or "
+        "a file in the temporary directory, named on stderr)",
+    )
     return p
 
 
@@ -128,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         args.templates = Templates.from_yaml(args.templates) if args.templates else Templates()
     except (UsageError, ValueError, OSError, ProblemFormatError) as e:
         parser.exit(2, f"rlef-eval: error: {e}\n")
+    if args.model:  # vLLM's engine logs, warnings: the table is what the terminal is for
+        if args.out:
+            logs.setup(args.out / "logs", "eval", args.verbose)
+        else:
+            path = logs.setup(Path(tempfile.gettempdir()), f"rlef-eval-{os.getpid()}", args.verbose)
+            print(f"rlef-eval: library logs in {path}", file=sys.stderr)
     from rlef_hpc.sandbox import Executor
 
     with Executor(workers=args.workers) as executor:

@@ -14,13 +14,10 @@ checkpoint (run the same command again, or let Slurm requeue, to continue).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-# C++ warnings bypass rlef_hpc.logs: errors only (torch reads this once, as it loads)
-os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-
+# logs before anything loads torch: it quiets C++ warnings (dist_env does not load torch)
 from rlef_hpc import dist_env, logs
 from rlef_hpc.config import describe, load_or_exit
 from rlef_hpc.train.config import TrainConfig

@@ -21,9 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# C++ warnings bypass rlef_hpc.logs: errors only (torch reads this once, as it loads)
-os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-
+from rlef_hpc import logs  # before torch loads: it quiets C++ warnings
 from rlef_hpc.data.problem import Problem
 from rlef_hpc.dist_env import require_gpus_where_asked
 from rlef_hpc.episodes.runner import EpisodeRunner
@@ -120,7 +118,6 @@ def install_stop_handlers(before_exit: Callable[[int], None] | None = None) -> N
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from rlef_hpc import logs
     from rlef_hpc.config import load_or_exit
 
     p = argparse.ArgumentParser(prog="rlef-rollout-worker", description=__doc__.splitlines()[0])
