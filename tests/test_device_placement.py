@@ -12,7 +12,9 @@ pytestmark = pytest.mark.multiprocess
 WORKER = script("device_placement")
 
 
-@pytest.mark.parametrize("part", ["ppo_update", "warm_start", "refit_probe", "loop_reductions"])
+@pytest.mark.parametrize(
+    "part", ["ppo_update", "warm_start", "refit_probe", "loop_reductions", "checkpoint"]
+)
 def test_tensors_are_made_where_they_are_used(part):
     proc = run_script(WORKER, part, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

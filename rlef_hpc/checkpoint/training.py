@@ -47,6 +47,7 @@ import torch.distributed as dist
 from rlef_hpc import lifetime
 from rlef_hpc.checkpoint import atomic
 from rlef_hpc.checkpoint.convert import CheckpointError
+from rlef_hpc.dist_env import host_group
 
 LATEST = atomic.LATEST
 STATE = "trainer_state.pt"
@@ -265,8 +266,11 @@ def _layout(inner: Any) -> dict[str, int]:
     decides by the bucket index, which is what the format depends on)."""
     from megatron.core import parallel_state as ps
 
-    groups = torch.tensor(inner.data_parallel_group_idx + 1 if inner is not None else 1)
-    dist.all_reduce(groups, op=dist.ReduceOp.MAX)
+    # A host-side count: over the gloo group (NCCL refuses CPU tensors).
+    groups = torch.tensor(
+        inner.data_parallel_group_idx + 1 if inner is not None else 1, device="cpu"
+    )
+    dist.all_reduce(groups, op=dist.ReduceOp.MAX, group=host_group())
     return {
         "tp": ps.get_tensor_model_parallel_world_size(),
         "pp": ps.get_pipeline_model_parallel_world_size(),
@@ -402,7 +406,7 @@ def save(
         request.add_finalize_fn(commit)
         async_queue.schedule_async_request(request)
     rng = [None] * dist.get_world_size()
-    dist.all_gather_object(rng, {"torch": torch.get_rng_state()})
+    dist.all_gather_object(rng, {"torch": torch.get_rng_state()}, group=host_group())
     if rank == 0:
         torch.save(
             {
@@ -530,7 +534,7 @@ def _reshard(path: Path, model: torch.nn.Module, inner: Any, index: list[list[An
                                 for k, dtype in dtypes.items():
                                     wanted[f"{src['tensor']}.{k}@{src['start']}"] = ShardedTensor(
                                         f"{src['tensor']}.{k}",
-                                        torch.empty(n, dtype=dtype),
+                                        torch.empty(n, dtype=dtype, device="cpu"),
                                         dtype,
                                         (n,),
                                         (src["length"],),
@@ -546,7 +550,11 @@ def _reshard(path: Path, model: torch.nn.Module, inner: Any, index: list[list[An
         # Pieces overlap between ranks (replicated pieces, a TP split read by two ranks).
         read = dist_checkpointing.load(wanted, str(path), validate_access_integrity=False)
         for param, local, dtypes, pairs in plan:
-            full = {k: torch.empty(param.numel(), dtype=dtype) for k, dtype in dtypes.items()}
+            # Assembled in host memory; megatron copies each into the optimizer's own device.
+            full = {
+                k: torch.empty(param.numel(), dtype=dtype, device="cpu")
+                for k, dtype in dtypes.items()
+            }
             for target, src, region in pairs:
                 into, out = _within(region, target), _within(region, src)
                 first, n = target["first"], math.prod(target["shape"])
@@ -586,9 +594,11 @@ def _load_model(path: Path, model: torch.nn.Module, optimizer: Any) -> str:
             int(
                 saved_layouts == _layout(inner)["bucket_layouts"]
                 and index[inner.data_parallel_group_idx] == current
-            )
+            ),
+            device="cpu",
         )
-        dist.all_reduce(same, op=dist.ReduceOp.MIN)  # every rank takes the same path
+        # every rank takes the same path; a host-side flag, over the gloo group
+        dist.all_reduce(same, op=dist.ReduceOp.MIN, group=host_group())
         if not same:
             _reshard(path, model, inner, index)
             return "reshard"

@@ -58,9 +58,11 @@ def _checked(name: str, real: Any, model_device: torch.device, host: Any) -> Any
         bound = signature.bind(*args, **kwargs)
         group = bound.arguments.get("group")
         default = group is None or group is dist.group.WORLD
-        if default and sys._getframe(1).f_globals["__name__"].startswith("megatron."):
-            # megatron's own object collectives over the default group (building optimizer
-            # groups) are upstream's, made for NCCL; only ours are judged here.
+        caller = sys._getframe(1).f_globals["__name__"]
+        if default and caller.startswith(("megatron.", "torch.distributed.checkpoint.")):
+            # megatron's and torch's checkpointing's own object collectives over the default
+            # group (building optimizer groups, save plans) are upstream's, made for NCCL;
+            # only ours are judged here.
             return real(*args, **kwargs)
         if default:
             raise AssertionError(
@@ -235,7 +237,31 @@ def loop_reductions() -> None:
     assert trajectories == ["t0", "t1"] and report is None
 
 
-PARTS = {f.__name__: f for f in (ppo_update, warm_start, refit_probe, loop_reductions)}
+def checkpoint() -> None:
+    """A training checkpoint saved and loaded back (its layout and path decisions are
+    host-side collectives), after one update made the optimizer state."""
+    import tempfile
+
+    from rlef_hpc.checkpoint import training
+    from rlef_hpc.rl.optim import OptimConfig
+    from rlef_hpc.rl.update import PPOUpdate
+    from tests.scripts.ppo_update import fixed_batch
+
+    policy, value, reference = models()
+    update = PPOUpdate(
+        policy, value, reference, optim_config=OptimConfig(warmup_steps=1), micro_batch_size=2
+    )
+    update.step(fixed_batch(), num_minibatches=2)
+    saved = [(n, t.module, t.optimizer) for n, t in update.trainables.items()]
+    schedulers = {n: t.scheduler for n, t in update.trainables.items()}
+    with tempfile.TemporaryDirectory() as run_dir, strict_devices(torch.device("cpu")):
+        path = training.save(run_dir, 1, saved, schedulers, {"iteration": 1})
+        report: dict = {}
+        state = training.load(path, saved, schedulers, report=report)
+    assert state["iteration"] == 1 and set(report.values()) == {"parallel"}, report
+
+
+PARTS = {f.__name__: f for f in (ppo_update, warm_start, refit_probe, loop_reductions, checkpoint)}
 
 
 def main() -> None:
