@@ -131,11 +131,13 @@ def test_sigterm_checkpoints_and_exits_75(tmp_path):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)  # during iteration 2
+    # Usually during iteration 2; with ~3 s iterations it can land while iteration 1 is still
+    # being finished, and stopping after 1 is as right: the checkpoint is the last iteration.
+    proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 75, err[-3000:]
     stopped = int((run / "latest").read_text())
-    assert stopped >= 2 and (run / f"iter_{stopped:07d}").is_dir()
+    assert stopped >= 1 and (run / f"iter_{stopped:07d}").is_dir()
     assert max(train_records(run)) == stopped
 
 
