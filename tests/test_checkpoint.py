@@ -178,8 +178,10 @@ def test_each_rank_reads_its_shard_not_the_checkpoint(tmp_path):
     for r in m["ranks"]:
         # Before: every rank read the whole checkpoint (218 MB here) and built a fused copy
         # of it, and at PP2 took stage 1's layers for layers 16-31 (a KeyError).
-        # Measured now: own + 21 MB (stage 0), own + 29 MB (stage 1), of which building the
-        # models alone is own + 20-29 MB (megatron's CPU initialisation makes each full
-        # tensor, then its split): reading adds under one tensor.
+        # Measured: building the models alone peaks at own + 20-34 MB (megatron's CPU
+        # initialisation makes each full tensor, then its split; it varies from run to run),
+        # and reading the shards adds under one tensor to that. So the bound is against the
+        # same process's build, not a fixed allowance (own + 4 tensors failed once in CI).
         assert r["own_bytes"] < m["model_bytes"] * 3 / 4 + largest, r
-        assert r["peak_bytes"] < r["own_bytes"] + 4 * largest, (r, largest)
+        assert r["build_peak_bytes"] >= r["own_bytes"], r
+        assert r["peak_bytes"] < r["build_peak_bytes"] + 2 * largest, (r, largest)

@@ -1,6 +1,9 @@
 """Under torchrun, 4 processes (TP=2 x PP=2): the peak resident memory each rank adds while
-building the trainer's three models (policy, reference, value) from an HF directory, and
-whether each holds its shard of those weights (test_checkpoint runs it).
+building the trainer's three models (policy, reference, value) from an HF directory, against
+the peak of building the same three models without reading anything (megatron's CPU
+initialisation makes each full tensor, then its split, so that baseline itself varies by a
+few tensors from run to run), and whether each holds its shard of those weights
+(test_checkpoint runs it).
 
     torchrun --nproc-per-node 4 tests/scripts/hf_import_memory.py HF_DIR OUT.json
 
@@ -10,6 +13,7 @@ it sees every allocation and every mapped page of the safetensors files.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -17,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from peak_rss import PeakRSS
+
+KINDS = ("policy", "policy", "value")  # policy, reference, value
 
 
 def main() -> None:
@@ -27,6 +33,7 @@ def main() -> None:
     from rlef_hpc.checkpoint.hf_dir import build_from_hf, read_model_config
     from rlef_hpc.checkpoint.layout import gather_full_state
     from rlef_hpc.models.config import PrecisionConfig
+    from rlef_hpc.models.gpt import build_gpt
     from rlef_hpc.models.megatron_compat import seed
 
     hf_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -36,8 +43,15 @@ def main() -> None:
     cfg = read_model_config(hf_dir)
     precision = PrecisionConfig(dtype="float32")
 
+    # The baseline first, freed before the import: large blocks are mmapped (the test sets
+    # MALLOC_MMAP_THRESHOLD_), so freeing them returns the pages to the kernel.
+    with PeakRSS() as baseline:
+        models = [build_gpt(cfg, precision, value=kind == "value") for kind in KINDS]
+    del models
+    gc.collect()
+
     with PeakRSS() as peak:
-        models = build_from_hf(hf_dir, cfg, precision, ("policy", "policy", "value"))
+        models = build_from_hf(hf_dir, cfg, precision, KINDS)
     own = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
 
     # Now the whole checkpoint may be read: each model's stage against it.
@@ -56,6 +70,7 @@ def main() -> None:
         "tp": ps.get_tensor_model_parallel_rank(),
         "pp": ps.get_pipeline_model_parallel_rank(),
         "peak_bytes": peak.bytes,
+        "build_peak_bytes": baseline.bytes,
         "own_bytes": own,
     }
     records: list = [None] * dist.get_world_size()
