@@ -10,6 +10,24 @@ from rlef_hpc.models.config import require_fp8_gpu
 
 
 @dataclass(frozen=True)
+class WeightsConfig:
+    """How each policy version reaches the rollout workers (disaggregated layout).
+
+    "bus": broadcast from the trainer's ranks to the engines of the workers present
+    (rlef_hpc.rollout.bus), in buckets of `bucket_mib` (two halves: one is sent while the next
+    fills); the trainer waits up to `join_wait_s` for the workers to join a version's round
+    (a worker joins between shards, or at once while it waits ahead of the trainer), and a
+    round gives up after `timeout_s` without progress (a dead member). A version some worker
+    missed is published as files too. "files": every version as files in run_dir/weights,
+    read by every worker from the shared filesystem."""
+
+    transport: Literal["bus", "files"] = "bus"
+    bucket_mib: int = 1024
+    join_wait_s: float = 5.0
+    timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
 class RolloutConfig:
     """Episode sampling with vLLM: in the training processes (colocated), or in rollout
     workers of their own that exchange weights and trajectory shards with the trainer through
@@ -48,6 +66,7 @@ class RolloutConfig:
     shard_rollouts: int = 16
     max_staleness: int = 1
     shard_timeout_s: float = 3600.0
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
 
 
 # vLLM's name for rollout.quantization=fp8 (an online shorthand of vllm.config.quantization;

@@ -18,6 +18,7 @@ pulled out from under (it retries with the newest if it was).
 from __future__ import annotations
 
 import functools
+import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,9 @@ import torch.distributed as dist
 from rlef_hpc.checkpoint import atomic
 from rlef_hpc.checkpoint.hf_dir import ShardWriter, hf_weights
 from rlef_hpc.models.config import ModelConfig
+from rlef_hpc.rollout.bus import BusReceiver, receive
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS = "weights"
 LATEST = atomic.LATEST
@@ -106,17 +110,50 @@ def read_published(run_dir: str | Path, version: int) -> Iterator[tuple[str, tor
 
 class WeightFollower:
     """Keeps an engine (anything with `update_weights_from`, as VLLMGenerator) on the newest
-    published version."""
+    policy version: from the weight bus when the trainer runs one and its round for a newer
+    version is open, else from the published files (the fallback: a round this worker missed,
+    or one that failed)."""
 
-    def __init__(self, engine: Any, run_dir: str | Path) -> None:
-        self.engine, self.run_dir = engine, Path(run_dir)
+    def __init__(self, engine: Any, run_dir: str | Path, bus: BusReceiver | None = None) -> None:
+        self.engine, self.run_dir, self.bus = engine, Path(run_dir), bus
         self.version: int | None = None
+        self.via = ""  # where the engine's version came from: "bus" or "files"
+        # The engine holds part of a version (a round failed mid-stream): any complete one
+        # must be loaded before it generates again.
+        self.partial = False
 
     def refresh(self) -> int | None:
         """Loads the newest version if it is newer than the engine's; returns the engine's."""
+        if self.bus is not None and not self.partial and self._from_bus():
+            return self.version
+        return self._from_files()
+
+    def _from_bus(self) -> bool:
+        assert self.bus is not None
+        announced = self.bus.announced()
+        if announced is None or (self.version is not None and announced <= self.version):
+            return False
+        try:
+            round_ = self.bus.join(announced)
+        except Exception as e:  # noqa: BLE001 - the trainer went away: the files remain
+            logger.warning("weight bus: could not join version %d (%s)", announced, e)
+            return False
+        if round_ is None:
+            return False  # it closed without us: the trainer publishes the files
+        try:
+            self.engine.update_weights_from(functools.partial(receive, round_))
+        except Exception as e:  # noqa: BLE001 - seen as whatever vLLM's workers make of it
+            logger.warning("weight bus: version %d failed (%s); loading the files", announced, e)
+            self.partial = True
+            return False
+        self.version, self.via = announced, "bus"
+        return True
+
+    def _from_files(self) -> int | None:
         for _ in range(3):  # a version pruned while we read it: take the newer one
             newest = latest_version(self.run_dir)
-            if newest is None or newest == self.version:
+            current = -1 if self.version is None or self.partial else self.version
+            if newest is None or newest <= current:  # the bus may be ahead of the files
                 return self.version
             # The engine's processes read the files (the reader pickles: paths, not tensors).
             load = functools.partial(read_published, str(self.run_dir), newest)
@@ -127,6 +164,6 @@ class WeightFollower:
                 if (self.run_dir / WEIGHTS / _name(newest)).is_dir():
                     raise
                 continue
-            self.version = newest
+            self.version, self.partial, self.via = newest, False, "files"
             return newest
         raise RuntimeError(f"{self.run_dir}: published weights keep vanishing while loading")

@@ -210,6 +210,12 @@ class TrainConfig:
                 f"rollout.shard_rollouts={r.shard_rollouts} must divide "
                 f"rollout.rollouts_per_iteration={r.rollouts_per_iteration}"
             )
+        w = r.weights
+        if w.bucket_mib < 1 or w.join_wait_s < 0 or w.timeout_s <= 0:
+            raise ValueError(
+                "rollout.weights: bucket_mib must be positive, join_wait_s not negative and "
+                f"timeout_s positive, got {w.bucket_mib}, {w.join_wait_s}, {w.timeout_s}"
+            )
         if r.shard_rollouts % r.samples_per_problem:
             raise ValueError(
                 f"rollout.samples_per_problem={r.samples_per_problem} must divide "

@@ -1,7 +1,8 @@
 """A rollout worker of the disaggregated layout: one vLLM engine (rollout.tensor_parallel
 GPUs) and a sandbox, in a job of its own, beside the trainer.
 
-Loop: load the newest policy version the trainer published -> draw problems (seeded by run
+Loop: load the newest policy version (from the trainer's weight bus, or the files it
+published) -> draw problems (seeded by run
 seed, worker and shard number) -> run the episodes -> write them as one trajectory shard. It
 waits while it is a shard or more ahead of what the trainer consumes (no point sampling from
 a policy that will be stale), and exits when the trainer has finished. SIGTERM/SIGUSR1/SIGUSR2
@@ -25,6 +26,7 @@ from rlef_hpc import logs  # before torch loads: it quiets C++ warnings
 from rlef_hpc.data.problem import Problem
 from rlef_hpc.dist_env import require_gpus_where_asked
 from rlef_hpc.episodes.runner import EpisodeRunner
+from rlef_hpc.rollout.bus import BusReceiver
 from rlef_hpc.rollout.publish import WeightFollower, latest_version
 from rlef_hpc.rollout.shards import ShardStore
 from rlef_hpc.rollout.vllm_engine import build_engine
@@ -75,7 +77,9 @@ def run_worker(cfg: TrainConfig, worker: int, poll_s: float = 0.5) -> int:
     engine = build_engine(
         str(init), r, cfg.run.seed, cfg.precision.dtype, tensor_parallel=r.tensor_parallel
     )
-    follower = WeightFollower(engine, run_dir)
+    w = r.weights
+    bus = BusReceiver(run_dir, worker, r.tensor_parallel, w.timeout_s)
+    follower = WeightFollower(engine, run_dir, bus if w.transport == "bus" else None)
     ahead = -(-r.rollouts_per_iteration // r.shard_rollouts // max(1, r.workers)) + 1
 
     def generate(prompts: list[list[int]]) -> Any:
@@ -86,6 +90,7 @@ def run_worker(cfg: TrainConfig, worker: int, poll_s: float = 0.5) -> int:
         seq = store.next_seq(worker)
         while not store.done():
             if store.pending_of(worker) >= ahead:
+                follower.refresh()  # idle: the next version's round finds this worker present
                 time.sleep(poll_s)
                 continue
             version = follower.refresh()

@@ -32,6 +32,7 @@ from rlef_hpc.episodes.templates import initial_prompt
 from rlef_hpc.models.config import ModelConfig
 from rlef_hpc.models.gpt import causal_mask, sequence_multiple
 from rlef_hpc.rl.logprobs import next_token_logprobs
+from rlef_hpc.rollout.bus import BusSender
 from rlef_hpc.rollout.publish import latest_version, publish
 from rlef_hpc.rollout.refit import check_batch_mismatch, check_mismatch
 from rlef_hpc.rollout.shards import ShardStore, load_shards
@@ -264,6 +265,18 @@ class Disaggregated:
         self.shards = ShardStore(run_dir)
         if self.rank == 0 and start < cfg.run.iterations:
             self.shards.reopen()
+        w = cfg.rollout.weights
+        self.bus = None
+        if w.transport == "bus":
+            self.bus = BusSender(
+                run_dir,
+                cfg.rollout.workers,
+                w.bucket_mib,
+                w.join_wait_s,
+                w.timeout_s,
+                host_group(),
+            )
+        # A worker's first version comes from the files (it starts from them, or restarts).
         if latest_version(run_dir) != start:
             publish(run_dir, start, policy, model_cfg)
 
@@ -294,10 +307,16 @@ class Disaggregated:
         pass
 
     def after_update(self, iteration: int, metrics: dict[str, float]) -> dict[str, float]:
-        """The policy after `iteration` updates, for the rollout workers."""
+        """The policy after `iteration` updates, for the rollout workers: over the bus to
+        those present, and as files when the bus is off or some worker did not get it."""
+        stats: dict[str, float] = {}
+        if self.bus is not None:
+            stats = self.bus.send(iteration, lambda: hf_weights(self.policy, self.model_cfg))
+            if stats["bus_ok"]:
+                return stats
         start = time.perf_counter()
         publish(self.run_dir, iteration, self.policy, self.model_cfg)
-        return {"publish_seconds": time.perf_counter() - start}
+        return {**stats, "publish_seconds": time.perf_counter() - start}
 
     def finish(self) -> None:
         if self.rank == 0:

@@ -1,0 +1,442 @@
+"""The weight bus: each new policy version broadcast from the trainer to the rollout workers'
+engines over a process group of its own (NCCL between GPUs, gloo on CPU: the same code),
+instead of every worker reading the whole model back from the shared filesystem.
+
+Rendezvous. The trainer's rank 0 runs a TCPStore and writes its address to
+`run_dir/weights/bus.json` (replaced atomically; a new `id` whenever the trainer restarts).
+Workers read it and connect as clients. The store is independent of the trainer's and the
+workers' own process groups, and nothing in it outlives a version but the newest number.
+
+A round per version V (the trainer's `BusSender.send`, collective over its ranks):
+
+    trainer rank 0                          a worker at its refresh point (between shards, or
+                                            idle because it is ahead)
+    announce = V
+                                            sees announce > its version, joins:
+                                            i = add(join/V, 1) - 1; member/V/i = its engine size
+    waits up to join_wait_s for every
+    configured worker, then writes
+    close/V = the members (join order)
+                                            excluded if i is past the members: it missed V
+    per pipeline stage: one group of the    every engine process (all vLLM TP ranks) joins each
+    stage's sender (rank 0) and every       stage's group (rank 1 + its offset), then loads the
+    member's engine processes               stream in place
+    buckets of at most bucket_mib/2 each:   bucket k's layout at v/V/s/m{k} (names, dtypes,
+    layout into the store, then the bytes   shapes, offsets), its bytes from the broadcast
+    broadcast (asynchronously: the next
+    bucket is gathered meanwhile)
+
+Failures. A worker that dies makes the sender's broadcast fail (or time out after
+timeout_s): the trainer records the round as failed and goes on training, and the version is
+then published as files too (rlef_hpc.train.sources), as it is whenever a configured worker
+missed the round. The other members' streams end in an error (the broadcast's timeout):
+their engine then holds part of a version, so the worker loads the newest complete version
+from the files before it generates again (`rlef_hpc.rollout.publish.WeightFollower`): no
+episode is ever sampled from a partial version. Groups are made per round, so a worker
+that leaves, dies or is requeued is simply not a member of the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+RENDEZVOUS = "bus.json"  # in run_dir/weights/
+
+
+class BusError(RuntimeError):
+    """A round of the bus failed on this side (a member died, a timeout)."""
+
+
+@dataclass(frozen=True)
+class Round:
+    """What an engine process needs to receive version `version` (pickles: it is sent to
+    vLLM's worker processes)."""
+
+    host: str
+    port: int
+    version: int
+    stages: int
+    first_rank: int  # this worker's first engine process's rank in each stage group
+    size: int  # each stage group: the sender and every member's engine processes
+    backend: str
+    timeout_s: float
+
+
+def _store(host: str, port: int, timeout_s: float, master: bool = False) -> Any:
+    return dist.TCPStore(
+        host,
+        port,
+        is_master=master,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=timeout_s),
+    )
+
+
+def _group(store: Any, prefix: str, rank: int, size: int, backend: str, timeout_s: float) -> Any:
+    """A process group of its own (not registered with torch.distributed's default world,
+    which the trainer's ranks have and the engines' processes may not)."""
+    store = dist.PrefixStore(prefix, store)
+    timeout = timedelta(seconds=timeout_s)
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, size, options)
+    return dist.ProcessGroupGloo(store, rank, size, timeout)
+
+
+def _broadcast(group: Any, tensor: torch.Tensor) -> Any:
+    options = dist.BroadcastOptions()
+    options.rootRank = 0  # the stage's sender
+    return group.broadcast([tensor], options)
+
+
+def _wait(work: Any, timeout_s: float) -> None:
+    work.wait(timedelta(seconds=timeout_s))
+
+
+def _abort(group: Any) -> None:
+    # NCCL: a communicator with a collective stuck on a dead peer must be aborted, or its
+    # watchdog tears the process down later; gloo's is closed by dropping it.
+    abort = getattr(group, "abort", None)
+    if abort is not None:
+        try:
+            abort()
+        except Exception:  # noqa: BLE001 - best effort, the round has failed already
+            pass
+
+
+# --- buckets ----------------------------------------------------------------------------------
+
+
+def _pack(tensors: list[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, list[list[Any]]]:
+    """One flat byte buffer on the tensors' device, and its layout."""
+    if len(tensors) == 1:  # one tensor (possibly larger than a bucket): sent as it is
+        name, t = tensors[0]
+        t = t.contiguous()
+        flat = t.view(-1).view(torch.uint8)
+        return flat, [[name, str(t.dtype).removeprefix("torch."), list(t.shape), 0]]
+    total = sum(t.numel() * t.element_size() for _, t in tensors)
+    flat = torch.empty(total, dtype=torch.uint8, device=tensors[0][1].device)
+    layout, offset = [], 0
+    for name, t in tensors:
+        n = t.numel() * t.element_size()
+        flat[offset : offset + n].view(t.dtype).view(t.shape).copy_(t)
+        layout.append([name, str(t.dtype).removeprefix("torch."), list(t.shape), offset])
+        offset += n
+    return flat, layout
+
+
+def _unpack(flat: torch.Tensor, layout: list[list[Any]]) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, dtype, shape, offset in layout:
+        dt = getattr(torch, dtype)
+        n = torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
+        yield name, flat[offset : offset + n].view(dt).view(shape)
+
+
+def _buckets(
+    weights: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Consecutive tensors grouped up to `bucket_bytes`; a larger tensor alone."""
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, t in weights:
+        n = t.numel() * t.element_size()
+        if bucket and size + n > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += n
+    if bucket:
+        yield bucket
+
+
+# --- the trainer's side -----------------------------------------------------------------------
+
+
+def _host_address() -> str:
+    """An address the workers' nodes reach this one at (Slurm nodes resolve each other's
+    names; MASTER_ADDR is what the trainer's own ranks already use)."""
+    return os.environ.get("RLEF_BUS_ADDR") or socket.gethostname()
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+class BusSender:
+    """The trainer's end (every trainer rank makes one: collective). The senders are the
+    tensor-parallel rank 0 of each pipeline stage in the first data-parallel replica; the
+    stage's other TP ranks take part in its gathers only, the other replicas in nothing."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        workers: int,
+        bucket_mib: int,
+        join_wait_s: float,
+        timeout_s: float,
+        host_group: Any,
+    ) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.workers, self.join_wait_s, self.timeout_s = workers, join_wait_s, timeout_s
+        # Two halves: one bucket is broadcast while the next fills (the sender holds at most
+        # bucket_mib beyond the model, or one tensor larger than half of it).
+        self.half_bytes = max(1, bucket_mib << 19)
+        self.host_group = host_group
+        self.rank = dist.get_rank()
+        self.stage = ps.get_pipeline_model_parallel_rank()
+        self.stages = ps.get_pipeline_model_parallel_world_size()
+        self.gathers = ps.get_data_parallel_rank() == 0
+        self.sends = self.gathers and ps.get_tensor_model_parallel_rank() == 0
+        self.backend = "nccl" if torch.cuda.is_available() else "gloo"
+        address: list[Any] = [None]
+        if self.rank == 0:
+            host = _host_address()
+            self.store = _store(host, 0, timeout_s, master=True)
+            address[0] = (host, self.store.port)
+        dist.broadcast_object_list(address, src=0, group=host_group)
+        self.host, self.port = address[0]
+        if self.rank != 0 and self.sends:
+            self.store = _store(self.host, self.port, timeout_s)
+        self._layouts: list[str] = []
+        self.path = Path(run_dir) / "weights" / RENDEZVOUS
+        self.id = uuid.uuid4().hex
+        if self.rank == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._rendezvous(version=None, members=[])
+        dist.barrier(group=host_group)
+
+    def _rendezvous(self, version: int | None, members: list[dict[str, int]]) -> None:
+        _write_json(
+            self.path,
+            {
+                "id": self.id,
+                "host": self.host,
+                "port": self.port,
+                "stages": self.stages,
+                "backend": self.backend,
+                "version": version,  # the newest version sent (informational)
+                "members": members,  # who received it
+            },
+        )
+
+    def _members(self, version: int) -> list[dict[str, int]]:
+        """Rank 0: announces `version` and closes the round once every configured worker
+        joined or join_wait_s passed; the members in join order."""
+        self.store.set("announce", str(version))
+        deadline = time.monotonic() + self.join_wait_s
+        while self.store.add(f"join/{version}", 0) < self.workers:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        joined = self.store.add(f"join/{version}", 0)
+        # Joins after this count are refused by close/V (they see their index past it).
+        members = [json.loads(self.store.get(f"member/{version}/{i}")) for i in range(joined)]
+        self.store.set(f"close/{version}", json.dumps(members))
+        return members
+
+    def send(
+        self, version: int, weights: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+    ) -> dict[str, float]:
+        """Version `version` to the workers present (collective over the trainer's ranks;
+        `weights()`: this rank's iterator of HF-named full tensors, e.g. `hf_weights`, which
+        every TP rank of a stage must drive). Returns the round's numbers; `bus_ok` 0 when a
+        member failed or a configured worker was absent (publish the files then)."""
+        start = time.perf_counter()
+        members: list[Any] = [self._members(version) if self.rank == 0 else None]
+        dist.broadcast_object_list(members, src=0, group=self.host_group)
+        present = members[0]
+        sent_bytes, failed = 0, False
+        if present and self.gathers:
+            size = 1 + sum(m["procs"] for m in present)
+            sent_bytes, failed = self._stream(version, size, weights())
+        # Host-side numbers (gloo), summed: any failure, and the bytes of every stage.
+        totals = torch.tensor([float(failed), float(sent_bytes)], device="cpu")
+        dist.all_reduce(totals, group=self.host_group)
+        failures, model_bytes = totals.tolist()
+        ok = bool(present) and failures == 0 and len(present) >= self.workers
+        if self.rank == 0:
+            if present and failures == 0:
+                self._rendezvous(version, present)
+            self._forget(version - 1)
+        seconds = time.perf_counter() - start
+        return {
+            "bus_seconds": seconds,
+            "bus_members": float(len(present)),
+            "bus_ok": float(ok),
+            # what each member received, per second of the round (joining included)
+            "bus_gbytes_per_s": model_bytes / seconds / 1e9,
+        }
+
+    def _forget(self, version: int) -> None:
+        """An older round's keys (its layouts went with its streams)."""
+        if not self.store.check([f"close/{version}"]):
+            return
+        joined = self.store.add(f"join/{version}", 0)
+        for key in (f"join/{version}", f"close/{version}"):
+            self.store.delete_key(key)
+        for i in range(joined):
+            self.store.delete_key(f"member/{version}/{i}")
+
+    def _stream(
+        self, version: int, size: int, weights: Iterator[tuple[str, torch.Tensor]]
+    ) -> tuple[int, bool]:
+        """This stage's tensors in buckets (the sender), or only the gathers (other TP ranks).
+        A failure stops the broadcasts, not the gathers the stage's other ranks wait in."""
+        prefix = f"v/{version}/{self.stage}/"
+        group, pending, sent, failed = None, None, 0, False
+        if self.sends:
+            try:
+                group = _group(self.store, prefix, 0, size, self.backend, self.timeout_s)
+            except Exception as e:  # noqa: BLE001 - a member gone before the round began
+                print(f"weight bus: version {version}: no group ({e})", flush=True)
+                failed = True
+        k = 0
+        for bucket in _buckets(weights, self.half_bytes):
+            if not self.sends or failed:
+                continue
+            flat, layout = _pack(bucket)
+            try:
+                if pending is not None:
+                    _wait(pending, self.timeout_s)  # the previous half is free again
+                self.store.set(f"{prefix}m{k}", json.dumps({"n": flat.numel(), "t": layout}))
+                pending = _broadcast(group, flat)
+                sent += flat.numel()
+                k += 1
+            except Exception as e:  # noqa: BLE001 - a member died: the round fails, not training
+                print(f"weight bus: version {version}: {type(e).__name__}: {e}", flush=True)
+                failed = True
+        if self.sends and not failed:
+            try:
+                if pending is not None:
+                    _wait(pending, self.timeout_s)
+                self.store.set(f"{prefix}m{k}", json.dumps({"n": 0, "t": []}))  # the end
+            except Exception as e:  # noqa: BLE001
+                print(f"weight bus: version {version}: {type(e).__name__}: {e}", flush=True)
+                failed = True
+        if failed and group is not None:
+            _abort(group)
+        if self.sends:
+            # The previous round's layouts: read by now, or never will be (this round's end
+            # marker may still be unread by a member).
+            for key in self._layouts:
+                self.store.delete_key(key)
+            self._layouts = [f"{prefix}m{i}" for i in range(k + 1)]
+        return sent, failed
+
+
+# --- the workers' side ------------------------------------------------------------------------
+
+
+class BusReceiver:
+    """A rollout worker's end: finds the trainer's bus through the run directory and joins
+    the rounds of versions newer than its engine's."""
+
+    def __init__(self, run_dir: Path, worker: int, procs: int, timeout_s: float) -> None:
+        self.path = Path(run_dir) / "weights" / RENDEZVOUS
+        self.worker, self.procs, self.timeout_s = worker, procs, timeout_s
+        self.id: str | None = None
+        self.store: Any = None
+        self.info: dict[str, Any] = {}
+
+    def _connect(self) -> bool:
+        """(Re)connects when the trainer (re)started; False while there is no bus."""
+        try:
+            info = json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+        if info["id"] != self.id:
+            try:
+                self.store = _store(info["host"], info["port"], min(self.timeout_s, 30.0))
+            except Exception:  # noqa: BLE001 - a trainer gone since it wrote the file
+                self.store, self.id = None, None
+                return False
+            self.id, self.info = info["id"], info
+        return True
+
+    def announced(self) -> int | None:
+        """The newest version the trainer has announced, None without a bus."""
+        if not self._connect():
+            return None
+        try:
+            if not self.store.check(["announce"]):
+                return None
+            return int(self.store.get("announce"))
+        except Exception:  # noqa: BLE001 - the trainer went away: reconnect next time
+            self.id = None
+            return None
+
+    def join(self, version: int) -> Round | None:
+        """Joins the round of `version` if it is still open; None if it closed without us."""
+        store = self.store
+        if store.check([f"close/{version}"]):
+            return None
+        index = store.add(f"join/{version}", 1) - 1
+        store.set(
+            f"member/{version}/{index}", json.dumps({"worker": self.worker, "procs": self.procs})
+        )
+        members = json.loads(store.get(f"close/{version}"))
+        if index >= len(members):
+            return None
+        info = self.info
+        return Round(
+            host=info["host"],
+            port=info["port"],
+            version=version,
+            stages=info["stages"],
+            first_rank=1 + sum(m["procs"] for m in members[:index]),
+            size=1 + sum(m["procs"] for m in members),
+            backend=info["backend"],
+            timeout_s=self.timeout_s,
+        )
+
+
+def receive(round_: Round) -> Iterator[tuple[str, torch.Tensor]]:
+    """Runs in each engine process (through VLLMGenerator.update_weights_from): the version's
+    HF-named tensors as they arrive, stage by stage, every tensor whole (vLLM's loader takes
+    its own tensor-parallel slice). Raises BusError if the round fails."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    engine_rank = get_tensor_model_parallel_rank()  # 0 for an engine of one process
+    device = torch.device("cpu")
+    if round_.backend == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    store = _store(round_.host, round_.port, round_.timeout_s)
+    rank = round_.first_rank + engine_rank
+    groups = []
+    try:
+        for stage in range(round_.stages):  # every stage's sender waits for its group
+            prefix = f"v/{round_.version}/{stage}/"
+            groups.append(
+                _group(store, prefix, rank, round_.size, round_.backend, round_.timeout_s)
+            )
+        for stage, group in enumerate(groups):
+            k = 0
+            while True:
+                bucket = json.loads(store.get(f"v/{round_.version}/{stage}/m{k}"))
+                if bucket["n"] == 0:
+                    break
+                # A buffer per bucket: the engine may hold the tensors until a layer is whole.
+                flat = torch.empty(bucket["n"], dtype=torch.uint8, device=device)
+                _wait(_broadcast(group, flat), round_.timeout_s)
+                yield from _unpack(flat, bucket["t"])
+                k += 1
+    except Exception as e:
+        for group in groups:
+            _abort(group)
+        raise BusError(f"weight bus, version {round_.version}: {type(e).__name__}: {e}") from e
