@@ -10,7 +10,7 @@ import pytest
 
 from rlef_hpc.config import load
 from rlef_hpc.launch.config import JobConfig
-from rlef_hpc.launch.plan import GB, LLAMA_31, parameter_counts, plan
+from rlef_hpc.launch.plan import GB, LLAMA_31, parameter_counts, plan, refit_cost
 from tests.helpers import TESTS_DIR, run_tool, script, torchrun_command
 
 CONFIGS = TESTS_DIR.parent / "configs"
@@ -138,3 +138,20 @@ def test_fp8_rollouts_hold_linear_weights_in_one_byte():
     assert bf16 == pytest.approx(2 * total / tp, rel=1e-4)
     assert fp8.rollout["vLLM weights"] == pytest.approx((linear + 2 * (total - linear)) / tp, 1e-4)
     assert fp8.kv_tokens > plan(cfg).kv_tokens
+
+
+def test_the_refit_cost_of_the_70b_layout_by_either_transport():
+    """Issue 18: the planner prices a refit by the bus and by the files (the 70B paper
+    layout: 32 workers, PP 4, bf16), from the documented link rates, against the step."""
+    cfg = load(JobConfig, CONFIGS / "llama3_70b.yaml")
+    refit = refit_cost(cfg, LLAMA_31["70B"])
+    size = 70.55e9 * 2  # bf16 bytes of Llama-3.1-70B (untied embeddings)
+    assert refit.weight_bytes == pytest.approx(size, rel=1e-3)
+    assert refit.bus_s == pytest.approx(size / 50e9, rel=1e-3)  # one NDR link per GPU
+    # The stage writers at 5 GB/s each, then 32 workers reading 141 GB at 100 GB/s in all.
+    assert refit.files_s == pytest.approx(size / 4 / 5e9 + 32 * size / 100e9, rel=1e-3)
+    step = 20 * 70.55e9 * 1024 * 9216 / 2 / (1024 * 989e12 * 0.35)
+    assert refit.step_s == pytest.approx(step, rel=1e-3)
+    assert refit.bus_s < 10 < refit.files_s  # the issue's 10 s goal, and why the bus
+    out = run_tool("plan.py", CONFIGS / "llama3_70b.yaml")
+    assert f"| weight bus | {refit.bus_s:.1f} | {refit.share(refit.bus_s):.0%} |" in out.stdout

@@ -26,6 +26,15 @@ class SlurmConfig:
     nodes: int = 1
     gpus_per_node: int = 0
     gpu_memory_gb: float = 80.0  # per GPU, for the preflight memory plan (H100 80GB)
+    # What the plan prices a refit and an iteration with (tools/plan.py), in GB/s (1e9 B/s)
+    # and TFLOP/s: one InfiniBand NDR port per GPU (400 Gb/s), a parallel filesystem's rate
+    # to one node and in all (Lustre/GPFS class), an H100 SXM's dense bf16 peak, and the
+    # share of it a Megatron trainer of this size reaches (model FLOPs utilisation).
+    network_gbs: float = 50.0
+    filesystem_node_gbs: float = 5.0
+    filesystem_total_gbs: float = 100.0
+    gpu_tflops: float = 989.0
+    mfu: float = 0.35
     cpus_per_task: int = 1
     mem_gb: int = 4  # per node
     # Seconds before the time limit at which the trainer is told to checkpoint and requeue.

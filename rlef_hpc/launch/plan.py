@@ -1,4 +1,5 @@
-"""Preflight memory plan: per-GPU memory of a config's layout, before any job is submitted.
+"""Preflight memory plan: per-GPU memory of a config's layout, before any job is submitted;
+for the disaggregated layout also what a refit costs by each transport (`refit_cost`).
 
 Trainer GPU (the most loaded one: the first pipeline stage, which also holds the embedding):
   policy     weights + fp32 gradient buffer + Adam (fp32 master copy + two moments), the
@@ -183,6 +184,69 @@ def plan(cfg: JobConfig) -> Plan:
     return Plan(gpu_gb, trainer, rollout, notes, kv_tokens=rollout["vLLM KV cache"] / kv_per_token)
 
 
+@dataclass
+class Refit:
+    """What one policy version costs to reach the rollout workers (disaggregated layout), by
+    either transport of rollout.weights, against the training step it follows."""
+
+    weight_bytes: float
+    bus_s: float
+    files_s: float
+    step_s: float
+    assumptions: list[str]
+
+    def share(self, seconds: float) -> float:
+        """The refit's share of an iteration (the trainer waits for it after each step)."""
+        return seconds / (self.step_s + seconds)
+
+    def table(self) -> str:
+        lines = [
+            f"| refit of {self.weight_bytes / 1e9:.1f} GB | seconds | share of an iteration |",
+            "|---|---|---|",
+            f"| weight bus | {self.bus_s:.1f} | {self.share(self.bus_s):.0%} |",
+            f"| files | {self.files_s:.1f} | {self.share(self.files_s):.0%} |",
+        ]
+        return "\n".join(lines + [f"assuming {a}" for a in self.assumptions])
+
+
+def refit_cost(cfg: JobConfig, mc: ModelConfig) -> Refit:
+    """A first-order model of a refit. The bus: every engine process receives the whole model
+    (full tensors; vLLM slices its own) over its GPU's network link, the stages one after the
+    other, the buckets pipelined (the gathers on the trainer's NVLink overlap them). The files:
+    each pipeline stage's writer writes its share at one node's filesystem rate, then every
+    worker reads the whole model (its engine processes share the node's page cache) at one
+    node's rate, all of them together at most the filesystem's. The step: 20 model FLOPs per
+    parameter and token (forward and backward of policy and value, 6 each; forwards of the
+    reference and of the old policy, 2 each; with precision.recompute=full a second forward of
+    policy and value, 4 more; else 16) over an average episode of half the longest."""
+    p, r, s = cfg.parallel, cfg.rollout, cfg.slurm
+    block, embedding = parameter_counts(mc)
+    params = block + embedding * (1 if mc.tie_embeddings else 2)
+    weight_bytes = params * _DTYPE_BYTES[cfg.precision.dtype]
+    bus_s = weight_bytes / (s.network_gbs * 1e9)
+    node, total = s.filesystem_node_gbs * 1e9, s.filesystem_total_gbs * 1e9
+    write_s = max(weight_bytes / p.pipeline / node, weight_bytes / total)
+    read_s = max(weight_bytes / node, r.workers * weight_bytes / total)
+    seq = cfg.episodes.max_turns * (r.max_tokens + PROMPT_TOKENS_PER_TURN)
+    tokens = r.rollouts_per_iteration * seq / 2
+    flops = (20 if cfg.precision.recompute == "full" else 16) * params * tokens
+    step_s = flops / (p.world_size * s.gpu_tflops * 1e12 * s.mfu)
+    return Refit(
+        weight_bytes,
+        bus_s,
+        write_s + read_s,
+        step_s,
+        [
+            f"{s.network_gbs:g} GB/s per GPU link (slurm.network_gbs), a filesystem of "
+            f"{s.filesystem_node_gbs:g} GB/s per node and {s.filesystem_total_gbs:g} GB/s in "
+            f"all (slurm.filesystem_node_gbs, slurm.filesystem_total_gbs), {r.workers} workers",
+            f"a training step of {step_s:.1f} s: {flops:.2g} FLOPs ({tokens / 1e6:.1f}M tokens) "
+            f"on {p.world_size} GPUs at {s.mfu:.0%} (slurm.mfu) of {s.gpu_tflops:g} TFLOP/s "
+            "(slurm.gpu_tflops)",
+        ],
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -210,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{cfg.slurm.gpu_memory_gb:.0f} GB GPUs\n"
         )
         print(result.table())
+        if cfg.rollout.layout == "disaggregated":
+            print()
+            print(refit_cost(cfg, model_shape(cfg, [])).table())
     return 0 if result.fits else 1
 
 

@@ -100,7 +100,11 @@ def run_worker(cfg: TrainConfig, worker: int, poll_s: float = 0.5) -> int:
             runner = EpisodeRunner(tokenizer, executor, generate, cfg.episodes)
             trajectories = runner.run(shard_problems(cfg, train_problems, worker, seq))
             path = store.write(worker, seq, version, trajectories)
-            print(f"worker {worker}: {path.name} ({len(trajectories)} episodes)", flush=True)
+            print(
+                f"worker {worker}: {path.name} ({len(trajectories)} episodes, "
+                f"policy version {version} from the {follower.via})",
+                flush=True,
+            )
             seq += 1
             written += 1
     return written
