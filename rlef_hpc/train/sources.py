@@ -308,11 +308,15 @@ class Disaggregated:
 
     def after_update(self, iteration: int, metrics: dict[str, float]) -> dict[str, float]:
         """The policy after `iteration` updates, for the rollout workers: over the bus to
-        those present, and as files when the bus is off or some worker did not get it."""
+        those present, and as files when the bus is off, some worker did not get it, or every
+        max_staleness + 1 versions. Those keep the newest files recent enough that a worker
+        which (re)starts, and has only the files until the next round, writes shards the
+        trainer accepts; else a requeue of every worker would leave the trainer waiting for
+        shards while they wait for its next version."""
         stats: dict[str, float] = {}
         if self.bus is not None:
             stats = self.bus.send(iteration, lambda: hf_weights(self.policy, self.model_cfg))
-            if stats["bus_ok"]:
+            if stats["bus_ok"] and iteration % (self.cfg.rollout.max_staleness + 1):
                 return stats
         start = time.perf_counter()
         publish(self.run_dir, iteration, self.policy, self.model_cfg)

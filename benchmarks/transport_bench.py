@@ -1,0 +1,172 @@
+"""A refit to two rollout workers by each transport of rollout.weights, in one run on CPU:
+the weight bus (gloo over loopback) against the files in run_dir/weights (written by the
+trainer, read back by each worker). Each worker is a vLLM engine in a process of its own.
+
+    python benchmarks/transport_bench.py [--hidden 2048 --layers 16]   (0.85B parameters)
+
+Seconds: from the trainer's start of the refit until both engines hold the version (their
+load included). Trainer peak: the most resident memory the trainer added during the refit
+(VmHWM), beside the bus's bucket (rollout.weights.bucket_mib) and the files' shard size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+WORKERS = 2
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _wait_for(what: Path, minimum: int, timeout_s: float = 1800) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not (what.exists() and what.read_text() and int(what.read_text()) >= minimum):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} never reached {minimum}")
+        time.sleep(0.02)
+
+
+def trainer(tmp: Path, rounds: list[str], bucket_mib: int) -> None:
+    from rlef_hpc.checkpoint.convert import load_model_checkpoint
+    from rlef_hpc.checkpoint.hf_dir import hf_weights
+    from rlef_hpc.dist_env import host_group, init_process_groups
+    from rlef_hpc.rollout.bus import BusSender
+    from rlef_hpc.rollout.publish import publish
+
+    init_process_groups()
+    policy, cfg, _ = load_model_checkpoint(tmp / "ckpt", "policy")
+    run = tmp / "run"
+    bus = BusSender(run, WORKERS, bucket_mib, 60.0, 600.0, host_group())
+    publish(run, 0, policy, cfg)
+    results = []
+    for version, transport in enumerate(rounds, start=1):
+        for w in range(WORKERS):
+            _wait_for(run / f"ready-{w}", version - 1)
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here
+        before = _rss_kib("VmRSS")
+        start = time.time()
+        if transport == "bus":
+            bus.send(version, lambda: hf_weights(policy, cfg))
+        else:
+            publish(run, version, policy, cfg)
+        for w in range(WORKERS):
+            _wait_for(run / f"ready-{w}", version)
+        loaded = max(float((run / f"loaded-{w}").read_text()) for w in range(WORKERS))
+        peak = (_rss_kib("VmHWM") - before) * 1024
+        results.append({"transport": transport, "seconds": loaded - start, "peak": peak})
+    (tmp / "results.json").write_text(json.dumps(results))
+
+
+def worker(tmp: Path, n: int, last: int) -> None:
+    from rlef_hpc.rollout.bus import BusReceiver
+    from rlef_hpc.rollout.publish import WeightFollower
+    from rlef_hpc.rollout.vllm_engine import SamplingConfig, VLLMGenerator
+
+    run = tmp / "run"
+    engine = VLLMGenerator(str(tmp / "hf"), SamplingConfig(max_tokens=4), kv_cache_gib=0.25)
+    follower = WeightFollower(engine, run, BusReceiver(run, n, 1, 600.0))
+    seen = None
+    while seen != last:
+        version = follower.refresh()
+        if version is not None and version != seen:
+            seen = version
+            (run / f"loaded-{n}").write_text(str(time.time()))
+            (run / f"ready-{n}").write_text(str(version))
+        time.sleep(0.01)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--bucket-mib", type=int, default=1024)
+    p.add_argument("--repeat", type=int, default=2, help="rounds of each transport")
+    p.add_argument("--role", choices=("trainer", "worker"), help=argparse.SUPPRESS)
+    p.add_argument("--tmp", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    rounds = ["bus", "files"] * args.repeat  # alternating: both see the same machine state
+    if args.role == "trainer":
+        return trainer(args.tmp, rounds, args.bucket_mib)
+    if args.role == "worker":
+        return worker(args.tmp, args.worker, len(rounds))
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlef_hpc.checkpoint.convert import import_hf
+    from rlef_hpc.models.tokenizer import build_tokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix="transport-bench-"))
+    (tmp / "run").mkdir()
+    tokenizer = build_tokenizer(["def f(x):\n    return x + 1\n"] * 20, vocab_size=512)
+    heads = args.hidden // 64
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=args.hidden,
+        intermediate_size=int(args.hidden * 2.75),
+        num_hidden_layers=args.layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(heads // 4, 1),
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(config)
+    params = sum(t.numel() for t in hf.parameters())
+    hf.save_pretrained(tmp / "hf")
+    tokenizer.save_pretrained(tmp / "hf")
+    del hf
+    import_hf(tmp / "hf", tmp / "ckpt", value_model=False)
+
+    # Freed memory goes back to the kernel at once: the peak is what was held, not heap slack.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    me = [sys.executable, __file__, "--tmp", str(tmp), "--repeat", str(args.repeat)]
+    me += ["--bucket-mib", str(args.bucket_mib)]
+    logs = [open(tmp / f"{name}.log", "w") for name in ("trainer", "w0", "w1")]  # noqa: SIM115
+    procs = [subprocess.Popen([*me, "--role", "trainer"], env=env, stdout=logs[0], stderr=logs[0])]
+    for n in range(WORKERS):
+        procs.append(
+            subprocess.Popen(
+                [*me, "--role", "worker", "--worker", str(n)],
+                env=env,
+                stdout=logs[n + 1],
+                stderr=logs[n + 1],
+            )
+        )
+    codes = [proc.wait() for proc in procs]
+    if any(codes):
+        sys.exit(f"transport bench failed ({codes}); logs in {tmp}")
+    results = json.loads((tmp / "results.json").read_text())
+    gb = params * 4 / 1e9
+    print(f"model: {params / 1e9:.2f}B parameters, fp32 ({gb:.1f} GB); {WORKERS} workers; ")
+    print(f"{os.cpu_count()} cores; bucket {args.bucket_mib} MiB, shards of 1 GiB\n")
+    print("| refit to 2 workers | seconds (each round) | GB/s per worker | trainer peak, GB |")
+    print("|---|---|---|---|")
+    for transport in ("bus", "files"):
+        mine = [r for r in results if r["transport"] == transport]
+        best = min(r["seconds"] for r in mine)
+        seconds = ", ".join(f"{r['seconds']:.2f}" for r in mine)
+        peak = max(r["peak"] for r in mine) / 1e9
+        name = "weight bus (gloo, loopback)" if transport == "bus" else "files (write, then read)"
+        print(f"| {name} | {seconds} | {gb / best:.2f} | {peak:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
