@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -137,6 +138,9 @@ def main() -> None:
 
     # Freed memory goes back to the kernel at once: the peak is what was held, not heap slack.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:  # the trainer's own (one-rank) group: a port free now
+        s.bind(("127.0.0.1", 0))
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
     me = [sys.executable, __file__, "--tmp", str(tmp), "--repeat", str(args.repeat)]
     me += ["--bucket-mib", str(args.bucket_mib)]
     logs = [open(tmp / f"{name}.log", "w") for name in ("trainer", "w0", "w1")]  # noqa: SIM115

@@ -120,22 +120,42 @@ def _abort(group: Any) -> None:
 # --- buckets ----------------------------------------------------------------------------------
 
 
-def _pack(tensors: list[tuple[str, torch.Tensor]]) -> tuple[torch.Tensor, list[list[Any]]]:
-    """One flat byte buffer on the tensors' device, and its layout."""
-    if len(tensors) == 1:  # one tensor (possibly larger than a bucket): sent as it is
-        name, t = tensors[0]
-        t = t.contiguous()
-        flat = t.view(-1).view(torch.uint8)
-        return flat, [[name, str(t.dtype).removeprefix("torch."), list(t.shape), 0]]
-    total = sum(t.numel() * t.element_size() for _, t in tensors)
-    flat = torch.empty(total, dtype=torch.uint8, device=tensors[0][1].device)
-    layout, offset = [], 0
-    for name, t in tensors:
+class _Packer:
+    """Packs tensors, as they come, into byte buffers of `capacity` on their device; each
+    tensor is copied in at once, so the sender holds the buffer being filled and the tensor in
+    hand, not a bucket's worth of tensors besides. A tensor larger than `capacity` is sent by
+    itself, as it is."""
+
+    ALIGN = 16  # every tensor starts where any dtype's view of the bytes may start
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.buffer: torch.Tensor | None = None
+        self.layout: list[list[Any]] = []
+        self.used = 0
+
+    def add(self, name: str, t: torch.Tensor) -> list[tuple[torch.Tensor, list[list[Any]]]]:
+        """The buffers this tensor completes (zero, one or two), each with its layout."""
         n = t.numel() * t.element_size()
-        flat[offset : offset + n].view(t.dtype).view(t.shape).copy_(t)
-        layout.append([name, str(t.dtype).removeprefix("torch."), list(t.shape), offset])
-        offset += n
-    return flat, layout
+        entry = [name, str(t.dtype).removeprefix("torch."), list(t.shape)]
+        if n > self.capacity:
+            t = t.contiguous()
+            return [*self.flush(), (t.view(-1).view(torch.uint8), [[*entry, 0]])]
+        done = self.flush() if self.used + n > self.capacity else []
+        if self.buffer is None:
+            self.buffer = torch.empty(self.capacity, dtype=torch.uint8, device=t.device)
+        self.buffer[self.used : self.used + n].view(t.dtype).view(t.shape).copy_(t)
+        self.layout.append([*entry, self.used])
+        self.used = -(-(self.used + n) // self.ALIGN) * self.ALIGN
+        return done
+
+    def flush(self) -> list[tuple[torch.Tensor, list[list[Any]]]]:
+        if not self.layout:
+            return []
+        assert self.buffer is not None
+        done = [(self.buffer[: self.used], self.layout)]
+        self.buffer, self.layout, self.used = None, [], 0
+        return done
 
 
 def _unpack(flat: torch.Tensor, layout: list[list[Any]]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -143,23 +163,6 @@ def _unpack(flat: torch.Tensor, layout: list[list[Any]]) -> Iterator[tuple[str, 
         dt = getattr(torch, dtype)
         n = torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
         yield name, flat[offset : offset + n].view(dt).view(shape)
-
-
-def _buckets(
-    weights: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int
-) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Consecutive tensors grouped up to `bucket_bytes`; a larger tensor alone."""
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, t in weights:
-        n = t.numel() * t.element_size()
-        if bucket and size + n > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, t))
-        size += n
-    if bucket:
-        yield bucket
 
 
 # --- the trainer's side -----------------------------------------------------------------------
@@ -307,22 +310,30 @@ class BusSender:
                 print(f"weight bus: version {version}: no group ({e})", flush=True)
                 failed = True
         k = 0
-        for bucket in _buckets(weights, self.half_bytes):
+
+        def send(flat: torch.Tensor, layout: list[list[Any]]) -> None:
+            nonlocal pending, sent, k
+            if pending is not None:
+                _wait(pending, self.timeout_s)  # the previous buffer is free again
+            self.store.set(f"{prefix}m{k}", json.dumps({"n": flat.numel(), "t": layout}))
+            pending = _broadcast(group, flat)  # the next one fills meanwhile
+            sent += flat.numel()
+            k += 1
+
+        packer = _Packer(self.half_bytes)
+        for name, tensor in weights:  # every TP rank of the stage drives the gathers
             if not self.sends or failed:
                 continue
-            flat, layout = _pack(bucket)
             try:
-                if pending is not None:
-                    _wait(pending, self.timeout_s)  # the previous half is free again
-                self.store.set(f"{prefix}m{k}", json.dumps({"n": flat.numel(), "t": layout}))
-                pending = _broadcast(group, flat)
-                sent += flat.numel()
-                k += 1
+                for flat, layout in packer.add(name, tensor):
+                    send(flat, layout)
             except Exception as e:  # noqa: BLE001 - a member died: the round fails, not training
                 print(f"weight bus: version {version}: {type(e).__name__}: {e}", flush=True)
                 failed = True
         if self.sends and not failed:
             try:
+                for flat, layout in packer.flush():
+                    send(flat, layout)
                 if pending is not None:
                     _wait(pending, self.timeout_s)
                 self.store.set(f"{prefix}m{k}", json.dumps({"n": 0, "t": []}))  # the end
@@ -426,15 +437,24 @@ def receive(round_: Round) -> Iterator[tuple[str, torch.Tensor]]:
                 _group(store, prefix, rank, round_.size, round_.backend, round_.timeout_s)
             )
         for stage, group in enumerate(groups):
-            k = 0
-            while True:
-                bucket = json.loads(store.get(f"v/{round_.version}/{stage}/m{k}"))
+            prefix = f"v/{round_.version}/{stage}/"
+
+            def post(k: int) -> tuple[torch.Tensor, Any, list[list[Any]]] | None:
+                """Bucket k's receive, posted (None past the stage's last bucket)."""
+                bucket = json.loads(store.get(f"{prefix}m{k}"))  # noqa: B023 - used at once
                 if bucket["n"] == 0:
-                    break
+                    return None
                 # A buffer per bucket: the engine may hold the tensors until a layer is whole.
                 flat = torch.empty(bucket["n"], dtype=torch.uint8, device=device)
-                _wait(_broadcast(group, flat), round_.timeout_s)
-                yield from _unpack(flat, bucket["t"])
+                return flat, _broadcast(group, flat), bucket["t"]  # noqa: B023
+
+            k, current = 0, post(0)
+            while current is not None:
+                flat, work, layout = current
+                _wait(work, round_.timeout_s)
+                # The next bucket arrives while the engine loads this one.
+                current = post(k + 1)
+                yield from _unpack(flat, layout)
                 k += 1
     except Exception as e:
         for group in groups:
