@@ -5,8 +5,11 @@ trainer, read back by each worker). Each worker is a vLLM engine in a process of
     python benchmarks/transport_bench.py [--hidden 2048 --layers 16]   (0.85B parameters)
 
 Seconds: from the trainer's start of the refit until both engines hold the version (their
-load included). Trainer peak: the most resident memory the trainer added during the refit
-(VmHWM), beside the bus's bucket (rollout.weights.bucket_mib) and the files' shard size.
+load included). The files are timed twice: read back from this host's page cache, which
+only works on one host, and written to storage and read back from it (caches dropped), as
+workers on other nodes read them. Trainer peak: the most resident memory the trainer added
+during the refit (VmHWM), beside the bus's bucket (rollout.weights.bucket_mib) and the files'
+shard size.
 """
 
 from __future__ import annotations
@@ -65,21 +68,41 @@ def trainer(tmp: Path, rounds: list[str], bucket_mib: int) -> None:
             bus.send(version, lambda: hf_weights(policy, cfg))
         else:
             publish(run, version, policy, cfg)
+            if transport == "files, cold":
+                # Workers on other nodes cannot read the writer's page cache: the files go
+                # to storage and are read back from it (root only; the bench says if not).
+                os.sync()
+                Path("/proc/sys/vm/drop_caches").write_text("1")
+        blocked = time.time() - start  # what the training loop waits
         for w in range(WORKERS):
             _wait_for(run / f"ready-{w}", version)
         loaded = max(float((run / f"loaded-{w}").read_text()) for w in range(WORKERS))
         peak = (_rss_kib("VmHWM") - before) * 1024
-        results.append({"transport": transport, "seconds": loaded - start, "peak": peak})
+        results.append(
+            {"transport": transport, "seconds": loaded - start, "blocked": blocked, "peak": peak}
+        )
     (tmp / "results.json").write_text(json.dumps(results))
 
 
-def worker(tmp: Path, n: int, last: int) -> None:
+class Drain:
+    """An engine that takes every tensor and keeps none: the transport alone."""
+
+    def update_weights_from(self, load) -> None:  # noqa: ANN001
+        for _, tensor in load():
+            tensor.view(-1)[-1].item()  # every byte has arrived (a file's are read)
+
+
+def worker(tmp: Path, n: int, last: int, drain: bool) -> None:
     from rlef_hpc.rollout.bus import BusReceiver
     from rlef_hpc.rollout.publish import WeightFollower
     from rlef_hpc.rollout.vllm_engine import SamplingConfig, VLLMGenerator
 
     run = tmp / "run"
-    engine = VLLMGenerator(str(tmp / "hf"), SamplingConfig(max_tokens=4), kv_cache_gib=0.25)
+    engine = (
+        Drain()
+        if drain
+        else VLLMGenerator(str(tmp / "hf"), SamplingConfig(max_tokens=4), kv_cache_gib=0.25)
+    )
     follower = WeightFollower(engine, run, BusReceiver(run, n, 1, 600.0))
     seen = None
     while seen != last:
@@ -100,12 +123,14 @@ def main() -> None:
     p.add_argument("--role", choices=("trainer", "worker"), help=argparse.SUPPRESS)
     p.add_argument("--tmp", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--drain", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    rounds = ["bus", "files"] * args.repeat  # alternating: both see the same machine state
+    # Alternating: every transport sees the same machine state.
+    rounds = ["bus", "files", "files, cold"] * args.repeat
     if args.role == "trainer":
         return trainer(args.tmp, rounds, args.bucket_mib)
     if args.role == "worker":
-        return worker(args.tmp, args.worker, len(rounds))
+        return worker(args.tmp, args.worker, len(rounds), args.drain)
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -113,7 +138,6 @@ def main() -> None:
     from rlef_hpc.models.tokenizer import build_tokenizer
 
     tmp = Path(tempfile.mkdtemp(prefix="transport-bench-"))
-    (tmp / "run").mkdir()
     tokenizer = build_tokenizer(["def f(x):\n    return x + 1\n"] * 20, vocab_size=512)
     heads = args.hidden // 64
     config = LlamaConfig(
@@ -136,40 +160,54 @@ def main() -> None:
     del hf
     import_hf(tmp / "hf", tmp / "ckpt", value_model=False)
 
+    gb = params * 4 / 1e9
+    print(f"model: {params / 1e9:.2f}B parameters, fp32 ({gb:.1f} GB); {WORKERS} workers; ")
+    print(f"{os.cpu_count()} cores; bucket {args.bucket_mib} MiB, shards of 1 GiB")
+    names = {
+        "bus": "weight bus (gloo over loopback)",
+        "files": "files, read back from this host's page cache (one host only)",
+        "files, cold": "files, written to storage and read back from it (as across nodes)",
+    }
+    for drain in (True, False):
+        results = _rounds(tmp, args, drain)
+        into = "workers that drain the stream (transport only)" if drain else "vLLM engines"
+        print(f"\n| refit to 2 {into} | seconds | trainer blocked, s | GB/s per worker "
+              "| trainer peak, GB |")  # fmt: skip
+        print("|---|---|---|---|---|")
+        for transport, name in names.items():
+            mine = [r for r in results if r["transport"] == transport]
+            best = min(r["seconds"] for r in mine)
+            seconds = ", ".join(f"{r['seconds']:.2f}" for r in mine)
+            blocked = ", ".join(f"{r['blocked']:.2f}" for r in mine)
+            peak = max(r["peak"] for r in mine) / 1e9
+            print(f"| {name} | {seconds} | {blocked} | {gb / best:.2f} | {peak:.2f} |")
+
+
+def _rounds(tmp: Path, args: argparse.Namespace, drain: bool) -> list[dict]:
+    """One trainer and the workers through every round; their results."""
+    import shutil
+
+    shutil.rmtree(tmp / "run", ignore_errors=True)
+    (tmp / "run").mkdir()
     # Freed memory goes back to the kernel at once: the peak is what was held, not heap slack.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     with socket.socket() as s:  # the trainer's own (one-rank) group: a port free now
         s.bind(("127.0.0.1", 0))
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
     me = [sys.executable, __file__, "--tmp", str(tmp), "--repeat", str(args.repeat)]
-    me += ["--bucket-mib", str(args.bucket_mib)]
-    logs = [open(tmp / f"{name}.log", "w") for name in ("trainer", "w0", "w1")]  # noqa: SIM115
-    procs = [subprocess.Popen([*me, "--role", "trainer"], env=env, stdout=logs[0], stderr=logs[0])]
-    for n in range(WORKERS):
-        procs.append(
-            subprocess.Popen(
-                [*me, "--role", "worker", "--worker", str(n)],
-                env=env,
-                stdout=logs[n + 1],
-                stderr=logs[n + 1],
-            )
-        )
+    me += ["--bucket-mib", str(args.bucket_mib)] + (["--drain"] if drain else [])
+    names = ("trainer", *(f"w{n}" for n in range(WORKERS)))
+    logs = [open(tmp / f"{name}.log", "w") for name in names]  # noqa: SIM115
+    roles = [["--role", "trainer"]]
+    roles += [["--role", "worker", "--worker", str(n)] for n in range(WORKERS)]
+    procs = [
+        subprocess.Popen([*me, *role], env=env, stdout=log, stderr=log)
+        for role, log in zip(roles, logs, strict=True)
+    ]
     codes = [proc.wait() for proc in procs]
     if any(codes):
         sys.exit(f"transport bench failed ({codes}); logs in {tmp}")
-    results = json.loads((tmp / "results.json").read_text())
-    gb = params * 4 / 1e9
-    print(f"model: {params / 1e9:.2f}B parameters, fp32 ({gb:.1f} GB); {WORKERS} workers; ")
-    print(f"{os.cpu_count()} cores; bucket {args.bucket_mib} MiB, shards of 1 GiB\n")
-    print("| refit to 2 workers | seconds (each round) | GB/s per worker | trainer peak, GB |")
-    print("|---|---|---|---|")
-    for transport in ("bus", "files"):
-        mine = [r for r in results if r["transport"] == transport]
-        best = min(r["seconds"] for r in mine)
-        seconds = ", ".join(f"{r['seconds']:.2f}" for r in mine)
-        peak = max(r["peak"] for r in mine) / 1e9
-        name = "weight bus (gloo, loopback)" if transport == "bus" else "files (write, then read)"
-        print(f"| {name} | {seconds} | {gb / best:.2f} | {peak:.2f} |")
+    return json.loads((tmp / "results.json").read_text())
 
 
 if __name__ == "__main__":
