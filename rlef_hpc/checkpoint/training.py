@@ -36,7 +36,7 @@ import json
 import math
 import shutil
 import signal
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -357,8 +357,10 @@ def save(
     model_config: dict[str, Any] | None = None,
     async_queue: Any = None,
     files: Sequence[Path] = (),
+    protect: Collection[int] = (),
 ) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint's directory. With
+    """Collective: every rank calls it. Returns the checkpoint's directory. Retention keeps
+    the newest `keep_last` checkpoints and those of the iterations in `protect`. With
     `model_config` (ModelConfig fields and "dtype"), tools/convert_to_hf.py can export it;
     `files` (e.g. the tokenizer's) are copied in beside it.
 
@@ -385,7 +387,8 @@ def save(
 
     def commit() -> None:
         if rank == 0:
-            atomic.commit(tmp, final, iteration, "iter_*", keep_last)
+            keep = {_name(i) for i in protect}
+            atomic.commit(tmp, final, iteration, "iter_*", keep_last, keep)
         dist.barrier()
 
     requests = []
@@ -426,6 +429,15 @@ def save(
     else:
         dist.barrier()  # the state file is written before any rank can finalize the commit
     return final
+
+
+def committed(run_dir: str | Path) -> dict[int, Path]:
+    """The complete checkpoints of a run by iteration (a save in progress is not one yet)."""
+    found = {}
+    for path in Path(run_dir).glob("iter_*"):
+        if (path / STATE).exists() and path.name[len("iter_") :].isdigit():
+            found[int(path.name[len("iter_") :])] = path
+    return dict(sorted(found.items()))
 
 
 def latest(run_dir: str | Path) -> Path | None:
