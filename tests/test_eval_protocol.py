@@ -12,7 +12,6 @@ from fractions import Fraction
 import pytest
 
 from rlef_hpc.data.problem import Problem
-from rlef_hpc.data.trajectory import Trajectory, Turn
 from rlef_hpc.eval.metrics import RolloutOutcome, n_at_k
 from rlef_hpc.eval.protocol import (
     PAPER_METRICS,
@@ -29,6 +28,7 @@ from rlef_hpc.eval.protocol import (
     read_best,
     read_results,
 )
+from tests.helpers import trajectory
 
 
 def brute_force_n_at_k(outcomes: list[RolloutOutcome], n: int, k: int, max_turns: int) -> Fraction:
@@ -95,15 +95,6 @@ def test_10_at_100_needs_33_rollouts():
 
 def problem(name: str) -> Problem:
     return Problem(name, f"solve {name}", (), ())
-
-
-def trajectory(name: str, correct: bool, turns: int) -> Trajectory:
-    # Only the last turn passes the public tests (when it is correct): the episode stops there.
-    made = [
-        Turn(0, 1, 2, [0.0], f"t{t}", f"print({t})", True, passed_public=correct and t == turns)
-        for t in range(1, turns + 1)
-    ]
-    return Trajectory(name, "python", [0, 1, 2], made, success=correct)
 
 
 class FakeEngine:

@@ -79,7 +79,7 @@ def start_writer_helpers(ignoring: tuple[signal.Signals, ...]) -> None:
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
-def _name(iteration: int) -> str:
+def checkpoint_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
@@ -376,7 +376,10 @@ def save(
     if async_queue is not None:
         async_queue.maybe_finalize_async_calls(blocking=True)
     run_dir = Path(run_dir)
-    final, tmp = run_dir / _name(iteration), run_dir / f".tmp-{_name(iteration)}"
+    final, tmp = (
+        run_dir / checkpoint_name(iteration),
+        run_dir / f".tmp-{checkpoint_name(iteration)}",
+    )
     rank = dist.get_rank()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -387,7 +390,7 @@ def save(
 
     def commit() -> None:
         if rank == 0:
-            keep = {_name(i) for i in protect}
+            keep = {checkpoint_name(i) for i in protect}
             atomic.commit(tmp, final, iteration, "iter_*", keep_last, keep)
         dist.barrier()
 
@@ -444,7 +447,7 @@ def latest(run_dir: str | Path) -> Path | None:
     pointer = Path(run_dir) / LATEST
     if not pointer.exists():
         return None
-    path = Path(run_dir) / _name(int(pointer.read_text().strip()))
+    path = Path(run_dir) / checkpoint_name(int(pointer.read_text().strip()))
     if not (path / STATE).exists():
         raise CheckpointError(
             f"{pointer} points to {path.name}, which is not a complete checkpoint"

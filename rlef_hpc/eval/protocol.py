@@ -233,16 +233,20 @@ def _cell(record: Mapping[str, Any], set_name: str, metric: str) -> str:
     return f"{100 * row['mean']:.1f}% [{100 * row['low']:.1f}, {100 * row['high']:.1f}]"
 
 
-def curve_table(records: Sequence[Mapping[str, Any]], select: str = "1@3") -> str:
-    """Markdown: one row per evaluated checkpoint, one column per (set, metric) with its 95%
-    bootstrap interval; the checkpoint selected on valid by `select` is marked."""
+def curve_table(
+    records: Sequence[Mapping[str, Any]], select: str | None = "1@3", labels: Mapping[int, str] = {}
+) -> str:
+    """Markdown: one row per evaluated checkpoint (its iteration, or `labels`' name for it),
+    one column per (set, metric) with its 95% bootstrap interval; the checkpoint selected on
+    valid by `select` is marked (None: no selection)."""
     columns = _columns(records)
-    chosen = best(records, select)
+    chosen = best(records, select) if select else None
     header = ["iteration", *(f"{s} {m}" for s, m in columns)]
     lines = [f"| {' | '.join(header)} |", "|---" * len(header) + "|"]
     for r in sorted(records, key=lambda r: r["iteration"]):
         mark = " (best)" if chosen is not None and r["iteration"] == chosen["iteration"] else ""
-        cells = [f"{r['iteration']}{mark}", *(_cell(r, s, m) for s, m in columns)]
+        label = labels.get(r["iteration"], str(r["iteration"]))
+        cells = [f"{label}{mark}", *(_cell(r, s, m) for s, m in columns)]
         lines.append(f"| {' | '.join(cells)} |")
     if chosen is not None:
         lines.append(f"\nselected on {SELECTION_SET} {select}: iteration {chosen['iteration']}")
@@ -318,3 +322,73 @@ def protected(
     if chosen is not None:
         keep.add(chosen["iteration"])
     return keep
+
+
+# --- the sets, the selected model --------------------------------------------------------
+
+
+def transfer_sets(paths: Iterable[str | Path], executor: Any) -> dict[str, list[Problem]]:
+    """HumanEval+/MBPP+-style function problem files as evaluation sets named after their
+    files (expected outputs from the canonical solutions, run in the sandbox)."""
+    from rlef_hpc.data.functions import load_function_problems, to_problems
+
+    sets = {}
+    for path in paths:
+        name = Path(path).stem
+        if name in ("valid", "test") or name in sets:
+            raise ValueError(f"eval.transfer: {path}: the set name {name!r} is taken")
+        sets[name] = to_problems(load_function_problems(path), executor)
+    return sets
+
+
+def export_best(
+    run_dir: str | Path, exported: str | Path | None = None, move: bool = False
+) -> Path | None:
+    """run_dir/best/: the checkpoint selected in best.json as a Hugging Face model, with
+    selected.json naming it. From `exported` (that checkpoint already exported: moved there
+    with `move`, a rename within the run directory, else copied), else run_dir/init
+    (iteration 0) or the training checkpoint. A no-op when best/ already holds the selected
+    checkpoint; None when nothing is selected yet."""
+    run_dir = Path(run_dir)
+    chosen = read_best(run_dir)
+    if chosen is None:
+        return None
+    target = run_dir / "best"
+    marker = {"iteration": chosen["iteration"], "checkpoint": chosen["checkpoint"]}
+    if (target / "selected.json").exists():
+        if json.loads((target / "selected.json").read_text()) == marker:
+            return target
+    import shutil
+
+    tmp, old = run_dir / ".best.tmp", run_dir / ".best.old"
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    if exported is not None and move:
+        os.replace(exported, tmp)
+    elif exported is not None:
+        shutil.copytree(exported, tmp)
+    elif chosen["iteration"] == 0:
+        shutil.copytree(run_dir / "init", tmp)
+    else:
+        from rlef_hpc.checkpoint.convert import export_hf
+
+        export_hf(run_dir / chosen["checkpoint"], tmp)
+    (tmp / "selected.json").write_text(json.dumps(marker) + "\n")
+    # Two renames: a reader sees the old model or the new one, or (between them) none.
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def summary(records: Sequence[Mapping[str, Any]], select: str) -> str:
+    """Two lines for a terminal: the selected checkpoint and its numbers on every set."""
+    chosen = best(records, select)
+    if chosen is None:
+        return "best checkpoint: none evaluated yet"
+    sets = "; ".join(
+        f"{name} " + ", ".join(f"{m} {100 * row['mean']:.1f}%" for m, row in s["metrics"].items())
+        for name, s in chosen["sets"].items()
+    )
+    return f"best checkpoint on valid {select}: iteration {chosen['iteration']} ({sets})"
