@@ -81,43 +81,57 @@ def min_rollouts(metrics: Sequence[MetricSpec], max_turns: int) -> int:
     return max(parse_metric(m.name)[1] // max_turns for m in metrics)
 
 
-def evaluate_set(
-    generate: Generate,
-    problems: Sequence[Problem],
+@dataclass(frozen=True)
+class Draw:
+    """One set of rollouts of an evaluation: which problems (each repeated once per rollout),
+    sampled how, under which seed key, for which metrics."""
+
+    set_name: str
+    problems: list[Problem]
+    temperature: float
+    top_p: float
+    key: str
+    metrics: list[str]
+
+
+def draws(
+    sets: Mapping[str, Sequence[Problem]],
     metrics: Sequence[MetricSpec],
     rollouts: int,
-    max_turns: int,
-    seed: int = 0,
-    key: str = "eval",
-) -> dict[str, Any]:
-    """One evaluation set's record: per sampling, the rollouts' metrics (with bootstrap CIs),
-    solve rate by turn and throughput; `metrics` flattens the estimates by name."""
-    samplings, flat, skipped = [], {}, []
-    for (temperature, top_p), names in by_sampling(metrics).items():
+    iteration: int,
+) -> list[Draw]:
+    """The rollouts one evaluation generates, in order: per non-empty set, one draw per
+    distinct sampling. Every rank of a trainer walks the same list (its collectives match)."""
+    out = []
+    for name, problems in sets.items():
+        if not problems:
+            continue
         repeated = [p for p in problems for _ in range(rollouts)]
-        start = time.perf_counter()
-        trajectories = generate(repeated, temperature, top_p, f"{key}-t{temperature}-p{top_p}")
-        seconds = time.perf_counter() - start
-        report = evaluate(trajectories, names, max_turns, seed)
-        rows = {
+        for (temperature, top_p), names in by_sampling(metrics).items():
+            key = f"eval-{iteration}-{name}-t{temperature}-p{top_p}"
+            out.append(Draw(name, repeated, temperature, top_p, key, names))
+    return out
+
+
+def score_draw(
+    draw: Draw, trajectories: Sequence[Trajectory], max_turns: int, seconds: float, seed: int = 0
+) -> dict[str, Any]:
+    """One draw's rollouts scored: its metrics (bootstrap CIs), solve rate by turn, speed."""
+    report = evaluate(trajectories, draw.metrics, max_turns, seed)
+    return {
+        "temperature": draw.temperature,
+        "top_p": draw.top_p,
+        "rollouts_per_problem": report.rollouts_per_problem,
+        "problems": report.problems,
+        "metrics": {
             r.name: {"mean": r.mean, "low": r.low, "high": r.high, "problems": r.problems}
             for r in report.rows
-        }
-        sampling = {"temperature": temperature, "top_p": top_p}
-        for name, row in rows.items():
-            flat[name] = {**row, **sampling}
-        skipped += report.skipped
-        samplings.append(
-            {
-                **sampling,
-                "rollouts_per_problem": report.rollouts_per_problem,
-                "metrics": sorted(rows),
-                "solved_by_turn": report.solved_by_turn,
-                "seconds": seconds,
-                "rollouts_per_second": len(trajectories) / seconds if seconds > 0 else None,
-            }
-        )
-    return {"problems": len(problems), "metrics": flat, "samplings": samplings, "skipped": skipped}
+        },
+        "skipped": report.skipped,
+        "solved_by_turn": report.solved_by_turn,
+        "seconds": seconds,
+        "rollouts_per_second": len(trajectories) / seconds if seconds > 0 else None,
+    }
 
 
 def evaluate_checkpoint(
@@ -130,14 +144,20 @@ def evaluate_checkpoint(
     checkpoint: str,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """The record of one checkpoint on every non-empty set, as results.jsonl holds it."""
+    """The record of one checkpoint on every non-empty set, as results.jsonl holds it: per
+    set, its samplings (each with its own rollouts' metrics, solve rate by turn and rollouts/s)
+    and `metrics`, every estimate by name with the sampling it came from."""
     record: dict[str, Any] = {"iteration": iteration, "checkpoint": checkpoint, "sets": {}}
-    for name, problems in sets.items():
-        if problems:
-            key = f"eval-{iteration}-{name}"
-            record["sets"][name] = evaluate_set(
-                generate, problems, metrics, rollouts, max_turns, seed, key
-            )
+    for draw in draws(sets, metrics, rollouts, iteration):
+        start = time.perf_counter()
+        trajectories = generate(draw.problems, draw.temperature, draw.top_p, draw.key)
+        sampling = score_draw(draw, trajectories, max_turns, time.perf_counter() - start, seed)
+        result = record["sets"].setdefault(
+            draw.set_name, {"problems": sampling["problems"], "metrics": {}, "samplings": []}
+        )
+        result["samplings"].append({**sampling, "metrics": sorted(sampling["metrics"])})
+        for name, row in sampling["metrics"].items():
+            result["metrics"][name] = {**row, "temperature": draw.temperature, "top_p": draw.top_p}
     record["time"] = time.time()
     return record
 

@@ -186,13 +186,17 @@ class Trainer:
             dist.all_gather_object(gathered, mine, group=host_group())
             return [t for part in gathered for t in part]
 
+        if self.rank != 0:  # its share of every draw, in the order rank 0 gathers them
+            for draw in protocol.draws(
+                self.eval_sets, e.metrics, e.rollouts_per_problem, iteration
+            ):
+                generate(draw.problems, draw.temperature, draw.top_p, draw.key)
+            return None
         name = "init" if iteration == 0 else training.checkpoint_name(iteration)
         record = protocol.evaluate_checkpoint(
             generate, self.eval_sets, e.metrics, e.rollouts_per_problem, e.max_turns,
             iteration, name, seed=self.cfg.run.seed,
         )  # fmt: skip
-        if self.rank != 0:
-            return None
         protocol.append_result(self.run_dir, record, e.select_metric)
         self.log.write("eval", iteration, eval_values(record, e.select_metric))
         return record
