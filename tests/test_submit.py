@@ -71,8 +71,11 @@ def test_the_eval_job_waits_for_training_unless_it_follows_checkpoints(tmp_path,
     after = run_tool("submit.py", *config, "--layout", "disaggregated", env=no_slurm)
     assert "#SBATCH --dependency=afterok:TRAIN_JOB_ID" in after.stdout, after.stderr
     follow = run_tool("submit.py", *config, "--layout", "disaggregated", "run.eval_every=2",
-                      env=no_slurm)  # fmt: skip
+                      "eval.transfer=[/nonexistent/mbpp_plus.jsonl]", env=no_slurm)  # fmt: skip
     assert follow.returncode == 0 and "--dependency" not in follow.stdout, follow.stderr
+    assert "submit: warning: eval.transfer: /nonexistent/mbpp_plus.jsonl: no such file" in (
+        follow.stderr
+    )
 
 
 def test_dry_run_of_one_job_is_its_script_alone(tmp_path, no_slurm):

@@ -257,9 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     cfg = load_or_exit(p, JobConfig, args.config, args.overrides)
+    from rlef_hpc.data.codecontests import ProblemFormatError
+
     try:
         evaluate_run(cfg, follow=args.follow)  # prints the curve and the selected checkpoint
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ProblemFormatError) as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     return 0
 

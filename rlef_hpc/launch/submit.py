@@ -73,10 +73,13 @@ def preflight(cfg: JobConfig) -> list[str]:
         )
     if cfg.model.init == "hf" and not Path(cfg.model.hf_dir or "").is_dir():
         problems.append(f"model.hf_dir={cfg.model.hf_dir}: no such directory")
-    for key in ("train_path", "valid_path"):
+    for key in ("train_path", "valid_path", "test_path"):
         path = getattr(cfg.data, key)
         if cfg.data.source == "codecontests" and path and not Path(path).exists():
             problems.append(f"data.{key}={path}: no such file or directory")
+    for path in cfg.eval.transfer:
+        if not Path(path).is_file():
+            problems.append(f"eval.transfer: {path}: no such file")
     return problems
 
 
