@@ -16,7 +16,7 @@ from rlef_hpc.eval import policy, protocol
 from rlef_hpc.launch import jobs
 from rlef_hpc.launch.config import JobConfig
 from rlef_hpc.train.problems import write_problems
-from tests.helpers import TESTS_DIR, trajectory
+from tests.helpers import TESTS_DIR, run_script, script, trajectory
 
 CONFIGS = TESTS_DIR.parent / "configs"
 SKILL = {0: 0.0, 2: 0.5, 4: 1.0, 6: 0.5, 7: 0.5}  # the share of problems each policy solves
@@ -118,3 +118,16 @@ def test_without_a_checkpoint_the_job_says_so(tmp_path):
     cfg = load(JobConfig, CONFIGS / "demo_cpu.yaml", [f"run.dir={tmp_path}"])
     with pytest.raises(FileNotFoundError, match="no checkpoint to evaluate"):
         jobs.evaluate_run(cfg)
+
+
+@pytest.mark.multiprocess  # vLLM, in a process of its own
+def test_the_evaluators_engine_takes_the_next_checkpoint_in_place(tmp_path):
+    proc = run_script(script("model_evaluator_reload"), tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    gaps = {  # vLLM's own lines may be there too
+        words[0]: float(words[1])
+        for words in map(str.split, proc.stdout.splitlines())
+        if words and words[0] in ("FIRST", "SECOND", "STALE")
+    }
+    assert gaps["STALE"] > 1e-2  # the models differ: the check is not vacuous
+    assert gaps["FIRST"] <= 1e-4 and gaps["SECOND"] <= 1e-4, gaps

@@ -38,7 +38,13 @@ def load_test_problems(cfg: TrainConfig) -> list[Problem]:
         if not d.test_problems:
             return []
         drawn = d.eval_problems + d.test_problems
-        both = synthetic.generate(drawn, "heldout", cfg.run.seed, d.curriculum)
+        try:
+            both = synthetic.generate(drawn, "heldout", cfg.run.seed, d.curriculum)
+        except ValueError as e:
+            raise ValueError(
+                f"data.eval_problems={d.eval_problems} + data.test_problems={d.test_problems}: "
+                f"the {d.curriculum} curriculum has fewer held-out problems ({e})"
+            ) from None
         return both[d.eval_problems :]
     if not d.test_path:
         return []
