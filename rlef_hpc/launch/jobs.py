@@ -214,21 +214,16 @@ def evaluate_run(cfg: TrainConfig, follow: bool = False, poll_s: float = 30.0) -
     with Executor(workers=cfg.rollout.sandbox_workers) as executor:
         sets = _eval_sets(cfg, run_dir, executor)
         evaluator = ModelEvaluator(cfg.rollout, episodes, executor, r.seed)
-        first = True
         while True:
             available = set(training.committed(run_dir))
             if (run_dir / "init" / "config.json").exists():
                 available.add(0)
-            todo = protocol.pending(
-                available, protocol.evaluated(run_dir), r.eval_every, r.iterations
-            )
-            if first and not follow and available:
-                latest = max(available)  # a run stopped early: where it stands
-                if latest not in protocol.evaluated(run_dir) and latest not in todo:
-                    todo.append(latest)
-            if first and not follow and not todo and not protocol.read_results(run_dir):
-                raise FileNotFoundError(f"{run_dir}: no checkpoint to evaluate")
-            first = False
+            done = protocol.evaluated(run_dir)
+            todo = protocol.pending(available, done, r.eval_every, r.iterations)
+            if not follow:  # after training (one pass): also where a run stopped early stands
+                todo += [i for i in available if i == max(available) and i not in done | {*todo}]
+                if not todo and not done:
+                    raise FileNotFoundError(f"{run_dir}: no checkpoint to evaluate")
             for iteration in todo:
                 _evaluate_one(cfg, run_dir, iteration, sets, evaluator)
             if not follow or r.iterations in protocol.evaluated(run_dir):
