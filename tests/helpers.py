@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -109,6 +110,7 @@ TINY_TRAIN = [
     "model.tokenizer_vocab=400",
     "data.train_problems=24",
     "data.eval_problems=4",
+    "data.test_problems=2",
     "warmstart.steps=30",
     "rollout.rollouts_per_iteration=16",
     "rollout.samples_per_problem=2",
@@ -116,6 +118,7 @@ TINY_TRAIN = [
     "update.num_minibatches=2",
     "update.micro_batch_size=4",
     "eval.rollouts_per_problem=1",
+    "eval.metrics=[{name: 1@3}]",  # one rollout per problem estimates 1@3 only
     "optim.lr=1e-4",
     "optim.warmup_steps=2",
     "run.tensorboard=true",
@@ -172,3 +175,16 @@ def describe_processes(processes: Iterable[psutil.Process]) -> str:
         except psutil.Error:
             lines.append(f"pid {p.pid}: (gone)")
     return "\n".join(lines)
+
+
+def trajectory(name: str, correct: bool, turns: int) -> Any:
+    """A judged episode of `turns` turns without a model, for the evaluation's arithmetic: only
+    the last turn passes the public tests, when the answer is correct (the episode stops
+    there)."""
+    from rlef_hpc.data.trajectory import Trajectory, Turn
+
+    made = [
+        Turn(0, 1, 2, [0.0], f"t{t}", f"print({t})", True, passed_public=correct and t == turns)
+        for t in range(1, turns + 1)
+    ]
+    return Trajectory(name, "python", [0, 1, 2], made, success=correct)

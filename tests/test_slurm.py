@@ -129,12 +129,16 @@ def test_submit_colocated_requeued_midway_resumes_and_finishes_the_same(slurm, t
     # (the warm-up pre-step + 2 minibatches an iteration).
     assert train_iterations(run) == [1, 2, 3, 4, 5, 6]
     assert scheduler_steps(run) == 1 + 2 * 6
-    # The evaluation job ran after training, on the exported last checkpoint.
+    # The trainer evaluated the initial policy and the last checkpoint (colocated: its own
+    # engine); the evaluation job after it found nothing left to evaluate.
     assert wait_done(jobs["eval"]) == "COMPLETED"
-    report = json.loads((run / "eval" / "job_iter_0000006" / "report.json").read_text())
-    assert report["rows"][0]["name"] == "1@3" and report["rows"][0]["problems"] == 4
+    results = [json.loads(x) for x in (run / "eval" / "results.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in results] == [0, 6]
+    assert results[-1]["sets"]["valid"]["metrics"]["1@3"]["problems"] == 4
+    assert (run / "best" / "selected.json").exists()
     status = run_tool("submit.py", "status", run)
     assert status.returncode == 0 and "| train | " in status.stdout and "COMPLETED" in status.stdout
+    assert "best checkpoint on valid 1@3" in status.stdout
 
 
 @pytest.mark.slurm
@@ -181,6 +185,35 @@ def test_submit_disaggregated_on_two_nodes_survives_requeues_without_losing_a_sh
     for worker in jobs["rollout"]:  # each worker ran again
         log = next((run / "slurm" / worker).glob("*_0_log.out")).read_text()
         assert log.count("Starting with JobEnvironment") == 2, worker
+
+
+@pytest.mark.slurm
+def test_disaggregated_run_is_evaluated_every_eval_every_while_it_trains(slurm, tmp_path):
+    """Issue 19's acceptance: the evaluation job follows the checkpoints while training goes on;
+    requeued midway, it neither repeats nor skips an evaluation; the best is exported."""
+    run = tmp_path / "run"
+    jobs = submit(f"run.dir={run}", "run.iterations=20", "run.eval_every=5", "run.keep_last=1",
+                  "--layout", "disaggregated")  # fmt: skip
+    results = run / "eval" / "results.jsonl"
+    deadline = time.monotonic() + 600
+    while not results.exists() or '"iteration": 5,' not in results.read_text():
+        assert time.monotonic() < deadline, "no evaluation of iteration 5"
+        time.sleep(1)
+    trained = train_iterations(run)
+    assert sh("scontrol", "requeue", jobs["eval"]).returncode == 0
+    for job in (jobs["train"], *jobs["rollout"], jobs["eval"]):
+        assert wait_done(job, timeout=1200) == "COMPLETED", job
+    assert len(trained) < 20, "training had finished before the first periodic evaluation"
+    records = [json.loads(x) for x in results.read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [0, 5, 10, 15, 20]
+    best = json.loads((run / "eval" / "best.json").read_text())
+    assert (
+        json.loads((run / "best" / "selected.json").read_text())["iteration"] == best["iteration"]
+    )
+    assert "test" in best["sets"] and (run / "eval" / "curve.png").exists()
+    log = "".join(p.read_text() for p in (run / "slurm" / jobs["eval"]).glob("*_log.out"))
+    for it in (0, 5, 10, 15, 20):
+        assert log.count(f"evaluated iteration {it}:") == 1, it
 
 
 @pytest.mark.slurm

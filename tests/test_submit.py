@@ -46,12 +46,36 @@ def test_dry_run_without_slurm_prints_the_plan_and_every_jobs_script(tmp_path, n
     assert "| **total** |" in out and "\nfits\n" in out
     assert out.count("#!/bin/bash") == 3 and out.count("submitit.core._submit") == 3
     assert "#SBATCH --nodes=128" in out and "#SBATCH --array=0-31%32" in out
-    assert "#SBATCH --dependency=afterok:TRAIN_JOB_ID" in out
+    # Evaluated every run.eval_every iterations while training goes on: no afterok.
+    assert "--dependency" not in out
+    assert "# ==== eval: evaluation (alongside the trainer, following its checkpoints)" in out
     last = out.rstrip().splitlines()[-1]
     assert last.startswith("not checked: sbatch --test-only") and "no Slurm here" in last, last
     # Paths it cannot see from here are warnings, not refusals; nothing is written.
     assert "submit: warning: run.dir=" in proc.stderr
     assert not run.parent.exists()
+
+
+def test_the_eval_job_waits_for_training_unless_it_follows_checkpoints(tmp_path, no_slurm):
+    config = (
+        CONFIGS / "demo_cpu.yaml",
+        f"run.dir={tmp_path / 'run'}",
+        "--dry-run",
+        "--job",
+        "eval",
+    )
+    colocated = run_tool("submit.py", *config, env=no_slurm)
+    assert "#SBATCH --dependency=afterok:TRAIN_JOB_ID" in colocated.stdout, colocated.stderr
+    # Disaggregated without run.eval_every: the initial policy and the last checkpoint only,
+    # after training.
+    after = run_tool("submit.py", *config, "--layout", "disaggregated", env=no_slurm)
+    assert "#SBATCH --dependency=afterok:TRAIN_JOB_ID" in after.stdout, after.stderr
+    follow = run_tool("submit.py", *config, "--layout", "disaggregated", "run.eval_every=2",
+                      "eval.transfer=[/nonexistent/mbpp_plus.jsonl]", env=no_slurm)  # fmt: skip
+    assert follow.returncode == 0 and "--dependency" not in follow.stdout, follow.stderr
+    assert "submit: warning: eval.transfer: /nonexistent/mbpp_plus.jsonl: no such file" in (
+        follow.stderr
+    )
 
 
 def test_dry_run_of_one_job_is_its_script_alone(tmp_path, no_slurm):
@@ -114,6 +138,28 @@ def test_status_and_cancel_without_slurm_end_in_one_line(tmp_path, no_slurm):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("job states unknown: Slurm is not installed here")
     assert "| train | 12 | ? |" in proc.stdout and "checkpoint: none yet" in proc.stdout
+
+
+def test_status_shows_the_learning_curve_and_the_best_checkpoint(tmp_path, no_slurm):
+    from rlef_hpc.eval.protocol import append_result
+
+    run = tmp_path / "run"
+    (run / "slurm").mkdir(parents=True)
+    (run / "slurm" / "jobs.json").write_text(json.dumps([{"train": "12", "eval": "13"}]))
+    proc = run_tool("submit.py", "status", run, env=no_slurm)
+    assert "evaluations: none yet" in proc.stdout, proc.stderr
+    for iteration, valid in ((0, 0.25), (200, 0.5), (400, 0.375)):
+        row = {"mean": valid, "low": 0.0, "high": 1.0, "problems": 8}
+        test = {**row, "mean": valid / 2}
+        sets = {"valid": {"metrics": {"1@3": row}}, "test": {"metrics": {"1@3": test}}}
+        append_result(run, {"iteration": iteration, "checkpoint": f"c{iteration}", "sets": sets})
+    proc = run_tool("submit.py", "status", run, env=no_slurm)
+    assert proc.returncode == 0, proc.stderr
+    assert "| iteration | valid 1@3 | test 1@3 |" in proc.stdout
+    assert "| 200 (best) | 50.0% [0.0, 100.0] | 25.0% [0.0, 100.0] |" in proc.stdout
+    assert "best checkpoint on valid 1@3: iteration 200 (valid 1@3 50.0%; test 1@3 25.0%)" in (
+        proc.stdout
+    )
 
 
 def test_submit_refuses_job_without_dry_run(tmp_path, no_slurm):

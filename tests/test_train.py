@@ -166,9 +166,19 @@ def test_every_run_is_evaluated_with_three_turns_of_real_feedback(tmp_path):
                       "episodes.feedback=random")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert train_records(run)[1]["turns_mean"] == 1
-    for tag in ("before", "after"):
-        report = json.loads((run / "eval" / f"{tag}.json").read_text())
-        assert len(report["solved_by_turn"]) == 3
+    # The protocol's table: the initial policy and the last checkpoint, on valid and test.
+    results = [json.loads(x) for x in (run / "eval" / "results.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in results] == [0, 1]
+    for r in results:
+        assert set(r["sets"]) == {"valid", "test"}
+        for s in r["sets"].values():
+            assert [len(x["solved_by_turn"]) for x in s["samplings"]] == [3]
+    assert (run / "eval" / "curve.png").exists() and (run / "eval" / "curve.md").exists()
+    # The checkpoint selected on valid is exported, and named there.
+    chosen = json.loads((run / "eval" / "best.json").read_text())
+    selected = json.loads((run / "best" / "selected.json").read_text())
+    assert selected["iteration"] == chosen["iteration"] in (0, 1)
+    assert (run / "best" / "config.json").exists()
 
 
 def test_a_run_starts_from_a_hugging_face_model(tmp_path):

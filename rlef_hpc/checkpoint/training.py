@@ -36,7 +36,7 @@ import json
 import math
 import shutil
 import signal
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,7 @@ def start_writer_helpers(ignoring: tuple[signal.Signals, ...]) -> None:
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
-def _name(iteration: int) -> str:
+def checkpoint_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
@@ -357,8 +357,10 @@ def save(
     model_config: dict[str, Any] | None = None,
     async_queue: Any = None,
     files: Sequence[Path] = (),
+    protect: Collection[int] = (),
 ) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint's directory. With
+    """Collective: every rank calls it. Returns the checkpoint's directory. Retention keeps
+    the newest `keep_last` checkpoints and those of the iterations in `protect`. With
     `model_config` (ModelConfig fields and "dtype"), tools/convert_to_hf.py can export it;
     `files` (e.g. the tokenizer's) are copied in beside it.
 
@@ -374,7 +376,10 @@ def save(
     if async_queue is not None:
         async_queue.maybe_finalize_async_calls(blocking=True)
     run_dir = Path(run_dir)
-    final, tmp = run_dir / _name(iteration), run_dir / f".tmp-{_name(iteration)}"
+    final, tmp = (
+        run_dir / checkpoint_name(iteration),
+        run_dir / f".tmp-{checkpoint_name(iteration)}",
+    )
     rank = dist.get_rank()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -385,7 +390,8 @@ def save(
 
     def commit() -> None:
         if rank == 0:
-            atomic.commit(tmp, final, iteration, "iter_*", keep_last)
+            keep = {checkpoint_name(i) for i in protect}
+            atomic.commit(tmp, final, iteration, "iter_*", keep_last, keep)
         dist.barrier()
 
     requests = []
@@ -428,11 +434,20 @@ def save(
     return final
 
 
+def committed(run_dir: str | Path) -> dict[int, Path]:
+    """The complete checkpoints of a run by iteration (a save in progress is not one yet)."""
+    found = {}
+    for path in Path(run_dir).glob("iter_*"):
+        if (path / STATE).exists() and path.name[len("iter_") :].isdigit():
+            found[int(path.name[len("iter_") :])] = path
+    return dict(sorted(found.items()))
+
+
 def latest(run_dir: str | Path) -> Path | None:
     pointer = Path(run_dir) / LATEST
     if not pointer.exists():
         return None
-    path = Path(run_dir) / _name(int(pointer.read_text().strip()))
+    path = Path(run_dir) / checkpoint_name(int(pointer.read_text().strip()))
     if not (path / STATE).exists():
         raise CheckpointError(
             f"{pointer} points to {path.name}, which is not a complete checkpoint"

@@ -10,8 +10,11 @@ Layouts (rollout.layout):
 - disaggregated: a trainer job (any TP x PP x DP) and a job array of rollout.workers rollout
   workers, started together; they meet in the run directory (published weights, trajectory
   shards; see rlef_hpc.rollout.shards), so either side can be requeued on its own.
-An evaluation job follows training (afterok) unless slurm.eval_after=false. Job ids are kept
-in RUN_DIR/slurm/jobs.json for `status` and `cancel`; logs in RUN_DIR/slurm/.
+An evaluation job (unless slurm.eval_after=false) runs the evaluation protocol on the run's
+checkpoints: after training (afterok), or, in the disaggregated layout with run.eval_every,
+alongside it, evaluating each due checkpoint as it is saved. Job ids are kept in
+RUN_DIR/slurm/jobs.json for `status` (the jobs, the learning curve, the best checkpoint) and
+`cancel`; logs in RUN_DIR/slurm/.
 
 Before anything is submitted: the config is validated, the memory plan must fit
 (tools/plan.py), the run directory's parent must exist, and Slurm must answer.
@@ -70,10 +73,13 @@ def preflight(cfg: JobConfig) -> list[str]:
         )
     if cfg.model.init == "hf" and not Path(cfg.model.hf_dir or "").is_dir():
         problems.append(f"model.hf_dir={cfg.model.hf_dir}: no such directory")
-    for key in ("train_path", "valid_path"):
+    for key in ("train_path", "valid_path", "test_path"):
         path = getattr(cfg.data, key)
         if cfg.data.source == "codecontests" and path and not Path(path).exists():
             problems.append(f"data.{key}={path}: no such file or directory")
+    for path in cfg.eval.transfer:
+        if not Path(path).is_file():
+            problems.append(f"eval.transfer: {path}: no such file")
     return problems
 
 
@@ -162,11 +168,18 @@ def sbatch_scripts(cfg: JobConfig) -> dict[str, str]:
     for job, submitter in submitters(cfg, dry_run=True).items():
         if job == "rollout":
             submitter.parameters["map_count"] = cfg.rollout.workers
-        if job == "eval":
+        if job == "eval" and not follows_training(cfg):
             submitter.update_parameters(dependency="afterok:TRAIN_JOB_ID")
         command = submitter._submitit_command_str
         scripts[job] = submitter._make_submission_file_text(command, "dry-run")
     return scripts
+
+
+def follows_training(cfg: JobConfig) -> bool:
+    """Whether the evaluation job runs alongside the trainer, evaluating checkpoints as they
+    come (the disaggregated layout with run.eval_every: the trainer has no engine to evaluate
+    with), rather than after it (afterok)."""
+    return cfg.rollout.layout == "disaggregated" and cfg.run.eval_every > 0
 
 
 def sbatch_script(cfg: JobConfig, job: str = "train") -> str:
@@ -181,6 +194,7 @@ _JOB_TITLES = {
     "train": "trainer",
     "rollout": "rollout workers (a job array, one task each)",
     "eval": "evaluation (after the trainer: afterok)",
+    "eval-follow": "evaluation (alongside the trainer, following its checkpoints)",
 }
 
 
@@ -205,7 +219,8 @@ def dry_run(cfg: JobConfig) -> str:
     parts = [f"# ==== memory plan (tools/plan.py)\n{memory}"]
     scripts = sbatch_scripts(cfg)
     for job, script in scripts.items():
-        parts.append(f"# ==== {job}: {_JOB_TITLES[job]}: sbatch script\n{script.rstrip()}")
+        title = _JOB_TITLES["eval-follow" if job == "eval" and follows_training(cfg) else job]
+        parts.append(f"# ==== {job}: {title}: sbatch script\n{script.rstrip()}")
     if "rollout" not in scripts:
         parts.append("# ==== rollout: none (colocated: each trainer rank has its own engine)")
     return "\n\n".join([*parts, not_checked()])
@@ -226,8 +241,10 @@ def submit(cfg: JobConfig) -> dict[str, Any]:
         )
         jobs["rollout"] = [w.job_id for w in workers]
     if "eval" in by_job:
-        by_job["eval"].update_parameters(dependency=f"afterok:{train.job_id}")
-        jobs["eval"] = by_job["eval"].submit(EvalJob(config)).job_id
+        follow = follows_training(cfg)
+        if not follow:
+            by_job["eval"].update_parameters(dependency=f"afterok:{train.job_id}")
+        jobs["eval"] = by_job["eval"].submit(EvalJob(config, follow=follow)).job_id
     record(Path(cfg.run.dir), jobs)
     return jobs
 
@@ -259,8 +276,10 @@ def _ids(jobs: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def status(run_dir: Path) -> str:
-    """The run's jobs and their states, its newest checkpoint and iteration, its shards."""
+    """The run's jobs and their states, its newest checkpoint and iteration, its shards, the
+    learning curve so far and the best checkpoint on valid."""
     from rlef_hpc.checkpoint import training
+    from rlef_hpc.eval import protocol
     from rlef_hpc.rollout.shards import ShardStore
 
     jobs = [j for submission in recorded(run_dir) for j in _ids(submission)]
@@ -277,6 +296,14 @@ def status(run_dir: Path) -> str:
     if store.root.exists():
         counts = store.audit()
         lines.append("trajectory shards: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    records = protocol.read_results(run_dir)
+    if records:
+        select = (protocol.read_best(run_dir) or {}).get("metric", "1@3")
+        lines += ["", protocol.curve_table(records, select), protocol.summary(records, select)]
+        if (run_dir / "best" / "selected.json").exists():
+            lines.append(f"exported: {run_dir / 'best'}")
+    else:
+        lines.append("evaluations: none yet")
     return "\n".join(lines)
 
 

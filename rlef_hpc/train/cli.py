@@ -56,6 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     # a process that must not start writes nothing, not even its log directory.
     dist_env.require_gpus_where_asked()
     dist_env.require_tensor_groups_within_nodes(cfg.parallel.tensor)
+    for file in cfg.eval.transfer:  # read only after the warm start: say it before anything
+        if not Path(file).is_file():
+            p.exit(2, f"{p.prog}: error: eval.transfer: {file}: no such file\n")
+    if cfg.data.source == "synthetic":  # drawn in a blink: too few is said before anything
+        from rlef_hpc.train.problems import load_test_problems
+
+        try:
+            load_test_problems(cfg)
+        except ValueError as e:
+            p.exit(2, f"{p.prog}: error: {e}\n")
     logs.setup(Path(cfg.run.dir) / "logs", logs.process_name("train"), args.verbose)
     from rlef_hpc.train.loop import train
 

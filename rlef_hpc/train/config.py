@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from rlef_hpc.episodes.runner import EpisodeConfig
+from rlef_hpc.eval.protocol import MetricSpec, min_rollouts
 from rlef_hpc.models.config import ModelConfig, ParallelConfig, PrecisionConfig, validate_layout
 from rlef_hpc.rl.optim import OptimConfig
 from rlef_hpc.rl.ppo import PPOConfig
@@ -77,11 +78,15 @@ class DataConfig:
 
     source: Literal["synthetic", "codecontests"] = "synthetic"
     train_path: str | None = None  # codecontests: JSONL or parquet of the train split
-    valid_path: str | None = None  # codecontests: the valid split (evaluation)
+    valid_path: str | None = None  # codecontests: the valid split (selection)
+    test_path: str | None = None  # codecontests: the test split (the reported numbers)
     train_problems: int = 160  # synthetic: instances drawn from the train split
     # synthetic: "feedback" adds problems only the feedback can solve (the ablations' bench)
     curriculum: Literal["basic", "feedback"] = "basic"
-    eval_problems: int = 40  # problems evaluated (synthetic: from the held-out split)
+    eval_problems: int = 20  # valid problems (synthetic: from the held-out split)
+    # Test problems: synthetic, the held-out instances after the valid ones; codecontests, the
+    # first this many of test_path, 0 for all of them (the paper configs).
+    test_problems: int = 21  # the demo's: with its 20 valid, all 41 held-out (basic)
 
 
 @dataclass(frozen=True)
@@ -115,14 +120,25 @@ class WarmStartConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """1@3 on the evaluation problems: one 3-turn rollout per sample, low temperature."""
+    """The evaluation protocol (rlef_hpc.eval.protocol): on every evaluation set (data.valid,
+    data.test, the `transfer` files), each metric from rollouts sampled as it says, one set of
+    `rollouts_per_problem` rollouts per distinct sampling; the checkpoint with the best
+    `select_metric` on valid is the run's result. The paper's: 1@3 at temperature 0.2, 10@100
+    at 1.0 and top-p 0.95, 200 rollouts per problem, selection by 1@3."""
 
     rollouts_per_problem: int = 4
     # Turns of an evaluation episode, always with the real feedback, however training runs its
     # episodes (episodes.max_turns, episodes.feedback): every run is measured the same way.
     max_turns: int = 3
-    temperature: float = 0.2
-    top_p: float = 0.95
+    # The demo's: 4 rollouts buy 10@12 as the stand-in for 10@100 (which needs 33).
+    metrics: tuple[MetricSpec, ...] = (
+        MetricSpec("1@3", 0.2, 0.95),
+        MetricSpec("10@12", 1.0, 0.95),
+    )
+    select_metric: str = "1@3"  # one of `metrics`: the checkpoint kept and exported to best/
+    # HumanEval+/MBPP+-style function problems (JSON lines with an entry_point), each an
+    # evaluation set named after its file: the transfer the paper reports.
+    transfer: tuple[str, ...] = ()
     # The evaluation job's feedback modes (eval.feedback=[real,random,none]): the same episodes
     # once per mode, a report each. The trainer's own evaluations use the real feedback only.
     feedback: tuple[Literal["real", "random", "none"], ...] = ("real",)
@@ -225,6 +241,7 @@ class TrainConfig:
             raise ValueError(f"eval.max_turns must be at least 1, got {self.eval.max_turns}")
         if not self.eval.feedback or len(set(self.eval.feedback)) != len(self.eval.feedback):
             raise ValueError(f"eval.feedback must name distinct modes, got {self.eval.feedback}")
+        self._validate_eval()
         if self.warmstart.steps and p.pipeline > 1:
             raise ValueError(
                 f"warmstart.steps={self.warmstart.steps} with parallel.pipeline={p.pipeline}: "
@@ -238,3 +255,30 @@ class TrainConfig:
         for key in ("iterations", "checkpoint_every", "keep_last"):
             if getattr(self.run, key) < (0 if key == "iterations" else 1):
                 raise ValueError(f"run.{key} must be positive, got {getattr(self.run, key)}")
+
+    def _validate_eval(self) -> None:
+        e, run = self.eval, self.run
+        names = [m.name for m in e.metrics]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"eval.metrics must name distinct metrics, got {names}")
+        if e.select_metric not in names:
+            raise ValueError(
+                f"eval.select_metric={e.select_metric} is not one of eval.metrics {names}"
+            )
+        needed = min_rollouts(e.metrics, e.max_turns)
+        if e.rollouts_per_problem < needed:
+            raise ValueError(
+                f"eval.rollouts_per_problem={e.rollouts_per_problem} cannot estimate "
+                f"eval.metrics {names}: they need {needed} rollouts per problem at "
+                f"eval.max_turns={e.max_turns}"
+            )
+        # A due evaluation needs its checkpoint: the evaluation worker reads it, retention keeps
+        # it, and the selected one is exported from it.
+        if run.eval_every and run.eval_every % run.checkpoint_every:
+            raise ValueError(
+                f"run.eval_every={run.eval_every} must be a multiple of "
+                f"run.checkpoint_every={run.checkpoint_every}: each evaluated iteration needs "
+                "its checkpoint"
+            )
+        if self.data.test_problems < 0:
+            raise ValueError(f"data.test_problems must be >= 0, got {self.data.test_problems}")

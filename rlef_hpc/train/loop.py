@@ -9,15 +9,17 @@ checkpoint is resumed from it. Runs as one process or under torchrun/srun.
     run_dir/
       config.yaml       the resolved config          metrics.jsonl   one record per iteration
       init/             the initial policy (HF) and tokenizer: the engine's start, the KL reference
-      iter_0000004/     training checkpoints, `latest`          tensorboard/   plots/   eval/
-      problems/eval.jsonl   the evaluation problems (CodeContests schema), for eval jobs
+      iter_0000004/     training checkpoints, `latest`          tensorboard/   plots/
+      eval/             results.jsonl (one record per evaluated checkpoint), curve.md/png,
+                        best.json (rlef_hpc.eval.protocol)      best/   the selected model (HF)
+      problems/eval.jsonl, test.jsonl   valid and test problems (CodeContests schema), for
+                        the evaluation job
       weights/  trajectories/   disaggregated: published policy versions, trajectory shards
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from rlef_hpc.checkpoint import training
 from rlef_hpc.checkpoint.hf_dir import TOKENIZER_FILES, build_from_hf, read_model_config
 from rlef_hpc.config import to_dict
 from rlef_hpc.dist_env import device, host_group, init_process_groups, mean_over_ranks
-from rlef_hpc.eval.report import EvalReport, evaluate, plot_solve_rate
+from rlef_hpc.eval import protocol
 from rlef_hpc.models.gpt import sequence_multiple
 from rlef_hpc.models.megatron_compat import seed
 from rlef_hpc.rl.ppo import collate
@@ -39,7 +41,7 @@ from rlef_hpc.train.config import TrainConfig
 from rlef_hpc.train.initial_policy import build_initial_policy
 from rlef_hpc.train.metrics import MetricsLog, episode_metrics, plot_training
 from rlef_hpc.train.preemption import STOP_SIGNALS, Preempted, StopFlag
-from rlef_hpc.train.problems import load_problems, write_problems
+from rlef_hpc.train.problems import load_problems, load_test_problems, write_problems
 from rlef_hpc.train.sources import make_source, own_engine
 
 # What rank 0 may do alone while the other ranks wait in a collective, besides waiting for
@@ -76,8 +78,10 @@ class Trainer:
             else None
         )
         self.train_problems, self.eval_problems = load_problems(cfg)
+        test_problems = load_test_problems(cfg)
         if self.rank == 0:
             write_problems(self.eval_problems, self.run_dir / "problems" / "eval.jsonl")
+            write_problems(test_problems, self.run_dir / "problems" / "test.jsonl")
         checkpoint = training.latest(self.run_dir)
         self.init_dir = self.run_dir / "init"
         seed(cfg.run.seed)
@@ -108,6 +112,11 @@ class Trainer:
             self.start = state["iteration"]
             self._print(f"resumed from {checkpoint} (iteration {self.start})")
         self.executor = Executor(workers=cfg.rollout.sandbox_workers)
+        self.eval_sets = {
+            "valid": self.eval_problems,
+            "test": test_problems,
+            **protocol.transfer_sets(cfg.eval.transfer, self.executor),
+        }
         self.source = make_source(
             cfg,
             self.run_dir,
@@ -157,37 +166,51 @@ class Trainer:
 
     # --- evaluation and checkpoints ---------------------------------------------------------
 
-    def evaluate(self, iteration: int, tag: str) -> EvalReport | None:
-        """1@3 on the evaluation problems, always three turns with the real feedback (rank 0
-        gets the report). Without an engine here, evaluation is the eval job's."""
+    def evaluate(self, iteration: int) -> dict[str, Any] | None:
+        """The evaluation protocol (eval.*, rlef_hpc.eval.protocol) on every evaluation set at
+        this iteration's policy, always with the real feedback, appended to eval/results.jsonl
+        (rank 0 returns the record). An iteration already there is not redone. Without an
+        engine here (the disaggregated layout) the evaluation job does it."""
         e = self.cfg.eval
-        if not self.eval_problems or self.source.episodes is None:
+        if not any(self.eval_sets.values()) or self.source.episodes is None:
             return None
-        mine = [
-            p
-            for p in self.eval_problems[self.dp_rank :: self.dp]
-            for _ in range(e.rollouts_per_problem)
-        ]
-        protocol = dataclasses.replace(self.cfg.episodes, max_turns=e.max_turns, feedback="real")
-        trajectories = self.source.episodes(
-            mine, f"eval{iteration}", e.temperature, e.top_p, episodes=protocol
+        if iteration in protocol.evaluated(self.run_dir):
+            return None
+        episodes = dataclasses.replace(self.cfg.episodes, max_turns=e.max_turns, feedback="real")
+
+        def generate(problems: list[Any], temperature: float, top_p: float, key: str) -> Any:
+            mine = self.source.episodes(
+                problems[self.dp_rank :: self.dp], key, temperature, top_p, episodes=episodes
+            )
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, mine, group=host_group())
+            return [t for part in gathered for t in part]
+
+        if self.rank != 0:  # its share of every draw, in the order rank 0 gathers them
+            for draw in protocol.draws(
+                self.eval_sets, e.metrics, e.rollouts_per_problem, iteration
+            ):
+                generate(draw.problems, draw.temperature, draw.top_p, draw.key)
+            return None
+        name = "init" if iteration == 0 else training.checkpoint_name(iteration)
+        record = protocol.evaluate_checkpoint(
+            generate, self.eval_sets, e.metrics, e.rollouts_per_problem, e.max_turns,
+            iteration, name, seed=self.cfg.run.seed,
+        )  # fmt: skip
+        protocol.append_result(self.run_dir, record, e.select_metric)
+        self.log.write("eval", iteration, eval_values(record, e.select_metric))
+        return record
+
+    def _protected(self) -> set[int]:
+        """Checkpoints retention keeps beyond run.keep_last: still to be evaluated (here or by
+        the evaluation job), or the best on valid so far."""
+        if not any(self.eval_sets.values()):
+            return set()
+        r = self.cfg.run
+        checkpoints = training.committed(self.run_dir)
+        return protocol.protected(
+            self.run_dir, checkpoints, r.eval_every, r.iterations, self.cfg.eval.select_metric
         )
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, trajectories, group=host_group())
-        if self.rank != 0:
-            return None
-        everything = [t for part in gathered for t in part]
-        report = evaluate(everything, ("1@3",), e.max_turns, seed=self.cfg.run.seed)
-        out = self.run_dir / "eval"
-        out.mkdir(exist_ok=True)
-        (out / f"{tag}.json").write_text(json.dumps(report.to_json(), indent=2))
-        (out / f"{tag}.md").write_text(report.table() + "\n")
-        plot_solve_rate(everything, out / f"{tag}.png", e.max_turns, title=tag)
-        row = report.rows[0]
-        values = {"1@3": row.mean, "1@3_low": row.low, "1@3_high": row.high}
-        values.update({f"solved_by_turn_{k + 1}": v for k, v in enumerate(report.solved_by_turn)})
-        self.log.write("eval", iteration, values)
-        return report
 
     def save(self, iteration: int, asynchronous: bool) -> None:
         if self.async_queue is not None:
@@ -205,6 +228,7 @@ class Trainer:
             async_queue=self.async_queue if asynchronous else None,
             # The tokenizer beside the weights: the checkpoint exports to a usable HF directory.
             files=[self.init_dir / n for n in TOKENIZER_FILES if (self.init_dir / n).exists()],
+            protect=self._protected() if self.rank == 0 else (),
         )
 
     # --- the run ----------------------------------------------------------------------------
@@ -213,7 +237,10 @@ class Trainer:
         cfg = self.cfg
         iteration = self.start
         with StopFlag(announce=self.rank == 0) as stop_flag:
-            before = self.evaluate(0, "before") if self.start == 0 else None
+            # The initial policy (the curve's first point), or a resumed checkpoint whose due
+            # evaluation a stop signal pre-empted: evaluate() skips what is already recorded.
+            if protocol.is_due(self.start, cfg.run.eval_every, cfg.run.iterations):
+                self.evaluate(self.start)
             for iteration in range(self.start + 1, cfg.run.iterations + 1):
                 metrics = self.iteration(iteration)
                 if self.rank == 0:
@@ -226,14 +253,17 @@ class Trainer:
                 if stop:
                     self._finish()
                     raise Preempted(stop_flag.signum)
-                if cfg.run.eval_every and iteration % cfg.run.eval_every == 0 and not last:
-                    self.evaluate(iteration, f"iter_{iteration:07d}")
-            after = self.evaluate(iteration, "after")
+                if protocol.is_due(iteration, cfg.run.eval_every, cfg.run.iterations):
+                    self.evaluate(iteration)
         self._finish()
         self.source.finish()
-        if self.rank == 0:
-            self._print(summary_table(before, after))
-        return {"iterations": iteration, "before": before, "after": after}
+        records = protocol.read_results(self.run_dir)
+        if self.rank == 0 and records:
+            self._print(summary_table(records, iteration))
+            if self.source.episodes is not None:  # else the evaluation job selects and exports
+                best = protocol.export_best(self.run_dir)
+                self._print(f"{protocol.summary(records, cfg.eval.select_metric)}; HF: {best}")
+        return {"iterations": iteration, "evaluations": records}
 
     def _finish(self) -> None:
         self.source.close()  # nothing generating while the last checkpoint commits
@@ -267,18 +297,31 @@ def brief(m: dict[str, float]) -> str:
     )
 
 
-def summary_table(before: EvalReport | None, after: EvalReport | None) -> str:
-    lines = ["| policy | 1@3 | 95% CI | solved by turn 1 / 2 / 3 |", "|---|---|---|---|"]
-    for name, report in (("before RLEF", before), ("after RLEF", after)):
-        if report is None:
-            continue
-        row = report.rows[0]
-        turns = " / ".join(f"{100 * v:.1f}%" for v in report.solved_by_turn)
-        lines.append(
-            f"| {name} | {100 * row.mean:.1f}% | [{100 * row.low:.1f}, {100 * row.high:.1f}] "
-            f"| {turns} |"
-        )
-    return "\n".join(lines)
+def eval_values(record: dict[str, Any], select: str) -> dict[str, float]:
+    """An evaluation record as metrics.jsonl's numbers: SET/METRIC (and _low, _high) for every
+    set, the valid set's also without the prefix, and solved_by_turn_T of the valid rollouts
+    sampled as the selection metric is (plots/solve_rate.png)."""
+    values = {}
+    for name, result in record["sets"].items():
+        for metric, row in result["metrics"].items():
+            prefixes = (f"{name}/", "") if name == protocol.SELECTION_SET else (f"{name}/",)
+            for key in (f"{prefix}{metric}" for prefix in prefixes):
+                values.update(
+                    {key: row["mean"], f"{key}_low": row["low"], f"{key}_high": row["high"]}
+                )
+    valid = record["sets"].get(protocol.SELECTION_SET)
+    if valid is not None:
+        sampling = next((s for s in valid["samplings"] if select in s["metrics"]), None)
+        for k, v in enumerate(sampling["solved_by_turn"] if sampling else []):
+            values[f"solved_by_turn_{k + 1}"] = v
+    return values
+
+
+def summary_table(records: list[dict[str, Any]], last: int) -> str:
+    """Before and after RLEF, every set and metric (the whole curve: eval/curve.md)."""
+    ends = [r for r in records if r["iteration"] in (0, last)]
+    labels = {0: "before RLEF", last: f"after RLEF ({last})"}
+    return protocol.curve_table(ends, select=None, labels=labels)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

@@ -29,6 +29,29 @@ def load_problems(cfg: TrainConfig) -> tuple[list[Problem], list[Problem]]:
     return train, evaluation
 
 
+def load_test_problems(cfg: TrainConfig) -> list[Problem]:
+    """The test set: reported for the checkpoint selected on valid, never selected on.
+    Synthetic: the held-out instances drawn after the valid ones (the draw is sequential, so
+    the valid set is the same with or without a test set), disjoint from them."""
+    d = cfg.data
+    if d.source == "synthetic":
+        if not d.test_problems:
+            return []
+        drawn = d.eval_problems + d.test_problems
+        try:
+            both = synthetic.generate(drawn, "heldout", cfg.run.seed, d.curriculum)
+        except ValueError as e:
+            raise ValueError(
+                f"data.eval_problems={d.eval_problems} + data.test_problems={d.test_problems}: "
+                f"the {d.curriculum} curriculum has fewer held-out problems ({e})"
+            ) from None
+        return both[d.eval_problems :]
+    if not d.test_path:
+        return []
+    test = load_codecontests(d.test_path)
+    return test[: d.test_problems] if d.test_problems else test
+
+
 def write_problems(problems: list[Problem], path: Path) -> None:
     """Problems as CodeContests JSON lines (what rlef-eval and eval jobs read)."""
     path.parent.mkdir(parents=True, exist_ok=True)

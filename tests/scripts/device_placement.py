@@ -16,8 +16,10 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -225,7 +227,8 @@ def loop_reductions() -> None:
     # Rank 1's view of evaluate: it hands its trajectories to rank 0 and returns.
     evaluating = SimpleNamespace(
         cfg=SimpleNamespace(eval=EvalConfig(rollouts_per_problem=1), episodes=EpisodeConfig()),
-        eval_problems=["p"],
+        eval_sets={"valid": ["p"]},
+        run_dir=Path(tempfile.mkdtemp()),
         source=SimpleNamespace(episodes=lambda mine, *args, **kwargs: mine),
         dp_rank=0,
         dp=1,
@@ -233,7 +236,7 @@ def loop_reductions() -> None:
     )
     with strict_devices(torch.device("cpu")):
         trajectories, _ = source.batch(1)
-        report = Trainer.evaluate(evaluating, 1, "tag")
+        report = Trainer.evaluate(evaluating, 1)
     assert trajectories == ["t0", "t1"] and report is None
 
 
