@@ -5,9 +5,9 @@ trainer, read back by each worker). Each worker is a vLLM engine in a process of
     python benchmarks/transport_bench.py [--hidden 2048 --layers 16]   (0.85B parameters)
 
 Seconds: from the trainer's start of the refit until both engines hold the version (their
-load included). The files are timed twice: read back from this host's page cache, which
-only works on one host, and written to storage and read back from it (caches dropped), as
-workers on other nodes read them. Trainer peak: the most resident memory the trainer added
+load included). On one host the workers read the files back from the writer's page cache,
+which workers on other nodes cannot: across nodes the files path is slower than here (the
+planner, tools/plan.py, prices both transports with a cluster's link rates). Trainer peak: the most resident memory the trainer added
 during the refit (VmHWM), beside the bus's bucket (rollout.weights.bucket_mib) and the files'
 shard size.
 """
@@ -68,11 +68,6 @@ def trainer(tmp: Path, rounds: list[str], bucket_mib: int) -> None:
             bus.send(version, lambda: hf_weights(policy, cfg))
         else:
             publish(run, version, policy, cfg)
-            if transport == "files, cold":
-                # Workers on other nodes cannot read the writer's page cache: the files go
-                # to storage and are read back from it (root only; the bench says if not).
-                os.sync()
-                Path("/proc/sys/vm/drop_caches").write_text("1")
         blocked = time.time() - start  # what the training loop waits
         for w in range(WORKERS):
             _wait_for(run / f"ready-{w}", version)
@@ -126,7 +121,7 @@ def main() -> None:
     p.add_argument("--drain", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     # Alternating: every transport sees the same machine state.
-    rounds = ["bus", "files", "files, cold"] * args.repeat
+    rounds = ["bus", "files"] * args.repeat
     if args.role == "trainer":
         return trainer(args.tmp, rounds, args.bucket_mib)
     if args.role == "worker":
@@ -166,7 +161,6 @@ def main() -> None:
     names = {
         "bus": "weight bus (gloo over loopback)",
         "files": "files, read back from this host's page cache (one host only)",
-        "files, cold": "files, written to storage and read back from it (as across nodes)",
     }
     for drain in (True, False):
         results = _rounds(tmp, args, drain)

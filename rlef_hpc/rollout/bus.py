@@ -417,13 +417,22 @@ class BusReceiver:
         )
 
 
+def _engine_rank() -> int:
+    """This process's rank in its vLLM engine (0 for an engine of one process, and where no
+    engine runs: a process that only drains the stream)."""
+    try:
+        from vllm.distributed import parallel_state
+
+        return parallel_state.get_tensor_model_parallel_rank()
+    except (ImportError, AssertionError):
+        return 0
+
+
 def receive(round_: Round) -> Iterator[tuple[str, torch.Tensor]]:
     """Runs in each engine process (through VLLMGenerator.update_weights_from): the version's
     HF-named tensors as they arrive, stage by stage, every tensor whole (vLLM's loader takes
     its own tensor-parallel slice). Raises BusError if the round fails."""
-    from vllm.distributed import get_tensor_model_parallel_rank
-
-    engine_rank = get_tensor_model_parallel_rank()  # 0 for an engine of one process
+    engine_rank = _engine_rank()
     device = torch.device("cpu")
     if round_.backend == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
