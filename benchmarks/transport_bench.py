@@ -7,9 +7,11 @@ trainer, read back by each worker). Each worker is a vLLM engine in a process of
 Seconds: from the trainer's start of the refit until both engines hold the version (their
 load included). On one host the workers read the files back from the writer's page cache,
 which workers on other nodes cannot: across nodes the files path is slower than here (the
-planner, tools/plan.py, prices both transports with a cluster's link rates). Trainer peak: the most resident memory the trainer added
-during the refit (VmHWM), beside the bus's bucket (rollout.weights.bucket_mib) and the files'
-shard size.
+planner, tools/plan.py, prices both transports with a cluster's link rates). Trainer peak:
+the most resident memory the trainer added during the refit (VmHWM), beside the bus's bucket
+(rollout.weights.bucket_mib) and the files' shard size. "Trainer blocked": what the training
+loop waits. A first pass times the transport alone (workers drain the stream), a second one
+the refit into vLLM engines.
 """
 
 from __future__ import annotations
