@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from random_llama import random_llama
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -29,31 +30,13 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=32)
     args = p.parse_args()
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from rlef_hpc.checkpoint.convert import import_hf, load_model_checkpoint
     from rlef_hpc.checkpoint.hf_dir import hf_weights
     from rlef_hpc.dist_env import init_process_groups
-    from rlef_hpc.models.tokenizer import build_tokenizer
     from rlef_hpc.rollout.vllm_engine import SamplingConfig, VLLMGenerator
 
     tmp = Path(tempfile.mkdtemp(prefix="refit-bench-"))
-    tokenizer = build_tokenizer(["def f(x):\n    return x + 1\n"] * 20, vocab_size=512)
-    heads = args.hidden // 64
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=args.hidden,
-        intermediate_size=int(args.hidden * 2.75),
-        num_hidden_layers=args.layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(heads // 4, 1),
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(config).eval()
+    hf, tokenizer = random_llama(args.hidden, args.layers)
     params = sum(t.numel() for t in hf.parameters())
     hf.save_pretrained(tmp / "hf")
     tokenizer.save_pretrained(tmp / "hf")

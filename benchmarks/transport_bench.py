@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from random_llama import random_llama
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 WORKERS = 2
@@ -129,28 +129,10 @@ def main() -> None:
     if args.role == "worker":
         return worker(args.tmp, args.worker, len(rounds), args.drain)
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from rlef_hpc.checkpoint.convert import import_hf
-    from rlef_hpc.models.tokenizer import build_tokenizer
 
     tmp = Path(tempfile.mkdtemp(prefix="transport-bench-"))
-    tokenizer = build_tokenizer(["def f(x):\n    return x + 1\n"] * 20, vocab_size=512)
-    heads = args.hidden // 64
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=args.hidden,
-        intermediate_size=int(args.hidden * 2.75),
-        num_hidden_layers=args.layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(heads // 4, 1),
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(config)
+    hf, tokenizer = random_llama(args.hidden, args.layers)
     params = sum(t.numel() for t in hf.parameters())
     hf.save_pretrained(tmp / "hf")
     tokenizer.save_pretrained(tmp / "hf")

@@ -161,7 +161,7 @@ class _Packer:
 def _unpack(flat: torch.Tensor, layout: list[list[Any]]) -> Iterator[tuple[str, torch.Tensor]]:
     for name, dtype, shape, offset in layout:
         dt = getattr(torch, dtype)
-        n = torch.Size(shape).numel() * torch.empty((), dtype=dt).element_size()
+        n = torch.Size(shape).numel() * dt.itemsize
         yield name, flat[offset : offset + n].view(dt).view(shape)
 
 
