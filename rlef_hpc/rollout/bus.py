@@ -169,8 +169,8 @@ def _unpack(flat: torch.Tensor, layout: list[list[Any]]) -> Iterator[tuple[str, 
 
 
 def _host_address() -> str:
-    """An address the workers' nodes reach this one at (Slurm nodes resolve each other's
-    names; MASTER_ADDR is what the trainer's own ranks already use)."""
+    """An address the workers' nodes reach this one at: its host name (Slurm nodes resolve
+    each other's), or RLEF_BUS_ADDR (say, the address of a particular network interface)."""
     return os.environ.get("RLEF_BUS_ADDR") or socket.gethostname()
 
 
@@ -373,7 +373,9 @@ class BusReceiver:
             return False
         if info["id"] != self.id:
             try:
-                self.store = _store(info["host"], info["port"], min(self.timeout_s, 30.0))
+                # timeout_s bounds every wait on the store, the close of a round joined
+                # included (the trainer may wait join_wait_s for the others first).
+                self.store = _store(info["host"], info["port"], self.timeout_s)
             except Exception:  # noqa: BLE001 - a trainer gone since it wrote the file
                 self.store, self.id = None, None
                 return False
