@@ -42,7 +42,9 @@ def expand_hostlist(hostlist: str) -> list[str]:
 
 
 def rendezvous_port(job_id: str) -> int:
-    return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 20000
+    """The job's torch.distributed port, the same for a requeued job: below Linux's ephemeral
+    range (32768-60999), from which srun and every outgoing connection take theirs."""
+    return 20000 + int(re.sub(r"\D", "", job_id) or 0) % 12000
 
 
 def torch_env_from_slurm(env: Mapping[str, str]) -> dict[str, str]:

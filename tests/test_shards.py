@@ -101,3 +101,5 @@ def test_torch_rendezvous_from_an_srun_task():
     assert torch_env_from_slurm({k: v for k, v in os.environ.items() if "SLURM" not in k}) == {}
     # A requeued job (same id) meets on the same port; another job elsewhere.
     assert rendezvous_port("4242") != rendezvous_port("4243")
+    # Below the kernel's ephemeral ports, which srun (listening) may hold on the first node.
+    assert all(20000 <= rendezvous_port(str(j)) < 32768 for j in range(0, 10**7, 9973))

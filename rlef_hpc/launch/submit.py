@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -232,6 +233,12 @@ def submit(cfg: JobConfig) -> dict[str, Any]:
 
     config = to_dict(cfg)
     by_job = submitters(cfg)
+    # The jobs inherit this environment (sbatch's --export=ALL). A rendezvous address set
+    # here describes this machine, not the job's first node, and a port free here may be
+    # taken there by then (srun itself listens on ephemeral ports): each job derives its own
+    # (rlef_hpc.dist_env.torch_env_from_slurm).
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)
     jobs: dict[str, Any] = {"submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}
     train = by_job["train"].submit(TrainJob(config))
     jobs["train"] = train.job_id
