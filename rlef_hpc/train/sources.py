@@ -6,9 +6,10 @@ what it needs (an engine, a shard store) and the hooks the loop calls around the
   the new weights in memory and is checked against the trainer (on-policy).
 - AsyncColocated: the same engines generate iteration k+1's episodes while the policy trains
   on iteration k's (one version stale, corrected by the truncated importance weights).
-- Disaggregated: no engine here; the policy is published to run_dir/weights after every update
-  and this iteration's trajectory shards are claimed from the rollout workers (see
-  rlef_hpc.train.rollout_worker and rlef_hpc.rollout.shards).
+- Disaggregated: no engine here; after every update the policy goes to the rollout workers
+  over the weight bus (rlef_hpc.rollout.bus), and as files in run_dir/weights where the bus
+  did not reach them all; this iteration's trajectory shards are claimed from the workers
+  (see rlef_hpc.train.rollout_worker and rlef_hpc.rollout.shards).
 """
 
 from __future__ import annotations
