@@ -295,13 +295,14 @@ def test_local_spec_asks_for_rmsnorm(monkeypatch):
     from megatron.core.models import backends
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
+    from rlef_hpc.models.config import PRESETS
     from rlef_hpc.models.gpt import Kernels, layer_spec
 
     class ApexFusedLayerNorm(torch.nn.Module):
         pass
 
     monkeypatch.setattr(backends, "LNImpl", ApexFusedLayerNorm)
-    layer = layer_spec(Kernels()).submodules
+    layer = layer_spec(PRESETS["tiny"], Kernels()).submodules
     assert layer.input_layernorm is WrappedTorchNorm
     assert layer.pre_mlp_layernorm is WrappedTorchNorm
 

@@ -66,4 +66,5 @@ def build_initial_policy(cfg: TrainConfig, problems: list[Problem], out: Path) -
         losses = warm_start(policy, examples, w.steps, w.batch_size, w.lr, cfg.run.seed, rank0)
         if rank0:
             print(f"warm start: loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
-    save_model(policy, model_cfg, cfg.precision.dtype, tokenizer, out)
+    source = Path(spec.hf_dir) if spec.init == "hf" else None  # its config and generation ids
+    save_model(policy, model_cfg, cfg.precision.dtype, tokenizer, out, source)

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from rlef_hpc.checkpoint.hf_dir import hf_weights
+from rlef_hpc.checkpoint.hf_dir import engine_weights
 from rlef_hpc.data.problem import Problem
 from rlef_hpc.data.trajectory import Trajectory
 from rlef_hpc.dist_env import host_group
@@ -181,7 +181,7 @@ class Colocated:
     def load_policy(self) -> float:
         """The policy's weights into the engine, in memory; returns the seconds it took."""
         start = time.perf_counter()
-        self.engine.update_weights(hf_weights(self.policy, self.model_cfg))
+        self.engine.update_weights(engine_weights(self.policy, self.model_cfg))
         return time.perf_counter() - start
 
     def check_refit(self, seconds: float) -> dict[str, float]:
@@ -316,7 +316,7 @@ class Disaggregated:
         shards while they wait for its next version."""
         stats: dict[str, float] = {}
         if self.bus is not None:
-            stats = self.bus.send(iteration, lambda: hf_weights(self.policy, self.model_cfg))
+            stats = self.bus.send(iteration, lambda: engine_weights(self.policy, self.model_cfg))
             if stats["bus_ok"] and iteration % (self.cfg.rollout.max_staleness + 1):
                 return stats
         start = time.perf_counter()
