@@ -55,6 +55,33 @@ class MismatchLimits:
             raise ValueError("mean_limit and quantile_limit must be positive")
 
 
+# The refit probe's limits by precision. The probe runs the engine and the trainer on the same
+# weights and the same tokens: only their kernels' numerics differ, so its limit is set by the
+# precision, not by sampling noise, and a stale or swapped tensor stops the run at the refit
+# that made it. Levels of a correct refit, measured on SmolLM2-135M-Instruct (real weights)
+# on CPU (vLLM's CPU build against megatron's local spec), probe = the first prompts of 2
+# problems; benchmarks/refit_precision.py measures them again:
+#   fp32: mean XXFP32MEAN, max XXFP32MAX -> limits mean 1e-4, max 1e-3
+#   bf16: mean XXBF16MEAN, max XXBF16MAX -> limits mean XX, max XX
+# FP8 (rollout.quantization=fp8, GPUs only) has no CPU measurement: its limits are the
+# per-batch guard's (MismatchLimits' defaults, set on a simulated FP8 engine).
+REFIT_PROBE_LIMITS = {
+    "float32": (1e-4, 1e-3),
+    "bfloat16": (0.05, 0.5),
+    "float16": (0.05, 0.5),  # bf16's: fp16 keeps more mantissa, so at most bf16's differences
+}
+
+
+def refit_probe_limits(dtype: str, quantization: str = "none") -> MismatchLimits:
+    """The refit probe's limits for a trainer and an engine in `dtype` (the engine quantised
+    to FP8 or not): the mean, and the max (quantile 1: the probe is a few hundred tokens of
+    the same weights, where no token may stray past the precision's level)."""
+    if quantization != "none":
+        return MismatchLimits()
+    mean, top = REFIT_PROBE_LIMITS[dtype]
+    return MismatchLimits(mean_limit=mean, quantile=1.0, quantile_limit=top)
+
+
 def mismatch_stats(
     trainer_logp: torch.Tensor,
     engine_logp: torch.Tensor,

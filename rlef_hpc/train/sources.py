@@ -35,7 +35,7 @@ from rlef_hpc.models.gpt import causal_mask, sequence_multiple
 from rlef_hpc.rl.logprobs import next_token_logprobs
 from rlef_hpc.rollout.bus import BusSender
 from rlef_hpc.rollout.publish import latest_version, publish
-from rlef_hpc.rollout.refit import check_batch_mismatch, check_mismatch
+from rlef_hpc.rollout.refit import check_batch_mismatch, check_mismatch, probe_limits
 from rlef_hpc.rollout.shards import ShardStore, load_shards
 from rlef_hpc.rollout.vllm_engine import VLLMGenerator, build_engine
 from rlef_hpc.sandbox import Executor
@@ -198,7 +198,8 @@ class Colocated:
         engine = torch.tensor(self.engine.sequence_logprobs(self.probe.tolist()), device="cpu")
         engine = engine[:, 1:]
         mask = torch.ones_like(trainer, dtype=torch.bool)
-        stats = check_mismatch(trainer, engine, mask, self.cfg.rollout.mismatch)
+        limits = probe_limits(self.cfg.rollout, self.cfg.precision.dtype)
+        stats = check_mismatch(trainer, engine, mask, limits)
         return {
             "refit_seconds": seconds,
             "refit_mismatch_mean": stats["mismatch_mean"],
