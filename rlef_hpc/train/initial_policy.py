@@ -28,7 +28,7 @@ def tokenizer_corpus(problems: list[Problem], episodes: EpisodeConfig) -> list[s
     """What the demo's tokenizer is trained on: the prompts, answers and feedback it will see."""
     texts = []
     for p in problems:
-        texts.append(initial_prompt(episodes.templates, p.description, episodes.language))
+        texts.append(initial_prompt(episodes.templates, p, episodes.language))
         texts += [f"```python\n{s.source}```" for s in p.solutions]
         texts += [f"{t.input} {t.output}" for t in p.public_tests]
     templates = [v for v in dataclasses.asdict(episodes.templates).values() if isinstance(v, str)]

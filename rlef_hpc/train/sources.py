@@ -340,7 +340,7 @@ def probe_sequences(
     sequences = []
     for p in problems:
         conversation = Conversation(tokenizer)
-        conversation.add_user(initial_prompt(episodes.templates, p.description, episodes.language))
+        conversation.add_user(initial_prompt(episodes.templates, p, episodes.language))
         sequences.append(conversation.tokens)
     length = min(len(s) for s in sequences) // multiple * multiple
     if length == 0:
