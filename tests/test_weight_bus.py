@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 
 from rlef_hpc.rollout import bus
-
 from tests.helpers import require, save_random_llama, script, torchrun_command
 
 
