@@ -335,16 +335,17 @@ def probe_sequences(
     tokenizer: Any, problems: list[Problem], episodes: EpisodeConfig, multiple: int = 1
 ) -> torch.Tensor:
     """The refit check's sequences: first prompts of the problems, cut to one length, a
-    `multiple` of tokens (the model's sequence_multiple: FP8 GEMMs take multiples of 16)."""
+    `multiple` of tokens (the model's sequence_multiple, which FP8 with sequence parallelism
+    can make longer than a prompt: then each prompt is repeated up to it, as good a probe,
+    both sides seeing the same tokens)."""
     sequences = []
     for p in problems:
         conversation = Conversation(tokenizer)
         conversation.add_user(initial_prompt(episodes.templates, p.description, episodes.language))
         sequences.append(conversation.tokens)
-    length = min(len(s) for s in sequences) // multiple * multiple
-    if length == 0:
-        raise ValueError(f"the probe's prompts are shorter than {multiple} tokens")
-    return torch.tensor([s[:length] for s in sequences], device="cpu")  # moved where checked
+    length = max(multiple, min(len(s) for s in sequences) // multiple * multiple)
+    sequences = [(s * -(-length // len(s)))[:length] for s in sequences]
+    return torch.tensor(sequences, device="cpu")  # moved where checked
 
 
 def make_source(
