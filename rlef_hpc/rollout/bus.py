@@ -124,9 +124,9 @@ def _environment(**values: str) -> Iterator[None]:
 #   the trainer's own world), whose `runLoop` then dumps, sleeps
 #   TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC and calls `terminateProcess`, whatever mode the failing
 #   group had: per-group error handling (mode 0 or 2) would still lose the trainer 8 minutes
-#   later. Aborting first does not help either: `runLoop` checks each enqueued work's timeout
-#   even after `abort()` set `terminateProcessGroup_`, so a work that outlived its timeout
-#   still raises the signal. Only a group with no watchdog never does.
+#   later. Aborting at once narrows the race but does not close it: the watchdog sees an
+#   NCCL error within 100 ms, and checks each enqueued work's timeout even after `abort()`
+#   set `terminateProcessGroup_`. Only a group with no watchdog never raises the signal.
 # - With blocking wait, `WorkNCCL::wait` polls the work on the caller's thread until it
 #   completes, fails (the communicator's async error) or times out, then on failure aborts
 #   the communicator and rethrows there (`handleException(TearDown)` in the calling thread
