@@ -25,6 +25,7 @@ CHECKS = [
     "plan_memory",
     "hf_stream",
     "warm_start",
+    "bus_rounds",
     "imports",
 ]
 
@@ -65,6 +66,9 @@ def test_cpu_mode_passes_every_check(tmp_path: Path):
     assert checks["throughput"]["numbers"]["tokens_per_s"] > 0
     assert 0 < checks["throughput"]["numbers"]["mfu"] < 1
     assert checks["plan_memory"]["numbers"]["planned_gb"] > 0
+    # The weight bus to a child process: a round, then one whose receiver was killed.
+    assert checks["bus_rounds"]["numbers"]["backend"] == "gloo"
+    assert checks["bus_rounds"]["numbers"]["failed_round_s"] < 30
     assert "| ppo_update | pass |" in proc.stdout
 
 
