@@ -2,7 +2,7 @@
 megatron (build_from_hf: each rank reads its slices) at TP1, TP2 and PP2 in turn, and its
 logits on fixed tokens saved per layout for test_families to compare with transformers'.
 
-    torchrun --nproc-per-node 2 tests/scripts/family_logits.py HF_DIR OUT_DIR
+    torchrun --nproc-per-node 2 tests/scripts/family_logits.py HF_DIR OUT_DIR [LAYOUT ...]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def logits(model, cfg) -> torch.Tensor | None:
 
 def main() -> None:
     hf_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
+    layouts = sys.argv[3:] or list(LAYOUTS)
     dist.init_process_group("gloo")
     from megatron.core import parallel_state as ps
 
@@ -52,8 +53,8 @@ def main() -> None:
     from rlef_hpc.models.megatron_compat import seed
 
     cfg = read_model_config(hf_dir)
-    for name, (tp, pp) in LAYOUTS.items():
-        ps.initialize_model_parallel(tp, pp)
+    for name in layouts:
+        ps.initialize_model_parallel(*LAYOUTS[name])
         seed(0)
         [model] = build_from_hf(hf_dir, cfg, PrecisionConfig("float32"), ("policy",))
         result = logits(model, cfg)
