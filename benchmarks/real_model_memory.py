@@ -12,6 +12,7 @@ in one process (vLLM's CPU KV cache, its weights, its runtime) besides the train
 from __future__ import annotations
 
 import argparse
+import ctypes
 import sys
 from pathlib import Path
 
@@ -65,15 +66,26 @@ def main() -> None:
     seed(0)
     cfg = read_model_config(hf)
     process = psutil.Process()
-    base = process.memory_info().rss
+    libc = ctypes.CDLL("libc.so.6")
+
+    def live() -> int:
+        """Resident bytes after glibc returned what it holds freed (malloc_trim): what is
+        live, not the high-water mark of an earlier step."""
+        libc.malloc_trim(0)
+        return process.memory_info().rss
+
+    base = live()
     policy, reference, value = build_from_hf(
         hf, cfg, PrecisionConfig("float32"), ("policy", "policy", "value")
     )
+    weights = live() - base
     update = PPOUpdate(policy, value, reference, micro_batch_tokens=4096, batching="bucketed")
+    buffers = live() - base - weights  # megatron's DDP buffers (grads), the optimizers
     data = batch(args.episodes, args.tokens, cfg.vocab_size)
-    update.step(data, num_minibatches=1)  # allocates the optimizers' states
-    states = process.memory_info().rss - base
-    with PeakRSS() as peak:
+    with PeakRSS() as first:
+        update.step(data, num_minibatches=1)
+    states = live() - base  # Adam's moments exist from the first step on
+    with PeakRSS() as second:
         update.step(data, num_minibatches=1)
     job = load(
         JobConfig,
@@ -89,13 +101,17 @@ def main() -> None:
     )
     planned = plan(job).trainer
     resident = sum(v for k, v in planned.items() if k not in ("activations", "vLLM (colocated)"))
+    weights_planned = planned["reference policy (frozen)"] * 3
     print(f"SmolLM2-135M-Instruct, fp32, {args.episodes} episodes x {args.tokens} tokens")
     print("| trainer term | measured GB | tools/plan.py GB |\n|---|---|---|")
-    print(f"| states (3 models, 2 optimizers) | {states / GB:.2f} | {resident / GB:.2f} |")
-    print(
-        f"| one update's peak above them | {peak.bytes / GB:.2f} | "
-        f"{planned['activations'] / GB:.2f} |"
-    )
+    print(f"| weights of the 3 models | {weights / GB:.2f} | {weights_planned / GB:.2f} |")
+    print(f"| + DDP grad buffers, optimizers (before a step) | {buffers / GB:.2f} | |")
+    print(f"| states after the first step (live) | {states / GB:.2f} | {resident / GB:.2f} |")
+    for name, peak in (("first", first), ("second", second)):
+        print(
+            f"| {name} update's peak above its start | {peak.bytes / GB:.2f} | "
+            f"{planned['activations'] / GB:.2f} |"
+        )
 
 
 if __name__ == "__main__":

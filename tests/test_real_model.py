@@ -49,6 +49,14 @@ def test_the_export_generates_exactly_as_the_source(real_model, tmp_path):
     ):
         proc = run_tool(tool, *args, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    source, back = (
+        {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+        for d in (real_model, exported)
+    )
+    assert source.keys() == back.keys()
+    assert all(torch.equal(t, back[n]) for n, t in source.items())  # bit for bit
     for name in ("config.json", "generation_config.json", "chat_template.jinja", "tokenizer.json"):
         source, back = (
             json.loads((d / name).read_text()) if name.endswith(".json") else (d / name).read_text()
