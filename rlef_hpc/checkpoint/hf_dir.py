@@ -220,6 +220,8 @@ def hf_config(cfg: ModelConfig, dtype: str, source: dict[str, Any] | None = None
     }
     if cfg.family != "qwen2":  # Qwen2's q/k/v biases are not a setting
         config["attention_bias"] = False
+    elif cfg.kv_channels is None:  # Qwen2's config has no head_dim (hidden / heads)
+        config.pop("head_dim")
     if cfg.family == "llama":
         config["mlp_bias"] = False
     else:
