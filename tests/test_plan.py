@@ -191,3 +191,19 @@ def test_released_shapes_have_their_published_sizes():
     sizes = {"Llama-3.2-1B": 1.24, "Qwen2.5-0.5B": 0.49, "Qwen2.5-7B": 7.62, "Qwen3-0.6B": 0.6}
     for name, size in sizes.items():
         assert abs(billions(name) - size) / size < 0.02, (name, billions(name))
+
+
+def test_fp32_activations_are_twice_bf16s():
+    """The activation formula's bytes are 16-bit activations'; fp32 training holds 4 bytes each
+    (the fp32 logits and the token ids are the same either way)."""
+    overrides = ["update.batching=padded", "update.micro_batch_size=2"]
+
+    def activations(dtype: str) -> float:
+        return plan(load(JobConfig, None, [*overrides, f"precision.dtype={dtype}"])).trainer[
+            "activations"
+        ]
+
+    job = load(JobConfig, None, overrides)
+    seq = job.episodes.max_turns * (job.rollout.max_tokens + 1024)
+    same = seq * 2 * (job.model.tokenizer_vocab * 4 + 8)  # logits (fp32) and token ids
+    assert activations("float32") - same == pytest.approx(2 * (activations("bfloat16") - same))

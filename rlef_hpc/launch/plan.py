@@ -177,12 +177,15 @@ def plan(cfg: JobConfig) -> Plan:
     b = u.micro_batch_size if u.batching == "padded" else max(u.micro_batch_tokens, seq) / seq
     in_flight = p.pipeline  # 1F1B: the first stage holds one micro-batch per stage
     layers = mc.num_layers / p.pipeline * in_flight
-    per_layer = seq * b * h * (10 + 24 / p.tensor)
+    # Korthikanti et al.'s bytes are those of 16-bit activations: fp32 training holds twice
+    # (measured on SmolLM2-135M in fp32: benchmarks/real_model_memory.py)
+    per_layer = seq * b * h * (10 + 24 / p.tensor) * width / 2
     if cfg.precision.recompute == "full":  # each layer's input, and one layer recomputed
         activations = seq * b * h * width * layers + per_layer
     else:
         activations = per_layer * layers
-    activations += seq * b * h * in_flight + 8 * seq * b * in_flight  # embedding and its input
+    # the embedding's output and the token ids
+    activations += seq * b * h * width / 2 * in_flight + 8 * seq * b * in_flight
     if p.pipeline == 1:  # logits (fp32 log-softmax in chunks: count one full-vocab copy)
         activations += seq * b * mc.vocab_size / p.tensor * 4
     trainer = {
