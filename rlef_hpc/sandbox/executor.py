@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import glob
+import hashlib
 import itertools
 import json
 import logging
@@ -124,12 +125,11 @@ def missing_isolation(caps: Mapping[str, Any]) -> list[str]:
     return missing
 
 
-@lru_cache(maxsize=1)
-def host_paths() -> tuple[list[str], list[str], list[str]]:
+@lru_cache(maxsize=8)
+def host_paths(cache_dir: str) -> tuple[list[str], list[str], list[str]]:
     """What the sandbox's trees are built from (isolation.py): the interpreter's standard
     library (and lib-dynload), the shared libraries the interpreter and its extension modules
-    load (by ldd; none if it is missing: then only what is loaded already works in a test),
-    and the Python package directories to hide wherever they fall inside a tree."""
+    load, and the Python package directories to hide wherever they fall inside a tree."""
     stdlib = sysconfig.get_paths()["stdlib"]
     python = [stdlib] + [
         p for p in sys.path if p.endswith("lib-dynload") and not p.startswith(stdlib + "/")
@@ -140,13 +140,6 @@ def host_paths() -> tuple[list[str], list[str], list[str]]:
     objects = [os.path.realpath(sys.executable)]
     for d in dynload:
         objects += sorted(glob.glob(os.path.join(d, "*.so")))
-    try:
-        out = subprocess.run(
-            ["ldd", *objects], capture_output=True, text=True, timeout=120, check=False
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        out = ""
-    libs = sorted({m[1] for m in re.finditer(r"(/\S+) \(0x[0-9a-f]+\)", out)})
     packages = {*sys.path, *site.getsitepackages(), site.getusersitepackages()}
     packages.update(glob.glob("/usr/lib/python3*/*-packages"))
     packages.update(glob.glob("/usr/local/lib/python3*/*-packages"))
@@ -154,7 +147,41 @@ def host_paths() -> tuple[list[str], list[str], list[str]]:
         os.path.realpath(p) for p in packages if p.endswith(("site-packages", "dist-packages"))
     }
     masks.add(str(Path(__file__).resolve().parents[1]))  # rlef_hpc: its data, its problems
-    return python, libs, sorted(masks)
+    return python, _shared_libraries(objects, Path(cache_dir)), sorted(masks)
+
+
+def _shared_libraries(objects: list[str], cache_dir: Path) -> list[str]:
+    """The shared libraries `objects` load, by ldd (none if it is missing: then a test can use
+    only what the interpreter has loaded already). ldd runs the loader once per object (2 s for
+    an interpreter's extension modules), so the answer is kept in the cache, keyed by the
+    objects' and the loader cache's identity."""
+    stamp = []
+    for path in [*objects, "/etc/ld.so.cache"]:
+        try:
+            st = os.stat(path)
+            stamp.append((path, st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            stamp.append((path, 0, 0, 0))
+    key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
+    kept = cache_dir / f"shared-libraries-{key}.json"
+    try:
+        return json.loads(kept.read_text())
+    except (OSError, ValueError):
+        pass
+    try:
+        out = subprocess.run(
+            ["ldd", *objects], capture_output=True, text=True, timeout=300, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    libs = sorted({m[1] for m in re.finditer(r"(/\S+) \(0x[0-9a-f]+\)", out)})
+    try:
+        tmp = kept.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(libs))
+        tmp.rename(kept)
+    except OSError:
+        pass
+    return libs
 
 
 def default_cache_dir() -> Path:
@@ -457,7 +484,7 @@ class Executor:
         # with a minimal root: its tmpfs lived in its own mount namespace) reach nobody.
         scratch = os.path.join(self._root, f"w{i}.{next(self._starts)}")
         os.makedirs(scratch)
-        python, libs, masks = host_paths()
+        python, libs, masks = host_paths(self._cache_dir)
         config = ServerConfig(
             cache_dir=self._cache_dir,
             scratch=scratch,
