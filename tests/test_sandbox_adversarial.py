@@ -376,6 +376,7 @@ def test_the_worker_survives(remote: Remote, name: str) -> None:
         ("py_float_for_integer.py", "1000000000001\n"),
         ("py_many_tokens.py", "1\n"),
     ],
+    ids=["huge_integer", "float_for_integer", "many_tokens"],
 )
 def test_the_judge_cannot_be_fooled(remote: Remote, name: str, expected: str) -> None:
     attack(remote, name, [("", expected)], output_bytes=32 << 20)
