@@ -435,7 +435,7 @@ int clear_capabilities() {
 }
 
 // The steps of enter_sandbox, in order: a failure reports (step << 16) | errno, and
-// SETUP_STEPS (runner.py) names them.
+// _executor.SETUP_STEPS names them (kStepNames, in the same order).
 enum Step {
   kSetsid = 1,
   kStdio,
@@ -453,6 +453,12 @@ enum Step {
   kSelfFilter,
   kExec,
 };
+
+const char* const kStepNames[] = {
+    "?",      "setsid",       "stdio",    "user namespace", "chroot", "chdir",
+    "no_new_privs", "landlock", "bounding set", "setgroups", "setgid", "setuid",
+    "capset", "seccomp",      "seccomp (self filter)", "exec"};
+static_assert(sizeof kStepNames / sizeof kStepNames[0] == kExec + 1, "a name per step");
 
 int failed(Step step) { return (step << 16) | (errno & 0xffff); }
 
@@ -1164,6 +1170,14 @@ PyMODINIT_FUNC PyInit__executor() {
                                    kRlimitFields[5]);
   if (fields == nullptr || PyModule_AddObject(module, "RLIMIT_FIELDS", fields) != 0) {
     Py_XDECREF(fields);
+    Py_DECREF(module);
+    return nullptr;
+  }
+  PyObject* steps = PyTuple_New(kExec + 1);
+  for (int i = 0; steps != nullptr && i <= kExec; i++)
+    PyTuple_SET_ITEM(steps, i, PyUnicode_FromString(kStepNames[i]));
+  if (steps == nullptr || PyModule_AddObject(module, "SETUP_STEPS", steps) != 0) {
+    Py_XDECREF(steps);
     Py_DECREF(module);
     return nullptr;
   }

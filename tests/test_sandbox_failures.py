@@ -189,3 +189,34 @@ def test_an_episode_the_sandbox_could_not_judge_is_marked_not_punished(
         assert t.turns[0].public_verdicts == ["SANDBOX_ERROR", "SANDBOX_ERROR"]
     metrics = episode_metrics([t], max_turns=3)
     assert metrics["sandbox_error_rate"] == 1.0 and metrics["reward_mean"] == 0.0
+
+
+def test_the_workers_logs_are_the_callers_alone() -> None:
+    """What a worker logs (a test's set-up failure, its tracebacks) is in a 0700 directory:
+    no channel between tests, or to other users."""
+    with Executor(workers=1) as ex:
+        assert os.stat(ex._root).st_mode & 0o777 == 0o700
+        assert list(Path(ex._root).glob("*.log"))
+
+
+def test_a_tmp_that_cannot_be_cleared_ends_the_worker(tmp_path) -> None:
+    """The tests' /tmp is replaced by a fresh tmpfs after a test that left anything; where
+    that fails the server must not serve on (it raises SandboxSetupError, which ends it: see
+    test_a_broken_worker_is_replaced_and_its_job_run_on_a_fresh_one for the replacement)."""
+    import dataclasses
+
+    from rlef_hpc.sandbox.isolation import Sandbox, SandboxSetupError
+    from rlef_hpc.sandbox.runner import Runner
+
+    fields = {f.name: None for f in dataclasses.fields(Sandbox)}
+    (tmp_path / "left").write_text("by a test")
+    sandbox_view = Sandbox(
+        **{
+            **fields,
+            "capabilities": {"minimal_root": True},
+            "workdir": str(tmp_path),  # not a mount point: unmounting it fails
+            "tmp_options": "size=1m",
+        }
+    )
+    with pytest.raises(SandboxSetupError, match="cannot clear the tests' /tmp"):
+        Runner(sandbox_view, None)._clear_tmp()  # type: ignore[arg-type]

@@ -119,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     limits = Limits(time_s=args.time_limit, memory_mb=args.memory_limit)
     try:
-        with Executor(
-            workers=args.workers, unsafe=args.unsafe, allow_missing=allow_missing
-        ) as ex:
+        with Executor(workers=args.workers, unsafe=args.unsafe, allow_missing=allow_missing) as ex:
             results = ex.run(
                 args.lang, source, tests, limits, args.stop_on_first_failure, args.compare
             )

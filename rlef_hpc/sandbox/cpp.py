@@ -20,7 +20,7 @@ import signal
 from collections.abc import Sequence
 
 from rlef_hpc.sandbox import _executor
-from rlef_hpc.sandbox.isolation import TOOLCHAIN, SandboxSetupError
+from rlef_hpc.sandbox.isolation import TOOLCHAIN, SandboxSetupError, setup_failure
 from rlef_hpc.sandbox.rlimits import Rlimits
 
 CXX = "g++"
@@ -76,8 +76,6 @@ def run_compiler(
         everything=True,
     )
     if obs["setup_errno"]:
-        from rlef_hpc.sandbox.runner import setup_failure  # runner imports this module
-
         raise SandboxSetupError(f"the compiler could not enter the sandbox: {setup_failure(obs)}")
     return obs
 

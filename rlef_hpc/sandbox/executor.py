@@ -74,6 +74,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "unprivileged": ("uid_drop", "unmapped_uid"),  # either
     "cpu_pinned": ("cpu_pinned",),
 }
+ALLOW_MISSING_ENV = "RLEF_SANDBOX_ALLOW_MISSING"
 
 # Each executor's workers get uids of their own: RLIMIT_NPROC counts per uid, and a test can
 # signal nothing that runs under another uid.
@@ -299,7 +300,8 @@ class Executor:
     capabilities as an unprivileged uid, with rlimits, Landlock and seccomp (isolation.py,
     csrc/executor.cc). Where the machine cannot give one of the isolations in REQUIRED it
     refuses to start, naming it, unless the caller names it in `allow_missing` (or passes
-    `unsafe=True`: anything may be missing). `allow_subprocesses` lets tests fork (bounded by
+    `unsafe=True`: anything may be missing); a caller that passes none takes the names from
+    $RLEF_SANDBOX_ALLOW_MISSING (comma-separated). `allow_subprocesses` lets tests fork (bounded by
     `Limits.processes`); by default creating a process is a SANDBOX_VIOLATION.
 
         with Executor(workers=2) as ex:
@@ -315,7 +317,7 @@ class Executor:
         *,
         unsafe: bool = False,
         seccomp: bool = True,
-        allow_missing: Iterable[str] = (),
+        allow_missing: Iterable[str] | None = None,
         allow_subprocesses: bool = False,
         cache_dir: str | os.PathLike[str] | None = None,
         keep_bytes: int = 4096,
@@ -325,6 +327,8 @@ class Executor:
     ) -> None:
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        if allow_missing is None:  # the operator's opt-out, for callers that pass none
+            allow_missing = filter(None, os.environ.get(ALLOW_MISSING_ENV, "").split(","))
         allowed = set(allow_missing)
         if unknown := allowed - REQUIRED.keys():
             raise ValueError(
@@ -370,7 +374,8 @@ class Executor:
             raise SandboxUnavailableError(
                 f"refusing to run untrusted code: the sandbox lacks {', '.join(refused)} "
                 f"({why}). Pass allow_missing={refused!r} (CLI: --allow-missing "
-                f"{','.join(refused)}) to run without it, or unsafe=True (--unsafe)."
+                f"{','.join(refused)}; environment: {ALLOW_MISSING_ENV}={','.join(refused)}) "
+                "to run without it, or unsafe=True (--unsafe)."
             )
         self._threads = [
             threading.Thread(target=self._serve, args=(i,), name=f"sandbox-{i}", daemon=True)

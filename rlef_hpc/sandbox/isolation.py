@@ -46,6 +46,15 @@ class SandboxSetupError(RuntimeError):
     is gone, the tests' /tmp could not be cleared): the server must not serve on."""
 
 
+def setup_failure(obs: dict) -> str:
+    """What supervise()'s setup_errno says: the step that failed, and why."""
+    code = obs["setup_errno"]
+    step, err = code >> 16, code & 0xFFFF
+    steps = _executor.SETUP_STEPS  # csrc/executor.cc: enum Step, by name
+    name = steps[step] if 0 < step < len(steps) else "?"
+    return f"{name}: {os.strerror(err)}"
+
+
 @dataclass(frozen=True)
 class Sandbox:
     """What the set-up achieved, and where things are as the server sees them."""

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from rlef_hpc.sandbox import _executor, child
 from rlef_hpc.sandbox.cpp import CompileError, remove_contents
-from rlef_hpc.sandbox.isolation import Sandbox, SandboxSetupError
+from rlef_hpc.sandbox.isolation import Sandbox, SandboxSetupError, setup_failure
 from rlef_hpc.sandbox.programs import Programs
 from rlef_hpc.sandbox.protocol import RESULT, Report, RunRequest
 from rlef_hpc.sandbox.rlimits import BASELINE, Rlimits, rlimits_for
@@ -17,25 +17,6 @@ from rlef_hpc.sandbox.verdicts import verdict_of
 
 STDERR_CAPTURE = 1 << 20
 STDERR_KEPT = 4096
-# csrc/executor.cc (enum Step): what a test's process was doing when its set-up failed.
-SETUP_STEPS = (
-    "?",
-    "setsid",
-    "stdio",
-    "user namespace",
-    "chroot",
-    "chdir",
-    "no_new_privs",
-    "landlock",
-    "bounding set",
-    "setgroups",
-    "setgid",
-    "setuid",
-    "capset",
-    "seccomp",
-    "seccomp (self filter)",
-    "exec",
-)
 # A C++ test's argv and environment: nothing of the worker's.
 NATIVE_ARGV = ["solution"]
 NATIVE_ENV = ["PATH=/usr/bin:/bin", "LANG=C.UTF-8", "HOME=/tmp"]
@@ -239,14 +220,6 @@ class Runner:
                 remove_contents(workdir)
         except OSError as e:
             raise SandboxSetupError(f"cannot clear the tests' /tmp: {e}") from None
-
-
-def setup_failure(obs: dict) -> str:
-    """What supervise()'s setup_errno says: the step that failed, and why."""
-    code = obs["setup_errno"]
-    step, err = code >> 16, code & 0xFFFF
-    name = SETUP_STEPS[step] if 0 < step < len(SETUP_STEPS) else "?"
-    return f"{name}: {os.strerror(err)}"
 
 
 def _not_run(index: int, verdict: Verdict, stderr: str) -> Report:

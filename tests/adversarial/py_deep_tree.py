@@ -1,11 +1,11 @@
 # class: persist
 # expect: OK
 # output: built
-# A tree 1,500 directories deep in /tmp, with a file at every level: a recursive cleanup
-# (shutil.rmtree) dies of RecursionError on it, and then files survive into later tests.
+# A tree 1,500 directories deep in its working directory (/tmp), a file at every level: a
+# recursive cleanup (shutil.rmtree) dies of RecursionError on it, and then files survive into
+# later tests.
 import os
 
-os.chdir("/tmp")
 for _ in range(1500):
     with open("f", "w") as f:
         f.write("left behind")
