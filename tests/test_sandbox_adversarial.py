@@ -172,12 +172,16 @@ def workdir() -> Iterator[Path]:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.fixture(scope="module", params=MODES)
-def remote(request: pytest.FixtureRequest, workdir: Path) -> Iterator[Remote]:
+def _remote(request: pytest.FixtureRequest, workdir: Path, workers: int) -> Iterator[Remote]:
     _mode_available(request.param)
-    r = Remote(request.param, 1, workdir)
+    r = Remote(request.param, workers, workdir)
     yield r
     r.close()
+
+
+@pytest.fixture(scope="module", params=MODES)
+def remote(request: pytest.FixtureRequest, workdir: Path) -> Iterator[Remote]:
+    yield from _remote(request, workdir, 1)
 
 
 @pytest.fixture(scope="module")
@@ -406,10 +410,7 @@ def test_compile_time_is_bounded_and_its_error_cached(remote: Remote, name: str)
 
 @pytest.fixture(scope="module", params=MODES)
 def remote_pair(request: pytest.FixtureRequest, workdir: Path) -> Iterator[Remote]:
-    _mode_available(request.param)
-    r = Remote(request.param, 2, workdir)
-    yield r
-    r.close()
+    yield from _remote(request, workdir, 2)
 
 
 def test_one_workers_threads_starve_no_other_worker(remote_pair: Remote) -> None:

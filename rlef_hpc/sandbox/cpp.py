@@ -20,7 +20,7 @@ import signal
 from collections.abc import Sequence
 
 from rlef_hpc.sandbox import _executor
-from rlef_hpc.sandbox.isolation import TOOLCHAIN, SandboxSetupError, setup_failure
+from rlef_hpc.sandbox.isolation import TOOLCHAIN, supervise
 from rlef_hpc.sandbox.rlimits import Rlimits
 
 CXX = "g++"
@@ -64,20 +64,14 @@ def run_compiler(
         allow_subprocesses=True,
         compile=True,
     )
-    pid, out_fd, err_fd, status_fd = started
-    obs = _executor.supervise(
-        pid=pid,
-        stdout_fd=out_fd,
-        stderr_fd=err_fd,
-        status_fd=status_fd,
+    return supervise(
+        started,
         wall_limit_s=wall_s,
         stdout_cap=1 << 20,
         stderr_cap=MESSAGE_BYTES,
         everything=True,
+        who="the compiler",
     )
-    if obs["setup_errno"]:
-        raise SandboxSetupError(f"the compiler could not enter the sandbox: {setup_failure(obs)}")
-    return obs
 
 
 def _check(argv: Sequence[str]) -> bytes:

@@ -46,13 +46,35 @@ class SandboxSetupError(RuntimeError):
     is gone, the tests' /tmp could not be cleared): the server must not serve on."""
 
 
-def setup_failure(obs: dict) -> str:
-    """What supervise()'s setup_errno says: the step that failed, and why."""
-    code = obs["setup_errno"]
-    step, err = code >> 16, code & 0xFFFF
-    steps = _executor.SETUP_STEPS  # csrc/executor.cc: enum Step, by name
-    name = steps[step] if 0 < step < len(steps) else "?"
-    return f"{name}: {os.strerror(err)}"
+def supervise(
+    started: tuple[int, int, int, int],
+    *,
+    wall_limit_s: float,
+    stdout_cap: int,
+    stderr_cap: int,
+    everything: bool,
+    who: str,
+) -> dict:
+    """csrc: supervise() on a process spawn()/dispatch() started; raises SandboxSetupError if it
+    never got into the sandbox (its status descriptor says which step failed, and why: nothing
+    it could print passes for that, the descriptor is closed before the solution runs)."""
+    pid, out_fd, err_fd, status_fd = started
+    obs = _executor.supervise(
+        pid=pid,
+        stdout_fd=out_fd,
+        stderr_fd=err_fd,
+        status_fd=status_fd,
+        wall_limit_s=wall_limit_s,
+        stdout_cap=stdout_cap,
+        stderr_cap=stderr_cap,
+        everything=everything,
+    )
+    if code := obs["setup_errno"]:
+        step, err = code >> 16, code & 0xFFFF
+        steps = _executor.SETUP_STEPS  # csrc/executor.cc: enum Step, by name
+        name = steps[step] if 0 < step < len(steps) else "?"
+        raise SandboxSetupError(f"{who} could not enter the sandbox: {name}: {os.strerror(err)}")
+    return obs
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from rlef_hpc.sandbox import _executor, child
 from rlef_hpc.sandbox.cpp import CompileError, remove_contents
-from rlef_hpc.sandbox.isolation import Sandbox, SandboxSetupError, setup_failure
+from rlef_hpc.sandbox.isolation import Sandbox, SandboxSetupError, supervise
 from rlef_hpc.sandbox.programs import Programs
 from rlef_hpc.sandbox.protocol import RESULT, Report, RunRequest
 from rlef_hpc.sandbox.rlimits import BASELINE, Rlimits, rlimits_for
@@ -54,7 +54,14 @@ class Runner:
         Every Python test is a fork of the template, whose memory never changes: one
         measurement holds for good."""
         started = self._start(False, child.payload("pass"), b"", False, BASELINE)
-        obs = self._supervise(started, wall_limit_s=10.0, stdout_cap=1 << 16, everything=False)
+        obs = supervise(
+            started,
+            wall_limit_s=10.0,
+            stdout_cap=1 << 16,
+            stderr_cap=STDERR_CAPTURE,
+            everything=False,
+            who="a test's process",
+        )
         self.baseline_kb = obs["max_rss_kb"]
 
     def ensure_spare(self) -> None:
@@ -87,33 +94,6 @@ class Runner:
             )
             if started is not None:
                 return started
-
-    def _supervise(
-        self,
-        started: tuple[int, int, int, int],
-        *,
-        wall_limit_s: float,
-        stdout_cap: int,
-        everything: bool,
-    ) -> dict:
-        pid, out_fd, err_fd, status_fd = started
-        obs = _executor.supervise(
-            pid=pid,
-            stdout_fd=out_fd,
-            stderr_fd=err_fd,
-            status_fd=status_fd,
-            wall_limit_s=wall_limit_s,
-            stdout_cap=stdout_cap,
-            stderr_cap=STDERR_CAPTURE,
-            everything=everything,
-        )
-        if obs["setup_errno"]:
-            # Read from the test's own status descriptor, closed before the solution ran:
-            # nothing a solution prints can pass for it.
-            raise SandboxSetupError(
-                f"a test's process could not enter the sandbox: {setup_failure(obs)}"
-            )
-        return obs
 
     def run_job(
         self,
@@ -179,11 +159,13 @@ class Runner:
     ) -> Report:
         """Supervises one started test to its end; OK means it exited cleanly, the executor
         then compares its output."""
-        obs = self._supervise(
+        obs = supervise(
             started,
             wall_limit_s=limits.wall_s,
             stdout_cap=limits.output_bytes,
+            stderr_cap=STDERR_CAPTURE,
             everything=allow_sub,
+            who="a test's process",
         )
         code, stderr = obs["code"], obs["stderr"]
         peak_kb = obs["max_rss_kb"]

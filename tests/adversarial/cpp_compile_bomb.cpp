@@ -1,6 +1,7 @@
 // class: exhaust
 // expect: COMPILE_ERROR
-// A preprocessor expansion that doubles 40 times: the compiler's memory and time are bounded.
+// A preprocessor expansion that doubles 30 times (4 GB of string literal): the compiler's
+// memory and time are bounded.
 #define A0 "rlef"
 #define A1 A0 A0
 #define A2 A1 A1

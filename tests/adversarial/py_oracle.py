@@ -8,17 +8,13 @@ import os
 import sys
 
 stdin = sys.stdin.read()
-candidates = list("@PROBES@")
-for root in ("/", "/work", "/root", "/home", "/tmp", "/usr"):
-    for seen, (d, _, files) in enumerate(os.walk(root)):
-        if seen > 20000:
-            break
-        candidates += [os.path.join(d, f) for f in files if f.endswith(".jsonl")]
-for path in candidates:
+
+
+def lookup(path):
     try:
         lines = open(path).read().splitlines()
     except (OSError, UnicodeDecodeError):
-        continue
+        return None
     for line in lines:
         try:
             problem = json.loads(line)
@@ -28,6 +24,21 @@ for path in candidates:
             tests = problem.get(kind) or {}
             for given, wanted in zip(tests.get("input", []), tests.get("output", []), strict=False):
                 if given == stdin:
-                    print(wanted, end="")
-                    sys.exit(0)
+                    return wanted
+    return None
+
+
+def candidates():
+    yield from "@PROBES@"  # where the attacker, having read the source, knows they are
+    for root in ("/", "/work", "/root", "/home", "/tmp", "/usr"):
+        for seen, (d, _, files) in enumerate(os.walk(root)):
+            if seen > 20000:
+                break
+            yield from (os.path.join(d, f) for f in files if f.endswith(".jsonl"))
+
+
+for path in candidates():
+    if (answer := lookup(path)) is not None:
+        print(answer, end="")
+        sys.exit(0)
 print("not found")
