@@ -414,16 +414,18 @@ def remote_pair(request: pytest.FixtureRequest, workdir: Path) -> Iterator[Remot
 
 
 def test_one_workers_threads_starve_no_other_worker(remote_pair: Remote) -> None:
-    """60 spinning threads on one worker; a test of 0.3 s CPU on the other, with a 3 s limit
-    (its wall clock allows 3.5 s; sharing its CPU with 60 threads it would need ~9 s): it must
-    pass, with the spinner at its own limit."""
+    """60 spinning threads (C++: no interpreter lock) on one worker; a test of 0.3 s CPU on the
+    other, with a 3 s limit (its wall clock allows 3.5 s; sharing the machine's two CPUs with 60
+    threads it would need ~9 s): it must pass, with the spinner at its own limit."""
     pids = remote_pair.worker_pids()
-    _, spinner, _ = program("py_spin_threads.py")
+    language, spinner, _ = program("cpp_spin_threads.cpp")
     _, victim, _ = program("py_cpu_victim.py")
+    [[compiled]] = remote_pair.run(job(language, spinner, [("", None)], time_s=0.05))
+    assert compiled["verdict"] == "TIME_LIMIT", describe(compiled)
     spin, done = remote_pair.run(
-        job("python", spinner, [("", None)], time_s=5.0, memory_mb=1024),
+        job(language, spinner, [("", None)], time_s=5.0),
         job("python", victim, [("", "done\n")], time_s=3.0),
     )
-    assert spin[0]["verdict"] == "TIME_LIMIT", describe(spin)
     assert done[0]["verdict"] == "OK", describe(done)
-    still_judging_right(remote_pair, pids)
+    assert spin[0]["verdict"] == "TIME_LIMIT", describe(spin)
+    still_judging_right(remote_pair, pids, language)

@@ -11,8 +11,9 @@ recursive bind, so nothing mounted beneath a path comes along), then made read-o
   libraries, `/etc/passwd` and `/etc/group` of one line each, `/etc/ld.so.cache`, `/dev/null`,
   `zero`, `full`, `random`, `urandom`, the test's binary (`/solution/prog`, C++ only) and a
   fresh tmpfs `/tmp`, its working directory;
-- the compiler's (C): `/usr` and the `/bin`, `/lib*` that lead into it, the precompiled header
-  and exec guard (`/toolchain`), `/dev/null`, `/etc/ld.so.cache` and its own `/tmp`.
+- the compiler's (C): `/usr` (but `/usr/local`) and the `/bin`, `/lib*` that lead into it, the
+  precompiled header and exec guard (`/toolchain`), `/dev/null`, `/etc/ld.so.cache` and its own
+  `/tmp`.
 
 Every Python package directory (site-packages, dist-packages, this project) that falls inside a
 bound path is hidden under an empty tmpfs: no tree holds the project's data, its problems, a
@@ -311,7 +312,8 @@ def _build_trees(config: ServerConfig, tmp: str, root_mode: bool) -> None:
     _executor.bind(s + "/solution", t.mkdir(os.path.dirname(SOLUTION)), True)
     _executor.remount_readonly(t.root)
 
-    c = Tree(s + "/c", masks)
+    # The compiler needs /usr's toolchain, never what a site keeps in /usr/local.
+    c = Tree(s + "/c", [*masks, "/usr/local"])
     _executor.mount_tmpfs(c.root, TREE_OPTIONS)
     for path in (*SYSTEM_DIRS, "/etc/ld.so.cache"):
         c.bind(path)
