@@ -389,6 +389,18 @@ def test_the_judge_cannot_be_fooled(remote: Remote, name: str, expected: str) ->
 # --- exhausting memory, CPU, compile time -------------------------------------------------------
 
 
+@pytest.mark.parametrize("name", ["py_thread_bomb.py", "cpp_thread_bomb.cpp"])
+def test_threads_are_bounded(remote: Remote, name: str) -> None:
+    """tests/hostile's thread bombs, in both modes: RLIMIT_NPROC counts the worker's uid as
+    root, the test's own user namespace without root."""
+    source = (Path(__file__).parent / "hostile" / name).read_text()
+    language = "python" if name.endswith(".py") else "cpp"
+    pids = remote.worker_pids()
+    [[result]] = remote.run(job(language, source, [("", None)], processes=16))
+    assert result["verdict"] == "RUNTIME_ERROR", describe(result)
+    still_judging_right(remote, pids, language)
+
+
 @pytest.mark.parametrize("name", ["py_memfd.py", "cpp_memfd.cpp"])
 def test_no_memory_outside_the_limit(remote: Remote, name: str) -> None:
     attack(remote, name, memory_mb=64, time_s=10.0)
