@@ -363,7 +363,13 @@ class Executor:
         # Start every worker now, in parallel: a machine that cannot sandbox fails here, at
         # construction, not in the middle of a training step.
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            started = list(pool.map(self._start, range(workers)))
+            starts = [pool.submit(self._start, i) for i in range(workers)]
+        try:
+            started = [f.result() for f in starts]
+        except BaseException:
+            self._shutdown_workers()  # those that did start; and nothing left on disk
+            shutil.rmtree(self._root, ignore_errors=True)
+            raise
         self.capabilities: Capabilities = {**started[0].capabilities, "kernel": kernel_facts()}
         missing = missing_isolation(self.capabilities)
         refused = [] if unsafe else [m for m in missing if m not in allowed]
