@@ -100,8 +100,13 @@ if ! running mariadbd; then
   setsid /usr/sbin/mariadbd --user=root --datadir="$STATE/mysql" --socket="$DB_SOCKET" \
     --bind-address=127.0.0.1 --port=3306 --pid-file="$STATE/mariadbd.pid" \
     --log-error="$STATE/log/mariadb.log" </dev/null >/dev/null 2>&1 &
-  for _ in $(seq 100); do [ -S "$DB_SOCKET" ] && break; sleep 0.1; done
-  [ -S "$DB_SOCKET" ] || die "MariaDB did not start: see $STATE/log/mariadb.log"
+  # The socket file can exist before the server listens on it (CI once got "connection
+  # refused" 3 s in): wait until a client is actually answered, not for the file.
+  for _ in $(seq 300); do
+    mariadb-admin --socket="$DB_SOCKET" -uroot ping >/dev/null 2>&1 && break; sleep 0.1
+  done
+  mariadb-admin --socket="$DB_SOCKET" -uroot ping >/dev/null 2>&1 \
+    || die "MariaDB did not start: see $STATE/log/mariadb.log"
   mariadb --socket="$DB_SOCKET" -uroot -e \
     "CREATE DATABASE IF NOT EXISTS slurm_acct_db; CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurm'; GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost'; FLUSH PRIVILEGES;"
 fi
