@@ -137,6 +137,31 @@ def require_tensor_groups_within_nodes(tensor: int) -> None:
         sys.exit(2)
 
 
+def launched_world_size(env: Mapping[str, str]) -> int:
+    """How many processes the launcher started: torchrun's WORLD_SIZE, srun's task count, else
+    1 (a plain process)."""
+    return int(env.get("WORLD_SIZE") or torch_env_from_slurm(env).get("WORLD_SIZE") or 1)
+
+
+def world_size_mismatch(processes: int, tensor: int, pipeline: int, world_size: int) -> str | None:
+    """Why `processes` cannot run a layout of `world_size` = tensor x pipeline x data, or None."""
+    if processes == world_size:
+        return None
+    return (
+        f"{processes} processes, but parallel.tensor x pipeline x data = {world_size}: "
+        f"set parallel.data={max(1, processes // (tensor * pipeline))}"
+    )
+
+
+def require_world_size(tensor: int, pipeline: int, world_size: int) -> None:
+    """Exits with status 2 and one line (world_size_mismatch) where the launcher started
+    another number of processes than the layout needs: said before the rendezvous."""
+    problem = world_size_mismatch(launched_world_size(os.environ), tensor, pipeline, world_size)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+
+
 def init_process_groups(
     tensor: int = 1,
     pipeline: int = 1,
@@ -171,11 +196,10 @@ def init_process_groups(
     if _host_group is None and not _default_group_takes_cpu():
         # collective: every rank, same order
         _host_group = dist.new_group(backend="gloo", timeout=timeout)
-    if world_size is not None and dist.get_world_size() != world_size:
-        raise ValueError(
-            f"{dist.get_world_size()} processes, but parallel.tensor x pipeline x data = "
-            f"{world_size}: set parallel.data={dist.get_world_size() // (tensor * pipeline)}"
-        )
+    if world_size is not None:
+        problem = world_size_mismatch(dist.get_world_size(), tensor, pipeline, world_size)
+        if problem:
+            raise ValueError(problem)
     if not ps.model_parallel_is_initialized():
         # megatron's groups (its own default: 30 minutes) wait as long as the default one
         minutes = {"distributed_timeout_minutes": math.ceil(timeout_s / 60)} if timeout_s else {}

@@ -178,3 +178,55 @@ def test_cli_refuses_a_colocated_tensor_parallel_run_before_writing_anything(tmp
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("rlef-train: error:")
     assert all(k in proc.stderr for k in COLOCATED_TP), proc.stderr
     assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["precision.dtype=bfloat16", "precision.fp8=e4m3"],
+            "rlef-train: error: precision.fp8 needs a GPU with compute capability >= 8.9",
+        ),
+        (["rollout.quantization=fp8"], "rlef-train: error: rollout.quantization=fp8 needs a GPU"),
+        (["parallel.data=2"], "error: 1 processes, but parallel.tensor x pipeline x data = 2"),
+    ],
+    ids=["fp8", "engine-fp8", "world-size"],
+)
+def test_cli_refuses_what_this_machine_or_launch_cannot_run_before_building(
+    tmp_path, overrides, message
+):
+    """What only the machine or the launch can tell (no FP8 GPU here; one process for a layout
+    of two) is one line and exit 2 before anything is built or written, as a bad key is."""
+    if any("fp8" in o for o in overrides) and torch_cuda_capability() >= (8, 9):
+        pytest.skip("this machine has an FP8 GPU")
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlef_hpc.train.cli", str(CONFIGS / "demo_cpu.yaml"),
+         *overrides, f"run.dir={run}"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(message), proc.stderr
+    assert not run.exists()
+
+
+def torch_cuda_capability() -> tuple[int, int]:
+    import torch
+
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
+
+
+def test_rollout_worker_refuses_fp8_without_an_fp8_gpu_before_waiting(tmp_path):
+    """It used to wait for the trainer's weights (up to rollout.shard_timeout_s) and refuse
+    only when it built its engine."""
+    if torch_cuda_capability() >= (8, 9):
+        pytest.skip("this machine has an FP8 GPU")
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlef_hpc.train.rollout_worker", str(CONFIGS / "demo_cpu.yaml"),
+         "0", "rollout.layout=disaggregated", "rollout.quantization=fp8", f"run.dir={run}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith("rlef-rollout-worker: error: rollout.quantization=fp8 needs")
+    assert proc.stderr.count("\n") == 1 and not run.exists()

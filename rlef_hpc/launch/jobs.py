@@ -30,7 +30,7 @@ from typing import Any
 
 from rlef_hpc.config import from_dict
 from rlef_hpc.launch.config import JobConfig
-from rlef_hpc.train.config import TrainConfig
+from rlef_hpc.train.config import TrainConfig, check_machine
 
 
 def requeue_this_job() -> None:
@@ -61,6 +61,7 @@ class TrainJob:
         from rlef_hpc.train.preemption import Preempted
 
         cfg = from_dict(JobConfig, self.config)
+        check_machine(cfg)  # before anything is built: FP8 against this node's GPU
         try:
             result = train(cfg)
         except Preempted as stop:

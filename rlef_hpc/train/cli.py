@@ -20,7 +20,7 @@ from pathlib import Path
 # logs before anything loads torch: it quiets C++ warnings (dist_env does not load torch)
 from rlef_hpc import dist_env, logs
 from rlef_hpc.config import describe, load_or_exit
-from rlef_hpc.train.config import TrainConfig
+from rlef_hpc.train.config import TrainConfig, check_machine
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     # a process that must not start writes nothing, not even its log directory.
     dist_env.require_gpus_where_asked()
     dist_env.require_tensor_groups_within_nodes(cfg.parallel.tensor)
+    dist_env.require_world_size(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.world_size)
+    # What only this machine can tell (FP8 against its GPU), likewise before anything is built.
+    try:
+        check_machine(cfg)
+    except ValueError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
     for file in cfg.eval.transfer:  # read only after the warm start: say it before anything
         if not Path(file).is_file():
             p.exit(2, f"{p.prog}: error: eval.transfer: {file}: no such file\n")

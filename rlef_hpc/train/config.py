@@ -11,7 +11,7 @@ from rlef_hpc.eval.protocol import MetricSpec, min_rollouts
 from rlef_hpc.models.config import ModelConfig, ParallelConfig, PrecisionConfig, validate_layout
 from rlef_hpc.rl.optim import OptimConfig
 from rlef_hpc.rl.ppo import PPOConfig
-from rlef_hpc.rollout.config import RolloutConfig
+from rlef_hpc.rollout.config import RolloutConfig, validate_rollout_hardware
 
 
 @dataclass(frozen=True)
@@ -282,3 +282,18 @@ class TrainConfig:
             )
         if self.data.test_problems < 0:
             raise ValueError(f"data.test_problems must be >= 0, got {self.data.test_problems}")
+
+
+def check_machine(cfg: TrainConfig) -> None:
+    """What only the machine can tell, for a trainer process about to start here: FP8 training
+    (precision.fp8) against this GPU and Transformer Engine, and the engine's FP8
+    (rollout.quantization) where the trainer runs the engine (the colocated layout; a rollout
+    worker checks its own). Raises ValueError naming the key. The entry points call it before
+    anything is built or written; build_gpt and build_engine check again as they build."""
+    from rlef_hpc.models.config import compute_capability, validate_hardware
+    from rlef_hpc.models.gpt import available_kernels
+
+    capability = compute_capability()
+    validate_hardware(cfg.precision, capability, available_kernels().te)
+    if cfg.rollout.layout == "colocated":
+        validate_rollout_hardware(cfg.rollout, capability)

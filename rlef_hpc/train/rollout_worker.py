@@ -26,7 +26,9 @@ from rlef_hpc import logs  # before torch loads: it quiets C++ warnings
 from rlef_hpc.data.problem import Problem
 from rlef_hpc.dist_env import require_gpus_where_asked
 from rlef_hpc.episodes.runner import EpisodeRunner
+from rlef_hpc.models.config import compute_capability
 from rlef_hpc.rollout.bus import BusReceiver
+from rlef_hpc.rollout.config import validate_rollout_hardware
 from rlef_hpc.rollout.publish import WeightFollower, latest_version
 from rlef_hpc.rollout.shards import ShardStore
 from rlef_hpc.rollout.vllm_engine import build_engine
@@ -57,11 +59,18 @@ def _wait_for(what: str, ready: Any, poll_s: float, timeout_s: float) -> None:
         time.sleep(poll_s)
 
 
+def check_worker_machine(cfg: TrainConfig) -> None:
+    """The engine's FP8 (rollout.quantization) against this machine's GPU, before the worker
+    waits for the trainer or builds anything (ValueError naming the key)."""
+    validate_rollout_hardware(cfg.rollout, compute_capability())
+
+
 def run_worker(cfg: TrainConfig, worker: int, poll_s: float = 0.5) -> int:
     """Produces shards until the trainer is done; returns how many this call wrote."""
     from transformers import AutoTokenizer  # heavy: imported when a worker starts
 
     require_gpus_where_asked()
+    check_worker_machine(cfg)
     r, run_dir = cfg.rollout, Path(cfg.run.dir)
     store = ShardStore(run_dir)
     # The trainer builds init/ and publishes version `start` before it claims anything.
@@ -136,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verbose", action="store_true", help="show the libraries' logs live too")
     args = p.parse_args(argv)
     cfg = load_or_exit(p, TrainConfig, args.config, args.overrides)
+    try:
+        check_worker_machine(cfg)
+    except ValueError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
     logs.setup(Path(cfg.run.dir) / "logs", f"worker-{args.worker}", args.verbose)
     install_stop_handlers()
     run_worker(cfg, args.worker)
