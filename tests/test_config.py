@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,7 +77,14 @@ def test_overrides_are_typed_and_nested():
         (["run.dir"], "expected KEY=VALUE"),
         (["rollout.samples_per_problem=5"], "rollout.samples_per_problem=5 must divide"),
         (["ppo.clip=-1"], "ppo.clip must be non-negative"),
-        (["run.keep_last=0"], "run.keep_last must be positive"),
+        (["run.keep_last=0"], "run.keep_last must be at least 1, got 0"),
+        (["run.iterations=-1"], "run.iterations must not be negative, got -1"),
+        (["rollout.samples_per_problem=0"], "rollout.samples_per_problem must be at least 1, got"),
+        (["update.num_minibatches=0"], "update.num_minibatches must be at least 1, got 0"),
+        (["rollout.weights.timeout_s=0"], "rollout.weights.timeout_s must be above 0, got 0.0"),
+        (["rollout.temperature=0"], "rollout.temperature must be above 0 for training, got 0.0"),
+        (["optim.betas=[0.9, 1.5]"], "optim.betas must each be in [0, 1), got (0.9, 1.5)"),
+        (["data.test_problems=-1"], "data.test_problems must not be negative, got -1"),
         (["eval.max_turns=0"], "eval.max_turns must be at least 1, got 0"),
         (["data.curriculum=hard"], "data.curriculum: 'hard' is not one of 'basic', 'feedback'"),
         (
@@ -96,8 +104,29 @@ def test_overrides_are_typed_and_nested():
     ],
 )
 def test_bad_configs_name_the_key(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load(TrainConfig, None, overrides)
+
+
+def test_each_group_checks_its_own_fields_where_it_is_made():
+    """A group refuses its bad values itself (naming the key as a config file spells it),
+    whoever makes it: the loader, a test, another entry point."""
+    from rlef_hpc.rl.optim import OptimConfig
+    from rlef_hpc.rollout.config import RolloutConfig, WeightsConfig
+    from rlef_hpc.train.config import EvalConfig, RunConfig, UpdateConfig
+
+    for make, message in [
+        (lambda: RunConfig(checkpoint_every=0), "run.checkpoint_every must be at least 1, got 0"),
+        (lambda: RunConfig(eval_every=3, checkpoint_every=2), "run.eval_every=3 must be a mul"),
+        (lambda: UpdateConfig(micro_batch_tokens=0), "update.micro_batch_tokens must be at le"),
+        (lambda: RolloutConfig(shard_rollouts=6), "rollout.samples_per_problem=4 must divide"),
+        (lambda: WeightsConfig(join_wait_s=-1), "rollout.weights.join_wait_s must not be neg"),
+        (lambda: EvalConfig(max_turns=0), "eval.max_turns must be at least 1, got 0"),
+        (lambda: OptimConfig(lr=-1.0), "optim.lr must not be negative, got -1.0"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            make()
+    assert RunConfig(iterations=0).iterations == 0  # accepted: evaluate the initial policy only
 
 
 COLOCATED_TP = ["parallel.tensor", "parallel.pipeline", "rollout.layout=colocated"]

@@ -204,6 +204,7 @@ def loop_reductions() -> None:
     """The loop's host-side collectives: episode metrics, the stop flag, shard claims and
     evaluation trajectories."""
     from rlef_hpc.episodes.runner import EpisodeConfig
+    from rlef_hpc.eval.protocol import MetricSpec
     from rlef_hpc.train import sources
     from rlef_hpc.train.config import EvalConfig
     from rlef_hpc.train.loop import Trainer
@@ -226,7 +227,9 @@ def loop_reductions() -> None:
     sources.load_shards = lambda shards: shards
     # Rank 1's view of evaluate: it hands its trajectories to rank 0 and returns.
     evaluating = SimpleNamespace(
-        cfg=SimpleNamespace(eval=EvalConfig(rollouts_per_problem=1), episodes=EpisodeConfig()),
+        cfg=SimpleNamespace(
+            eval=EvalConfig(1, metrics=(MetricSpec("1@3", 0.2, 0.95),)), episodes=EpisodeConfig()
+        ),
         eval_sets={"valid": ["p"]},
         run_dir=Path(tempfile.mkdtemp()),
         source=SimpleNamespace(episodes=lambda mine, *args, **kwargs: mine),
