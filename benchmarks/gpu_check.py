@@ -83,7 +83,6 @@ COMMON = [
     "rollout.layout=disaggregated",
     "rollout.samples_per_problem=4",
     "update.num_minibatches=2",
-    "update.micro_batch_size=1",
 ]
 # What the GPU machine does not have: the trainer path must not import any of it.
 NOT_ON_DEVICE = ("submitit", "vllm", "transformer_engine", "rlef_hpc.sandbox._executor")
@@ -385,8 +384,6 @@ class GpuCheck:
             self.models["reference"],
             cfg.ppo,
             cfg.optim,
-            cfg.update.micro_batch_size,
-            batching=cfg.update.batching,
             micro_batch_tokens=cfg.update.micro_batch_tokens,
         )
         before = {k: fingerprint(m) for k, m in self.models.items()}

@@ -126,18 +126,13 @@ class UpdateConfig:
     """How each iteration's rollouts become optimizer steps."""
 
     num_minibatches: int = 2  # the paper: 4 updates of 256 from 1024 rollouts
-    # How a minibatch is cut into micro-batches (rlef_hpc.rl.batching): "bucketed" sorts its
-    # rows by length and cuts them by micro_batch_tokens (rows x padded length, at least one
-    # row), each padded to its own longest; "padded" takes micro_batch_size rows at a time,
-    # all padded to the batch's longest (the original path, kept for comparison).
-    batching: Literal["padded", "bucketed"] = "bucketed"
+    # A minibatch's rows are sorted by length and cut into micro-batches of at most this many
+    # tokens (rows x padded length; a longer row runs alone), each padded to its own longest
+    # (rlef_hpc.rl.batching).
     micro_batch_tokens: int = 4096
-    micro_batch_size: int = 8
 
     def __post_init__(self) -> None:
-        require_at_least(
-            "update", self, num_minibatches=1, micro_batch_tokens=1, micro_batch_size=1
-        )
+        require_at_least("update", self, num_minibatches=1, micro_batch_tokens=1)
 
 
 @dataclass(frozen=True)
@@ -253,18 +248,11 @@ class TrainConfig:
                 "update takes the sampled tokens' log-probs at it"
             )
         per_rank = r.rollouts_per_iteration // p.data
-        # Fixed-size micro-batches must divide a minibatch; token-budget ones cut any.
-        rows = u.micro_batch_size if u.batching == "padded" else 1
-        if r.rollouts_per_iteration % p.data or per_rank % (u.num_minibatches * rows):
-            whole = (
-                f" of whole micro-batches of update.micro_batch_size={u.micro_batch_size}"
-                if u.batching == "padded"
-                else ""
-            )
+        if r.rollouts_per_iteration % p.data or per_rank % u.num_minibatches:
             raise ValueError(
                 f"rollout.rollouts_per_iteration={r.rollouts_per_iteration} must split over "
                 f"parallel.data={p.data} ranks into update.num_minibatches={u.num_minibatches} "
-                f"minibatches{whole}"
+                "minibatches"
             )
         if self.warmstart.steps and p.pipeline > 1:
             raise ValueError(

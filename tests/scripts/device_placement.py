@@ -153,9 +153,7 @@ def ppo_update() -> None:
     from tests.scripts.ppo_update import fixed_batch
 
     policy, value, reference = models()
-    update = PPOUpdate(
-        policy, value, reference, optim_config=OptimConfig(warmup_steps=1), micro_batch_size=2
-    )
+    update = PPOUpdate(policy, value, reference, optim_config=OptimConfig(warmup_steps=1))
     batch = fixed_batch()
     with strict_devices(torch.device("cpu")):
         metrics = update.step(batch, num_minibatches=2)
@@ -254,9 +252,7 @@ def checkpoint() -> None:
     from tests.scripts.ppo_update import fixed_batch
 
     policy, value, reference = models()
-    update = PPOUpdate(
-        policy, value, reference, optim_config=OptimConfig(warmup_steps=1), micro_batch_size=2
-    )
+    update = PPOUpdate(policy, value, reference, optim_config=OptimConfig(warmup_steps=1))
     update.step(fixed_batch(), num_minibatches=2)
     saved = [(n, t.module, t.optimizer) for n, t in update.trainables.items()]
     schedulers = {n: t.scheduler for n, t in update.trainables.items()}
