@@ -30,6 +30,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+import numpy
 import torch
 import torch.distributed as dist
 
@@ -154,8 +155,7 @@ class PPOUpdate:
             returns,
             adv,
             kl,
-            # rounded to fp32, as the metrics computed on the device are
-            float(torch.tensor(ev, dtype=torch.float32)),
+            float(numpy.float32(ev)),  # rounded to fp32, as the metrics from the device are
             counts[:, 0],
             counts[:, 1],
         )
