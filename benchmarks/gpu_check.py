@@ -589,7 +589,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":
         # Before torch loads: on a GPU machine, --device cpu must still mean gloo and the CPU.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    from rlef_hpc import runtime
+
+    runtime.setup()
     import torch
+
+    runtime.setup_megatron()
 
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.exit(2, "gpu_check: no CUDA device (use --device cpu)\n")

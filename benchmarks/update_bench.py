@@ -317,4 +317,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from rlef_hpc import runtime
+
+    runtime.setup()
+    runtime.setup_megatron()
     main()

@@ -68,12 +68,13 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    try:  # an explicit runtime set-up where the checkout has one
+    try:  # the explicit runtime set-up, where the checkout has one (older ones made it implicitly)
         from rlef_hpc import runtime
-
-        runtime.setup(megatron=True)
     except ImportError:
-        pass
+        runtime = None
+    if runtime is not None:
+        runtime.setup()
+        runtime.setup_megatron()
     from megatron.core import parallel_state as ps
 
     from rlef_hpc.models.config import ModelConfig, PrecisionConfig

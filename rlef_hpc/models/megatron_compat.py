@@ -103,7 +103,8 @@ def _patch_type_names() -> None:
 
 
 def install() -> None:
-    """Idempotent; does nothing where CUDA exists."""
+    """Idempotent; does nothing where CUDA exists. Called by rlef_hpc.runtime.setup_megatron()
+    at the entry points, never implicitly: it patches torch.Tensor.type process-wide."""
     global _installed
     if _installed or torch.cuda.is_available():
         return
@@ -127,10 +128,20 @@ def install() -> None:
     _installed = True
 
 
+def require_installed() -> None:
+    """Raises, naming the fix, where megatron would run on a CPU without the shims (its first
+    CUDA call would fail far from the cause)."""
+    if not _installed and not torch.cuda.is_available():
+        raise RuntimeError(
+            "megatron-core on a CPU needs its shims: call rlef_hpc.runtime.setup_megatron() "
+            "at the entry point"
+        )
+
+
 def seed(value: int) -> None:
     """Seeds torch and megatron's model-parallel RNG tracker (CPU or CUDA alike)."""
     from megatron.core import tensor_parallel
 
-    install()
+    require_installed()
     torch.manual_seed(value)
     tensor_parallel.model_parallel_cuda_manual_seed(value)

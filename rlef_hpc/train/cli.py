@@ -17,13 +17,15 @@ import argparse
 import sys
 from pathlib import Path
 
-# logs before anything loads torch: it quiets C++ warnings (dist_env does not load torch)
-from rlef_hpc import dist_env, logs
+# Nothing here loads torch at import: runtime.setup() comes first (dist_env, logs and config
+# load none).
+from rlef_hpc import dist_env, logs, runtime
 from rlef_hpc.config import describe, load_or_exit
-from rlef_hpc.train.config import TrainConfig, check_machine
 
 
 def parser() -> argparse.ArgumentParser:
+    from rlef_hpc.train.config import TrainConfig
+
     p = argparse.ArgumentParser(
         prog="rlef-train",
         description=__doc__.split("\n\n")[0],
@@ -44,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    runtime.setup()
+    from rlef_hpc.train.config import TrainConfig, check_machine
+
     p = parser()
     args = p.parse_args(argv)
     overrides = list(args.overrides)
@@ -73,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             p.exit(2, f"{p.prog}: error: {e}\n")
     logs.setup(Path(cfg.run.dir) / "logs", logs.process_name("train"), args.verbose)
+    runtime.setup_megatron()
     from rlef_hpc.train.loop import train
 
     train(cfg)
