@@ -17,8 +17,15 @@ from tests.helpers import TESTS_DIR
 
 PACKAGE = Path(rlef_hpc.__file__).parent
 # Where the process's state may be changed: the set-up itself, the megatron shims it installs,
-# and the sandbox server emptying its own environment (a process of its own, isolating itself).
-ALLOWED = {"runtime.py", "models/megatron_compat.py", "sandbox/isolation.py"}
+# the sandbox server emptying its own environment (a process of its own, isolating itself),
+# and the weight bus's NCCL settings, set around the construction of its own groups and put
+# back (torch reads TORCH_NCCL_BLOCKING_WAIT from the environment only, per group).
+ALLOWED = {
+    "runtime.py",
+    "models/megatron_compat.py",
+    "sandbox/isolation.py",
+    "rollout/bus.py",
+}
 ENVIRON_WRITES = {"update", "setdefault", "pop", "popitem", "clear", "__setitem__", "__delitem__"}
 
 
