@@ -74,6 +74,20 @@ def test_the_check_sees_what_it_looks_for():
     assert len(writes_process_state(ast.parse(code))) == 4
 
 
+def python_json(code: str, env: dict[str, str] | None = None) -> dict:
+    """`code` run by a Python process of its own; the JSON line it printed last."""
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=TESTS_DIR.parent,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
 IMPORT_EVERYTHING = """
 import importlib, json, os, pkgutil, sys
 import torch
@@ -118,16 +132,7 @@ def test_importing_every_module_changes_nothing():
 
     # As a process that has not set itself up (this one has: tests/conftest.py).
     env = {k: v for k, v in os.environ.items() if k not in ENVIRONMENT}
-    proc = subprocess.run(
-        [sys.executable, "-c", IMPORT_EVERYTHING],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=TESTS_DIR.parent,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.splitlines()[-1])
+    result = python_json(IMPORT_EVERYTHING, env)
     assert result["writes seen"] > 0  # the tracing works: torch's inductor sets its cache dir
     assert (result["ours"], result["patched"]) == ([], False), result
 
@@ -150,15 +155,7 @@ def test_megatron_on_a_cpu_without_the_set_up_is_refused_not_patched_in():
 
     if torch.cuda.is_available():
         pytest.skip("with CUDA megatron needs no shims")
-    proc = subprocess.run(
-        [sys.executable, "-c", MEGATRON_WITHOUT_SET_UP],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=TESTS_DIR.parent,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.splitlines()[-1])
+    result = python_json(MEGATRON_WITHOUT_SET_UP)
     assert not result["patched"]
     assert "rlef_hpc.runtime.setup_megatron()" in (result["error"] or ""), result
 
