@@ -93,7 +93,6 @@ COMMON = [
     "rollout.layout=disaggregated",
     "rollout.samples_per_problem=4",
     "update.num_minibatches=2",
-    "update.micro_batch_size=1",
 ]
 # What the GPU machine does not have: the trainer path must not import any of it.
 NOT_ON_DEVICE = ("submitit", "vllm", "transformer_engine", "rlef_hpc.sandbox._executor")
@@ -415,8 +414,6 @@ class GpuCheck:
             self.models["reference"],
             cfg.ppo,
             cfg.optim,
-            cfg.update.micro_batch_size,
-            batching=cfg.update.batching,
             micro_batch_tokens=cfg.update.micro_batch_tokens,
         )
         before = {k: fingerprint(m) for k, m in self.models.items()}
@@ -838,7 +835,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":
         # Before torch loads: on a GPU machine, --device cpu must still mean gloo and the CPU.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    from rlef_hpc import runtime
+
+    runtime.setup()
     import torch
+
+    runtime.setup_megatron()
 
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.exit(2, "gpu_check: no CUDA device (use --device cpu)\n")

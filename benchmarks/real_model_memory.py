@@ -79,7 +79,7 @@ def main() -> None:
         hf, cfg, PrecisionConfig("float32"), ("policy", "policy", "value")
     )
     weights = live() - base
-    update = PPOUpdate(policy, value, reference, micro_batch_tokens=4096, batching="bucketed")
+    update = PPOUpdate(policy, value, reference, micro_batch_tokens=4096)
     buffers = live() - base - weights  # megatron's DDP buffers (grads), the optimizers
     data = batch(args.episodes, args.tokens, cfg.vocab_size)
     with PeakRSS() as first:
@@ -115,4 +115,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from rlef_hpc import runtime
+
+    runtime.setup()
+    runtime.setup_megatron()
     main()

@@ -189,4 +189,8 @@ def _rounds(tmp: Path, args: argparse.Namespace, drain: bool) -> list[dict]:
 
 
 if __name__ == "__main__":
+    from rlef_hpc import runtime
+
+    runtime.setup()
+    runtime.setup_megatron()
     main()

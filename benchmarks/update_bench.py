@@ -1,8 +1,11 @@
-"""One PPO update (`PPOUpdate.step`) on realistic RLEF batches, padded against bucketed
-micro-batches (update.batching), in the same run.
+"""One PPO update (`PPOUpdate.step`) on realistic RLEF batches: the update as it is ("bucketed":
+rows sorted by length, cut by update.micro_batch_tokens, each micro-batch padded to its own
+longest row, logits only where a response token is predicted) against the baseline kept here
+("padded": --padded-rows rows at a time in their given order, every one padded to the batch's
+longest, every position's logits: the update before rl.batching), in the same run.
 
     python benchmarks/update_bench.py [--config configs/demo_cpu.yaml] [--rounds 2]
-        [--batches demo long-tail] [--set KEY=VALUE ...] [--out PATH]
+        [--batches demo long-tail] [--padded-rows 8] [--set KEY=VALUE ...] [--out PATH]
 
 Batches, of random tokens in recorded shapes: "demo", the four batches of a real demo run
 (benchmarks/demo_trajectory_shapes.json: 64 trajectories each, of 1 or 3 turns, 90 to 521
@@ -109,7 +112,37 @@ def load_config(path: str, overrides: list[str]) -> Any:
 # --- one arm, in a process of its own ----------------------------------------------------------
 
 
-def worker(cfg: Any, name: str, batching: str, repeats: int) -> dict[str, Any]:
+def padded_update(base: type, rows: int) -> type:
+    """The baseline arm: `base` (PPOUpdate) planning fixed micro-batches of `rows` rows in
+    their given order, every one at the batch's length (build it with select_logits=False:
+    every position's logits)."""
+    from rlef_hpc.rl.batching import KINDS, MicroBatch
+
+    class PaddedUpdate(base):
+        def plan(self, batch: Any, num_minibatches: int = 1) -> Any:
+            plan = super().plan(batch, num_minibatches)  # its lengths and response positions
+            b, t = batch.tokens.shape
+            size = b // num_minibatches
+
+            def fixed(first: int, count: int) -> list[Any]:
+                end = first + count
+                return [
+                    MicroBatch(tuple(range(i, min(i + rows, end))), t)
+                    for i in range(first, end, rows)
+                ]
+
+            return dataclasses.replace(
+                plan,
+                prepare={k: fixed(0, b) for k in KINDS},
+                minibatches={
+                    k: [fixed(m * size, size) for m in range(num_minibatches)] for k in KINDS
+                },
+            )
+
+    return PaddedUpdate
+
+
+def worker(cfg: Any, name: str, batching: str, repeats: int, rows: int) -> dict[str, Any]:
     import time
 
     import torch
@@ -129,21 +162,21 @@ def worker(cfg: Any, name: str, batching: str, repeats: int) -> dict[str, Any]:
     reference = build_gpt(mc, cfg.precision)
     reference.load_state_dict(policy.state_dict())
     u = cfg.update
-    update = PPOUpdate(
+    padded = batching == "padded"
+    update = (padded_update(PPOUpdate, rows) if padded else PPOUpdate)(
         policy,
         value,
         reference,
         cfg.ppo,
         cfg.optim,
-        u.micro_batch_size,
-        cfg.rollout.temperature,
-        batching=batching,
+        temperature=cfg.rollout.temperature,
         micro_batch_tokens=u.micro_batch_tokens,
+        select_logits=not padded,
     )
     multiple = sequence_multiple(policy.config)
     rng = random.Random(cfg.run.seed)
     # Warm-up: megatron's first-call work and the optimizer states, on short rows.
-    warm = from_shapes([[(8, 8)]] * (u.num_minibatches * u.micro_batch_size), mc.vocab_size, rng)
+    warm = from_shapes([[(8, 8)]] * (u.num_minibatches * rows), mc.vocab_size, rng)
     memory = PeakMemory(dev)
     memory.start(relative=True)
     update.step(collate(warm, device=dev, multiple=multiple), u.num_minibatches)
@@ -212,7 +245,8 @@ def free_port() -> int:
 def run_arm(args: argparse.Namespace, name: str, batching: str) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{HERE}", "MASTER_PORT": str(free_port())}
     cmd = [sys.executable, __file__, "--worker", name, batching, "--config", args.config]
-    cmd += ["--repeats", str(args.repeats)] + [f"--set={o}" for o in args.overrides]
+    cmd += ["--repeats", str(args.repeats), "--padded-rows", str(args.padded_rows)]
+    cmd += [f"--set={o}" for o in args.overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} {batching} failed:\n{proc.stderr[-4000:]}")
@@ -250,12 +284,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=1, help="timed steps per batch (the fastest)")
     ap.add_argument("--rounds", type=int, default=2, help="runs of each arm, alternating")
     ap.add_argument("--batches", nargs="+", choices=BATCHES, default=list(BATCHES))
+    ap.add_argument(
+        "--padded-rows", type=int, default=8, help="rows per micro-batch of the padded baseline"
+    )
     ap.add_argument("--out", type=Path, help="also write the results as JSON")
     ap.add_argument("--worker", nargs=2, metavar=("BATCH", "BATCHING"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.worker:
-        print(json.dumps(worker(cfg, *args.worker, args.repeats)))
+        print(json.dumps(worker(cfg, *args.worker, args.repeats, args.padded_rows)))
         return
     import torch
 
@@ -280,4 +317,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from rlef_hpc import runtime
+
+    runtime.setup()
+    runtime.setup_megatron()
     main()

@@ -179,6 +179,26 @@ def load_or_exit(parser: Any, cls: type[T], path: str | Path | None, overrides: 
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
+def require_at_least(group: str, cfg: Any, **minimums: float) -> None:
+    """Each named field of `cfg` (the config group at `group`) at least its minimum, else a
+    ValueError naming the first that is not: "rollout.workers must be at least 1, got 0", or
+    "... must not be negative, got -1" where 0 is allowed. For a group's __post_init__."""
+    for key, low in minimums.items():
+        value = getattr(cfg, key)
+        if value < low:
+            bound = "not be negative" if low == 0 else f"be at least {low}"
+            raise ValueError(f"{group}.{key} must {bound}, got {value}")
+
+
+def require_positive(group: str, cfg: Any, *keys: str) -> None:
+    """Each named field of `cfg` above 0 (a temperature, a timeout: any small value works, 0
+    does not), else a ValueError naming the first that is not."""
+    for key in keys:
+        value = getattr(cfg, key)
+        if not value > 0:
+            raise ValueError(f"{group}.{key} must be above 0, got {value}")
+
+
 def describe(cls: type, path: str = "") -> list[str]:
     """One line per key (`group.key: type = default`), for --help."""
     lines = []

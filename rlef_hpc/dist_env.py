@@ -62,14 +62,23 @@ def torch_env_from_slurm(env: Mapping[str, str]) -> dict[str, str]:
     }
 
 
-def adopt_slurm_env() -> bool:
-    """Fill torch.distributed's variables from Slurm's when a launcher has not (srun without
-    torchrun). Returns whether it did."""
-    if "RANK" in os.environ:
-        return False
-    found = torch_env_from_slurm(os.environ)
-    os.environ.update(found)
-    return bool(found)
+def rendezvous(env: Mapping[str, str]) -> dict[str, str]:
+    """This process's torch.distributed rendezvous (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+    MASTER_PORT): torchrun's variables, else srun's (torch_env_from_slurm), else a one-process
+    group's on loopback (MASTER_ADDR and MASTER_PORT where set, say by a test)."""
+    if "RANK" in env:
+        missing = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in env]
+        if missing:
+            raise ValueError(f"RANK is set but not {', '.join(missing)}: a launcher's rendezvous")
+        keys = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        return {k: env[k] for k in keys} | {"LOCAL_RANK": env.get("LOCAL_RANK", "0")}
+    return torch_env_from_slurm(env) or {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(29500 + os.getpid() % 1000),
+    }
 
 
 def cuda_device_index(local_rank: int, visible: int) -> int:
@@ -137,6 +146,31 @@ def require_tensor_groups_within_nodes(tensor: int) -> None:
         sys.exit(2)
 
 
+def launched_world_size(env: Mapping[str, str]) -> int:
+    """How many processes the launcher started: torchrun's WORLD_SIZE, srun's task count, else
+    1 (a plain process)."""
+    return int(env.get("WORLD_SIZE") or torch_env_from_slurm(env).get("WORLD_SIZE") or 1)
+
+
+def world_size_mismatch(processes: int, tensor: int, pipeline: int, world_size: int) -> str | None:
+    """Why `processes` cannot run a layout of `world_size` = tensor x pipeline x data, or None."""
+    if processes == world_size:
+        return None
+    return (
+        f"{processes} processes, but parallel.tensor x pipeline x data = {world_size}: "
+        f"set parallel.data={max(1, processes // (tensor * pipeline))}"
+    )
+
+
+def require_world_size(tensor: int, pipeline: int, world_size: int) -> None:
+    """Exits with status 2 and one line (world_size_mismatch) where the launcher started
+    another number of processes than the layout needs: said before the rendezvous."""
+    problem = world_size_mismatch(launched_world_size(os.environ), tensor, pipeline, world_size)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+
+
 def init_process_groups(
     tensor: int = 1,
     pipeline: int = 1,
@@ -157,25 +191,27 @@ def init_process_groups(
     require_tensor_groups_within_nodes(tensor)
     timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
     if not dist.is_initialized():
-        adopt_slurm_env()
-        if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        # Passed, not put in the environment: what a launcher set stays as it set it.
+        r = rendezvous(os.environ)
         if torch.cuda.is_available():  # one GPU per task: srun and torchrun start 8 a node
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            local_rank = int(r["LOCAL_RANK"])
             torch.cuda.set_device(cuda_device_index(local_rank, torch.cuda.device_count()))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
+        dist.init_process_group(
+            "nccl" if torch.cuda.is_available() else "gloo",
+            init_method=f"tcp://{r['MASTER_ADDR']}:{r['MASTER_PORT']}",
+            rank=int(r["RANK"]),
+            world_size=int(r["WORLD_SIZE"]),
+            timeout=timeout,
+        )
     global _device, _host_group
     _device = None  # the current CUDA device may have been set just now
     if _host_group is None and not _default_group_takes_cpu():
         # collective: every rank, same order
         _host_group = dist.new_group(backend="gloo", timeout=timeout)
-    if world_size is not None and dist.get_world_size() != world_size:
-        raise ValueError(
-            f"{dist.get_world_size()} processes, but parallel.tensor x pipeline x data = "
-            f"{world_size}: set parallel.data={dist.get_world_size() // (tensor * pipeline)}"
-        )
+    if world_size is not None:
+        problem = world_size_mismatch(dist.get_world_size(), tensor, pipeline, world_size)
+        if problem:
+            raise ValueError(problem)
     if not ps.model_parallel_is_initialized():
         # megatron's groups (its own default: 30 minutes) wait as long as the default one
         minutes = {"distributed_timeout_minutes": math.ceil(timeout_s / 60)} if timeout_s else {}

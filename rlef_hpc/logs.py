@@ -3,10 +3,10 @@ one line per iteration, the result table, errors. Everything else, the libraries
 (vLLM's engine and refit messages, megatron, transformers) and Python warnings (deprecations,
 "Apex is not installed"), goes to `run_dir/logs/<name>.log`; `--verbose` also shows it live.
 
-Set up at the start of each entry point (rlef-train, the rollout worker), before vLLM is
-imported: vLLM configures its own console logging at import unless told not to. C++ warnings
-bypass Python logging: importing this module lowers them to errors (TORCH_CPP_LOG_LEVEL, unless
-set; WARNING shows them).
+Set up at the start of each entry point (rlef-train, the rollout worker, rlef-eval), after
+rlef_hpc.runtime.setup(), which tells vLLM not to configure console logging of its own and
+lowers the C++ warnings that bypass Python logging to errors (TORCH_CPP_LOG_LEVEL, unless set;
+WARNING shows them).
 """
 
 from __future__ import annotations
@@ -18,11 +18,6 @@ from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-# C++ warnings (torch's, vLLM's CPU extension's "NUMA binding") print straight to stderr, out of
-# reach of the handlers below: errors only, unless set otherwise. Torch reads this once, as it
-# loads, so the entry points import this module before anything imports torch.
-os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-
 
 def process_name(kind: str) -> str:
     """`kind`, with the rank under a multi-process launch (train, train-rank3)."""
@@ -33,7 +28,6 @@ def process_name(kind: str) -> str:
 def setup(log_dir: Path, name: str, verbose: bool = False) -> Path:
     """Routes logging and warnings of this process into `log_dir/name.log` (appended: a
     resumed run keeps its history), and to stderr too when `verbose`. Returns the file."""
-    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")  # its records propagate to ours
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"{name}.log"
     handlers: list[logging.Handler] = [logging.FileHandler(path)]

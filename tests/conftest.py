@@ -10,7 +10,13 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
+from rlef_hpc import runtime
 from tests.helpers import describe_processes, in_ci, live_processes, require
+
+# The test session is an entry point like rlef-train: its process's runtime set-up, before a
+# test imports torch. (Megatron models are built in the test scripts' processes, each with
+# its own set-up.)
+runtime.setup()
 
 # Set before any executor starts: the hostile suite checks that no test can read it.
 os.environ["RLEF_TEST_SECRET"] = "hunter2-do-not-leak"

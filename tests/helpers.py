@@ -116,7 +116,6 @@ TINY_TRAIN = [
     "rollout.samples_per_problem=2",
     "rollout.max_tokens=40",
     "update.num_minibatches=2",
-    "update.micro_batch_size=4",
     "eval.rollouts_per_problem=1",
     "eval.metrics=[{name: 1@3}]",  # one rollout per problem estimates 1@3 only
     "optim.lr=1e-4",

@@ -9,14 +9,7 @@ import pytest
 import torch
 
 from rlef_hpc.rl import ppo
-from rlef_hpc.rl.batching import (
-    MicroBatch,
-    bucketed_plan,
-    padded_plan,
-    padding_fraction,
-    round_up,
-    split_to,
-)
+from rlef_hpc.rl.batching import MicroBatch, bucketed_plan, padding_fraction, round_up, split_to
 
 
 def rlef_lengths(n: int, seed: int) -> list[int]:
@@ -46,7 +39,7 @@ def test_bucketed_plan_pads_little_where_fixed_micro_batches_pad_much():
     lengths = rlef_lengths(64, seed=0)
     rows = list(range(64))
     bucketed = bucketed_plan(rows, lengths, 4096)
-    padded = padded_plan(rows, 8, max(lengths))
+    padded = [MicroBatch(tuple(rows[i : i + 8]), max(lengths)) for i in range(0, 64, 8)]
     assert padding_fraction([(bucketed, lengths)]) < 0.1
     assert padding_fraction([(padded, lengths)]) > 0.3
 
@@ -56,12 +49,6 @@ def test_a_row_longer_than_the_budget_runs_alone():
     plan = bucketed_plan([0, 1, 2, 3], lengths, 1024, multiple=16)
     assert plan[0] == MicroBatch((0,), 5008)
     check_plan(plan, [0, 1, 2, 3], lengths, 1024, 16)
-
-
-def test_padded_plan_is_fixed_rows_in_order_at_the_batch_length():
-    assert padded_plan([4, 5, 6, 7], 2, 32) == [MicroBatch((4, 5), 32), MicroBatch((6, 7), 32)]
-    with pytest.raises(ValueError, match="micro_batch_size=3"):
-        padded_plan([0, 1, 2, 3], 3, 32)
 
 
 def test_split_to_reaches_the_count_other_ranks_need():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,7 +77,14 @@ def test_overrides_are_typed_and_nested():
         (["run.dir"], "expected KEY=VALUE"),
         (["rollout.samples_per_problem=5"], "rollout.samples_per_problem=5 must divide"),
         (["ppo.clip=-1"], "ppo.clip must be non-negative"),
-        (["run.keep_last=0"], "run.keep_last must be positive"),
+        (["run.keep_last=0"], "run.keep_last must be at least 1, got 0"),
+        (["run.iterations=-1"], "run.iterations must not be negative, got -1"),
+        (["rollout.samples_per_problem=0"], "rollout.samples_per_problem must be at least 1, got"),
+        (["update.num_minibatches=0"], "update.num_minibatches must be at least 1, got 0"),
+        (["rollout.weights.timeout_s=0"], "rollout.weights.timeout_s must be above 0, got 0.0"),
+        (["rollout.temperature=0"], "rollout.temperature must be above 0 for training, got 0.0"),
+        (["optim.betas=[0.9, 1.5]"], "optim.betas must each be in [0, 1), got (0.9, 1.5)"),
+        (["data.test_problems=-1"], "data.test_problems must not be negative, got -1"),
         (["eval.max_turns=0"], "eval.max_turns must be at least 1, got 0"),
         (["data.curriculum=hard"], "data.curriculum: 'hard' is not one of 'basic', 'feedback'"),
         (
@@ -96,8 +104,29 @@ def test_overrides_are_typed_and_nested():
     ],
 )
 def test_bad_configs_name_the_key(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load(TrainConfig, None, overrides)
+
+
+def test_each_group_checks_its_own_fields_where_it_is_made():
+    """A group refuses its bad values itself (naming the key as a config file spells it),
+    whoever makes it: the loader, a test, another entry point."""
+    from rlef_hpc.rl.optim import OptimConfig
+    from rlef_hpc.rollout.config import RolloutConfig, WeightsConfig
+    from rlef_hpc.train.config import EvalConfig, RunConfig, UpdateConfig
+
+    for make, message in [
+        (lambda: RunConfig(checkpoint_every=0), "run.checkpoint_every must be at least 1, got 0"),
+        (lambda: RunConfig(eval_every=3, checkpoint_every=2), "run.eval_every=3 must be a mul"),
+        (lambda: UpdateConfig(micro_batch_tokens=0), "update.micro_batch_tokens must be at le"),
+        (lambda: RolloutConfig(shard_rollouts=6), "rollout.samples_per_problem=4 must divide"),
+        (lambda: WeightsConfig(join_wait_s=-1), "rollout.weights.join_wait_s must not be neg"),
+        (lambda: EvalConfig(max_turns=0), "eval.max_turns must be at least 1, got 0"),
+        (lambda: OptimConfig(lr=-1.0), "optim.lr must not be negative, got -1.0"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            make()
+    assert RunConfig(iterations=0).iterations == 0  # accepted: evaluate the initial policy only
 
 
 COLOCATED_TP = ["parallel.tensor", "parallel.pipeline", "rollout.layout=colocated"]
@@ -178,3 +207,55 @@ def test_cli_refuses_a_colocated_tensor_parallel_run_before_writing_anything(tmp
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("rlef-train: error:")
     assert all(k in proc.stderr for k in COLOCATED_TP), proc.stderr
     assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["precision.dtype=bfloat16", "precision.fp8=e4m3"],
+            "rlef-train: error: precision.fp8 needs a GPU with compute capability >= 8.9",
+        ),
+        (["rollout.quantization=fp8"], "rlef-train: error: rollout.quantization=fp8 needs a GPU"),
+        (["parallel.data=2"], "error: 1 processes, but parallel.tensor x pipeline x data = 2"),
+    ],
+    ids=["fp8", "engine-fp8", "world-size"],
+)
+def test_cli_refuses_what_this_machine_or_launch_cannot_run_before_building(
+    tmp_path, overrides, message
+):
+    """What only the machine or the launch can tell (no FP8 GPU here; one process for a layout
+    of two) is one line and exit 2 before anything is built or written, as a bad key is."""
+    if any("fp8" in o for o in overrides) and torch_cuda_capability() >= (8, 9):
+        pytest.skip("this machine has an FP8 GPU")
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlef_hpc.train.cli", str(CONFIGS / "demo_cpu.yaml"),
+         *overrides, f"run.dir={run}"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(message), proc.stderr
+    assert not run.exists()
+
+
+def torch_cuda_capability() -> tuple[int, int]:
+    import torch
+
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
+
+
+def test_rollout_worker_refuses_fp8_without_an_fp8_gpu_before_waiting(tmp_path):
+    """It used to wait for the trainer's weights (up to rollout.shard_timeout_s) and refuse
+    only when it built its engine."""
+    if torch_cuda_capability() >= (8, 9):
+        pytest.skip("this machine has an FP8 GPU")
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlef_hpc.train.rollout_worker", str(CONFIGS / "demo_cpu.yaml"),
+         "0", "rollout.layout=disaggregated", "rollout.quantization=fp8", f"run.dir={run}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith("rlef-rollout-worker: error: rollout.quantization=fp8 needs")
+    assert proc.stderr.count("\n") == 1 and not run.exists()

@@ -53,18 +53,20 @@ def test_init_process_groups_gives_the_timeout_to_torch_distributed(monkeypatch)
 
     seen = {}
 
-    def init_process_group(backend: str, timeout: timedelta | None = None) -> None:
-        seen.update(backend=backend, timeout=timeout)
+    def init_process_group(backend: str, timeout: timedelta | None = None, **rendezvous) -> None:
+        seen.update(backend=backend, timeout=timeout, **rendezvous)
         raise Stop
 
     monkeypatch.delenv("SLURM_GPUS_ON_NODE", raising=False)
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
+    launcher = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="h", MASTER_PORT="7")
+    for key, value in launcher.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", init_process_group)
     with pytest.raises(Stop):
         init_process_groups(1, 1, 1, timeout_s=4200.0)
     assert seen["timeout"] == timedelta(seconds=4200)
+    assert seen["init_method"] == "tcp://h:7" and (seen["rank"], seen["world_size"]) == (0, 1)
 
 
 @pytest.mark.parametrize("job", ["train", "rollout"])

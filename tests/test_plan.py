@@ -196,14 +196,14 @@ def test_released_shapes_have_their_published_sizes():
 def test_fp32_activations_are_twice_bf16s():
     """The activation formula's bytes are 16-bit activations'; fp32 training holds 4 bytes each
     (the fp32 logits and the token ids are the same either way)."""
-    overrides = ["update.batching=padded", "update.micro_batch_size=2"]
+    job = load(JobConfig, None, [])
+    seq = job.episodes.max_turns * (job.rollout.max_tokens + 1024)
+    overrides = [f"update.micro_batch_tokens={2 * seq}"]  # two rows of the longest episode
 
     def activations(dtype: str) -> float:
         return plan(load(JobConfig, None, [*overrides, f"precision.dtype={dtype}"])).trainer[
             "activations"
         ]
 
-    job = load(JobConfig, None, overrides)
-    seq = job.episodes.max_turns * (job.rollout.max_tokens + 1024)
     same = seq * 2 * (job.model.tokenizer_vocab * 4 + 8)  # logits (fp32) and token ids
     assert activations("float32") - same == pytest.approx(2 * (activations("bfloat16") - same))

@@ -1,6 +1,7 @@
 """One PPO update under TP=2, PP=2, TP2xPP2 and DP=2 gives the losses and weights of TP=1, and
-bucketed micro-batches (sorted by length, cut by a token budget, each padded to its own
-longest row) give those of fixed-size ones padded to the batch's length."""
+its micro-batches (sorted by length, cut by a token budget, each padded to its own longest row,
+logits only where a response token is predicted) give those of one pass per minibatch over
+every position's logits."""
 
 from __future__ import annotations
 
@@ -13,15 +14,15 @@ from tests.helpers import torchrun as torchrun_script
 SCRIPT = script("ppo_update")
 
 pytestmark = pytest.mark.multiprocess  # tests/scripts/ppo_update.py under torchrun
-# name: (tensor, pipeline, processes, batching)
+# name: (tensor, pipeline, processes, whole minibatches)
 LAYOUTS = {
-    "tp1": (1, 1, 1, "bucketed"),
-    "tp2": (2, 1, 2, "bucketed"),
-    "pp2": (1, 2, 2, "bucketed"),
-    "tp2pp2": (2, 2, 4, "bucketed"),
-    "dp2": (1, 1, 2, "bucketed"),
-    "tp1_padded": (1, 1, 1, "padded"),
-    "pp2_padded": (1, 2, 2, "padded"),
+    "tp1": (1, 1, 1, False),
+    "tp2": (2, 1, 2, False),
+    "pp2": (1, 2, 2, False),
+    "tp2pp2": (2, 2, 4, False),
+    "dp2": (1, 1, 2, False),
+    "tp1_whole": (1, 1, 1, True),
+    "pp2_whole": (1, 2, 2, True),
 }
 TOLERANCE = {"atol": 1e-5, "rtol": 1e-4}
 
@@ -36,10 +37,10 @@ def results(tmp_path_factory) -> dict[str, dict]:
     init = tmp / "init.pt"
     torchrun(1, "--make-init", str(init))
     out = {}
-    for name, (tp, pp, nproc, batching) in LAYOUTS.items():
+    for name, (tp, pp, nproc, whole) in LAYOUTS.items():
         torchrun(
             nproc,
-            *("--tp", tp, "--pp", pp, "--batching", batching),
+            *("--tp", tp, "--pp", pp, *(["--whole"] if whole else [])),
             *("--init", init, "--out", tmp / name),
         )
         stages = [torch.load(f"{tmp / name}.stage{s}") for s in range(pp)]
@@ -81,12 +82,13 @@ def test_layout_matches_tp1(results, layout):
 
 
 @pytest.mark.parametrize("layout", ["tp1", "pp2"])
-def test_bucketed_batching_matches_padded(results, layout):
-    """The same minibatches in other micro-batches, cut to their rows' lengths (tokens after a
-    row's last response are never run): the same losses, metrics and updated weights."""
-    padded, bucketed = results[f"{layout}_padded"], results[layout]
-    assert_same_update(padded, bucketed)
-    assert bucketed["metrics"]["padding_fraction"] < padded["metrics"]["padding_fraction"]
+def test_micro_batches_and_selected_logits_match_whole_minibatches(results, layout):
+    """The same minibatches in micro-batches cut to their rows' lengths (tokens after a row's
+    last response are never run), with logits at the response tokens only: the losses,
+    metrics and updated weights of one pass per minibatch over every position's logits."""
+    whole, cut = results[f"{layout}_whole"], results[layout]
+    assert_same_update(whole, cut)
+    assert cut["metrics"]["padding_fraction"] < whole["metrics"]["padding_fraction"]
 
 
 @pytest.mark.parametrize("layout", ["pp2", "tp2pp2"])

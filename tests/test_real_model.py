@@ -85,7 +85,6 @@ RUN = [
     "rollout.max_tokens=48",
     "episodes.max_turns=2",
     "update.num_minibatches=1",
-    "update.micro_batch_size=4",
     "eval.rollouts_per_problem=1",
     "eval.max_turns=1",
     "eval.metrics=[{name: 1@1}]",

@@ -6,10 +6,14 @@ python tools/convert_from_hf.py HF_DIR OUT_DIR [--no-value-model]
 import argparse
 import sys
 
-from rlef_hpc.checkpoint.convert import CheckpointError, import_hf
+from rlef_hpc import runtime
 
 
 def main() -> int:
+    runtime.setup()
+    runtime.setup_megatron()
+    from rlef_hpc.checkpoint.convert import CheckpointError, import_hf
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("hf_dir")
     p.add_argument("out_dir")

@@ -6,10 +6,14 @@ python tools/convert_to_hf.py CKPT_DIR OUT_DIR [--dtype bfloat16] [--value-model
 import argparse
 import sys
 
-from rlef_hpc.checkpoint.convert import CheckpointError, export_hf
+from rlef_hpc import runtime
 
 
 def main() -> int:
+    runtime.setup()
+    runtime.setup_megatron()
+    from rlef_hpc.checkpoint.convert import CheckpointError, export_hf
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("ckpt_dir")
     p.add_argument("out_dir")

@@ -18,10 +18,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rlef_hpc import runtime
 from rlef_hpc.eval.analysis import comparison_tables, parse_feedback_modes, plot_budgets
 
 
 def main(argv: list[str] | None = None) -> int:
+    runtime.setup()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("before", type=Path, help="model directory or answers file")
     p.add_argument("after", type=Path, help="model directory or answers file")

@@ -9,10 +9,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from rlef_hpc.checkpoint.gguf import CheckpointError, real_model_dir
+from rlef_hpc import runtime
 
 
 def main() -> int:
+    runtime.setup()
+    from rlef_hpc.checkpoint.gguf import CheckpointError, real_model_dir
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache", type=Path)
     args = p.parse_args()

@@ -2,7 +2,10 @@
 
 import sys
 
-from rlef_hpc.launch.plan import main
+from rlef_hpc import runtime
 
 if __name__ == "__main__":
+    runtime.setup()
+    from rlef_hpc.launch.plan import main
+
     sys.exit(main())

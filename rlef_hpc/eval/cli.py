@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from rlef_hpc import logs  # before torch loads: it quiets C++ warnings
+from rlef_hpc import logs, runtime
 from rlef_hpc.data.bundled import BUNDLED
 from rlef_hpc.jsonl import JsonLinesError, iter_jsonl
 
@@ -104,6 +104,7 @@ def read_answers(path: Path, names: set[str]) -> dict[str, list[list[str]]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    runtime.setup()  # before anything loads torch
     parser = build_parser()
     args = parser.parse_args(argv)
     from rlef_hpc.data.codecontests import ProblemFormatError, load_problems

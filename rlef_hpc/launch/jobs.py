@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlef_hpc import runtime
 from rlef_hpc.config import from_dict
 from rlef_hpc.launch.config import JobConfig
-from rlef_hpc.train.config import TrainConfig
+from rlef_hpc.train.config import TrainConfig, check_machine
 
 
 def requeue_this_job() -> None:
@@ -57,10 +58,13 @@ class TrainJob:
     config: dict[str, Any]
 
     def __call__(self) -> dict[str, Any]:
+        runtime.setup()
         from rlef_hpc.train.loop import train
         from rlef_hpc.train.preemption import Preempted
 
         cfg = from_dict(JobConfig, self.config)
+        check_machine(cfg)  # before anything is built: FP8 against this node's GPU
+        runtime.setup_megatron()
         try:
             result = train(cfg)
         except Preempted as stop:
@@ -79,6 +83,7 @@ class RolloutJob:
     worker: int
 
     def __call__(self) -> int:
+        runtime.setup()
         from rlef_hpc.train.rollout_worker import install_stop_handlers, run_worker
 
         install_stop_handlers(_requeue_unless_sigterm)
@@ -94,6 +99,8 @@ class EvalJob:
     follow: bool = False
 
     def __call__(self) -> dict[str, Any]:
+        runtime.setup()
+        runtime.setup_megatron()  # checkpoints are exported to HF through megatron models
         return evaluate_run(from_dict(JobConfig, self.config), follow=self.follow)
 
     def checkpoint(self) -> Any:  # requeued: results.jsonl says what is already done
@@ -239,6 +246,7 @@ def evaluate_run(cfg: TrainConfig, follow: bool = False, poll_s: float = 30.0) -
 
 def main(argv: list[str] | None = None) -> int:
     """python -m rlef_hpc.launch.jobs eval CONFIG [KEY=VALUE ...]: what slurm/eval.sh runs."""
+    runtime.setup()
     import argparse
 
     from rlef_hpc.config import load_or_exit
@@ -252,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     cfg = load_or_exit(p, JobConfig, args.config, args.overrides)
+    runtime.setup_megatron()  # checkpoints are exported to HF through megatron models
     from rlef_hpc.data.codecontests import ProblemFormatError
 
     try:

@@ -93,9 +93,8 @@ class Plan:
             )
         term = self.dominant()
         knob = {
-            "activations": "set precision.recompute=full, lower update.micro_batch_tokens "
-            "(update.micro_batch_size under update.batching=padded) or rollout.max_tokens, or "
-            "raise parallel.tensor",
+            "activations": "set precision.recompute=full, lower update.micro_batch_tokens or "
+            "rollout.max_tokens, or raise parallel.tensor",
             "vLLM (colocated)": "lower rollout.gpu_memory_utilization, or use "
             "rollout.layout=disaggregated",
         }.get(
@@ -171,10 +170,9 @@ def plan(cfg: JobConfig) -> Plan:
     n = shard_parameters(mc, p.tensor, p.pipeline)
     seq = cfg.episodes.max_turns * (r.max_tokens + PROMPT_TOKENS_PER_TURN)
     u, h = cfg.update, mc.hidden_size
-    # Rows of the longest episode's length per micro-batch: fixed under padded batching; a
-    # token budget under bucketed, which the longest episode exceeds alone (every term below
-    # is linear in seq * b, the micro-batch's tokens).
-    b = u.micro_batch_size if u.batching == "padded" else max(u.micro_batch_tokens, seq) / seq
+    # Rows of the longest episode's length per micro-batch: a token budget, which the longest
+    # episode exceeds alone (every term below is linear in seq * b, the micro-batch's tokens).
+    b = max(u.micro_batch_tokens, seq) / seq
     in_flight = p.pipeline  # 1F1B: the first stage holds one micro-batch per stage
     layers = mc.num_layers / p.pipeline * in_flight
     # Korthikanti et al.'s bytes are those of 16-bit activations: fp32 training holds twice

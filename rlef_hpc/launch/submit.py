@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -138,6 +137,11 @@ def _submitter(
     )
     if gpus:
         params["gpus_per_node"] = gpus
+    # The job inherits the submitting shell's environment (sbatch's --export=ALL). A
+    # rendezvous address set there describes that machine, not the job's first node, and a
+    # port free there may be taken here by then (srun itself listens on ephemeral ports): the
+    # job derives its own (rlef_hpc.dist_env.torch_env_from_slurm).
+    params["setup"] = ["unset MASTER_ADDR MASTER_PORT"]
     if s.partition:
         params["partition"] = s.partition
     submitter.update_parameters(**params)
@@ -233,12 +237,6 @@ def submit(cfg: JobConfig) -> dict[str, Any]:
 
     config = to_dict(cfg)
     by_job = submitters(cfg)
-    # The jobs inherit this environment (sbatch's --export=ALL). A rendezvous address set
-    # here describes this machine, not the job's first node, and a port free here may be
-    # taken there by then (srun itself listens on ephemeral ports): each job derives its own
-    # (rlef_hpc.dist_env.torch_env_from_slurm).
-    for name in ("MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(name, None)
     jobs: dict[str, Any] = {"submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}
     train = by_job["train"].submit(TrainJob(config))
     jobs["train"] = train.job_id

@@ -223,9 +223,9 @@ def build_gpt(model: ModelConfig, precision: PrecisionConfig, value: bool = Fals
     from megatron.core.models.gpt import GPTModel
 
     from rlef_hpc.models import megatron_compat
-
-    megatron_compat.install()
     from rlef_hpc.models.config import ParallelConfig, check
+
+    megatron_compat.require_installed()
 
     kernels = available_kernels()
     check(

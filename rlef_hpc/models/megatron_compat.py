@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -44,6 +45,8 @@ TYPE_CHECKING_MODULES = frozenset(
     )
 )
 _installed = False
+# megatron's import-time warnings that Transformer Engine and apex are absent (0.16.1's words).
+NOT_INSTALLED = r"(Transformer Engine and )?Apex (are|is) not installed"
 
 
 def _cpu_device(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -103,20 +106,25 @@ def _patch_type_names() -> None:
 
 
 def install() -> None:
-    """Idempotent; does nothing where CUDA exists."""
+    """Idempotent; does nothing where CUDA exists. Called by rlef_hpc.runtime.setup_megatron()
+    at the entry points, never implicitly: it patches torch.Tensor.type process-wide."""
     global _installed
     if _installed or torch.cuda.is_available():
         return
-    import megatron.core
+    with warnings.catch_warnings():
+        # Imported without CUDA, megatron warns that TE and apex are missing, which on a CPU
+        # they always are (neither builds without CUDA): noise on every tool's terminal.
+        warnings.filterwarnings("ignore", NOT_INSTALLED, UserWarning)
+        import megatron.core
 
-    if megatron.core.__version__ not in SUPPORTED:
-        raise RuntimeError(
-            f"megatron-core {megatron.core.__version__} on CPU: the shims in {__name__} were "
-            f"written for {', '.join(SUPPORTED)}; check them against this version first"
-        )
+        if megatron.core.__version__ not in SUPPORTED:
+            raise RuntimeError(
+                f"megatron-core {megatron.core.__version__} on CPU: the shims in {__name__} were "
+                f"written for {', '.join(SUPPORTED)}; check them against this version first"
+            )
+        modules = [importlib.import_module(name) for name in PATCHED_MODULES]
     proxy = _TorchOnCpu()
-    for name in PATCHED_MODULES:
-        module = importlib.import_module(name)
+    for module in modules:
         if getattr(module, "torch", None) is torch:
             module.torch = proxy
     _patch_type_names()
@@ -127,10 +135,20 @@ def install() -> None:
     _installed = True
 
 
+def require_installed() -> None:
+    """Raises, naming the fix, where megatron would run on a CPU without the shims (its first
+    CUDA call would fail far from the cause)."""
+    if not _installed and not torch.cuda.is_available():
+        raise RuntimeError(
+            "megatron-core on a CPU needs its shims: call rlef_hpc.runtime.setup_megatron() "
+            "at the entry point"
+        )
+
+
 def seed(value: int) -> None:
     """Seeds torch and megatron's model-parallel RNG tracker (CPU or CUDA alike)."""
     from megatron.core import tensor_parallel
 
-    install()
+    require_installed()
     torch.manual_seed(value)
     tensor_parallel.model_parallel_cuda_manual_seed(value)

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from rlef_hpc.config import require_at_least, require_positive
 from rlef_hpc.models.gpt import Kernels, available_kernels
 
 
@@ -25,6 +26,13 @@ class OptimConfig:
     eps: float = 1e-8
     # Adam's moments and fp32 master weights sharded over data-parallel ranks (ZeRO-1).
     distributed_optimizer: bool = True
+
+    def __post_init__(self) -> None:
+        # grad_clip 0: no clipping (megatron clips only above 0)
+        require_at_least("optim", self, lr=0, weight_decay=0, warmup_steps=0, grad_clip=0)
+        require_positive("optim", self, "eps")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must each be in [0, 1), got {self.betas}")
 
 
 @dataclass

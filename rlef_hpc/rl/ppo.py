@@ -78,6 +78,48 @@ class PPOBatch:
 TOKEN_FIELDS = frozenset({"tokens", "response_mask", "turn_of_token", "logp_behaviour"})
 
 
+@dataclass(frozen=True)
+class Targets:
+    """What one micro-batch's losses compare against: its rows of the step's Prepared
+    (logp_old cut to its length) and its minibatch's normalisers."""
+
+    logp_old: torch.Tensor  # [b, length]
+    values_old: torch.Tensor  # [b, K]
+    returns: torch.Tensor  # [b, K]
+    adv: torch.Tensor  # [b, K]
+    num_tokens: torch.Tensor  # the minibatch's response tokens, over all data-parallel ranks
+    num_turns: torch.Tensor  # its turns, likewise
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a step fixes before its minibatch updates, on the batch (this data-parallel
+    rank's share): pi_old's and the frozen reference's log-probs, V_old, the returns and
+    advantages (normalised over every rank's turns), the per-turn KL estimate, and each
+    minibatch's loss normalisers."""
+
+    logp_old: torch.Tensor  # [B, T]
+    logp_ref: torch.Tensor  # [B, T]
+    values_old: torch.Tensor  # [B, K]
+    returns: torch.Tensor  # [B, K]
+    adv: torch.Tensor  # [B, K]
+    kl: torch.Tensor  # [B, K]
+    explained_variance: float
+    num_tokens: torch.Tensor  # [minibatches], float64: response tokens over all DP ranks
+    num_turns: torch.Tensor  # [minibatches], float64: turns, likewise
+
+    def targets(self, rows: torch.Tensor, length: int, minibatch: int) -> Targets:
+        """Rows `rows` (of minibatch `minibatch`), cut to `length` positions."""
+        return Targets(
+            self.logp_old[:, :length][rows],
+            self.values_old[rows],
+            self.returns[rows],
+            self.adv[rows],
+            self.num_tokens[minibatch],
+            self.num_turns[minibatch],
+        )
+
+
 def row_lengths(batch: PPOBatch) -> torch.Tensor:
     """[B]: the positions of each sequence that the policy's losses read, through its last
     response token or value index, whichever is later (at least 1). Under causal attention

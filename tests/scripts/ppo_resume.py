@@ -128,7 +128,6 @@ def main() -> None:
         reference,
         PPOConfig(),
         OptimConfig(lr=1e-4, warmup_steps=3, grad_clip=1.0),
-        micro_batch_size=1,
     )
     models = [(name, t.module, t.optimizer) for name, t in update.trainables.items()]
     schedulers = {name: t.scheduler for name, t in update.trainables.items()}
@@ -207,4 +206,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from rlef_hpc import runtime
+
+    runtime.setup()
+    runtime.setup_megatron()
     main()

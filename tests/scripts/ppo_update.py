@@ -1,7 +1,7 @@
 """One PPO update on a fixed batch under a given layout (run by torchrun from test_ppo_update).
 
 torchrun --nproc-per-node N tests/scripts/ppo_update.py --tp T --pp P --init init.pt --out out.pt \
-    [--batching padded|bucketed]
+    [--whole]
 python tests/scripts/ppo_update.py --make-init init.pt
 """
 
@@ -32,7 +32,8 @@ MODEL = ModelConfig(
 )
 BATCH, SEQ = 8, 24
 # Each row's turns (response spans): rows of 6 to 24 positions, one to three turns, random
-# tokens after the last response (what bucketed batching cuts off and padded batching runs).
+# tokens after the last response (what micro-batches cut off, and --whole runs up to its
+# minibatch's longest row).
 SPANS = [
     [(3, 7), (12, 20)],
     [(4, 12)],
@@ -43,8 +44,8 @@ SPANS = [
     [(4, 9), (11, 14)],
     [(6, 24)],
 ]
-# Tokens per micro-batch under bucketed batching: with the rows above, one or two rows each,
-# and data-parallel ranks that need different numbers of micro-batches for a minibatch.
+# Tokens per micro-batch: with the rows above, one or two rows each, and data-parallel ranks
+# that need different numbers of micro-batches for a minibatch.
 MICRO_BATCH_TOKENS = 32
 
 
@@ -98,7 +99,6 @@ def reinforce(policy, value, reference, reward: float) -> None:
         reference,
         PPOConfig(),
         OptimConfig(lr=1e-3, warmup_steps=1),
-        micro_batch_size=2,
     )
     update.step(batch)
     print(f"logp(X) {before:.6f} -> {answer_logprob(policy, rows[0]):.6f}")
@@ -121,7 +121,11 @@ def main() -> None:
     p.add_argument("--out")
     p.add_argument("--make-init")
     p.add_argument("--direction", type=float, help="reward of the answer to reinforce (+1 or -1)")
-    p.add_argument("--batching", choices=("padded", "bucketed"), default="bucketed")
+    p.add_argument(
+        "--whole",
+        action="store_true",
+        help="each minibatch in one micro-batch, with every position's logits (the baseline)",
+    )
     args = p.parse_args()
     dp = int(os.environ.get("WORLD_SIZE", "1")) // (args.tp * args.pp)
     validate(MODEL, ParallelConfig(args.tp, args.pp, dp), PrecisionConfig())  # before any group
@@ -163,9 +167,8 @@ def main() -> None:
         # Small enough that Adam's update (~lr * sign) keeps layout rounding differences
         # below the comparison's 1e-5; large enough that every weight visibly moves.
         OptimConfig(lr=1e-4, warmup_steps=1, grad_clip=1.0),
-        micro_batch_size=1,
-        batching=args.batching,
-        micro_batch_tokens=MICRO_BATCH_TOKENS,
+        micro_batch_tokens=BATCH * SEQ if args.whole else MICRO_BATCH_TOKENS,
+        select_logits=not args.whole,
     )
     metrics = update.step(mine, num_minibatches=2)
     # How much of Adam's state this rank holds (the distributed optimizer shards it over DP).
@@ -183,4 +186,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from rlef_hpc import runtime
+
+    runtime.setup()
+    runtime.setup_megatron()
     main()

@@ -99,4 +99,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from rlef_hpc import runtime
+
+    runtime.setup()
+    runtime.setup_megatron()
     main()

@@ -42,4 +42,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from rlef_hpc import runtime
+
+    runtime.setup()
     main()
