@@ -14,6 +14,7 @@ import resource
 import shutil
 from collections.abc import Sequence
 
+from rlef_hpc import atomic
 from rlef_hpc.sandbox import _executor
 
 CXX = "g++"
@@ -130,8 +131,8 @@ class Compiler:
     def _build_toolchain(self) -> None:
         if not os.path.exists(self.guard):
             src = os.path.join(os.path.dirname(__file__), "exec_guard.c")
-            _check(["gcc", "-O2", "-c", src, "-o", self.guard + ".tmp"], self.workdir)
-            os.rename(self.guard + ".tmp", self.guard)
+            with atomic.replacing(self.guard) as tmp:
+                _check(["gcc", "-O2", "-c", src, "-o", str(tmp)], self.workdir)
         pch = os.path.join(self.dir, "pch", "bits", "stdc++.h.gch")
         if not os.path.exists(pch):
             probe = os.path.join(self.workdir, "probe.cpp")
@@ -140,8 +141,8 @@ class Compiler:
             deps = _check([CXX, *CXX_FLAGS, "-M", probe], self.workdir).decode().split()
             os.unlink(probe)
             header = next(d for d in deps if d.endswith("bits/stdc++.h"))
-            _check([CXX, *CXX_FLAGS, "-x", "c++-header", header, "-o", pch + ".tmp"], self.workdir)
-            os.rename(pch + ".tmp", pch)
+            with atomic.replacing(pch) as tmp:
+                _check([CXX, *CXX_FLAGS, "-x", "c++-header", header, "-o", str(tmp)], self.workdir)
 
     def binary(self, source: str) -> str:
         """Path of the compiled, cached binary for `source`; raises CompileError."""
@@ -181,15 +182,13 @@ class Compiler:
                 # Not the solution's fault (no compiler, no memory, a broken toolchain): never
                 # cache it as a compile error, let the caller see it.
                 raise RuntimeError(f"C++ toolchain failed ({code}): {err.decode(errors='replace')}")
-            tmp = f"{cached if code == 0 else failed}.{os.getpid()}.tmp"
-            if code == 0:
-                shutil.copyfile(out, tmp)
-                os.chmod(tmp, 0o755)
-            else:
-                text = err.decode(errors="replace").replace(pch_dir + "/", "")
-                with open(tmp, "w") as f:
-                    f.write(text or f"compiler exited with status {code}\n")
-            os.rename(tmp, cached if code == 0 else failed)
+            with atomic.replacing(cached if code == 0 else failed) as tmp:
+                if code == 0:
+                    shutil.copyfile(out, tmp)
+                    os.chmod(tmp, 0o755)
+                else:
+                    text = err.decode(errors="replace").replace(pch_dir + "/", "")
+                    tmp.write_text(text or f"compiler exited with status {code}\n")
         finally:
             for p in (src, out):
                 if os.path.exists(p):
