@@ -67,9 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             p.exit(2, f"{p.prog}: error: {e}\n")
     logs.setup(Path(cfg.run.dir) / "logs", logs.process_name("train"), args.verbose)
+    from rlef_hpc.checkpoint.hf_dir import CheckpointError
     from rlef_hpc.train.loop import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except CheckpointError as e:  # a full disk, no intact checkpoint: said once, on rank 0
+        p.exit(2, f"{p.prog}: error: {e}\n" if logs.process_name("") == "" else None)
     return 0
 
 
