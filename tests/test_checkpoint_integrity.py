@@ -150,8 +150,25 @@ def test_a_resume_sets_damaged_checkpoints_aside_and_takes_the_newest_intact(tmp
     assert (run / "latest").read_text().strip() == "1"
     assert training.status_lines(run) == [
         "checkpoint: iter_0000001",
-        "set aside as damaged: iter_0000002 (policy/__0_0.distcp: SHA-256 differs from when "
-        f"it was saved), in {run / 'damaged' / 'iter_0000002'}",
         "set aside as damaged: iter_0000003 (policy/__1_0.distcp: 10 bytes, 2000 when saved), "
         f"in {run / 'damaged' / 'iter_0000003'}",
+        "set aside as damaged: iter_0000002 (policy/__0_0.distcp: SHA-256 differs from when "
+        f"it was saved), in {run / 'damaged' / 'iter_0000002'}",
+    ]
+
+
+def test_a_checkpoint_set_aside_again_keeps_the_first(tmp_path):
+    for n in (1, 2, 3):
+        (tmp_path / "iter_0000002").mkdir()
+        (tmp_path / "iter_0000002" / "n").write_text(str(n))
+        training._set_aside(tmp_path, tmp_path / "iter_0000002", [f"problem {n}"])
+    damaged = tmp_path / training.DAMAGED
+    assert sorted(p.name for p in damaged.iterdir()) == [
+        "iter_0000002", "iter_0000002-2", "iter_0000002-2.json", "iter_0000002-3",
+        "iter_0000002-3.json", "iter_0000002.json",
+    ]  # fmt: skip
+    assert (damaged / "iter_0000002-3" / "n").read_text() == "3"
+    assert training.status_lines(tmp_path)[1:] == [
+        f"set aside as damaged: iter_0000002 (problem {n}), in {damaged / name}"
+        for n, name in ((1, "iter_0000002"), (2, "iter_0000002-2"), (3, "iter_0000002-3"))
     ]

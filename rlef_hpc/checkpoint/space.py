@@ -9,6 +9,9 @@ import os
 import shutil
 from pathlib import Path
 
+# Less free than this after a failed write: the filesystem is full, whatever the error said.
+FULL = 1 << 20
+
 
 def human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):

@@ -132,15 +132,22 @@ class _Attempt:
 
     def run(self, step: Callable[[], Any]) -> None:
         """Collective: `step()` here, then every rank raises if it failed on any."""
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
         error = None
         try:
             step()
-        except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - every rank must hear of it
             error = e
         self.agree(error)
 
     def agree(self, error: BaseException | None) -> None:
-        failed = torch.tensor([int(error is not None), int(space.no_space(error))])
+        # A full disk: ENOSPC somewhere in the error, or (torch's zip writer reports a short
+        # write without errno: "unexpected pos") the filesystem as good as full now.
+        full = space.no_space(error) or (
+            error is not None and self.rank == 0 and space.free(self.run_dir) < space.FULL
+        )
+        failed = torch.tensor([int(error is not None), int(full)])
         dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=host_group())
         if not failed[0]:
             return
@@ -167,8 +174,14 @@ class _Attempt:
         if full:
             need = space.size(self.previous) if self.previous is not None else 0
             return self._full(need, written)
-        why = f"{type(error).__name__}: {str(error).splitlines()[0]}" if error else "on a rank"
-        return f"checkpoint {self.final.name} not saved ({why[:300]}); {self._intact()}"
+        for failure in getattr(error, "failures", {}).values():  # torch's CheckpointException
+            error = failure[0]  # a rank's own error, not the summary of all
+            break
+        first = (str(error).strip().splitlines() or [""])[0]
+        why = f"{type(error).__name__}: {first}" if error is not None else ""
+        return (
+            f"checkpoint {self.final.name} not saved ({why[:300] or 'on a rank'}); {self._intact()}"
+        )
 
     def _full(self, need: int, written: int = 0) -> str:
         needed = f"about {space.human(need)}" if need else f"more than {space.human(written)}"
@@ -350,11 +363,11 @@ def _set_aside(run_dir: Path, checkpoint: Path, problems: Sequence[str]) -> Path
     aside = run_dir / DAMAGED
     aside.mkdir(exist_ok=True)
     target, n = aside / checkpoint.name, 1
-    while target.exists() or target.with_suffix(".json").exists():
+    while target.exists() or (aside / f"{target.name}.json").exists():  # set aside before
         n += 1
-        target = aside / f"{checkpoint.name}.{n}"
+        target = aside / f"{checkpoint.name}-{n}"
     atomic.write_text(
-        target.with_suffix(".json"),
+        aside / f"{target.name}.json",
         json.dumps({"checkpoint": checkpoint.name, "at": time.time(), "problems": list(problems)}),
     )
     checkpoint.rename(target)
@@ -415,13 +428,13 @@ def status_lines(run_dir: str | Path) -> list[str]:
     run_dir = Path(run_dir)
     found = committed(run_dir)
     lines = [f"checkpoint: {found[max(found)].name if found else 'none yet'}"]
-    for record in sorted((run_dir / DAMAGED).glob("*.json")):
-        damaged = json.loads(record.read_text())
+    records = {p.stem: json.loads(p.read_text()) for p in (run_dir / DAMAGED).glob("*.json")}
+    for name, damaged in sorted(records.items(), key=lambda r: (r[1]["at"], r[0])):
         problems = damaged["problems"]
         more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
         lines.append(
             f"set aside as damaged: {damaged['checkpoint']} ({problems[0]}{more}), "
-            f"in {run_dir / DAMAGED / record.stem}"
+            f"in {run_dir / DAMAGED / name}"
         )
     return lines
 
