@@ -21,6 +21,9 @@ class Verdict(enum.StrEnum):
     OUTPUT_LIMIT = "OUTPUT_LIMIT"
     COMPILE_ERROR = "COMPILE_ERROR"
     SANDBOX_VIOLATION = "SANDBOX_VIOLATION"
+    # Not a verdict on the solution: the sandbox could not run the test (its worker failed
+    # twice). A caller must not reward or punish it (see episodes.runner).
+    SANDBOX_ERROR = "SANDBOX_ERROR"
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ class TestResult:
     verdict: Verdict
     time_s: float  # CPU time of the test's process (user + system)
     wall_s: float
-    memory_kb: int  # peak resident memory the solution used (see README: measuring memory)
+    memory_kb: int  # peak resident memory the solution used (see docs/sandbox.md, Verdicts)
     output: str  # what the program printed, truncated to the executor's keep_bytes
     stderr: str  # the tail of stderr: for Python, the traceback without sandbox frames
     exit_code: int  # negative: killed by that signal
