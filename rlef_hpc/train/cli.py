@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         train(cfg)
-    except CheckpointError as e:  # a full disk, no intact checkpoint: said once, on rank 0
-        p.exit(2, f"{p.prog}: error: {e}\n" if logs.process_name("") == "" else None)
+    except CheckpointError as e:  # a full disk, no intact checkpoint: every rank raises it
+        first = logs.process_name("train") == "train"  # rank 0 says it, once
+        p.exit(2, f"{p.prog}: error: {e}\n" if first else None)
     return 0
 
 
