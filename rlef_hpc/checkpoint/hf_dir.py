@@ -385,7 +385,8 @@ def save_model(
     if dist.get_rank() == 0:
         with atomic.replacing(out, shared=True) as tmp:
             if source is None:
-                ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+                ids = {"bos_token_id": tokenizer.bos_token_id}
+                ids["eos_token_id"] = tokenizer.eos_token_id
                 write_hf_dir(tmp, weights, cfg, dtype, tokenizer, ids)
             else:  # the tokenizer is the source's: its files, chat template and generation config
                 write_hf_dir(tmp, weights, cfg, dtype, source, source=read_hf_config(source))
