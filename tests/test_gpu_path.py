@@ -158,7 +158,7 @@ class StrictAdam(torch.optim.Optimizer):
 
 
 def test_resume_workaround_only_touches_torch_adam():
-    from rlef_hpc.checkpoint.training import _init_state
+    from rlef_hpc.checkpoint.sharded_state import _init_state
 
     params = [torch.nn.Parameter(torch.ones(3))]
     fused = StrictAdam(params)

@@ -3,7 +3,8 @@ the ones still to be evaluated and the best on valid so far, whatever their age.
 
 from __future__ import annotations
 
-from rlef_hpc.checkpoint import atomic, training
+from rlef_hpc import atomic
+from rlef_hpc.checkpoint import training
 from rlef_hpc.eval.protocol import append_result, protected
 
 

@@ -45,7 +45,7 @@ def test_a_restarted_worker_continues_its_numbering_and_drops_its_partial_shard(
     store.write(3, 0, version=0, trajectories=episodes("x"))
     store.write(3, 1, version=0, trajectories=episodes("y"))
     store.claim(1, count=1, min_version=0, timeout_s=1)
-    partial = store.pending / ".w003-s000002-v00000000.pt.123.tmp"
+    partial = store.pending / ".tmp-w003-s000002-v00000000.pt.123"  # pid 123 was killed
     partial.write_bytes(b"half a shard")
     assert store.next_seq(3) == 2
     assert not partial.exists()

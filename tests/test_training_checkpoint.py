@@ -1,16 +1,19 @@
 """Training checkpoints: resume at the same layout is megatron's parallel load and continues
 bit for bit; at another layout it reshards and gives the uninterrupted run's next update;
-checkpoints in the format before still load; a save killed half-way leaves the previous
-checkpoint and `latest` intact."""
+without the distributed optimizer too; a save killed half-way leaves the previous checkpoint
+and `latest` intact; a full disk is said in one line and leaves nothing behind."""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -19,7 +22,7 @@ import torch
 
 from rlef_hpc.checkpoint import training
 from rlef_hpc.checkpoint.convert import CheckpointError
-from tests.helpers import TESTS_DIR, script, torchrun_command
+from tests.helpers import TESTS_DIR, require, script, torchrun_command
 from tests.helpers import torchrun as torchrun_script
 
 SCRIPT = script("ppo_resume")
@@ -136,7 +139,7 @@ def test_resume_at_the_same_layout_is_parallel_and_bit_identical(init, tmp_path)
         "--dump", tmp_path / "saved",
     )  # fmt: skip
     content = content_metadata(training.latest(run) / "policy")
-    assert content["distrib_optim_sharding_type"] == "dp_reshardable"
+    assert content["optimizer_format"] == "distributed"  # megatron's dp_reshardable
     assert content["layout"] == {
         "tp": 1, "pp": 1, "dp": 2, "cp": 1, "bucket_layouts": 1,
     }  # fmt: skip
@@ -160,18 +163,36 @@ def test_resume_at_the_same_layout_is_parallel_and_bit_identical(init, tmp_path)
 
 
 @pytest.mark.multiprocess
-def test_a_checkpoint_in_the_format_before_still_loads(init, tmp_path):
+def test_a_run_without_the_distributed_optimizer_resumes(init, tmp_path):
+    """optim.distributed_optimizer=false: megatron's per-parameter optimizer state (global
+    shapes) resumes bit for bit at the same layout, and at another one as the uninterrupted
+    run; a checkpoint resumed with the other setting is refused in words."""
+    plain = "--plain-optimizer"
+    torchrun(2, "--init", init, "--steps", 3, "--metrics", tmp_path / "straight.pt", plain)
     run = tmp_path / "run"
+    torchrun(2, "--init", init, "--steps", 1, "--save", run, plain)
+    content = content_metadata(training.latest(run) / "policy")
+    assert content["optimizer_format"] == "model_space"
     torchrun(
-        2, "--init", init, "--steps", 1, "--save", run, "--legacy-save",
-        "--dump", tmp_path / "saved",
+        2, "--resume", run, "--steps", 2, "--metrics", tmp_path / "resumed.pt", plain,
+        "--expect-load", "model_space",
     )  # fmt: skip
-    assert content_metadata(training.latest(run) / "policy") == training.OPTIMIZER_METADATA
+    straight = torch.load(tmp_path / "straight.pt")
+    assert torch.load(tmp_path / "resumed.pt") == straight
     torchrun(
-        2, "--resume", run, "--steps", 1, "--expect-load", "fully_reshardable",
-        "--dump-loaded", tmp_path / "loaded",
+        2, "--tp", 2, "--resume", run, "--steps", 2, "--metrics", tmp_path / "tp2.pt", plain,
+        "--expect-load", "model_space",
     )  # fmt: skip
-    assert_same_state(tmp_path / "saved", tmp_path / "loaded", 2)
+    tp2 = torch.load(tmp_path / "tp2.pt")
+    for key in ("policy_loss", "value_loss", "approx_kl", "entropy", "policy_grad_norm"):
+        assert tp2[key] == pytest.approx(straight[key], abs=1e-5), key
+    cmd, env = command(1, "--resume", run, "--steps", 1)  # with the distributed optimizer
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert (
+        "iter_0000001: saved with optim.distributed_optimizer=false, this run has true: "
+        "resume it as saved" in proc.stderr
+    )
 
 
 @pytest.mark.multiprocess
@@ -209,3 +230,72 @@ def test_not_a_checkpoint(tmp_path):
         CheckpointError, match="points to iter_0000005, which is not a complete checkpoint"
     ):
         training.latest(tmp_path)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Callable[[int], Path]]:
+    """Size-limited tmpfs filesystems (root only), unmounted after the test."""
+    mounts: list[Path] = []
+
+    def make(kilobytes: int) -> Path:
+        path = tmp_path / f"disk{len(mounts)}"
+        path.mkdir()
+        options = f"size={kilobytes}k"
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True
+        )
+        require(proc.returncode == 0, f"cannot mount a tmpfs here (root only): {proc.stderr}")
+        mounts.append(path)
+        return path
+
+    yield make
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def save_on(disk: Path, init: Path, steps: int, *args: object) -> tuple[str, str]:
+    """ppo_resume saving every step into DISK/run; its terminal output and the one line a
+    failed save said."""
+    error = disk.parent / f"{disk.name}.error"
+    cmd, env = command(
+        1, "--init", init, "--steps", steps, "--save", disk / "run", "--save-error", error, *args
+    )
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, error.read_text() if error.exists() else ""
+
+
+@pytest.mark.multiprocess
+def test_a_full_disk_is_said_in_one_line_and_leaves_nothing_behind(init, small_disk):
+    # Smaller than one checkpoint (5.6 MB at this model): the first save fails as it writes.
+    disk = small_disk(3000)
+    out, error = save_on(disk, init, 1, "--check-space", 2)
+    # Foreseen at the start, from the models (no checkpoint yet to measure).
+    assert re.search(
+        rf"warning: {disk} \(tmpfs\) has 3\.1 MB free; run\.keep_last=2 with checkpoints of "
+        r"about \d\.\d MB needs \d+\.\d MB more \(2 kept and one being written\): a save will "
+        "fail when it fills",
+        out,
+    ), out
+    assert re.fullmatch(
+        rf"checkpoint iter_0000001 not saved: no space left on {disk} \(tmpfs\): it needs more "
+        r"than \d\.\d MB, 3\.1 MB was free; no earlier checkpoint",
+        error,
+    ), error
+    assert list((disk / "run").iterdir()) == []  # the partial save is gone, its space free
+    assert shutil.disk_usage(disk).used < 100_000
+
+    # Room for one checkpoint and a killed save's leftover: the leftover goes at the first
+    # save, the second save is refused before it writes anything.
+    disk = small_disk(6500)
+    leftover = disk / "run" / ".tmp-iter_0000007"
+    leftover.mkdir(parents=True)
+    (leftover / "part").write_bytes(bytes(1_000_000))
+    _, error = save_on(disk, init, 2)
+    assert re.fullmatch(
+        rf"checkpoint iter_0000002 not saved: no space left on {disk} \(tmpfs\): it needs "
+        r"about 5\.\d MB, \d+\.\d KB was free; iter_0000001 is intact \(details: the run's log\)",
+        error,
+    ), error
+    assert sorted(p.name for p in (disk / "run").iterdir()) == ["iter_0000001", "latest"]
+    assert training.latest(disk / "run").name == "iter_0000001"

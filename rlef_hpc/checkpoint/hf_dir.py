@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 
+from rlef_hpc import atomic
 from rlef_hpc.checkpoint.hf import megatron_from_hf, megatron_to_hf
 from rlef_hpc.checkpoint.layout import full_of, global_name
 from rlef_hpc.models.config import ARCHITECTURES, ModelConfig, PrecisionConfig
@@ -273,12 +274,16 @@ class ShardWriter:
         self.size += nbytes
         self.total += nbytes
 
+    def _part(self, i: int) -> Path:
+        """Shard `i` until close() names it: the final names need the count of shards."""
+        return atomic.temporary(self.out_dir / f"part-{i}", shared=True)
+
     def _flush(self) -> None:
         from safetensors.torch import save_file
 
         save_file(
             self.pending,
-            str(self.out_dir / f"part-{len(self.files)}.tmp"),
+            str(self._part(len(self.files))),
             metadata={"format": "pt"},
         )
         self.files.append(list(self.pending))
@@ -290,7 +295,7 @@ class ShardWriter:
         weight_map = {}
         for i, names in enumerate(self.files):  # final names need the count of shards
             final = f"model-{i + 1:05d}-of-{len(self.files):05d}.safetensors"
-            os.replace(self.out_dir / f"part-{i}.tmp", self.out_dir / final)
+            os.replace(self._part(i), self.out_dir / final)
             weight_map.update(dict.fromkeys(names, final))
         index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
         (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
@@ -378,14 +383,13 @@ def save_model(
         raise ValueError("save_model writes one pipeline stage; got pipeline parallelism")
     weights = list(hf_weights(model, cfg))  # every rank takes part in the gathers
     if dist.get_rank() == 0:
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        if source is None:
-            ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-            write_hf_dir(tmp, weights, cfg, dtype, tokenizer, ids)
-        else:  # the tokenizer is the source's: its files, chat template and generation config
-            write_hf_dir(tmp, weights, cfg, dtype, source, source=read_hf_config(source))
-        os.replace(tmp, out)
+        with atomic.replacing(out, shared=True) as tmp:
+            if source is None:
+                ids = {"bos_token_id": tokenizer.bos_token_id}
+                ids["eos_token_id"] = tokenizer.eos_token_id
+                write_hf_dir(tmp, weights, cfg, dtype, tokenizer, ids)
+            else:  # the tokenizer is the source's: its files, chat template and generation config
+                write_hf_dir(tmp, weights, cfg, dtype, source, source=read_hf_config(source))
     dist.barrier()
 
 
@@ -394,11 +398,9 @@ def copy_hf_dir(src: Path, out: Path) -> None:
     it holds, e.g. Llama's original/ consolidated checkpoint), replaced atomically."""
     if not (src / "config.json").exists():
         raise CheckpointError(f"model.hf_dir={src} is not a Hugging Face model directory")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     names = ("config.json", "model.safetensors.index.json", *TOKENIZER_FILES)
-    for f in src.iterdir():
-        if f.name in names or f.suffix == ".safetensors":
-            shutil.copy(f, tmp / f.name)
-    os.replace(tmp, out)
+    with atomic.replacing(out, shared=True) as tmp:
+        tmp.mkdir(parents=True)
+        for f in src.iterdir():
+            if f.name in names or f.suffix == ".safetensors":
+                shutil.copy(f, tmp / f.name)

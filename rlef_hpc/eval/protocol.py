@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlef_hpc import atomic
 from rlef_hpc.data.problem import Problem
 from rlef_hpc.data.trajectory import Trajectory
 from rlef_hpc.eval.metrics import parse_metric
@@ -185,12 +186,6 @@ def evaluated(run_dir: str | Path) -> set[int]:
     return {r["iteration"] for r in read_results(run_dir)}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def append_result(run_dir: str | Path, record: Mapping[str, Any], select: str = "1@3") -> bool:
     """Adds `record` to results.jsonl unless its iteration is there already (an evaluation
     redone after a requeue is not counted twice), then rewrites the curve and best.json.
@@ -200,7 +195,7 @@ def append_result(run_dir: str | Path, record: Mapping[str, Any], select: str = 
         return False
     records = sorted([*records, dict(record)], key=lambda r: r["iteration"])
     eval_dir(run_dir).mkdir(parents=True, exist_ok=True)
-    _write_atomic(results_path(run_dir), "".join(json.dumps(r) + "\n" for r in records))
+    atomic.write_text(results_path(run_dir), "".join(json.dumps(r) + "\n" for r in records))
     write_summary(run_dir, records, select)
     return True
 
@@ -230,8 +225,8 @@ def write_summary(run_dir: str | Path, records: Sequence[Mapping[str, Any]], sel
     out = eval_dir(run_dir)
     chosen = best(records, select)
     if chosen is not None:
-        _write_atomic(out / "best.json", json.dumps({"metric": select, **chosen}, indent=2))
-    _write_atomic(out / "curve.md", curve_table(records, select) + "\n")
+        atomic.write_text(out / "best.json", json.dumps({"metric": select, **chosen}, indent=2))
+    atomic.write_text(out / "curve.md", curve_table(records, select) + "\n")
     plot_curve(records, out / "curve.png")
 
 
@@ -308,10 +303,9 @@ def plot_curve(records: Sequence[Mapping[str, Any]], path: str | Path) -> Path |
         ax.legend()
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp)
+    with atomic.replacing(path) as tmp:
+        fig.savefig(tmp, format=path.suffix[1:])
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -380,25 +374,19 @@ def export_best(
             return target
     import shutil
 
-    tmp, old = run_dir / ".best.tmp", run_dir / ".best.old"
-    for stale in (tmp, old):
-        shutil.rmtree(stale, ignore_errors=True)
-    if exported is not None and move:
-        os.replace(exported, tmp)
-    elif exported is not None:
-        shutil.copytree(exported, tmp)
-    elif chosen["iteration"] == 0:
-        shutil.copytree(run_dir / "init", tmp)
-    else:
-        from rlef_hpc.checkpoint.convert import export_hf
+    # A reader sees the old model or the new one, or (between two renames) none.
+    with atomic.replacing(target, shared=True) as tmp:
+        if exported is not None and move:
+            os.replace(exported, tmp)
+        elif exported is not None:
+            shutil.copytree(exported, tmp)
+        elif chosen["iteration"] == 0:
+            shutil.copytree(run_dir / "init", tmp)
+        else:
+            from rlef_hpc.checkpoint.convert import export_hf
 
-        export_hf(run_dir / chosen["checkpoint"], tmp)
-    (tmp / "selected.json").write_text(json.dumps(marker) + "\n")
-    # Two renames: a reader sees the old model or the new one, or (between them) none.
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+            export_hf(run_dir / chosen["checkpoint"], tmp)
+        (tmp / "selected.json").write_text(json.dumps(marker) + "\n")
     return target
 
 

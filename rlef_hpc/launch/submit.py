@@ -295,8 +295,7 @@ def status(run_dir: Path) -> str:
     except SlurmUnavailable as e:
         states, lines = {}, [f"job states unknown: {e}", *lines]
     lines += [f"| {role} | {job} | {states.get(job, '?')} |" for role, job in jobs]
-    checkpoint = training.latest(run_dir)
-    lines.append(f"checkpoint: {checkpoint.name if checkpoint else 'none yet'}")
+    lines += training.status_lines(run_dir)
     store = ShardStore(run_dir)
     if store.root.exists():
         counts = store.audit()

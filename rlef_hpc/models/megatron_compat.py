@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from rlef_hpc.models import megatron_private
+
 SUPPORTED = ("0.16.1",)
 # The modules of megatron-core 0.16.1 that call CUDA whatever the configuration.
 PATCHED_MODULES = (
@@ -128,10 +130,10 @@ def install() -> None:
         if getattr(module, "torch", None) is torch:
             module.torch = proxy
     _patch_type_names()
-    from megatron.core.tensor_parallel import random
-
-    random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
-    random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    megatron_private.replace_cuda_rng_state_io(
+        lambda *args, **kwargs: torch.get_rng_state(),
+        lambda state, *args, **kwargs: torch.set_rng_state(state),
+    )
     _installed = True
 
 

@@ -59,6 +59,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from rlef_hpc import atomic
+
 RENDEZVOUS = "bus.json"  # in run_dir/weights/
 
 
@@ -236,9 +238,7 @@ def _host_address() -> str:
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(value, indent=1))
 
 
 class BusSender:

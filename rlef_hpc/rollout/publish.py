@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from rlef_hpc.checkpoint import atomic
+from rlef_hpc import atomic
 from rlef_hpc.checkpoint.hf_dir import ShardWriter, engine_weights
 from rlef_hpc.models.config import ModelConfig
 from rlef_hpc.rollout.bus import BusReceiver, receive
@@ -62,10 +61,11 @@ def publish(
     from megatron.core import parallel_state as ps
 
     root = Path(run_dir) / WEIGHTS
-    final, tmp = root / _name(version), root / f".tmp-{_name(version)}"
+    final = root / _name(version)
+    tmp = atomic.temporary(final, shared=True)  # every rank writes into it
     if dist.get_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic.remove(tmp)
         tmp.mkdir()
     dist.barrier()
     if ps.get_data_parallel_rank() == 0:

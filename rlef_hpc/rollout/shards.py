@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from rlef_hpc import atomic
 from rlef_hpc.data.trajectory import Trajectory
 
 ROOT = "trajectories"
@@ -74,8 +75,7 @@ class ShardStore:
         """One past the worker's newest shard wherever it is now (pending, claimed or stale);
         removes the worker's half-written temp files."""
         self._mkdirs()
-        for tmp in self.pending.glob(f".w{worker:03d}-*"):
-            tmp.unlink(missing_ok=True)
+        atomic.sweep(self.pending, f"w{worker:03d}-*")
         seqs = [
             s.seq
             for folder in (self.pending, self.stale, *self.claimed.glob("iter_*"))
@@ -90,11 +90,11 @@ class ShardStore:
     def write(self, worker: int, seq: int, version: int, trajectories: list[Trajectory]) -> Path:
         self._mkdirs()
         final = self.pending / shard_name(worker, seq, version)
-        tmp = self.pending / f".{final.name}.{os.getpid()}.tmp"
-        torch.save(
-            {"worker": worker, "seq": seq, "version": version, "trajectories": trajectories}, tmp
-        )
-        os.replace(tmp, final)
+        with atomic.replacing(final) as tmp:
+            torch.save(
+                {"worker": worker, "seq": seq, "version": version, "trajectories": trajectories},
+                tmp,
+            )
         return final
 
     # --- the trainer's side ------------------------------------------------------------------

@@ -19,6 +19,7 @@ import shutil
 import signal
 from collections.abc import Sequence
 
+from rlef_hpc import atomic
 from rlef_hpc.sandbox import _executor
 from rlef_hpc.sandbox.isolation import TOOLCHAIN, supervise
 from rlef_hpc.sandbox.rlimits import Rlimits
@@ -148,10 +149,9 @@ class Compiler:
 
     def _keep(self, name: str, into: str) -> None:
         """Moves the compiler's output `name` (in its /tmp) into the cache, atomically."""
-        tmp = f"{into}.{os.getpid()}.tmp"
-        shutil.copyfile(os.path.join(self.workdir, name), tmp)
-        os.chmod(tmp, 0o644)
-        os.rename(tmp, into)
+        with atomic.replacing(into) as tmp:
+            shutil.copyfile(os.path.join(self.workdir, name), tmp)
+            os.chmod(tmp, 0o644)
 
     def _build_toolchain(self) -> None:
         try:
@@ -197,10 +197,7 @@ class Compiler:
                 self._keep("solution", cached)
                 os.chmod(cached, 0o755)
                 return
-            tmp = f"{failed}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                f.write(failure_message(obs).replace(pch_dir + "/", ""))
-            os.rename(tmp, failed)
+            atomic.write_text(failed, failure_message(obs).replace(pch_dir + "/", ""))
         finally:
             remove_contents(self.workdir)
 

@@ -26,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from rlef_hpc import atomic
 from rlef_hpc.progress import progress_bar
 from rlef_hpc.sandbox.compare import as_bytes, outputs_match
 from rlef_hpc.sandbox.kernel import kernel_facts
@@ -177,9 +178,7 @@ def _shared_libraries(objects: list[str], cache_dir: Path) -> list[str]:
         return []
     libs = sorted({m[1] for m in re.finditer(r"(/\S+) \(0x[0-9a-f]+\)", out)})
     try:
-        tmp = kept.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(libs))
-        tmp.rename(kept)
+        atomic.write_text(kept, json.dumps(libs))
     except OSError:
         pass
     return libs

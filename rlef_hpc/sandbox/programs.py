@@ -9,6 +9,7 @@ import shutil
 import traceback
 from collections import OrderedDict
 
+from rlef_hpc import atomic
 from rlef_hpc.sandbox import _executor, child
 from rlef_hpc.sandbox.cpp import CompileError, Compiler
 from rlef_hpc.sandbox.isolation import Sandbox
@@ -51,7 +52,7 @@ class Programs:
             old = sorted(os.scandir(sandbox.bindir), key=lambda e: e.stat().st_mtime)
             for entry in old[:-BINARIES_KEPT]:
                 os.unlink(entry.path)
-            shutil.copyfile(cached, local + ".tmp")
-            os.chmod(local + ".tmp", 0o555)
-            os.rename(local + ".tmp", local)
+            with atomic.replacing(local) as tmp:
+                shutil.copyfile(cached, tmp)
+                os.chmod(tmp, 0o555)
         return local

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from rlef_hpc import atomic
 from rlef_hpc.sandbox import _executor, child
 from rlef_hpc.sandbox.cpp import CompileError, remove_contents
 from rlef_hpc.sandbox.isolation import Sandbox, SandboxSetupError, supervise
@@ -143,11 +144,8 @@ class Runner:
             if os.path.lexists(prog):
                 os.unlink(prog)
             return
-        new = prog + ".new"
-        if os.path.lexists(new):
-            os.unlink(new)
-        os.link(binary, new)  # same tmpfs: instant
-        os.rename(new, prog)
+        with atomic.replacing(prog) as new:
+            os.link(binary, new)  # same tmpfs: instant
 
     def _finish(
         self,

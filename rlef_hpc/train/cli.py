@@ -4,11 +4,12 @@
     rlef-train configs/llama3_8b.yaml ppo.kl_coef=0.02 run.dir=runs/8b
     torchrun --nproc-per-node 2 -m rlef_hpc.train.cli CONFIG parallel.data=2
 
-A run directory that holds a checkpoint is resumed from its latest. The terminal shows progress,
-one line per iteration and the result; the libraries' logs and warnings go to
-run.dir/logs/train.log (--verbose: shown live too). Exit status: 0 when
-done; 2 for a bad config or input; 75 when stopped by SIGTERM/SIGUSR1 after saving a
-checkpoint (run the same command again, or let Slurm requeue, to continue).
+A run directory that holds a checkpoint is resumed from its newest intact one. The terminal
+shows progress, one line per iteration and the result; the libraries' logs and warnings go to
+run.dir/logs/train.log (--verbose: shown live too). Exit status: 0 when done; 2 for a bad
+config or input, a full disk at a save, or no intact checkpoint to resume from; 75 when stopped
+by SIGTERM/SIGUSR1 after saving a checkpoint (run the same command again, or let Slurm requeue,
+to continue).
 """
 
 from __future__ import annotations
@@ -79,9 +80,14 @@ def main(argv: list[str] | None = None) -> int:
             p.exit(2, f"{p.prog}: error: {e}\n")
     logs.setup(Path(cfg.run.dir) / "logs", logs.process_name("train"), args.verbose)
     runtime.setup_megatron()
+    from rlef_hpc.checkpoint.hf_dir import CheckpointError
     from rlef_hpc.train.loop import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except CheckpointError as e:  # a full disk, no intact checkpoint: every rank raises it
+        first = logs.process_name("train") == "train"  # rank 0 says it, once
+        p.exit(2, f"{p.prog}: error: {e}\n" if first else None)
     return 0
 
 

@@ -87,7 +87,7 @@ class Trainer:
         if self.rank == 0:
             write_problems(self.eval_problems, self.run_dir / "problems" / "eval.jsonl")
             write_problems(test_problems, self.run_dir / "problems" / "test.jsonl")
-        checkpoint = training.latest(self.run_dir)
+        checkpoint = training.resume_point(self.run_dir, say=self._print)
         self.init_dir = self.run_dir / "init"
         seed(cfg.run.seed)
         # An init/ left by a run that died before its first checkpoint is reused as it is.
@@ -109,6 +109,7 @@ class Trainer:
             mismatch=cfg.rollout.mismatch,
             micro_batch_tokens=cfg.update.micro_batch_tokens,
         )
+        training.check_space(self.run_dir, self._checkpointed(), cfg.run.keep_last, self._print)
         self.start = 0
         if checkpoint is not None:
             state = training.load(checkpoint, self._checkpointed(), self._schedulers())

@@ -4,11 +4,11 @@ training draws them, shared by the trainer's own engines and the rollout workers
 from __future__ import annotations
 
 import json
-import os
 import random
 from functools import lru_cache
 from pathlib import Path
 
+from rlef_hpc import atomic
 from rlef_hpc.data import synthetic
 from rlef_hpc.data.codecontests import load_problems as load_codecontests
 from rlef_hpc.data.codecontests import problem_record
@@ -55,9 +55,7 @@ def load_test_problems(cfg: TrainConfig) -> list[Problem]:
 def write_problems(problems: list[Problem], path: Path) -> None:
     """Problems as CodeContests JSON lines (what rlef-eval and eval jobs read)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(problem_record(p)) + "\n" for p in problems))
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(json.dumps(problem_record(p)) + "\n" for p in problems))
 
 
 @lru_cache(maxsize=4)

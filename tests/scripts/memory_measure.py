@@ -15,7 +15,7 @@ import torch.distributed as dist
 def main() -> None:
     from megatron.core import parallel_state as ps
 
-    from rlef_hpc.checkpoint.training import _adams, _init_state
+    from rlef_hpc.checkpoint.sharded_state import _adams, _init_state
     from rlef_hpc.models.config import ModelConfig, PrecisionConfig
     from rlef_hpc.models.gpt import build_gpt
     from rlef_hpc.models.megatron_compat import seed

@@ -7,7 +7,10 @@
                                                of iteration 2 (the test kills it there)
 --expect-load MODE          the resume loads both models so (training.load's report)
 --forbid-gather             saving fails if optimizer state is gathered onto one rank
---legacy-save               save as this repository did before the parallel format
+--save-error PATH           a save that fails (CheckpointError) writes its message to PATH
+                            (rank 0) and ends the run
+--check-space KEEP          before training: training.check_space for run.keep_last=KEEP
+--plain-optimizer           optim.distributed_optimizer=false
 --dump-loaded PATH          each rank's optimizer state right after the resume, to PATH.RANK
 --dump PATH                 each rank's optimizer state at the end, to PATH.RANK
 """
@@ -24,7 +27,9 @@ import torch
 import torch.distributed as dist
 from ppo_update import BATCH, MODEL, fixed_batch
 
-from rlef_hpc.checkpoint import atomic, training
+from rlef_hpc import atomic
+from rlef_hpc.checkpoint import training
+from rlef_hpc.checkpoint.hf_dir import CheckpointError
 from rlef_hpc.checkpoint.layout import load_full_state
 from rlef_hpc.models.config import PrecisionConfig
 from rlef_hpc.models.gpt import build_gpt
@@ -63,21 +68,6 @@ def forbid_gather() -> None:
     DistributedOptimizer.get_parameter_state_dp_zero = gather
 
 
-def save_legacy() -> None:
-    """Saves as training.save did before the parallel format: megatron's fully_reshardable
-    (gathered onto DP rank 0 over gloo), default strategy, the format in the content
-    metadata and nothing else."""
-
-    def state(model, optimizer):
-        sharded = training._sharded(
-            model, optimizer, is_loading=False, sharding=training.FULLY_RESHARDABLE
-        )
-        return sharded, dict(training.OPTIMIZER_METADATA)
-
-    training._save_state = state
-    training._save_strategy = lambda: None
-
-
 def dump(models, path: Path) -> None:
     """Each rank's optimizer state (its fp32 master weights, Adam moments and steps, groups)."""
     state = {}
@@ -103,7 +93,9 @@ def main() -> None:
     p.add_argument("--async-save", action="store_true")
     p.add_argument("--expect-load")
     p.add_argument("--forbid-gather", action="store_true")
-    p.add_argument("--legacy-save", action="store_true")
+    p.add_argument("--save-error", type=Path)
+    p.add_argument("--check-space", type=int)
+    p.add_argument("--plain-optimizer", action="store_true")
     p.add_argument("--dump-loaded", type=Path)
     p.add_argument("--dump", type=Path)
     args = p.parse_args()
@@ -127,7 +119,9 @@ def main() -> None:
         value,
         reference,
         PPOConfig(),
-        OptimConfig(lr=1e-4, warmup_steps=3, grad_clip=1.0),
+        OptimConfig(
+            lr=1e-4, warmup_steps=3, grad_clip=1.0, distributed_optimizer=not args.plain_optimizer
+        ),
     )
     models = [(name, t.module, t.optimizer) for name, t in update.trainables.items()]
     schedulers = {name: t.scheduler for name, t in update.trainables.items()}
@@ -158,8 +152,8 @@ def main() -> None:
         slow_down_policy_writes()
     if args.forbid_gather:
         forbid_gather()
-    if args.legacy_save:
-        save_legacy()
+    if args.check_space is not None:
+        training.check_space(args.save, models, args.check_space)
     dp = dist.get_world_size() // (args.tp * args.pp)
     batch = fixed_batch()
     metrics = {}
@@ -173,15 +167,22 @@ def main() -> None:
         if args.save:
             run_state = {"cursor": iteration * BATCH, "init": init_path}
             config = {**asdict(MODEL), "dtype": "float32"}
-            training.save(
-                args.save,
-                iteration,
-                models,
-                schedulers,
-                run_state,
-                model_config=config,
-                async_queue=queue,
-            )
+            try:
+                training.save(
+                    args.save,
+                    iteration,
+                    models,
+                    schedulers,
+                    run_state,
+                    model_config=config,
+                    async_queue=queue,
+                )
+            except CheckpointError as e:
+                if args.save_error is None:
+                    raise
+                if dist.get_rank() == 0:
+                    args.save_error.write_text(str(e))
+                break
             if queue is not None:  # training goes on while the save is written
                 assert not (args.save / f"iter_{iteration:07d}").exists()
     if queue is not None:
