@@ -145,7 +145,7 @@ def test_asynchronous_mode_trains_on_one_version_stale_rollouts(tmp_path):
     have_engine()
     run = tmp_path / "run"
     proc = rlef_train(1, f"run.dir={run}", "run.iterations=3", "rollout.asynchronous=true",
-                      "data.eval_problems=0", "optim.lr=1e-3")  # fmt: skip
+                      "data.valid_problems=0", "optim.lr=1e-3")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = train_records(run)
     assert sorted(records) == [1, 2, 3]
@@ -198,7 +198,7 @@ def test_a_run_starts_from_a_hugging_face_model(tmp_path):
     save_random_llama(hf, tokenizer)
     (hf / "original").mkdir()  # what the copy must leave out
     run = tmp_path / "run"
-    overrides = ["run.iterations=1", "model.init=hf", "warmstart.steps=0", "data.eval_problems=0"]
+    overrides = ["run.iterations=1", "model.init=hf", "warmstart.steps=0", "data.valid_problems=0"]
     proc = rlef_train(1, f"run.dir={run}", f"model.hf_dir={hf}", *overrides)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert not (run / "init" / "original").exists()
