@@ -258,7 +258,7 @@ def evaluation_job(
     if not run_dir.is_dir() and not follow:
         raise FileNotFoundError(f"{run_dir}: no such run directory (run.dir)")
     e, r = cfg.eval, cfg.run
-    episodes = EpisodeConfig(
+    episode_config = EpisodeConfig(
         max_turns=e.max_turns, language=cfg.episodes.language, templates=cfg.episodes.templates
     )
 
@@ -277,7 +277,7 @@ def evaluation_job(
             _wait(poll_s, stop)  # the trainer writes the problems as it starts
         with Executor(workers=cfg.rollout.sandbox_workers) as executor:
             sets = {**read_run_sets(run_dir), **transfer_sets(e.transfer, executor)}
-            model = ModelEvaluator(cfg.rollout, episodes, executor, r.seed)
+            model = ModelEvaluator(cfg.rollout, episode_config, executor, r.seed)
             while True:
                 # The trainer's state before the scan: whatever it saved is then on disk.
                 ended = trainer_ended()
