@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # benchmarks/gpu_check.py on the GPU machine, which lacks megatron-core: install the wheels
-# carried in .whl/ (downloaded beforehand, see README "GPU check") into /tmp/site, then run the
+# carried in .whl/ (downloaded beforehand, see docs/gpu.md, "GPU check") into /tmp/site, then run the
 # check with them and this checkout importable. Arguments go to gpu_check.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -12,7 +12,7 @@ Held-out 1@3 (bootstrap 95% intervals) of the warm-started policy and of each ar
 training, and the share of rollouts solved by the first and by the last turn; every arm runs
 `rlef-train` on configs/demo_cpu.yaml in a process of its own. The second command uses the
 curriculum where close to half of the problems can only be solved from the feedback, with a
-warm start that has seen feedback used (see the README).
+warm start that has seen feedback used (see docs/training.md).
 """
 
 from __future__ import annotations

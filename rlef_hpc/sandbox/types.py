@@ -95,7 +95,7 @@ class TestResult:
     verdict: Verdict
     time_s: float  # CPU time of the test's process (user + system)
     wall_s: float
-    memory_kb: int  # peak resident memory the solution used (see README: measuring memory)
+    memory_kb: int  # peak resident memory the solution used (see docs/sandbox.md, Verdicts)
     output: str  # what the program printed, truncated to the executor's keep_bytes
     stderr: str  # the tail of stderr: for Python, the traceback without sandbox frames
     exit_code: int  # negative: killed by that signal
