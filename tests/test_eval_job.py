@@ -81,10 +81,13 @@ def run(tmp_path, monkeypatch):
                     trainer.save(state["next"])
                     state["next"] += 1
 
-        def generate(self, problems, temperature, top_p, key, stop=None):
-            names = list(dict.fromkeys(p.name for p in problems))
-            solved = set(names[: round(len(names) * self.skill)])
-            return [trajectory(p.name, p.name in solved, 1) for p in problems]
+        def generator(self):
+            def generate(problems, temperature, top_p, key, stop):
+                names = list(dict.fromkeys(p.name for p in problems))
+                solved = set(names[: round(len(names) * self.skill)])
+                return [trajectory(p.name, p.name in solved, 1) for p in problems]
+
+            return generate
 
     monkeypatch.setattr(policy, "ModelEvaluator", Evaluator)
     monkeypatch.setattr("rlef_hpc.checkpoint.convert.export_hf", export_hf)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from rlef_hpc.data.problem import Problem
 from rlef_hpc.data.trajectory import Trajectory
@@ -49,20 +49,10 @@ from rlef_hpc.eval.results import (
 from rlef_hpc.eval.tables import curve_table
 from rlef_hpc.seeding import seed_sampling
 
-
-class Generate(Protocol):
-    def __call__(
-        self,
-        problems: list[Problem],
-        temperature: float,
-        top_p: float,
-        key: str,
-        stop: StopFn | None = None,
-    ) -> list[Trajectory]:
-        """Episodes of `problems` (each repeated once per rollout) sampled at (temperature,
-        top_p), seeded by `key` (a redone draw samples the same episodes), abandoned with
-        EpisodesStopped when `stop` says so."""
-        ...
+# Episodes of these problems (each repeated once per rollout) sampled at (temperature, top_p),
+# seeded by the key (a redone draw samples the same episodes), abandoned with EpisodesStopped
+# when the stop function (None: never) says so.
+Generate = Callable[[list[Problem], float, float, str, StopFn | None], list[Trajectory]]
 
 
 @dataclass(frozen=True)

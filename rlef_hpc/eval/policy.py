@@ -12,9 +12,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from rlef_hpc.data.problem import Problem
-from rlef_hpc.data.trajectory import Trajectory
-from rlef_hpc.episodes import EpisodeConfig, StopFn
+from rlef_hpc.episodes import EpisodeConfig
 from rlef_hpc.eval.evaluator import DrawResult, Generate, episode_generate
 from rlef_hpc.eval.plots import plot_solve_rate
 from rlef_hpc.rollout.config import RolloutConfig
@@ -56,7 +54,7 @@ class ModelEvaluator:
     """Episodes of a sequence of models of one architecture (a run's checkpoints) on one vLLM
     engine: built over the first model, each next one's weights reloaded into it in place,
     since restarting an engine per checkpoint costs minutes and may not return its GPU
-    memory. `generate` is an evaluator's Generate."""
+    memory. `generator()` is the evaluator's Generate over the model loaded."""
 
     def __init__(
         self, rollout: RolloutConfig, episodes: EpisodeConfig, executor: Executor, seed: int
@@ -86,13 +84,3 @@ class ModelEvaluator:
 
         config = config or self.episode_config
         return episode_generate(self.tokenizer, self.executor, sampler, config, self.seed)
-
-    def generate(
-        self,
-        problems: list[Problem],
-        temperature: float,
-        top_p: float,
-        key: str,
-        stop: StopFn | None = None,
-    ) -> list[Trajectory]:
-        return self.generator()(problems, temperature, top_p, key, stop)

@@ -162,7 +162,7 @@ def _record_checkpoint(
     model.load(model_dir)
     try:
         draws = evaluate(
-            model.generate, sets, e.metrics, e.rollouts_per_problem, e.max_turns,
+            model.generator(), sets, e.metrics, e.rollouts_per_problem, e.max_turns,
             tag=f"eval-{iteration}", seed=cfg.run.seed, stop=stop.is_set,
         )  # fmt: skip
     except EpisodesStopped:
