@@ -1,4 +1,4 @@
-"""The evaluation job (rlef_hpc.launch.jobs.evaluation_job) without vLLM: a fake engine, fake
+"""The evaluation job (rlef_hpc.launch.eval_job) without vLLM: a fake engine, fake
 exports, checkpoints that appear while it evaluates. Each due checkpoint is evaluated exactly
 once, in order, also across a requeue; the best on valid is moved to best/; the other exports
 are deleted. A stop signal ends it within one generation batch, keeping what is recorded; a
@@ -22,7 +22,7 @@ from rlef_hpc.episodes import Generation
 from rlef_hpc.eval import policy
 from rlef_hpc.eval.results import read_results
 from rlef_hpc.eval.sets import problems_path
-from rlef_hpc.launch import jobs
+from rlef_hpc.launch import eval_job
 from rlef_hpc.launch.config import JobConfig
 from rlef_hpc.train.preemption import EXIT_PREEMPTED, Preempted
 from rlef_hpc.train.problems import write_problems
@@ -104,7 +104,7 @@ def iterations(run):
 
 def test_follows_checkpoints_and_evaluates_each_due_one_once(run):
     run, cfg, state = run
-    best = jobs.evaluation_job(cfg, follow=True, poll_s=0.01)
+    best = eval_job.run(cfg, follow=True, poll_s=0.01)
     # 0, every second iteration, and the last (7), in order, each loaded once.
     assert iterations(run) == [0, 2, 4, 6, 7]
     assert state["loaded"] == ["init", "iter_0000002", "iter_0000004", "iter_0000006",
@@ -120,21 +120,21 @@ def test_a_requeue_neither_repeats_nor_skips_an_evaluation(run):
     run, cfg, state = run
     state["kill_after"] = 2  # killed while loading the third model (iteration 4)
     with pytest.raises(Killed):
-        jobs.evaluation_job(cfg, follow=True, poll_s=0.01)
+        eval_job.run(cfg, follow=True, poll_s=0.01)
     assert iterations(run) == [0, 2]
     state["kill_after"] = None
-    jobs.evaluation_job(cfg, follow=True, poll_s=0.01)  # the requeued job
+    eval_job.run(cfg, follow=True, poll_s=0.01)  # the requeued job
     assert iterations(run) == [0, 2, 4, 6, 7]
     assert state["loaded"][3:] == ["iter_0000004", "iter_0000006", "iter_0000007"]
     # Run again after training: nothing left to do, nothing redone.
-    jobs.evaluation_job(cfg, follow=False)
+    eval_job.run(cfg, follow=False)
     assert len(state["loaded"]) == 6
 
 
 def test_without_a_checkpoint_the_job_says_so(tmp_path):
     cfg = load(JobConfig, CONFIGS / "demo_cpu.yaml", [f"run.dir={tmp_path}"])
     with pytest.raises(FileNotFoundError, match="no checkpoint to evaluate"):
-        jobs.evaluation_job(cfg)
+        eval_job.run(cfg)
 
 
 class SlowEngine:
@@ -198,7 +198,7 @@ def test_a_stop_signal_ends_the_evaluation_within_a_batch_and_the_requeue_redoes
     # Per checkpoint: 2 sets x 128 episodes x 3 turns in batches of 64 = 12 engine calls.
     engine.signal_at = 12 + 2  # early in iteration 1's evaluation: 10 calls (3 s) to go
     with pytest.raises(Preempted) as stopped:
-        jobs.evaluation_job(cfg)
+        eval_job.run(cfg)
     seconds = time.monotonic() - engine.signalled
     assert stopped.value.code == EXIT_PREEMPTED and stopped.value.signum == signal.SIGTERM
     assert engine.calls == engine.signal_at  # the batch in progress ends; no other starts
@@ -206,7 +206,7 @@ def test_a_stop_signal_ends_the_evaluation_within_a_batch_and_the_requeue_redoes
     assert iterations(run) == [0]  # kept; the interrupted one not recorded
 
     engine.signal_at, calls = None, engine.calls
-    jobs.evaluation_job(cfg)  # the requeued job
+    eval_job.run(cfg)  # the requeued job
     assert iterations(run) == [0, 1, 2]
     assert engine.calls - calls == 2 * 12  # 1 (redone) and 2; not 0 again
     assert read_results(run)[1].estimate("1@3").mean == 0.0
@@ -238,7 +238,7 @@ def test_a_following_job_ends_with_what_is_due_once_the_trainers_job_has_ended(r
     previous = signal.signal(signal.SIGALRM, too_long)
     signal.alarm(120)
     try:
-        best = jobs.evaluation_job(cfg, follow=True, trainer_job=trainer, poll_s=0.2)
+        best = eval_job.run(cfg, follow=True, trainer_job=trainer, poll_s=0.2)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
