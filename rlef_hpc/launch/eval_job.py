@@ -16,35 +16,44 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
+from rlef_hpc.checkpoint import convert, retention, training
+from rlef_hpc.data.problem import Problem
+from rlef_hpc.episodes import EpisodeConfig, EpisodesStopped
+from rlef_hpc.eval import policy
+from rlef_hpc.eval.evaluator import checkpoint_result, evaluate, record
+from rlef_hpc.eval.export import export_best
+from rlef_hpc.eval.results import Selection, evaluated, read_best, read_results
+from rlef_hpc.eval.sets import problems_path, read_run_sets, transfer_sets
+from rlef_hpc.eval.tables import curve_table, numbers, summary
+from rlef_hpc.launch.slurm import ended_state
+from rlef_hpc.sandbox import Executor
 from rlef_hpc.train.config import TrainConfig
+from rlef_hpc.train.preemption import Preempted, StopFlag
+
+Sets = Mapping[str, Sequence[Problem]]
 
 
 def _model_dir(run_dir: Path, iteration: int) -> Path:
     """The HF directory of a checkpoint: init/ for iteration 0, else its export (made here)."""
-    from rlef_hpc.checkpoint import training
-    from rlef_hpc.checkpoint.convert import export_hf
-
     if iteration == 0:
         return run_dir / "init"
     name = training.checkpoint_name(iteration)
     export = run_dir / "export" / name
     if not (export / "config.json").exists():  # export_hf writes config.json last
         shutil.rmtree(export, ignore_errors=True)
-        export_hf(run_dir / name, export)
+        convert.export_hf(run_dir / name, export)
     return export
 
 
-def _stopped(stop: Any) -> Any:
+def _stopped(stop: StopFlag) -> Preempted:
     """The exception that ends the job at a stop signal: exit status 75, requeued."""
-    from rlef_hpc.train.preemption import Preempted
-
     return Preempted(stop.signum)
 
 
-def _wait(seconds: float, stop: Any) -> None:
+def _wait(seconds: float, stop: StopFlag) -> None:
     """Sleeps, but ends the job within half a second of a stop signal."""
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
@@ -54,18 +63,16 @@ def _wait(seconds: float, stop: Any) -> None:
 
 
 def _record_checkpoint(
-    cfg: TrainConfig, run_dir: Path, iteration: int, sets: Any, model: Any, stop: Any
+    cfg: TrainConfig,
+    run_dir: Path,
+    iteration: int,
+    sets: Sets,
+    model: policy.ModelEvaluator,
+    stop: StopFlag,
 ) -> None:
     """One checkpoint through the evaluator, recorded; exported to best/ if it is the best so
     far, its export deleted otherwise (an 8B export is 16 GB; the best is the one kept). A stop
     signal abandons it (recording nothing): the requeued job redoes it."""
-    from rlef_hpc.checkpoint import training
-    from rlef_hpc.episodes import EpisodesStopped
-    from rlef_hpc.eval.evaluator import checkpoint_result, evaluate, record
-    from rlef_hpc.eval.export import export_best
-    from rlef_hpc.eval.results import read_best
-    from rlef_hpc.eval.tables import numbers
-
     e = cfg.eval
     model_dir = _model_dir(run_dir, iteration)
     if stop.is_set():
@@ -94,14 +101,11 @@ def _record_checkpoint(
     )
 
 
-def _compare_feedback(cfg: TrainConfig, run_dir: Path, sets: Any, model: Any, stop: Any) -> None:
+def _compare_feedback(
+    cfg: TrainConfig, run_dir: Path, sets: Sets, model: policy.ModelEvaluator, stop: StopFlag
+) -> None:
     """eval.feedback's modes on the selected model's valid set, a report each (the paper's
     feedback ablation at inference), in run_dir/eval/feedback_CHECKPOINT/MODE/."""
-    from rlef_hpc.episodes import EpisodesStopped
-    from rlef_hpc.eval.evaluator import evaluate
-    from rlef_hpc.eval.policy import write_outputs
-    from rlef_hpc.eval.results import read_best
-
     e = cfg.eval
     chosen = read_best(run_dir)
     if chosen is None or not sets.get("valid"):
@@ -122,15 +126,12 @@ def _compare_feedback(cfg: TrainConfig, run_dir: Path, sets: Any, model: Any, st
         except EpisodesStopped:
             raise _stopped(stop) from None
     out = run_dir / "eval" / f"feedback_{chosen.result.checkpoint}"
-    write_outputs(out, results, e.max_turns)
+    policy.write_outputs(out, results, e.max_turns)
 
 
 def _todo(run_dir: Path, cfg: TrainConfig, final: bool) -> list[int]:
     """The checkpoints to evaluate now, oldest first: the due ones not evaluated yet, and with
     `final` (after training, or the trainer's job has ended) also where the run stands."""
-    from rlef_hpc.checkpoint import retention, training
-    from rlef_hpc.eval.results import evaluated
-
     r = cfg.run
     available = set(training.committed(run_dir))
     if (run_dir / "init" / "config.json").exists():
@@ -147,24 +148,15 @@ def run(
     follow: bool = False,
     trainer_job: str | None = None,
     poll_s: float = 30.0,
-) -> Any:
-    """Every due checkpoint of the run not yet in eval/results.jsonl (and,
-    after training, the latest one whatever its iteration), through the evaluator on one vLLM
-    engine, oldest first. `follow`: then waits for the next checkpoints (every `poll_s`) until
-    the run's last iteration is evaluated, or until the trainer's Slurm job `trainer_job` has
-    ended (completed, failed, cancelled: then what it saved is evaluated, and the job ends);
-    the trainer's retention keeps every checkpoint still to be evaluated. A stop signal ends it
-    at once with exit status 75 (Preempted), recording nothing of the checkpoint in progress;
+) -> Selection | None:
+    """Every due checkpoint of the run not yet in eval/results.jsonl (and, after training, the
+    latest one whatever its iteration), through the evaluator on one vLLM engine, oldest first.
+    `follow`: then waits for the next checkpoints (every `poll_s`) until the run's last
+    iteration is evaluated, or until the trainer's Slurm job `trainer_job` has ended
+    (completed, failed, cancelled: then what it saved is evaluated, and the job ends); the
+    trainer's retention keeps every checkpoint still to be evaluated. A stop signal ends it at
+    once with exit status 75 (Preempted), recording nothing of the checkpoint in progress;
     requeued, it picks up where results.jsonl says. Returns best.json's Selection."""
-    from rlef_hpc.episodes import EpisodeConfig
-    from rlef_hpc.eval.policy import ModelEvaluator
-    from rlef_hpc.eval.results import evaluated, read_best, read_results
-    from rlef_hpc.eval.sets import problems_path, read_run_sets, transfer_sets
-    from rlef_hpc.eval.tables import curve_table, summary
-    from rlef_hpc.launch.slurm import ended_state
-    from rlef_hpc.sandbox import Executor
-    from rlef_hpc.train.preemption import StopFlag
-
     run_dir = Path(cfg.run.dir)
     if not run_dir.is_dir() and not follow:
         raise FileNotFoundError(f"{run_dir}: no such run directory (run.dir)")
@@ -188,7 +180,7 @@ def run(
             _wait(poll_s, stop)  # the trainer writes the problems as it starts
         with Executor(workers=cfg.rollout.sandbox_workers) as executor:
             sets = {**read_run_sets(run_dir), **transfer_sets(e.transfer, executor)}
-            model = ModelEvaluator(cfg.rollout, episode_config, executor, r.seed)
+            model = policy.ModelEvaluator(cfg.rollout, episode_config, executor, r.seed)
             while True:
                 # The trainer's state before the scan: whatever it saved is then on disk.
                 ended = trainer_ended()
