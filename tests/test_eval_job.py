@@ -212,6 +212,26 @@ def test_a_stop_signal_ends_the_evaluation_within_a_batch_and_the_requeue_redoes
     assert read_results(run)[1].estimate("1@3").mean == 0.0
 
 
+@pytest.mark.parametrize(("signum", "requeues"), [(signal.SIGUSR2, 1), (signal.SIGTERM, 0)])
+def test_the_submitit_job_stopped_requeues_itself_unless_slurm_does(monkeypatch, signum, requeues):
+    """EvalJob stopped by submitit's time-limit signal asks Slurm to requeue it; on SIGTERM
+    Slurm is requeueing (or cancelling) it already. Either way it exits with status 75."""
+    from rlef_hpc.config import to_dict
+    from rlef_hpc.launch import jobs
+
+    asked = []
+
+    def stopped(*args, **kwargs):
+        raise Preempted(signum)
+
+    monkeypatch.setattr(eval_job, "run", stopped)
+    monkeypatch.setattr(jobs, "requeue_this_job", lambda: asked.append(True))
+    config = to_dict(load(JobConfig, CONFIGS / "demo_cpu.yaml"))
+    with pytest.raises(Preempted) as stop:
+        jobs.EvalJob(config, follow=True, trainer_job="12")()
+    assert stop.value.code == EXIT_PREEMPTED and len(asked) == requeues
+
+
 @pytest.mark.slurm
 def test_a_following_job_ends_with_what_is_due_once_the_trainers_job_has_ended(run, tmp_path):
     """Issue 33: the trainer's job dies (here: a Slurm job that fails) after saving iteration 3
