@@ -23,7 +23,6 @@ is abandoned, and redone when the run resumes).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any, NoReturn
