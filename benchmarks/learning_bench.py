@@ -5,7 +5,7 @@ scale, on the synthetic curriculum, each arm with the same budget and the same w
   random feedback      3 turns, each feedback message taken from another problem's episode
   single turn          1 turn per episode (no feedback at all)
 
-    python benchmarks/learning_bench.py [--iterations 30] [--eval-problems 40] [KEY=VALUE ...]
+    python benchmarks/learning_bench.py [--iterations 30] [--valid-problems 40] [KEY=VALUE ...]
     python benchmarks/learning_bench.py data.curriculum=feedback warmstart.repairs=1
 
 Held-out 1@3 (bootstrap 95% intervals) of the warm-started policy and of each arm after
@@ -18,12 +18,14 @@ warm start that has seen feedback used (see docs/training.md).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
+
+from rlef_hpc.eval.results import CheckpointResult, read_results
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = {
@@ -38,16 +40,15 @@ def run_arm(run_dir: Path, overrides: list[str]) -> dict[str, dict]:
     proc = subprocess.run([*cmd, f"run.dir={run_dir}", *overrides], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{run_dir.name} failed:\n{proc.stderr[-4000:]}")
-    lines = (run_dir / "eval" / "results.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]  # the initial policy first, the last last
+    records = read_results(run_dir)  # the initial policy first, the last last
     return {tag: valid_1at3(r) for tag, r in (("before", records[0]), ("after", records[-1]))}
 
 
-def valid_1at3(record: dict) -> dict:
+def valid_1at3(record: CheckpointResult) -> dict:
     """The record's valid 1@3, and the solve rate by turn of the rollouts it came from."""
-    valid = record["sets"]["valid"]
-    sampling = next(s for s in valid["samplings"] if "1@3" in s["metrics"])
-    return {**valid["metrics"]["1@3"], "by_turn": sampling["solved_by_turn"]}
+    valid = record.sets["valid"]
+    sampling = next(s for s in valid.samplings if "1@3" in s.metrics)
+    return {**asdict(valid.metrics["1@3"]), "by_turn": sampling.solved_by_turn}
 
 
 def cell(row: dict) -> str:
@@ -62,12 +63,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--iterations", type=int, default=30)
     # held-out problems: 41 in the basic curriculum, 113 in the feedback one
-    p.add_argument("--eval-problems", type=int, default=40)
+    p.add_argument("--valid-problems", type=int, default=40)
     p.add_argument("overrides", nargs="*", help="extra config overrides for every arm")
     args = p.parse_args()
     common = [
         f"run.iterations={args.iterations}",
-        f"data.eval_problems={args.eval_problems}",
+        f"data.valid_problems={args.valid_problems}",
         f"run.checkpoint_every={args.iterations}",
         "eval.rollouts_per_problem=8",
         # held-out (valid) 1@3 only, as this bench has always measured
@@ -90,7 +91,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     before = next(iter(results.values()))["before"]
     print(
-        f"held-out synthetic problems: {args.eval_problems}, 1@3 at temperature 0.2, "
+        f"held-out synthetic problems: {args.valid_problems}, 1@3 at temperature 0.2, "
         f"{args.iterations} iterations per arm, this machine, one run"
         + (f", with {' '.join(args.overrides)}" if args.overrides else "")
     )

@@ -4,7 +4,8 @@
 
 Every key is checked against the dataclass it lands in: an unknown key names its path and the
 keys allowed there; a value of the wrong type names its path, the type wanted and the value.
-A top-level group that a layer above owns (the class's `foreign_groups`) is skipped.
+A top-level group that a layer above owns (the class's `foreign_groups`) is skipped; a key
+renamed since (the class's `renamed_keys`) is refused with its new name.
 Override values are parsed as YAML scalars (`0.02`, `true`, `[1, 2]`, `null`).
 """
 
@@ -97,6 +98,12 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     foreign = set(getattr(cls, "foreign_groups", ())) - set(names)
     data = {k: v for k, v in data.items() if k not in foreign}
     unknown = sorted(set(data) - set(names))
+    # Keys renamed since (the class's `renamed_keys`, old -> new) are named with their new name.
+    renamed = [k for k in unknown if k in getattr(cls, "renamed_keys", {})]
+    if renamed:
+        old = _join(path, renamed[0])
+        new = _join(path, cls.renamed_keys[renamed[0]])  # type: ignore[attr-defined]
+        raise ConfigError(f"{old!r} is now {new!r}: rename it")
     if unknown:
         where = path or "the top level"
         raise ConfigError(

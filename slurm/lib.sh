@@ -15,11 +15,12 @@ export PYTHONUNBUFFERED=1
 EXIT_PREEMPTED=75
 echo "job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}: $*"
 
-# Requeue after the trainer stopped with a checkpoint (exit 75); otherwise pass its status on.
+# Requeue after a clean stop (exit 75: the trainer checkpointed, or an evaluation stopped);
+# otherwise pass the status on.
 rlef_finish() {
   local rc=$1
   if [ "$rc" -eq "$EXIT_PREEMPTED" ]; then
-    echo "stopped with a checkpoint: requeueing job $SLURM_JOB_ID"
+    echo "stopped cleanly (exit $rc): requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
   fi
   exit "$rc"

@@ -109,7 +109,7 @@ TINY_TRAIN = [
     "model.ffn_hidden_size=128",
     "model.tokenizer_vocab=400",
     "data.train_problems=24",
-    "data.eval_problems=4",
+    "data.valid_problems=4",
     "data.test_problems=2",
     "warmstart.steps=30",
     "rollout.rollouts_per_iteration=16",
@@ -216,3 +216,25 @@ def trajectory(name: str, correct: bool, turns: int) -> Any:
         for t in range(1, turns + 1)
     ]
     return Trajectory(name, "python", [0, 1, 2], made, success=correct)
+
+
+def eval_result(
+    iteration: int,
+    means: dict[str, dict[str, float]],
+    spread: float = 0.05,
+    bounds: tuple[float, float] | None = None,
+) -> Any:
+    """A recorded evaluation without a model: `means` = {set: {metric: mean}}, each interval
+    mean +- `spread` (or `bounds`), 10 problems, one sampling per set."""
+    from rlef_hpc.eval.results import CheckpointResult, Estimate, SamplingResult, SetResult
+
+    sets = {}
+    for name, metrics in means.items():
+        estimates = {
+            m: Estimate(mean, *(bounds or (mean - spread, mean + spread)), 10, 0.2, 0.95)
+            for m, mean in metrics.items()
+        }
+        sampling = SamplingResult(0.2, 0.95, 1, 10, sorted(metrics), [], [0.0], 1.0, 10.0)
+        sets[name] = SetResult(10, estimates, [sampling])
+    name = "init" if iteration == 0 else f"iter_{iteration:07d}"
+    return CheckpointResult(iteration, name, sets, 0.0)

@@ -196,6 +196,20 @@ def test_cli_rejects_a_typo_with_exit_2():
     assert "unknown key 'ppo.kl_coeff'" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_renamed_key_is_refused_in_one_line_naming_its_new_name(tmp_path):
+    """data.eval_problems (it counted valid problems) is data.valid_problems now."""
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  eval_problems: 8\n")
+    for args in ([str(old)], ["data.eval_problems=8"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "rlef_hpc.train.cli", *args],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "'data.eval_problems' is now 'data.valid_problems'" in proc.stderr
+    assert load(TrainConfig, None, ["data.valid_problems=8"]).data.valid_problems == 8
+
+
 def test_cli_refuses_a_colocated_tensor_parallel_run_before_writing_anything(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run(

@@ -4,6 +4,7 @@ checkpoints are due, pending and protected."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import random
@@ -11,24 +12,16 @@ from fractions import Fraction
 
 import pytest
 
+from rlef_hpc.checkpoint import training
+from rlef_hpc.checkpoint.retention import pending
 from rlef_hpc.data.problem import Problem
+from rlef_hpc.eval.evaluator import checkpoint_result, evaluate, record
 from rlef_hpc.eval.metrics import RolloutOutcome, n_at_k
-from rlef_hpc.eval.protocol import (
-    PAPER_METRICS,
-    MetricSpec,
-    append_result,
-    best,
-    by_sampling,
-    curve_table,
-    evaluate_checkpoint,
-    evaluated,
-    min_rollouts,
-    pending,
-    protected,
-    read_best,
-    read_results,
-)
-from tests.helpers import trajectory
+from rlef_hpc.eval.protocol import PAPER_METRICS, MetricSpec, by_sampling, min_rollouts
+from rlef_hpc.eval.results import CheckpointResult, best, evaluated, read_best, read_results
+from rlef_hpc.eval.tables import curve_table
+from rlef_hpc.train.evaluation import protected
+from tests.helpers import eval_result, trajectory
 
 
 def brute_force_n_at_k(outcomes: list[RolloutOutcome], n: int, k: int, max_turns: int) -> Fraction:
@@ -104,7 +97,7 @@ class FakeEngine:
     def __init__(self) -> None:
         self.calls: list[tuple[float, float, int, str]] = []
 
-    def __call__(self, problems, temperature, top_p, key):
+    def __call__(self, problems, temperature, top_p, key, stop=None):
         self.calls.append((temperature, top_p, len(problems), key))
         low = temperature < 0.5
         return [
@@ -119,54 +112,48 @@ def test_metrics_come_from_their_own_samplings_rollouts():
                MetricSpec("1@6", 0.2, 0.95)]  # fmt: skip
     assert by_sampling(metrics) == {(0.2, 0.95): ["1@3", "1@6"], (1.0, 0.95): ["10@12"]}
     sets = {"valid": [problem("easy"), problem("hard")], "test": [problem("hard")], "none": []}
-    record = evaluate_checkpoint(engine, sets, metrics, 4, 3, iteration=5, checkpoint="iter_5")
+    draws = evaluate(engine, sets, metrics, 4, 3, tag="eval-5")
+    result = checkpoint_result(5, "iter_5", draws)
     # One set of rollouts per sampling per set, 4 per problem: not one per metric.
     assert sorted((t, p, n) for t, p, n, _ in engine.calls) == [
         (0.2, 0.95, 4), (0.2, 0.95, 8), (1.0, 0.95, 4), (1.0, 0.95, 8)
     ]  # fmt: skip
     assert len({key for *_, key in engine.calls}) == 4  # each draw seeded apart
-    assert set(record["sets"]) == {"valid", "test"}  # an empty set is not evaluated
-    valid = record["sets"]["valid"]
-    assert valid["metrics"]["1@3"]["mean"] == pytest.approx(0.5)  # easy solved, hard not
-    assert valid["metrics"]["1@6"]["mean"] == pytest.approx(0.5)
-    assert valid["metrics"]["10@12"]["mean"] == 0.0  # sampled at 1.0, where nothing solves
-    assert valid["metrics"]["10@12"]["temperature"] == 1.0
-    low = next(s for s in valid["samplings"] if s["temperature"] == 0.2)
-    assert low["solved_by_turn"] == pytest.approx([0.0, 0.5, 0.5])
-    assert low["rollouts_per_problem"] == 4 and low["metrics"] == ["1@3", "1@6"]
-    assert record["sets"]["test"]["metrics"]["1@3"]["mean"] == 0.0
-    json.dumps(record)  # a results.jsonl line
+    assert set(result.sets) == {"valid", "test"}  # an empty set is not evaluated
+    valid = result.sets["valid"]
+    assert valid.metrics["1@3"].mean == pytest.approx(0.5)  # easy solved, hard not
+    assert valid.metrics["1@6"].mean == pytest.approx(0.5)
+    assert valid.metrics["10@12"].mean == 0.0  # sampled at 1.0, where nothing solves
+    assert valid.metrics["10@12"].temperature == 1.0
+    low = next(s for s in valid.samplings if s.temperature == 0.2)
+    assert low.solved_by_turn == pytest.approx([0.0, 0.5, 0.5])
+    assert low.rollouts_per_problem == 4 and low.metrics == ["1@3", "1@6"]
+    assert result.sets["test"].metrics["1@3"].mean == 0.0
+    # A results.jsonl line, and back: the typed record is all the file holds.
+    line = json.loads(json.dumps(result.to_json()))
+    assert CheckpointResult.from_json(line) == result
+    assert line["sets"]["valid"]["metrics"]["1@3"]["mean"] == pytest.approx(0.5)
 
 
 # --- the run's table ---------------------------------------------------------------------
 
 
-def record(iteration: int, valid: float, test: float) -> dict:
-    def row(mean):
-        return {"mean": mean, "low": mean - 0.05, "high": mean + 0.05, "problems": 10,
-                "temperature": 0.2, "top_p": 0.95}  # fmt: skip
-
-    return {
-        "iteration": iteration,
-        "checkpoint": f"iter_{iteration:07d}",
-        "sets": {
-            "valid": {"metrics": {"1@3": row(valid), "10@100": row(valid + 0.2)}},
-            "test": {"metrics": {"1@3": row(test)}},
-        },
-    }
+def result(iteration: int, valid: float, test: float) -> CheckpointResult:
+    means = {"valid": {"1@3": valid, "10@100": valid + 0.2}, "test": {"1@3": test}}
+    return eval_result(iteration, means)
 
 
 def test_results_are_appended_once_per_checkpoint_and_select_on_valid(tmp_path):
-    assert append_result(tmp_path, record(0, 0.10, 0.12))
-    assert append_result(tmp_path, record(20, 0.30, 0.20))
-    assert append_result(tmp_path, record(10, 0.25, 0.40))  # best on test, not on valid
-    assert not append_result(tmp_path, record(20, 0.99, 0.99))  # redone after a requeue
-    assert [r["iteration"] for r in read_results(tmp_path)] == [0, 10, 20]
-    assert read_results(tmp_path)[2]["sets"]["valid"]["metrics"]["1@3"]["mean"] == 0.30
+    assert record(tmp_path, result(0, 0.10, 0.12), "1@3")
+    assert record(tmp_path, result(20, 0.30, 0.20), "1@3")
+    assert record(tmp_path, result(10, 0.25, 0.40), "1@3")  # best on test, not on valid
+    assert not record(tmp_path, result(20, 0.99, 0.99), "1@3")  # redone after a requeue
+    assert [r.iteration for r in read_results(tmp_path)] == [0, 10, 20]
+    assert read_results(tmp_path)[2].estimate("1@3").mean == 0.30
     assert evaluated(tmp_path) == {0, 10, 20}
     chosen = read_best(tmp_path)
-    assert chosen["iteration"] == 20 and chosen["metric"] == "1@3"
-    assert chosen["sets"]["test"]["metrics"]["1@3"]["mean"] == 0.20  # its test numbers
+    assert chosen.result.iteration == 20 and chosen.metric == "1@3"
+    assert chosen.result.estimate("1@3", "test").mean == 0.20  # its test numbers
     table = (tmp_path / "eval" / "curve.md").read_text()
     assert "| 20 (best) | 30.0% [25.0, 35.0] | 50.0% [45.0, 55.0] | 20.0% [15.0, 25.0] |" in table
     assert table.splitlines()[0] == "| iteration | valid 1@3 | valid 10@100 | test 1@3 |"
@@ -175,11 +162,13 @@ def test_results_are_appended_once_per_checkpoint_and_select_on_valid(tmp_path):
 
 
 def test_selection_metric_ties_and_absence():
-    records = [record(0, 0.1, 0.1), record(10, 0.3, 0.1), record(20, 0.3, 0.5)]
-    assert best(records, "1@3")["iteration"] == 10  # a tie: the earlier checkpoint
-    records.append(record(30, 0.2, 0.1))
-    records[-1]["sets"]["valid"]["metrics"]["10@100"]["mean"] = 0.9
-    assert best(records, "10@100")["iteration"] == 30
+    records = [result(0, 0.1, 0.1), result(10, 0.3, 0.1), result(20, 0.3, 0.5)]
+    assert best(records, "1@3").iteration == 10  # a tie: the earlier checkpoint
+    records.append(result(30, 0.2, 0.1))
+    records[-1].sets["valid"].metrics["10@100"] = dataclasses.replace(
+        records[-1].sets["valid"].metrics["10@100"], mean=0.9
+    )
+    assert best(records, "10@100").iteration == 30
     assert best(records, "1@100") is None
     assert "best" not in curve_table(records, "1@100")
 
@@ -190,9 +179,12 @@ def test_due_pending_and_protected_checkpoints(tmp_path):
     assert pending(checkpoints, done=[], eval_every=4, last=10) == [4, 8, 10]
     assert pending(checkpoints, done=[4, 10], eval_every=4, last=10) == [8]
     assert pending(checkpoints, done=[], eval_every=0, last=10) == [10]  # only the last
-    append_result(tmp_path, record(4, 0.5, 0.1))
-    append_result(tmp_path, record(0, 0.2, 0.1))
+    for i in checkpoints:
+        (tmp_path / f"iter_{i:07d}").mkdir()
+        (tmp_path / f"iter_{i:07d}" / training.STATE).write_text("state")
+    record(tmp_path, result(4, 0.5, 0.1), "1@3")
+    record(tmp_path, result(0, 0.2, 0.1), "1@3")
     # 4 is evaluated and best; 8 still waits for its evaluation.
-    assert protected(tmp_path, checkpoints, 4, 10, "1@3") == {4, 8, 10}
-    append_result(tmp_path, record(8, 0.6, 0.1))
-    assert protected(tmp_path, checkpoints, 4, 10, "1@3") == {8, 10}
+    assert protected(tmp_path, "1@3", 4, 10) == {4, 8, 10}
+    record(tmp_path, result(8, 0.6, 0.1), "1@3")
+    assert protected(tmp_path, "1@3", 4, 10) == {8, 10}

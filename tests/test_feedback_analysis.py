@@ -29,7 +29,7 @@ from rlef_hpc.eval.analysis import (
     sample_curve,
 )
 from rlef_hpc.eval.metrics import RolloutOutcome
-from rlef_hpc.eval.report import evaluate, outcomes_by_problem
+from rlef_hpc.eval.report import outcomes_by_problem, score
 from rlef_hpc.models.tokenizer import build_tokenizer
 from rlef_hpc.sandbox import TestCase
 from tests.helpers import run_tool
@@ -205,7 +205,7 @@ def test_edit_statistics_of_hand_made_trajectories():
 
 
 def test_edit_statistics_of_scripted_episodes(tokenizer, executor):
-    report = evaluate(episodes(tokenizer, executor, [A, B], SCRIPTS, max_turns=3), ["1@3"])
+    report = score(episodes(tokenizer, executor, [A, B], SCRIPTS, max_turns=3), ["1@3"])
     one, two = report.edits
     # 1->2: add1 W->R, W->W; add2 W->W, W->R, none->none. W -> R inserts " + k" (4 of the 24
     # characters of "print(int(input()) + k)\n").
@@ -235,7 +235,7 @@ def brute_force_n_at_k(outcomes: list[RolloutOutcome], n: int, k: int, turns: in
 
 def test_budget_curves_equal_n_at_k_computed_directly(tokenizer, executor):
     trajectories = episodes(tokenizer, executor, [A, B], SCRIPTS, max_turns=3)
-    report = evaluate(trajectories, ["1@3", "1@6", "1@12", "10@12"], max_turns=3)
+    report = score(trajectories, ["1@3", "1@6", "1@12", "10@12"], max_turns=3)
     grouped = outcomes_by_problem(trajectories)
     for n in (1, 10):
         curve = sample_curve(grouped, n, 3)
@@ -261,7 +261,7 @@ def test_more_turns_than_three(tokenizer, executor):
     # Deterministic batches: the scripted policy tells these rollouts apart only by the order
     # in which their (identical) turns ask.
     trajectories = episodes(tokenizer, executor, [A], scripts, max_turns=5, deterministic=True)
-    report = evaluate(trajectories, ["1@3", "1@5"], 5)
+    report = score(trajectories, ["1@3", "1@5"], 5)
     assert report.skipped == ["1@3 buys less than one 5-turn rollout"]
     assert [r.name for r in report.rows] == ["1@5"] and report.rows[0].mean == 0.5
     assert report.solved_by_turn == [0, 0, 0, 0, 0.5]

@@ -78,7 +78,7 @@ def test_the_export_generates_exactly_as_the_source(real_model, tmp_path):
 RUN = [
     "warmstart.steps=0",
     "data.train_problems=8",
-    "data.eval_problems=1",
+    "data.valid_problems=1",
     "data.test_problems=1",
     "rollout.rollouts_per_iteration=4",
     "rollout.samples_per_problem=2",

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from rlef_hpc import atomic
 from rlef_hpc.checkpoint import training
-from rlef_hpc.eval.protocol import append_result, protected
+from rlef_hpc.eval.evaluator import record
+from rlef_hpc.train.evaluation import protected
+from tests.helpers import eval_result
 
 
 def save(run, iteration, keep_last, keep=()):
@@ -17,9 +19,7 @@ def save(run, iteration, keep_last, keep=()):
 
 
 def result(iteration, valid):
-    row = {"mean": valid, "low": valid, "high": valid, "problems": 1}
-    return {"iteration": iteration, "checkpoint": f"iter_{iteration:07d}",
-            "sets": {"valid": {"metrics": {"1@3": row}}}}  # fmt: skip
+    return eval_result(iteration, {"valid": {"1@3": valid}}, spread=0.0)
 
 
 def test_keep_last_spares_the_names_kept(tmp_path):
@@ -37,12 +37,12 @@ def test_retention_never_deletes_the_best_or_a_pending_checkpoint(tmp_path):
     still be there; everything else beyond the newest two must be gone."""
     eval_every, last, lag = 4, 16, 5
     valid = {0: 0.1, 4: 0.5, 8: 0.3, 12: 0.2, 16: 0.4}  # iteration 4 stays the best
-    append_result(tmp_path, result(0, valid[0]))  # the initial policy, before training
+    record(tmp_path, result(0, valid[0]), "1@3")  # the initial policy, before training
     for it in range(1, last + 1):
         done = it - lag  # the evaluation worker has just finished this one, if due
         if done in valid and done > 0:
-            append_result(tmp_path, result(done, valid[done]))
-        kept = protected(tmp_path, training.committed(tmp_path), eval_every, last, "1@3")
+            record(tmp_path, result(done, valid[done]), "1@3")
+        kept = protected(tmp_path, "1@3", eval_every, last)
         save(tmp_path, it, keep_last=2, keep={f"iter_{i:07d}" for i in kept})
         on_disk = set(training.committed(tmp_path))
         due = {i for i in valid if 0 < i <= it}

@@ -336,6 +336,7 @@ def test_fp8_rollouts_stop_a_cpu_engine_before_vllm_starts(hf_dir):
 
 def test_evaluation_runs_the_model_unquantised(monkeypatch, hf_dir):
     """The reported solve rates are the model's, not an FP8 engine's."""
+    from rlef_hpc.episodes import EpisodeConfig
     from rlef_hpc.eval import policy
     from rlef_hpc.rollout.config import RolloutConfig
 
@@ -346,10 +347,9 @@ def test_evaluation_runs_the_model_unquantised(monkeypatch, hf_dir):
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(policy, "build_engine", build_engine)
+    evaluator = policy.ModelEvaluator(RolloutConfig(quantization="fp8"), EpisodeConfig(), None, 0)
     with pytest.raises(RuntimeError, match="stop here"):
-        policy.evaluate_model(
-            hf_dir, [], None, RolloutConfig(quantization="fp8"), 1, ["1@1"], 0, None
-        )
+        evaluator.load(hf_dir)
     assert [r.quantization for r in asked] == ["none"]
 
 

@@ -52,7 +52,7 @@ def test_nothing_of_a_run_outlives_its_trainer(tmp_path, ending):
     # Saved every iteration in the background: a forked writer may be running at the end.
     cmd = [sys.executable, "-m", "rlef_hpc.train.cli", *TINY_TRAIN, f"run.dir={run}",
            f"run.iterations={iterations}", "run.checkpoint_every=1", "run.async_save=true",
-           "data.eval_problems=0"]  # fmt: skip
+           "data.valid_problems=0"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = (tmp_path / "trainer.log").open("w")
     trainer = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)

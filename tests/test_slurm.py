@@ -219,6 +219,31 @@ def test_disaggregated_run_is_evaluated_every_eval_every_while_it_trains(slurm, 
 
 
 @pytest.mark.slurm
+def test_an_evaluation_job_following_a_trainer_that_died_evaluates_what_it_saved_and_ends(
+    slurm, tmp_path
+):
+    """Issue 33: the trainer's job is killed (SIGKILL to all its processes, as an OOM kill or
+    a lost node would) while the evaluation job follows it; the evaluation job sees in Slurm
+    that the job has ended, evaluates what is due and the last checkpoint saved, and completes,
+    instead of waiting for iteration 100 until its own time limit."""
+    run = tmp_path / "run"
+    jobs = submit(f"run.dir={run}", "run.iterations=100", "run.eval_every=50",
+                  "--layout", "disaggregated")  # fmt: skip
+    try:
+        wait_iterations(run, 3, timeout=600)
+        assert sh("scancel", "--signal=KILL", "--full", jobs["train"]).returncode == 0
+        wait_done(jobs["train"], timeout=120)
+        assert wait_done(jobs["eval"], timeout=600) == "COMPLETED"
+    finally:
+        sh("scancel", *jobs["rollout"], jobs["eval"])  # the workers wait for the trainer
+    saved = int((run / "latest").read_text())
+    results = [json.loads(x) for x in (run / "eval" / "results.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in results] == [0, saved]
+    log = "".join(p.read_text() for p in (run / "slurm" / jobs["eval"]).glob("*_log.out"))
+    assert f"the trainer's job {jobs['train']} has ended" in log
+
+
+@pytest.mark.slurm
 def test_cancel_leaves_no_job_and_no_process(slurm, tmp_path):
     run = tmp_path / "run"
     jobs = submit(f"run.dir={run}", "run.iterations=200", "--layout", "disaggregated")

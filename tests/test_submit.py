@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import TESTS_DIR, run_tool
+from tests.helpers import TESTS_DIR, eval_result, run_tool
 
 REPO = TESTS_DIR.parent
 CONFIGS = REPO / "configs"
@@ -141,7 +141,7 @@ def test_status_and_cancel_without_slurm_end_in_one_line(tmp_path, no_slurm):
 
 
 def test_status_shows_the_learning_curve_and_the_best_checkpoint(tmp_path, no_slurm):
-    from rlef_hpc.eval.protocol import append_result
+    from rlef_hpc.eval.evaluator import record
 
     run = tmp_path / "run"
     (run / "slurm").mkdir(parents=True)
@@ -149,10 +149,8 @@ def test_status_shows_the_learning_curve_and_the_best_checkpoint(tmp_path, no_sl
     proc = run_tool("submit.py", "status", run, env=no_slurm)
     assert "evaluations: none yet" in proc.stdout, proc.stderr
     for iteration, valid in ((0, 0.25), (200, 0.5), (400, 0.375)):
-        row = {"mean": valid, "low": 0.0, "high": 1.0, "problems": 8}
-        test = {**row, "mean": valid / 2}
-        sets = {"valid": {"metrics": {"1@3": row}}, "test": {"metrics": {"1@3": test}}}
-        append_result(run, {"iteration": iteration, "checkpoint": f"c{iteration}", "sets": sets})
+        means = {"valid": {"1@3": valid}, "test": {"1@3": valid / 2}}
+        record(run, eval_result(iteration, means, bounds=(0.0, 1.0)), "1@3")
     proc = run_tool("submit.py", "status", run, env=no_slurm)
     assert proc.returncode == 0, proc.stderr
     assert "| iteration | valid 1@3 | test 1@3 |" in proc.stdout

@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -141,11 +143,57 @@ def test_sigterm_checkpoints_and_exits_75(tmp_path):
     assert max(train_records(run)) == stopped
 
 
+def test_a_stop_signal_during_an_evaluation_stops_it_at_once_and_the_resumed_run_redoes_it(
+    tmp_path,
+):
+    """Issue 33: SIGTERM while iteration 1's evaluation runs ends the run with status 75 within
+    a generation batch (not after the evaluation), with iteration 1 (saved in the background)
+    committed and nothing of its evaluation recorded; the resumed run evaluates it."""
+    have_engine()
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    overrides = [f"run.dir={run}", "run.iterations=2", "run.eval_every=1", "run.async_save=true"]
+    # 200 rollouts of each of the 6 problems: an evaluation of about 30 s here.
+    cmd = [sys.executable, "-m", "rlef_hpc.train.cli", *TINY, *overrides,
+           "eval.rollouts_per_problem=200"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    errors: list[str] = []
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
+    threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True).start()
+    deadline = time.monotonic() + 600
+    while not lines.get(timeout=600).startswith("evaluating iteration 1"):
+        assert time.monotonic() < deadline, "no evaluation of iteration 1"
+    time.sleep(2)  # into its first draw
+    proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    proc.wait(timeout=600)
+    stopped_s = time.monotonic() - signalled
+    assert proc.returncode == 75, "".join(errors)[-3000:]
+    said = "".join(lines.get() for _ in range(lines.qsize()))
+    assert "signal SIGTERM: stopping the evaluation (redone when the run resumes)" in said, said
+    assert int((run / "latest").read_text()) == 1 and (run / "iter_0000001").is_dir()
+    results = [json.loads(x) for x in (run / "eval" / "results.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in results] == [0]
+    # The whole evaluation of iteration 0 took this long; stopping took a small part of it.
+    evaluation_s = sum(x["seconds"] for s in results[0]["sets"].values() for x in s["samplings"])
+    assert stopped_s < evaluation_s / 2, (stopped_s, evaluation_s)
+
+    # The requeued run: from iteration 1's checkpoint, its evaluation first (one rollout a
+    # problem now, to be quick), then iteration 2.
+    proc = rlef_train(1, *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "evaluating iteration 1" in proc.stdout
+    results = [json.loads(x) for x in (run / "eval" / "results.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in results] == [0, 1, 2]
+    assert max(train_records(run)) == 2
+
+
 def test_asynchronous_mode_trains_on_one_version_stale_rollouts(tmp_path):
     have_engine()
     run = tmp_path / "run"
     proc = rlef_train(1, f"run.dir={run}", "run.iterations=3", "rollout.asynchronous=true",
-                      "data.eval_problems=0", "optim.lr=1e-3")  # fmt: skip
+                      "data.valid_problems=0", "optim.lr=1e-3")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     records = train_records(run)
     assert sorted(records) == [1, 2, 3]
@@ -198,7 +246,7 @@ def test_a_run_starts_from_a_hugging_face_model(tmp_path):
     save_random_llama(hf, tokenizer)
     (hf / "original").mkdir()  # what the copy must leave out
     run = tmp_path / "run"
-    overrides = ["run.iterations=1", "model.init=hf", "warmstart.steps=0", "data.eval_problems=0"]
+    overrides = ["run.iterations=1", "model.init=hf", "warmstart.steps=0", "data.valid_problems=0"]
     proc = rlef_train(1, f"run.dir={run}", f"model.hf_dir={hf}", *overrides)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert not (run / "init" / "original").exists()

@@ -3,7 +3,14 @@ token-exact conversation they build. Knows problems, the sandbox and a generate(
 
 from rlef_hpc.episodes.conversation import Conversation, TemplateError
 from rlef_hpc.episodes.extract import code_blocks, extract_code
-from rlef_hpc.episodes.runner import EpisodeConfig, EpisodeRunner, GenerateFn, Generation
+from rlef_hpc.episodes.runner import (
+    EpisodeConfig,
+    EpisodeRunner,
+    EpisodesStopped,
+    GenerateFn,
+    Generation,
+    StopFn,
+)
 from rlef_hpc.episodes.scripted import ScriptedPolicy
 from rlef_hpc.episodes.templates import (
     Templates,
@@ -17,9 +24,11 @@ __all__ = [
     "Conversation",
     "EpisodeConfig",
     "EpisodeRunner",
+    "EpisodesStopped",
     "GenerateFn",
     "Generation",
     "ScriptedPolicy",
+    "StopFn",
     "TemplateError",
     "Templates",
     "code_blocks",

@@ -41,6 +41,13 @@ class Generation:
 
 
 GenerateFn = Callable[[list[list[int]]], Sequence[Generation]]
+# Asked before each batch is generated: True abandons the run (EpisodesStopped).
+StopFn = Callable[[], bool]
+
+
+class EpisodesStopped(Exception):
+    """A run of episodes abandoned because its `stop` said so (a stop signal): its episodes are
+    lost, and whoever asked for them redoes them (an evaluation is redone from its seed)."""
 
 
 @dataclass(frozen=True)
@@ -95,8 +102,12 @@ class EpisodeRunner:
         self._given: list[tuple[str, str]] = []  # (problem, feedback) for random feedback
         self._rng = random.Random(0)
 
-    def run(self, problems: Sequence[Problem], progress: bool = False) -> list[Trajectory]:
-        """One episode per problem (repeat a problem for several rollouts); results in order."""
+    def run(
+        self, problems: Sequence[Problem], progress: bool = False, stop: StopFn | None = None
+    ) -> list[Trajectory]:
+        """One episode per problem (repeat a problem for several rollouts); results in order.
+        `stop` is asked before each batch is generated and while executions are awaited: so a
+        long run ends within one batch's generation of a stop signal (EpisodesStopped)."""
         episodes = [self._start(p) for p in problems]
         ready = collections.deque(episodes)
         running: dict[concurrent.futures.Future[list[TestResult]], tuple[_Episode, str]] = {}
@@ -104,6 +115,8 @@ class EpisodeRunner:
         if progress:
             bar = progress_bar(total=len(episodes), desc="episodes", unit="ep")
         while ready or running:
+            if stop is not None and stop():
+                raise EpisodesStopped(f"stopped with {len(ready) + len(running)} episodes running")
             if ready:
                 batch = [
                     ready.popleft() for _ in range(min(len(ready), self.config.generation_batch))

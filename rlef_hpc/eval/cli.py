@@ -25,11 +25,14 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlef_hpc import logs, runtime
 from rlef_hpc.data.bundled import BUNDLED
 from rlef_hpc.jsonl import JsonLinesError, iter_jsonl
+
+if TYPE_CHECKING:
+    from rlef_hpc.eval.protocol import MetricSpec
 
 
 class UsageError(Exception):
@@ -111,12 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     from rlef_hpc.data.functions import load_function_problems, to_problems
     from rlef_hpc.episodes import Templates
     from rlef_hpc.eval.analysis import parse_feedback_modes
-    from rlef_hpc.eval.metrics import parse_metric
+    from rlef_hpc.eval.protocol import MetricSpec
 
     try:
-        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
-        for m in metrics:
-            parse_metric(m)
+        metric_names = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        if not metric_names:
+            raise UsageError("--metrics: no metric given")
+        metrics = [MetricSpec(m, args.temperature, args.top_p) for m in metric_names]
         args.feedback = parse_feedback_modes(args.feedback)
         if args.rollouts < 1 or args.max_turns < 1:
             raise UsageError("--rollouts and --max-turns must be positive")
@@ -150,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         if functions is not None:
             problems = to_problems(functions, executor)  # expected outputs, in the sandbox
         results = run(args, problems, scripts, metrics, executor)
-    for mode, (report, _) in results.items():
+    for mode, result in results.items():
         if len(results) > 1:
             print(f"\n## {mode} feedback\n")
-        print(report.table())
+        print(result.report.table())
     if args.out:
         from rlef_hpc.eval.policy import write_outputs
 
@@ -170,12 +174,19 @@ def is_function_file(path: Path) -> bool:
 
 
 def run(
-    args: argparse.Namespace, problems: list[Any], scripts: Any, metrics: list[str], executor: Any
-) -> Any:
-    """{feedback mode: (report, trajectories)} of the model or the replayed answers."""
+    args: argparse.Namespace,
+    problems: list[Any],
+    scripts: Any,
+    metrics: list[MetricSpec],
+    executor: Any,
+) -> dict[str, Any]:
+    """{feedback mode: its DrawResult} of the model or the replayed answers: the evaluator on
+    one set, every metric sampled alike, once per feedback mode from the same seeds (the modes
+    differ in what follows a failure, not in the draw of first answers)."""
+    from dataclasses import replace
+
     from rlef_hpc.episodes import EpisodeConfig, ScriptedPolicy
-    from rlef_hpc.eval.policy import evaluate_model, evaluate_modes
-    from rlef_hpc.rollout.config import RolloutConfig
+    from rlef_hpc.eval.evaluator import episode_generate, evaluate
 
     config = EpisodeConfig(
         max_turns=args.max_turns,
@@ -185,42 +196,47 @@ def run(
         deterministic=args.deterministic or len(args.feedback) > 1,
     )
     if scripts is None:
+        from rlef_hpc.eval.policy import ModelEvaluator
+        from rlef_hpc.rollout.config import RolloutConfig
+
         rollout = RolloutConfig(
             temperature=args.temperature,
             top_p=args.top_p,
             max_tokens=args.max_tokens,
             tensor_parallel=args.tensor_parallel,
         )
-        return evaluate_model(
-            args.model,
-            problems,
-            config,
-            rollout,
-            args.rollouts,
-            metrics,
-            args.seed,
-            executor,
-            args.feedback,
-        )
-    from rlef_hpc.models.tokenizer import build_tokenizer
+        model = ModelEvaluator(rollout, config, executor, args.seed)
+        model.load(args.model)
+        sets, rollouts = {"problems": problems}, args.rollouts
+        generator = model.generator
+    else:
+        from rlef_hpc.models.tokenizer import build_tokenizer
 
-    # Replaying text needs a tokenizer only to keep the conversation: any will do.
-    corpus = [t for rollouts in scripts.values() for r in rollouts for t in r]
-    tokenizer = build_tokenizer(corpus + [p.description for p in problems], vocab_size=400)
-    episodes = [p for p in problems if p.name in scripts for _ in scripts[p.name]]
-    return evaluate_modes(
-        tokenizer,
-        # A fresh replay per mode: the policy counts the rollouts it has handed out.
-        lambda: ScriptedPolicy(
-            tokenizer, problems, scripts, args.templates, args.language, strict=False
-        ),
-        episodes,
-        config,
-        args.feedback,
-        metrics,
-        args.seed,
-        executor,
-    )
+        # Replaying text needs a tokenizer only to keep the conversation: any will do.
+        corpus = [t for rollouts in scripts.values() for r in rollouts for t in r]
+        tokenizer = build_tokenizer(corpus + [p.description for p in problems], vocab_size=400)
+        # One rollout per scripted answer: the set holds each problem once per answer.
+        sets = {"problems": [p for p in problems if p.name in scripts for _ in scripts[p.name]]}
+        rollouts = 1
+
+        def replay(temperature: float, top_p: float) -> Any:
+            # A fresh replay per draw: the policy counts the rollouts it has handed out.
+            return ScriptedPolicy(
+                tokenizer, problems, scripts, args.templates, args.language, strict=False
+            )
+
+        def generator(mode_config: EpisodeConfig) -> Any:
+            return episode_generate(tokenizer, executor, replay, mode_config, args.seed)
+
+    results = {}
+    for mode in args.feedback:
+        mode_config = replace(config, feedback=mode)
+        [result] = evaluate(
+            generator(mode_config), sets, metrics, rollouts, args.max_turns, seed=args.seed,
+            feedback=mode,
+        )  # fmt: skip
+        results[mode] = result
+    return results
 
 
 if __name__ == "__main__":

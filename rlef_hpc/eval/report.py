@@ -1,12 +1,12 @@
 """From trajectories to the n@k table (with bootstrap intervals), per-turn solve rates, how
-answers change between turns, solve rate against the sample budget, and a plot of the latter."""
+answers change between turns and solve rate against the sample budget (plotted by
+rlef_hpc.eval.plots)."""
 
 from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from rlef_hpc.data.trajectory import Trajectory
@@ -92,7 +92,7 @@ def outcomes_by_problem(trajectories: Sequence[Trajectory]) -> dict[str, list[Ro
     return dict(grouped)
 
 
-def evaluate(
+def score(
     trajectories: Sequence[Trajectory],
     metrics: Sequence[str] = ("1@3", "10@100"),
     max_turns: int = 3,
@@ -128,36 +128,3 @@ def evaluate(
         resample_distance=resample_distance(trajectories),
         sample_curves={str(n): sample_curve(grouped, n, max_turns) for n in SAMPLE_CURVE_N},
     )
-
-
-def plot_solve_rate(
-    trajectories: Sequence[Trajectory], path: str | Path, max_turns: int = 3, title: str = ""
-) -> Path:
-    """Solve rate against sample budget k (1@k and 10@k), as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grouped = outcomes_by_problem(trajectories)
-    fewest = min(len(o) for o in grouped.values())
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    for n in SAMPLE_CURVE_N:
-        curve = sample_curve(grouped, n, max_turns)
-        ax.plot(
-            [k for k, _ in curve],
-            [100 * r for _, r in curve],
-            marker="o",
-            markersize=3,
-            label=f"{n}@k",
-        )
-    ax.set_xlabel(f"sample budget k (turns; {max_turns} per rollout)")
-    ax.set_ylabel("solve rate (%)")
-    ax.set_title(title or f"{len(grouped)} problems, {fewest} rollouts each")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path

@@ -51,6 +51,22 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
     return states
 
 
+# The states of a job that will not run again (a requeued job is REQUEUED, then PENDING).
+ENDED_STATES = frozenset(
+    {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+     "PREEMPTED", "TIMEOUT"}
+)  # fmt: skip
+
+
+def ended_state(job_id: str) -> str | None:
+    """The job's final state once it has ended (COMPLETED, FAILED, CANCELLED, ...); None while
+    it is pending, running or requeued, or when Slurm cannot tell (a job unknown to sacct and
+    already gone from squeue is taken as not ended: a wrong answer here would end an
+    evaluation early, the other one only late)."""
+    state = job_states([job_id]).get(job_id)
+    return state if state in ENDED_STATES else None
+
+
 def _output(cmd: list[str]) -> list[str]:
     """The command's output lines; none if it is not installed (a cluster without accounting
     has no sacct: squeue then answers)."""

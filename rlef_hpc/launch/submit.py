@@ -12,9 +12,9 @@ Layouts (rollout.layout):
   shards; see rlef_hpc.rollout.shards), so either side can be requeued on its own.
 An evaluation job (unless slurm.eval_after=false) runs the evaluation protocol on the run's
 checkpoints: after training (afterok), or, in the disaggregated layout with run.eval_every,
-alongside it, evaluating each due checkpoint as it is saved. Job ids are kept in
-RUN_DIR/slurm/jobs.json for `status` (the jobs, the learning curve, the best checkpoint) and
-`cancel`; logs in RUN_DIR/slurm/.
+alongside it, evaluating each due checkpoint as it is saved, until the trainer's job ends.
+Job ids are kept in RUN_DIR/slurm/jobs.json for `status` (the jobs, the learning curve, the
+best checkpoint) and `cancel`; logs in RUN_DIR/slurm/.
 
 Before anything is submitted: the config is validated, the memory plan must fit
 (tools/plan.py), the run directory's parent must exist, and Slurm must answer.
@@ -246,10 +246,12 @@ def submit(cfg: JobConfig) -> dict[str, Any]:
         )
         jobs["rollout"] = [w.job_id for w in workers]
     if "eval" in by_job:
-        follow = follows_training(cfg)
-        if not follow:
+        if follows_training(cfg):  # alongside: it stops waiting when the trainer's job ends
+            job = EvalJob(config, follow=True, trainer_job=train.job_id)
+        else:
             by_job["eval"].update_parameters(dependency=f"afterok:{train.job_id}")
-        jobs["eval"] = by_job["eval"].submit(EvalJob(config, follow=follow)).job_id
+            job = EvalJob(config)
+        jobs["eval"] = by_job["eval"].submit(job).job_id
     record(Path(cfg.run.dir), jobs)
     return jobs
 
@@ -284,7 +286,8 @@ def status(run_dir: Path) -> str:
     """The run's jobs and their states, its newest checkpoint and iteration, its shards, the
     learning curve so far and the best checkpoint on valid."""
     from rlef_hpc.checkpoint import training
-    from rlef_hpc.eval import protocol
+    from rlef_hpc.eval.results import read_best, read_results
+    from rlef_hpc.eval.tables import curve_table, summary
     from rlef_hpc.rollout.shards import ShardStore
 
     jobs = [j for submission in recorded(run_dir) for j in _ids(submission)]
@@ -300,10 +303,11 @@ def status(run_dir: Path) -> str:
     if store.root.exists():
         counts = store.audit()
         lines.append("trajectory shards: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    records = protocol.read_results(run_dir)
+    records = read_results(run_dir)
     if records:
-        select = (protocol.read_best(run_dir) or {}).get("metric", "1@3")
-        lines += ["", protocol.curve_table(records, select), protocol.summary(records, select)]
+        chosen = read_best(run_dir)
+        select = chosen.metric if chosen else "1@3"
+        lines += ["", curve_table(records, select), summary(records, select)]
         if (run_dir / "best" / "selected.json").exists():
             lines.append(f"exported: {run_dir / 'best'}")
     else:

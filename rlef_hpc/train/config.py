@@ -110,15 +110,16 @@ class DataConfig:
     train_problems: int = 160  # synthetic: instances drawn from the train split
     # synthetic: "feedback" adds problems only the feedback can solve (the ablations' bench)
     curriculum: Literal["basic", "feedback"] = "basic"
-    eval_problems: int = 20  # valid problems (synthetic: from the held-out split)
+    valid_problems: int = 20  # valid problems (synthetic: from the held-out split)
     # Test problems: synthetic, the held-out instances after the valid ones; codecontests, the
     # first this many of test_path, 0 for all of them (the paper configs).
     test_problems: int = 21  # the demo's: with its 20 valid, all 41 held-out (basic)
+    renamed_keys: ClassVar[dict[str, str]] = {"eval_problems": "valid_problems"}
 
     def __post_init__(self) -> None:
         if self.source == "codecontests" and not self.train_path:
             raise ValueError("data.source=codecontests needs data.train_path")
-        require_at_least("data", self, train_problems=1, eval_problems=0, test_problems=0)
+        require_at_least("data", self, train_problems=1, valid_problems=0, test_problems=0)
 
 
 @dataclass(frozen=True)

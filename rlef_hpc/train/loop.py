@@ -2,27 +2,30 @@
 
 Per iteration: this rank's trajectories from the rollout source (its own engine's episodes,
 or shards from rollout workers: rlef_hpc.train.sources) -> PPO (pi_old, reference, values,
-then minibatch updates) -> the new policy to whoever generates next -> log; evaluate every
-`run.eval_every`, checkpoint every `run.checkpoint_every`. A run directory that holds a
-checkpoint is resumed from it. Runs as one process or under torchrun/srun.
+then minibatch updates) -> the new policy to whoever generates next -> log; evaluate when due
+(rlef_hpc.train.evaluation), checkpoint every `run.checkpoint_every`. A run directory that
+holds a checkpoint is resumed from it. Runs as one process or under torchrun/srun.
+
+A stop signal (SIGTERM, SIGUSR1, SIGUSR2) ends the run with exit status 75 and the newest
+update checkpointed: after the iteration in progress, or at once during an evaluation (which
+is abandoned, and redone when the run resumes).
 
     run_dir/
       config.yaml       the resolved config          metrics.jsonl   one record per iteration
       init/             the initial policy (HF) and tokenizer: the engine's start, the KL reference
       iter_0000004/     training checkpoints, `latest`          tensorboard/   plots/
       eval/             results.jsonl (one record per evaluated checkpoint), curve.md/png,
-                        best.json (rlef_hpc.eval.protocol)      best/   the selected model (HF)
-      problems/eval.jsonl, test.jsonl   valid and test problems (CodeContests schema), for
-                        the evaluation job
+                        best.json (rlef_hpc.eval.results)       best/   the selected model (HF)
+      problems/valid.jsonl, test.jsonl   the evaluation sets (CodeContests schema), for the
+                        evaluation job
       weights/  trajectories/   disaggregated: published policy versions, trajectory shards
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch.distributed as dist
 import yaml
@@ -35,19 +38,21 @@ from rlef_hpc.checkpoint.hf_dir import (
     read_model_config,
 )
 from rlef_hpc.config import to_dict
-from rlef_hpc.dist_env import device, host_group, init_process_groups, mean_over_ranks
-from rlef_hpc.eval import protocol
+from rlef_hpc.dist_env import device, init_process_groups, mean_over_ranks
+from rlef_hpc.episodes import EpisodesStopped
+from rlef_hpc.eval.sets import problems_path, transfer_sets
 from rlef_hpc.models.gpt import sequence_multiple
 from rlef_hpc.models.megatron_compat import seed
 from rlef_hpc.rl.ppo import collate
 from rlef_hpc.rl.update import PPOUpdate
 from rlef_hpc.sandbox import Executor
 from rlef_hpc.train.config import TrainConfig
+from rlef_hpc.train.evaluation import TrainerEvaluation
 from rlef_hpc.train.initial_policy import build_initial_policy
 from rlef_hpc.train.metrics import MetricsLog, episode_metrics, plot_training
 from rlef_hpc.train.preemption import STOP_SIGNALS, Preempted, StopFlag
 from rlef_hpc.train.problems import load_problems, load_test_problems, write_problems
-from rlef_hpc.train.sources import make_source, own_engine
+from rlef_hpc.train.sources import Colocated, make_source, own_engine
 
 # What rank 0 may do alone while the other ranks wait in a collective, besides waiting for
 # trajectory shards: save a checkpoint, convert and publish the weights of a large model.
@@ -64,14 +69,12 @@ def collective_timeout_s(cfg: TrainConfig) -> float:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
-        from megatron.core import parallel_state as ps  # heavy: imported when a run starts
-        from transformers import AutoTokenizer  # heavy, likewise
+        from transformers import AutoTokenizer  # heavy: imported when a run starts
 
         self.cfg = cfg
         p = cfg.parallel
         init_process_groups(p.tensor, p.pipeline, p.world_size, collective_timeout_s(cfg))
         self.rank = dist.get_rank()
-        self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.run_dir = Path(cfg.run.dir)
         if self.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -82,11 +85,11 @@ class Trainer:
             if self.rank == 0
             else None
         )
-        self.train_problems, self.eval_problems = load_problems(cfg)
+        self.train_problems, valid_problems = load_problems(cfg)
         test_problems = load_test_problems(cfg)
-        if self.rank == 0:
-            write_problems(self.eval_problems, self.run_dir / "problems" / "eval.jsonl")
-            write_problems(test_problems, self.run_dir / "problems" / "test.jsonl")
+        if self.rank == 0:  # for the evaluation job
+            write_problems(valid_problems, problems_path(self.run_dir, "valid"))
+            write_problems(test_problems, problems_path(self.run_dir, "test"))
         checkpoint = training.resume_point(self.run_dir, say=self._print)
         self.init_dir = self.run_dir / "init"
         seed(cfg.run.seed)
@@ -110,17 +113,13 @@ class Trainer:
             micro_batch_tokens=cfg.update.micro_batch_tokens,
         )
         training.check_space(self.run_dir, self._checkpointed(), cfg.run.keep_last, self._print)
-        self.start = 0
+        self.start = 0  # the iteration the policy is at: trained and saved
         if checkpoint is not None:
             state = training.load(checkpoint, self._checkpointed(), self._schedulers())
             self.start = state["iteration"]
             self._print(f"resumed from {checkpoint} (iteration {self.start})")
+        self.saved = self.start
         self.executor = Executor(workers=cfg.rollout.sandbox_workers)
-        self.eval_sets = {
-            "valid": self.eval_problems,
-            "test": test_problems,
-            **protocol.transfer_sets(cfg.eval.transfer, self.executor),
-        }
         self.source = make_source(
             cfg,
             self.run_dir,
@@ -129,13 +128,18 @@ class Trainer:
             self.executor,
             self.policy,
             self.model_cfg,
-            (self.train_problems, self.eval_problems),
+            (self.train_problems, valid_problems),
             self.start,
         )
+        sets = {"valid": valid_problems, "test": test_problems}
+        sets.update(transfer_sets(cfg.eval.transfer, self.executor))
+        # The colocated layouts evaluate on their engines here; else the evaluation job does.
+        engines = self.source if isinstance(self.source, Colocated) else None
+        self.evaluation = TrainerEvaluation(cfg, self.run_dir, sets, engines, self.log)
         training.start_writer_helpers(ignoring=STOP_SIGNALS)
         self.async_queue = None
         if cfg.run.async_save:
-            # megatron, likewise; only runs that save in the background need it
+            # heavy too; only runs that save in the background need it
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
             self.async_queue = AsyncCallsQueue()
@@ -154,7 +158,7 @@ class Trainer:
 
     def iteration(self, it: int) -> dict[str, float]:
         trajectories, rollout = self.source.batch(it)
-        episodes = mean_over_ranks(episode_metrics(trajectories, self.cfg.episodes.max_turns))
+        stats = mean_over_ranks(episode_metrics(trajectories, self.cfg.episodes.max_turns))
         start = time.perf_counter()
         batch = collate(
             trajectories,
@@ -166,55 +170,9 @@ class Trainer:
         metrics = self.update.step(batch, self.cfg.update.num_minibatches, progress=self.rank == 0)
         update_s = time.perf_counter() - start
         synced = self.source.after_update(it, metrics)
-        return {**episodes, **metrics, **synced, **rollout, "update_seconds": update_s}
+        return {**stats, **metrics, **synced, **rollout, "update_seconds": update_s}
 
-    # --- evaluation and checkpoints ---------------------------------------------------------
-
-    def evaluate(self, iteration: int) -> dict[str, Any] | None:
-        """The evaluation protocol (eval.*, rlef_hpc.eval.protocol) on every evaluation set at
-        this iteration's policy, always with the real feedback, appended to eval/results.jsonl
-        (rank 0 returns the record). An iteration already there is not redone. Without an
-        engine here (the disaggregated layout) the evaluation job does it."""
-        e = self.cfg.eval
-        if not any(self.eval_sets.values()) or self.source.episodes is None:
-            return None
-        if iteration in protocol.evaluated(self.run_dir):
-            return None
-        episodes = dataclasses.replace(self.cfg.episodes, max_turns=e.max_turns, feedback="real")
-
-        def generate(problems: list[Any], temperature: float, top_p: float, key: str) -> Any:
-            mine = self.source.episodes(
-                problems[self.dp_rank :: self.dp], key, temperature, top_p, episodes=episodes
-            )
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, mine, group=host_group())
-            return [t for part in gathered for t in part]
-
-        if self.rank != 0:  # its share of every draw, in the order rank 0 gathers them
-            for draw in protocol.draws(
-                self.eval_sets, e.metrics, e.rollouts_per_problem, iteration
-            ):
-                generate(draw.problems, draw.temperature, draw.top_p, draw.key)
-            return None
-        name = "init" if iteration == 0 else training.checkpoint_name(iteration)
-        record = protocol.evaluate_checkpoint(
-            generate, self.eval_sets, e.metrics, e.rollouts_per_problem, e.max_turns,
-            iteration, name, seed=self.cfg.run.seed,
-        )  # fmt: skip
-        protocol.append_result(self.run_dir, record, e.select_metric)
-        self.log.write("eval", iteration, eval_values(record, e.select_metric))
-        return record
-
-    def _protected(self) -> set[int]:
-        """Checkpoints retention keeps beyond run.keep_last: still to be evaluated (here or by
-        the evaluation job), or the best on valid so far."""
-        if not any(self.eval_sets.values()):
-            return set()
-        r = self.cfg.run
-        checkpoints = training.committed(self.run_dir)
-        return protocol.protected(
-            self.run_dir, checkpoints, r.eval_every, r.iterations, self.cfg.eval.select_metric
-        )
+    # --- checkpoints, evaluations, stopping -------------------------------------------------
 
     def save(self, iteration: int, asynchronous: bool) -> None:
         if self.async_queue is not None:
@@ -234,68 +192,84 @@ class Trainer:
             async_queue=self.async_queue if asynchronous else None,
             # The tokenizer beside the weights: the checkpoint exports to a usable HF directory.
             files=[self.init_dir / n for n in TOKENIZER_FILES if (self.init_dir / n).exists()],
-            protect=self._protected() if self.rank == 0 else (),
+            protect=self.evaluation.protected() if self.rank == 0 else (),
         )
+        self.saved = iteration
+
+    def evaluation_step(self, iteration: int, stop: StopFlag) -> None:
+        """The policy at `iteration` evaluated if due and not done yet; a stop signal during it
+        abandons it (every rank together) and stops the run (`stop_now`)."""
+        if not self.evaluation.is_due(iteration):
+            return
+        with stop.during("stopping the evaluation (redone when the run resumes)"):
+            try:
+                self.evaluation(iteration, stop.is_set)
+            except EpisodesStopped:
+                self.stop_now(iteration, stop)
+        # A signal after the evaluation's last gather: stop before another iteration starts.
+        if iteration < self.cfg.run.iterations and stop.everywhere():
+            self.stop_now(iteration, stop)
+
+    def stop_now(self, iteration: int, stop: StopFlag) -> NoReturn:
+        """Exit status 75 with the policy at `iteration` checkpointed (saved now unless it is;
+        close() commits a save still in flight)."""
+        if self.saved != iteration:
+            self.save(iteration, asynchronous=False)
+        self._plot()
+        raise Preempted(stop.signum)
+
+    def _plot(self) -> None:
+        if self.rank == 0 and (records := self.log.records("train")):
+            plot_training(records, self.run_dir / "plots", self.cfg.episodes.max_turns)
 
     # --- the run ----------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
-        cfg = self.cfg
+    def run(self) -> int:
+        """Trains from self.start to run.iterations; returns the last iteration."""
+        last, every = self.cfg.run.iterations, self.cfg.run.checkpoint_every
         iteration = self.start
-        with StopFlag(announce=self.rank == 0) as stop_flag:
+        with StopFlag(announce=self.rank == 0) as stop:
             # The initial policy (the curve's first point), or a resumed checkpoint whose due
-            # evaluation a stop signal pre-empted: evaluate() skips what is already recorded.
-            if protocol.is_due(self.start, cfg.run.eval_every, cfg.run.iterations):
-                self.evaluate(self.start)
-            for iteration in range(self.start + 1, cfg.run.iterations + 1):
+            # evaluation a stop signal pre-empted: an evaluated checkpoint is not redone.
+            self.evaluation_step(iteration, stop)
+            for iteration in range(self.start + 1, last + 1):
                 metrics = self.iteration(iteration)
                 if self.rank == 0:
                     self.log.write("train", iteration, metrics)
-                    self._print(f"iteration {iteration}/{cfg.run.iterations}: {brief(metrics)}")
-                stop = stop_flag.everywhere()
-                last = iteration == cfg.run.iterations
-                if stop or last or iteration % cfg.run.checkpoint_every == 0:
-                    self.save(iteration, asynchronous=not stop and not last)
-                if stop:
-                    self._finish()
-                    raise Preempted(stop_flag.signum)
-                if protocol.is_due(iteration, cfg.run.eval_every, cfg.run.iterations):
-                    self.evaluate(iteration)
-        self._finish()
-        self.source.finish()
-        records = protocol.read_results(self.run_dir)
-        if self.rank == 0 and records:
-            self._print(summary_table(records, iteration))
-            if self.source.episodes is not None:  # else the evaluation job selects and exports
-                best = protocol.export_best(self.run_dir)
-                self._print(f"{protocol.summary(records, cfg.eval.select_metric)}; HF: {best}")
-        return {"iterations": iteration, "evaluations": records}
-
-    def _finish(self) -> None:
-        self.source.close()  # nothing generating while the last checkpoint commits
-        if self.async_queue is not None:
-            self.async_queue.maybe_finalize_async_calls(blocking=True)
+                    line = brief(metrics, self.cfg.rollout.layout)
+                    self._print(f"iteration {iteration}/{last}: {line}")
+                stopped = stop.everywhere()
+                if stopped or iteration == last or iteration % every == 0:
+                    self.save(iteration, asynchronous=not stopped and iteration != last)
+                if stopped:
+                    self.stop_now(iteration, stop)
+                self.evaluation_step(iteration, stop)
+        self.source.training_done()
+        self._plot()
         if self.rank == 0:
-            records = self.log.records("train")
-            if records:
-                plot_training(records, self.run_dir / "plots", self.cfg.episodes.max_turns)
+            for line in self.evaluation.report(iteration):
+                self._print(line)
+        return iteration
 
     def close(self) -> None:
+        """Releases everything, once, however the run ended: the source first (nothing
+        generating while the last checkpoint commits), then the saves still in flight."""
         self.source.close()
-        self.executor.close()
         if self.async_queue is not None:
             self.async_queue.close()
+        self.executor.close()
         if self.log is not None:
             self.log.close()
 
 
-def brief(m: dict[str, float]) -> str:
-    if "generated_tokens_per_second" in m:
-        rollout = (
-            f"rollout {m['rollout_seconds']:.1f}s ({m['generated_tokens_per_second']:.0f} tok/s)"
-        )
-    else:
+def brief(m: dict[str, float], layout: str) -> str:
+    """An iteration's line: reward, solve rate, KL, the engine's mismatch, how the rollouts
+    came (generated here, or waited for from the rollout workers) and the update's time."""
+    if layout == "disaggregated":
         rollout = f"waited {m['rollout_seconds']:.1f}s for shards"
+    else:
+        tokens = m["generated_tokens_per_second"]
+        rollout = f"rollout {m['rollout_seconds']:.1f}s ({tokens:.0f} tok/s)"
     return (
         f"reward {m['reward_mean']:+.3f}, solved {100 * m['success_rate']:.1f}%, "
         f"kl {m.get('kl', 0.0):.4f}, mismatch {m.get('mismatch_max', 0.0):.2e}, "
@@ -303,34 +277,8 @@ def brief(m: dict[str, float]) -> str:
     )
 
 
-def eval_values(record: dict[str, Any], select: str) -> dict[str, float]:
-    """An evaluation record as metrics.jsonl's numbers: SET/METRIC (and _low, _high) for every
-    set, the valid set's also without the prefix, and solved_by_turn_T of the valid rollouts
-    sampled as the selection metric is (plots/solve_rate.png)."""
-    values = {}
-    for name, result in record["sets"].items():
-        for metric, row in result["metrics"].items():
-            prefixes = (f"{name}/", "") if name == protocol.SELECTION_SET else (f"{name}/",)
-            for key in (f"{prefix}{metric}" for prefix in prefixes):
-                values.update(
-                    {key: row["mean"], f"{key}_low": row["low"], f"{key}_high": row["high"]}
-                )
-    valid = record["sets"].get(protocol.SELECTION_SET)
-    if valid is not None:
-        sampling = next((s for s in valid["samplings"] if select in s["metrics"]), None)
-        for k, v in enumerate(sampling["solved_by_turn"] if sampling else []):
-            values[f"solved_by_turn_{k + 1}"] = v
-    return values
-
-
-def summary_table(records: list[dict[str, Any]], last: int) -> str:
-    """Before and after RLEF, every set and metric (the whole curve: eval/curve.md)."""
-    ends = [r for r in records if r["iteration"] in (0, last)]
-    labels = {0: "before RLEF", last: f"after RLEF ({last})"}
-    return protocol.curve_table(ends, select=None, labels=labels)
-
-
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def train(cfg: TrainConfig) -> int:
+    """The run; returns the iteration it ended at."""
     trainer = Trainer(cfg)
     try:
         return trainer.run()

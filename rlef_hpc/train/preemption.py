@@ -1,9 +1,13 @@
 """Stopping a training job cleanly: Slurm's signals become a flag that the trainer checks at
-the end of each iteration (all ranks agree), then a checkpoint and exit status 75."""
+the end of each iteration (all ranks agree), then a checkpoint and exit status 75. An
+evaluation (the trainer's, or the evaluation job's) asks the flag before each generation batch
+and is abandoned at once: it is redone when the job resumes."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -27,18 +31,35 @@ class Preempted(SystemExit):
 
 class StopFlag:
     """Set by any of STOP_SIGNALS while installed (a context manager); `everywhere()` asks
-    every rank whether one of them was signalled (collective)."""
+    every rank whether one of them was signalled (collective). `announce`: say on the terminal
+    what the signal does, as `during()` names it for the work in progress."""
 
-    def __init__(self, announce: bool) -> None:
+    def __init__(
+        self, announce: bool, response: str = "checkpointing after this iteration"
+    ) -> None:
         self.signum: int | None = None
         self.announce = announce
+        self.response = response
         self._previous: dict[int, Any] = {}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.signum = signum
         if self.announce:
             name = signal.Signals(signum).name
-            print(f"signal {name}: checkpointing after this iteration", flush=True)
+            print(f"signal {name}: {self.response}", flush=True)
+
+    def is_set(self) -> bool:
+        """Whether a stop signal reached this process (a rank's own view)."""
+        return self.signum is not None
+
+    @contextlib.contextmanager
+    def during(self, response: str) -> Iterator[StopFlag]:
+        """What a signal is announced to do while the block runs."""
+        previous, self.response = self.response, response
+        try:
+            yield self
+        finally:
+            self.response = previous
 
     def __enter__(self) -> StopFlag:
         self._previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}

@@ -17,16 +17,16 @@ from rlef_hpc.train.config import TrainConfig
 
 
 def load_problems(cfg: TrainConfig) -> tuple[list[Problem], list[Problem]]:
-    """(train, eval) problems."""
+    """(train, valid) problems."""
     d = cfg.data
     if d.source == "synthetic":
         return (
             synthetic.generate(d.train_problems, "train", cfg.run.seed, d.curriculum),
-            synthetic.generate(d.eval_problems, "heldout", cfg.run.seed, d.curriculum),
+            synthetic.generate(d.valid_problems, "heldout", cfg.run.seed, d.curriculum),
         )
     train = load_codecontests(d.train_path)
-    evaluation = load_codecontests(d.valid_path)[: d.eval_problems] if d.valid_path else []
-    return train, evaluation
+    valid = load_codecontests(d.valid_path)[: d.valid_problems] if d.valid_path else []
+    return train, valid
 
 
 def load_test_problems(cfg: TrainConfig) -> list[Problem]:
@@ -37,15 +37,15 @@ def load_test_problems(cfg: TrainConfig) -> list[Problem]:
     if d.source == "synthetic":
         if not d.test_problems:
             return []
-        drawn = d.eval_problems + d.test_problems
+        drawn = d.valid_problems + d.test_problems
         try:
             both = synthetic.generate(drawn, "heldout", cfg.run.seed, d.curriculum)
         except ValueError as e:
             raise ValueError(
-                f"data.eval_problems={d.eval_problems} + data.test_problems={d.test_problems}: "
+                f"data.valid_problems={d.valid_problems} + data.test_problems={d.test_problems}: "
                 f"the {d.curriculum} curriculum has fewer held-out problems ({e})"
             ) from None
-        return both[d.eval_problems :]
+        return both[d.valid_problems :]
     if not d.test_path:
         return []
     test = load_codecontests(d.test_path)
@@ -53,7 +53,7 @@ def load_test_problems(cfg: TrainConfig) -> list[Problem]:
 
 
 def write_problems(problems: list[Problem], path: Path) -> None:
-    """Problems as CodeContests JSON lines (what rlef-eval and eval jobs read)."""
+    """Problems as CodeContests JSON lines (what rlef-eval and evaluation jobs read)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(path, "".join(json.dumps(problem_record(p)) + "\n" for p in problems))
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,7 +28,7 @@ from rlef_hpc.data.problem import Problem
 from rlef_hpc.data.trajectory import Trajectory
 from rlef_hpc.dist_env import host_group
 from rlef_hpc.episodes.conversation import Conversation
-from rlef_hpc.episodes.runner import EpisodeConfig, EpisodeRunner
+from rlef_hpc.episodes.runner import EpisodeConfig, EpisodeRunner, StopFn
 from rlef_hpc.episodes.templates import initial_prompt
 from rlef_hpc.models.config import ModelConfig
 from rlef_hpc.models.gpt import causal_mask, sequence_multiple
@@ -46,9 +45,6 @@ from rlef_hpc.train.problems import draw
 
 
 class RolloutSource(Protocol):
-    # Runs episodes with this process's engine (evaluation); None where there is none.
-    episodes: Callable[..., list[Trajectory]] | None
-
     def batch(self, iteration: int) -> tuple[list[Trajectory], dict[str, float]]:
         """This data-parallel rank's trajectories of `iteration`, and how they came."""
 
@@ -57,10 +53,11 @@ class RolloutSource(Protocol):
     def after_update(self, iteration: int, metrics: dict[str, float]) -> dict[str, float]:
         """The updated policy to whoever generates next; returns what that took."""
 
-    def finish(self) -> None:
-        """Training is over (not merely stopped)."""
+    def training_done(self) -> None:
+        """Training is over (not merely stopped): whoever generates for it may exit."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Releases what the source holds (once, at the end, whatever the end)."""
 
 
 def _ranks() -> tuple[int, int]:
@@ -111,27 +108,27 @@ class Colocated:
         if start > 0:  # the engine starts from init/: give it the restored policy
             self.refit()
 
-    def episodes(
+    def run_episodes(
         self,
         problems: list[Problem],
         key: str,
         temperature: float,
         top_p: float,
-        episodes: EpisodeConfig | None = None,
+        config: EpisodeConfig | None = None,
         progress: bool = True,
+        stop: StopFn | None = None,
     ) -> list[Trajectory]:
-        """Episodes of `problems` on this rank's engine. Sampling draws from torch's generator,
-        seeded from (run seed, `key`, rank): with the runner's deterministic batching, a
-        resumed run samples exactly what the uninterrupted one did."""
+        """Episodes of `problems` on this rank's engine (training's, or `config`'s: the
+        evaluation's). Sampling draws from torch's generator, seeded from (run seed, `key`,
+        rank): with the runner's deterministic batching, a resumed run samples exactly what the
+        uninterrupted one did. `stop`: see EpisodeRunner.run."""
         seed_sampling(self.cfg.run.seed, key, self.rank)
 
         def generate(prompts: list[list[int]]) -> Any:
             return self.engine(prompts, temperature=temperature, top_p=top_p)
 
-        runner = EpisodeRunner(
-            self.tokenizer, self.executor, generate, episodes or self.cfg.episodes
-        )
-        return runner.run(problems, progress=progress and self.rank == 0)
+        runner = EpisodeRunner(self.tokenizer, self.executor, generate, config or self.cfg.episodes)
+        return runner.run(problems, progress=progress and self.rank == 0, stop=stop)
 
     def generate(self, iteration: int, progress: bool = True) -> tuple[list[Trajectory], dict]:
         r = self.cfg.rollout
@@ -144,7 +141,7 @@ class Colocated:
             r.samples_per_problem,
         )
         start = time.perf_counter()
-        trajectories = self.episodes(
+        trajectories = self.run_episodes(
             drawn[self.dp_rank :: self.dp],
             f"train{iteration}",
             r.temperature,
@@ -216,7 +213,7 @@ class Colocated:
             "refit_mismatch_max": stats["mismatch_max"],
         }
 
-    def finish(self) -> None:
+    def training_done(self) -> None:
         pass
 
     def close(self) -> None:
@@ -267,8 +264,6 @@ class AsyncColocated(Colocated):
 
 
 class Disaggregated:
-    episodes = None  # evaluation runs as a job of its own
-
     def __init__(
         self,
         cfg: TrainConfig,
@@ -341,7 +336,7 @@ class Disaggregated:
         publish(self.run_dir, iteration, self.policy, self.model_cfg)
         return {**stats, "publish_seconds": time.perf_counter() - start}
 
-    def finish(self) -> None:
+    def training_done(self) -> None:
         if self.rank == 0:
             self.shards.finish()  # the rollout workers exit
 

@@ -16,10 +16,8 @@ from __future__ import annotations
 import inspect
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -201,11 +199,8 @@ def refit_probe() -> None:
 def loop_reductions() -> None:
     """The loop's host-side collectives: episode metrics, the stop flag, shard claims and
     evaluation trajectories."""
-    from rlef_hpc.episodes.runner import EpisodeConfig
-    from rlef_hpc.eval.protocol import MetricSpec
     from rlef_hpc.train import sources
-    from rlef_hpc.train.config import EvalConfig
-    from rlef_hpc.train.loop import Trainer
+    from rlef_hpc.train.evaluation import TrainerEvaluation
     from rlef_hpc.train.preemption import StopFlag
 
     with strict_devices(torch.device("cpu")):
@@ -223,22 +218,16 @@ def loop_reductions() -> None:
         )
     )
     sources.load_shards = lambda shards: shards
-    # Rank 1's view of evaluate: it hands its trajectories to rank 0 and returns.
-    evaluating = SimpleNamespace(
-        cfg=SimpleNamespace(
-            eval=EvalConfig(1, metrics=(MetricSpec("1@3", 0.2, 0.95),)), episodes=EpisodeConfig()
-        ),
-        eval_sets={"valid": ["p"]},
-        run_dir=Path(tempfile.mkdtemp()),
-        source=SimpleNamespace(episodes=lambda mine, *args, **kwargs: mine),
-        dp_rank=0,
-        dp=1,
-        rank=1,
+    # The evaluation's generate: this rank's share of a draw, gathered over the ranks.
+    evaluation = TrainerEvaluation.__new__(TrainerEvaluation)
+    evaluation.episode_config = None
+    evaluation.engines = SimpleNamespace(
+        run_episodes=lambda mine, *args, **kwargs: mine, dp_rank=0, dp=1
     )
     with strict_devices(torch.device("cpu")):
         trajectories, _ = source.batch(1)
-        report = Trainer.evaluate(evaluating, 1)
-    assert trajectories == ["t0", "t1"] and report is None
+        drawn = evaluation._generate(["p", "q"], 0.2, 0.95, "eval-1-valid")
+    assert trajectories == ["t0", "t1"] and drawn == ["p", "q"]
 
 
 def checkpoint() -> None:
