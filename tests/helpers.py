@@ -137,13 +137,14 @@ TINY_LLAMA = dict(
 
 def save_random_llama(path, tokenizer, **shape):
     """A randomly initialised (seed 0) Hugging Face Llama with `tokenizer` in `path`: the
-    vocabulary is the tokenizer's, padded to even (tensor parallelism of 2 divides it),
-    embeddings untied as in Llama 3.1; `shape` overrides the tiny default (hidden 64, ...)."""
+    vocabulary is the tokenizer's, padded to even (tensor parallelism of 2 divides it), unless
+    `shape` gives vocab_size; embeddings untied as in Llama 3.1; `shape` overrides the tiny
+    default (hidden 64, ...)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer) + len(tokenizer) % 2,
+        vocab_size=shape.pop("vocab_size", len(tokenizer) + len(tokenizer) % 2),
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -80,9 +80,10 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig
 def split_qkv(
     qkv: torch.Tensor, cfg: ModelConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    groups, d, hidden = cfg.num_query_groups, cfg.head_dim, cfg.hidden_size
-    per_group = cfg.num_attention_heads // groups
-    view = qkv.reshape(groups, (per_group + 2) * d, hidden)
+    """q, k and v of megatron's QKV: all of it, or a tensor-parallel rank's (its groups')."""
+    d, hidden = cfg.head_dim, cfg.hidden_size
+    per_group = cfg.num_attention_heads // cfg.num_query_groups
+    view = qkv.reshape(-1, (per_group + 2) * d, hidden)
     q = view[:, : per_group * d].reshape(-1, hidden)
     k = view[:, per_group * d : (per_group + 1) * d].reshape(-1, hidden)
     v = view[:, (per_group + 1) * d :].reshape(-1, hidden)

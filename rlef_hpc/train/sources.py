@@ -3,7 +3,11 @@ what it needs (an engine, a shard store) and the hooks the loop calls around the
 
 - Colocated: each data-parallel rank's own engine generates the rank's share of the
   iteration's episodes, sleeps through the update (its memory is the update's), then takes
-  the new weights in memory and is checked against the trainer (on-policy).
+  the new weights in memory and is checked against the trainer (on-policy). At tensor
+  parallelism > 1 the engine spans the rank's tensor-parallel group, at the same TP size: the
+  group's first process runs the episodes and the others make the same engine calls
+  (rlef_hpc.rollout.lockstep), and each process refits its own shards
+  (rlef_hpc.rollout.tp_refit).
 - AsyncColocated: the same engines generate iteration k+1's episodes while the policy trains
   on iteration k's (one version stale, corrected by the truncated importance weights).
 - Disaggregated: no engine here; after every update the policy goes to the rollout workers
@@ -34,9 +38,11 @@ from rlef_hpc.models.config import ModelConfig
 from rlef_hpc.models.gpt import causal_mask, sequence_multiple
 from rlef_hpc.rl.logprobs import next_token_logprobs
 from rlef_hpc.rollout.bus import BusSender
+from rlef_hpc.rollout.lockstep import EngineGroup, tensor_host_group
 from rlef_hpc.rollout.publish import latest_version, publish
 from rlef_hpc.rollout.refit import check_batch_mismatch, check_mismatch
 from rlef_hpc.rollout.shards import ShardStore, load_shards
+from rlef_hpc.rollout.tp_refit import load_rank_weights, rank_weights, vocab_cuts_match
 from rlef_hpc.rollout.vllm_engine import VLLMGenerator, build_engine
 from rlef_hpc.sandbox import Executor
 from rlef_hpc.seeding import seed_sampling
@@ -79,7 +85,12 @@ def own_engine(cfg: TrainConfig, init_dir: Path) -> VLLMGenerator | None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return build_engine(
-        str(init_dir), cfg.rollout, cfg.run.seed, cfg.precision.dtype, colocated=True
+        str(init_dir),
+        cfg.rollout,
+        cfg.run.seed,
+        cfg.precision.dtype,
+        tensor_parallel=cfg.parallel.tensor,
+        colocated=True,
     )
 
 
@@ -101,6 +112,10 @@ class Colocated:
         self.rank = dist.get_rank()
         self.dp_rank, self.dp = _ranks()
         self.engine = engine
+        self.engines = EngineGroup(engine, _engine_group(cfg))
+        self.vocab_shards = self.engines.group is not None and vocab_cuts_match(
+            engine, model_cfg.vocab_size, self.engines.group
+        )
         self.probe = probe_sequences(
             tokenizer,
             problems[1][:2] or problems[0][:2],
@@ -119,18 +134,29 @@ class Colocated:
         episodes: EpisodeConfig | None = None,
         progress: bool = True,
     ) -> list[Trajectory]:
-        """Episodes of `problems` on this rank's engine. Sampling draws from torch's generator,
-        seeded from (run seed, `key`, rank): with the runner's deterministic batching, a
-        resumed run samples exactly what the uninterrupted one did."""
-        seed_sampling(self.cfg.run.seed, key, self.rank)
+        """Episodes of `problems` on this rank's engine, on the leader of its engine group
+        (the other ranks make its engine calls with it and get []). Sampling draws from torch's
+        generator, seeded from (run seed, `key`, data-parallel rank): with the runner's
+        deterministic batching, a resumed run samples exactly what the uninterrupted one did,
+        at any tensor parallelism."""
+        seed_sampling(self.cfg.run.seed, key, self.dp_rank)
+        if not self.engines.leader:
+            self.engines.follow()
+            return []
 
         def generate(prompts: list[list[int]]) -> Any:
-            return self.engine(prompts, temperature=temperature, top_p=top_p)
+            return self.engines.generate(prompts, temperature, top_p)
 
         runner = EpisodeRunner(
             self.tokenizer, self.executor, generate, episodes or self.cfg.episodes
         )
-        return runner.run(problems, progress=progress and self.rank == 0)
+        try:
+            trajectories = runner.run(problems, progress=progress and self.rank == 0)
+        except BaseException:
+            self.engines.release(failed=True)
+            raise
+        self.engines.release()
+        return trajectories
 
     def generate(self, iteration: int, progress: bool = True) -> tuple[list[Trajectory], dict]:
         r = self.cfg.rollout
@@ -150,6 +176,7 @@ class Colocated:
             r.top_p,
             progress=progress,
         )
+        trajectories = self.engines.share(trajectories)  # a TP group trains on the same batch
         seconds = time.perf_counter() - start
         tokens = sum(u.response_end - u.prompt_end for t in trajectories for u in t.turns)
         return trajectories, {
@@ -181,7 +208,8 @@ class Colocated:
     def load_policy(self) -> float:
         """The policy's weights into the engine, in memory; returns the seconds it took."""
         start = time.perf_counter()
-        self.engine.update_weights(hf_weights(self.policy, self.model_cfg))
+        weights = rank_weights(self.policy, self.model_cfg, self.vocab_shards)
+        load_rank_weights(self.engine, weights, self.vocab_shards)
         return time.perf_counter() - start
 
     def check_refit(self, seconds: float) -> dict[str, float]:
@@ -195,7 +223,7 @@ class Colocated:
             logits = self.policy(x, positions, causal_mask(length, device))
             # Compared on the host, where the engine's log-probs arrive as lists.
             trainer = next_token_logprobs(logits.float(), x)[0][:, 1:].cpu()
-        engine = torch.tensor(self.engine.sequence_logprobs(self.probe.tolist()), device="cpu")
+        engine = torch.tensor(self.engines.sequence_logprobs(self.probe.tolist()), device="cpu")
         engine = engine[:, 1:]
         mask = torch.ones_like(trainer, dtype=torch.bool)
         stats = check_mismatch(trainer, engine, mask, self.cfg.rollout.mismatch)
@@ -329,6 +357,20 @@ class Disaggregated:
 
     def close(self) -> None:
         pass
+
+
+def _engine_group(cfg: TrainConfig) -> Any:
+    """The gloo group of the processes this one's engine spans (its tensor-parallel group),
+    None at tensor parallelism 1. Its waits are the default group's: a follower waits for
+    its leader's next engine call while the leader runs a round of episodes in the sandbox."""
+    from datetime import timedelta
+
+    from megatron.core import parallel_state as ps
+
+    from rlef_hpc.train.loop import collective_timeout_s
+
+    timeout = timedelta(seconds=collective_timeout_s(cfg))
+    return tensor_host_group(ps.get_tensor_model_parallel_group(), timeout)
 
 
 def probe_sequences(
