@@ -17,6 +17,7 @@ A group of one process (tensor parallelism 1) is its own leader, and nothing is 
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +25,38 @@ import torch.distributed as dist
 
 from rlef_hpc.dist_env import host_group
 from rlef_hpc.episodes.runner import Generation
+
+
+def clear_stale_cpu_shm(shm_dir: Path = Path("/dev/shm")) -> list[str]:
+    """Removes the shared-memory segments of vLLM CPU engines at TP > 1 that no live process
+    maps; returns their names. vLLM's CPU tensor-parallel communicator names its segments
+    after the group's ranks only ("...-tp:0-[0-1]-cpushm_0": vllm/distributed/
+    device_communicators/cpu_communicator.py, _CPUSHMDistributed.make_group_name, from
+    VLLM_DIST_IDENT, which external_launcher's env:// leaves the same for every run) and
+    unlinks them only when the process exits normally. A rank killed instead (torchrun and srun
+    end the others once one exits, as every rank of a stopped run does with 75) leaves them,
+    and the next start of the same ranks on that machine fails ("create shm in SHMManager
+    failed. errno: 17"). Run it before any engine of the job starts: a segment just created is
+    not yet mapped."""
+    segments = list(shm_dir.glob("*cpushm*"))
+    if not segments:
+        return []
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # gone, or not ours to read
+            continue
+        mapped.update(s for s in segments if str(s) in text)
+    removed = []
+    for segment in segments:
+        if segment not in mapped:
+            try:
+                segment.unlink()
+                removed.append(segment.name)
+            except OSError:
+                pass
+    return removed
 
 
 class LeaderFailed(RuntimeError):

@@ -19,6 +19,7 @@ what it needs (an engine, a shard store) and the hooks the loop calls around the
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +39,7 @@ from rlef_hpc.models.config import ModelConfig
 from rlef_hpc.models.gpt import causal_mask, sequence_multiple
 from rlef_hpc.rl.logprobs import next_token_logprobs
 from rlef_hpc.rollout.bus import BusSender
-from rlef_hpc.rollout.lockstep import EngineGroup, tensor_host_group
+from rlef_hpc.rollout.lockstep import EngineGroup, clear_stale_cpu_shm, tensor_host_group
 from rlef_hpc.rollout.publish import latest_version, publish
 from rlef_hpc.rollout.refit import check_batch_mismatch, check_mismatch
 from rlef_hpc.rollout.shards import ShardStore, load_shards
@@ -84,6 +85,10 @@ def own_engine(cfg: TrainConfig, init_dir: Path) -> VLLMGenerator | None:
         return None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    elif cfg.parallel.tensor > 1:  # CPU engines at TP > 1: what a killed run left (lockstep)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            clear_stale_cpu_shm()
+        dist.barrier(group=host_group())  # before any engine of this node creates its own
     return build_engine(
         str(init_dir),
         cfg.rollout,
