@@ -100,19 +100,28 @@ def test_bad_configs_name_the_key(overrides, message):
         load(TrainConfig, None, overrides)
 
 
-COLOCATED_TP = ["parallel.tensor", "parallel.pipeline", "rollout.layout=colocated"]
+COLOCATED_PP = ["parallel.pipeline=2", "rollout.layout=colocated"]
 
 
 @pytest.mark.parametrize("cls", [TrainConfig, JobConfig])
-def test_the_colocated_layout_refuses_tensor_or_pipeline_parallelism(cls):
-    for key in ("parallel.tensor=2", "parallel.pipeline=2"):
-        with pytest.raises(ConfigError) as err:
-            load(cls, CONFIGS / "demo_cpu.yaml", [key])
-        assert all(k in str(err.value) for k in COLOCATED_TP), err.value
+def test_the_colocated_layout_refuses_pipeline_parallelism_and_asynchronous_tp(cls):
+    """Colocated engines span a tensor-parallel group (any TP the model allows); a pipeline
+    stage holds part of the model, and an asynchronous engine at TP > 1 would interleave its
+    collectives with the trainer's: both refused, naming the keys."""
+    with pytest.raises(ConfigError) as err:
+        load(cls, CONFIGS / "demo_cpu.yaml", ["parallel.pipeline=2"])
+    assert all(k in str(err.value) for k in COLOCATED_PP), err.value
+    with pytest.raises(ConfigError) as err:
+        load(cls, CONFIGS / "demo_cpu.yaml", ["parallel.tensor=2", "rollout.asynchronous=true"])
+    for key in ("rollout.asynchronous=true", "rollout.layout=colocated", "parallel.tensor=2"):
+        assert key in str(err.value), err.value
+    assert load(cls, CONFIGS / "demo_cpu.yaml", ["parallel.tensor=2"]).parallel.tensor == 2
     disaggregated = load(
-        cls, CONFIGS / "demo_cpu.yaml", ["parallel.tensor=2", "rollout.layout=disaggregated"]
+        cls,
+        CONFIGS / "demo_cpu.yaml",
+        ["parallel.pipeline=2", "rollout.layout=disaggregated", "warmstart.steps=0"],
     )
-    assert disaggregated.parallel.tensor == 2
+    assert disaggregated.parallel.pipeline == 2
 
 
 @pytest.mark.parametrize(
@@ -167,14 +176,14 @@ def test_cli_rejects_a_typo_with_exit_2():
     assert "unknown key 'ppo.kl_coeff'" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_cli_refuses_a_colocated_tensor_parallel_run_before_writing_anything(tmp_path):
+def test_cli_refuses_a_colocated_pipeline_parallel_run_before_writing_anything(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "rlef_hpc.train.cli", str(CONFIGS / "demo_cpu.yaml"),
-         "parallel.tensor=2", f"run.dir={run}"],
+         "parallel.pipeline=2", f"run.dir={run}"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("rlef-train: error:")
-    assert all(k in proc.stderr for k in COLOCATED_TP), proc.stderr
+    assert all(k in proc.stderr for k in COLOCATED_PP), proc.stderr
     assert not run.exists()

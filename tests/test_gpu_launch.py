@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from rlef_hpc.config import load, to_dict
-from rlef_hpc.dist_env import cuda_device_index, init_process_groups, missing_gpus
+from rlef_hpc.dist_env import (
+    cuda_device_index,
+    engine_gpu_hidden,
+    init_process_groups,
+    missing_gpus,
+)
 from rlef_hpc.launch.config import JobConfig
 from rlef_hpc.train.loop import collective_timeout_s
 from tests.helpers import TESTS_DIR, require
@@ -32,6 +37,18 @@ def test_gpus_asked_by_slurm_and_absent_are_refused():
     assert missing_gpus({"SLURM_GPUS_ON_NODE": "2"}, 2) is None
     assert missing_gpus({"SLURM_GPUS_ON_NODE": "0"}, 0) is None
     assert missing_gpus({}, 0) is None  # not a Slurm job, or one without GPUs: CPU runs
+
+
+def test_a_colocated_engine_needs_its_tasks_to_see_the_nodes_gpus():
+    """vLLM's external_launcher takes cuda:LOCAL_RANK: a task bound to its own GPU (1 visible)
+    at local rank 3 would start its engine on a GPU it cannot see; refused in one line."""
+    assert engine_gpu_hidden({"LOCAL_RANK": "3"}, 8) is None
+    assert engine_gpu_hidden({"SLURM_LOCALID": "7"}, 8) is None  # srun without torchrun
+    refusal = engine_gpu_hidden({"LOCAL_RANK": "3"}, 1)
+    assert refusal.startswith("error: rollout.layout=colocated: local rank 3 sees 1 GPU(s)")
+    assert "--gpus-per-node" in refusal and "\n" not in refusal
+    assert engine_gpu_hidden({"SLURM_LOCALID": "1"}, 1) is not None
+    assert engine_gpu_hidden({"LOCAL_RANK": "3"}, 0) is None  # no CUDA: a CPU engine
 
 
 def demo(*overrides: str) -> JobConfig:

@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     # a process that must not start writes nothing, not even its log directory.
     dist_env.require_gpus_where_asked()
     dist_env.require_tensor_groups_within_nodes(cfg.parallel.tensor)
+    if cfg.rollout.layout == "colocated":
+        dist_env.require_engine_gpu_visible()
     for file in cfg.eval.transfer:  # read only after the warm start: say it before anything
         if not Path(file).is_file():
             p.exit(2, f"{p.prog}: error: eval.transfer: {file}: no such file\n")

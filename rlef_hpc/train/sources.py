@@ -31,7 +31,7 @@ import torch.distributed as dist
 from rlef_hpc.checkpoint.hf_dir import hf_weights
 from rlef_hpc.data.problem import Problem
 from rlef_hpc.data.trajectory import Trajectory
-from rlef_hpc.dist_env import host_group
+from rlef_hpc.dist_env import host_group, require_engine_gpu_visible
 from rlef_hpc.episodes.conversation import Conversation
 from rlef_hpc.episodes.runner import EpisodeConfig, EpisodeRunner
 from rlef_hpc.episodes.templates import initial_prompt
@@ -84,6 +84,7 @@ def own_engine(cfg: TrainConfig, init_dir: Path) -> VLLMGenerator | None:
     if cfg.rollout.layout == "disaggregated":
         return None
     if torch.cuda.is_available():
+        require_engine_gpu_visible()  # jobs that start the loop without rlef-train's checks
         torch.cuda.empty_cache()
     elif cfg.parallel.tensor > 1:  # CPU engines at TP > 1: what a killed run left (lockstep)
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
