@@ -111,7 +111,10 @@ class Trainer:
             state = training.load(checkpoint, self._checkpointed(), self._schedulers())
             self.start = state["iteration"]
             self._print(f"resumed from {checkpoint} (iteration {self.start})")
-        self.executor = Executor(workers=cfg.rollout.sandbox_workers)
+        # Colocated at TP > 1 only each engine group's first rank runs episodes (lockstep):
+        # the others' sandbox idles.
+        follower = cfg.rollout.layout == "colocated" and ps.get_tensor_model_parallel_rank() > 0
+        self.executor = Executor(workers=1 if follower else cfg.rollout.sandbox_workers)
         self.eval_sets = {
             "valid": self.eval_problems,
             "test": test_problems,
