@@ -87,7 +87,7 @@ class EngineGroup:
     def __init__(self, engine: Any, group: Any) -> None:
         self.engine, self.group = engine, group
         self.leader = group is None or dist.get_rank(group) == 0
-        self.leader_rank = dist.get_rank() if group is None else dist.get_global_rank(group, 0)
+        self.leader_rank = None if group is None else dist.get_global_rank(group, 0)
 
     def _broadcast(self, message: Any) -> Any:
         if self.group is None:

@@ -215,8 +215,11 @@ class Colocated:
     def load_policy(self) -> float:
         """The policy's weights into the engine, in memory; returns the seconds it took."""
         start = time.perf_counter()
-        weights = rank_weights(self.policy, self.model_cfg, self.vocab_shards)
-        load_rank_weights(self.engine, weights, self.vocab_shards)
+        if self.engines.group is None:  # the whole tensors, vLLM's loaders take them as they are
+            self.engine.update_weights(hf_weights(self.policy, self.model_cfg))
+        else:  # each rank's shards into its own engine rank
+            weights = rank_weights(self.policy, self.model_cfg, self.vocab_shards)
+            load_rank_weights(self.engine, weights, self.vocab_shards)
         return time.perf_counter() - start
 
     def check_refit(self, seconds: float) -> dict[str, float]:
