@@ -132,6 +132,16 @@ def require_engine_gpu_visible() -> None:
         sys.exit(2)
 
 
+def local_world_size(env: Mapping[str, str]) -> int:
+    """How many processes of the job run on this node: torchrun's LOCAL_WORLD_SIZE, else this
+    node's count in srun's SLURM_STEP_TASKS_PER_NODE, else 1."""
+    if "LOCAL_WORLD_SIZE" in env:
+        return int(env["LOCAL_WORLD_SIZE"])
+    counts = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE", ""))
+    node = int(env.get("SLURM_NODEID", "0"))
+    return counts[node] if node < len(counts) else 1
+
+
 def tasks_per_node(spec: str) -> list[int]:
     """Slurm's tasks-a-node list ("2(x3),1", SLURM_STEP_TASKS_PER_NODE) as [2, 2, 2, 1]."""
     counts: list[int] = []

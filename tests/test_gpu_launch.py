@@ -51,6 +51,35 @@ def test_a_colocated_engine_needs_its_tasks_to_see_the_nodes_gpus():
     assert engine_gpu_hidden({"LOCAL_RANK": "3"}, 0) is None  # no CUDA: a CPU engine
 
 
+def test_each_engine_leader_on_a_node_takes_its_own_share_of_the_cpus():
+    """The one-node layout's two leaders (local ranks 0 and 4 at TP 4) pin their sandbox
+    workers to disjoint halves of the node's CPUs, not both to the first ones."""
+    from rlef_hpc.dist_env import local_world_size
+    from rlef_hpc.rollout.lockstep import cpu_share
+
+    cpus = list(range(96))
+    assert cpu_share(cpus, 0, 2) == list(range(48)) and cpu_share(cpus, 1, 2) == cpus[48:]
+    assert cpu_share([0, 1], 1, 2) == [1] and cpu_share([0], 1, 2) == [0]  # fewer than shares
+    assert local_world_size({"LOCAL_WORLD_SIZE": "8"}) == 8  # torchrun
+    srun = {"SLURM_STEP_TASKS_PER_NODE": "8(x2),4", "SLURM_NODEID": "2"}
+    assert local_world_size(srun) == 4 and local_world_size({}) == 1
+    # In a process of its own: the second leader of two (local rank 2 at TP 2) keeps the
+    # second half of its CPUs.
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os; from rlef_hpc.rollout.lockstep import claim_leader_cpus; "
+        "claim_leader_cpus(2, {'LOCAL_RANK': '2', 'LOCAL_WORLD_SIZE': '4'}); "
+        "print(sorted(os.sched_getaffinity(0)))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(cpu_share(sorted(os.sched_getaffinity(0)), 1, 2))
+
+
 def demo(*overrides: str) -> JobConfig:
     return load(JobConfig, REPO / "configs" / "demo_cpu.yaml", list(overrides))
 

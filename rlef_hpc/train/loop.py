@@ -36,6 +36,7 @@ from rlef_hpc.models.gpt import sequence_multiple
 from rlef_hpc.models.megatron_compat import seed
 from rlef_hpc.rl.ppo import collate
 from rlef_hpc.rl.update import PPOUpdate
+from rlef_hpc.rollout.lockstep import claim_leader_cpus
 from rlef_hpc.sandbox import Executor
 from rlef_hpc.train.config import TrainConfig
 from rlef_hpc.train.initial_policy import build_initial_policy
@@ -112,8 +113,10 @@ class Trainer:
             self.start = state["iteration"]
             self._print(f"resumed from {checkpoint} (iteration {self.start})")
         # Colocated at TP > 1 only each engine group's first rank runs episodes (lockstep):
-        # the others' sandbox idles.
+        # the others' sandbox idles, the leaders' takes their group's share of the node's CPUs.
         follower = cfg.rollout.layout == "colocated" and ps.get_tensor_model_parallel_rank() > 0
+        if cfg.rollout.layout == "colocated" and p.tensor > 1 and not follower:
+            claim_leader_cpus(p.tensor)
         self.executor = Executor(workers=1 if follower else cfg.rollout.sandbox_workers)
         self.eval_sets = {
             "valid": self.eval_problems,
