@@ -9,7 +9,7 @@
 # Every task sees all 8 GPUs (the job's --gpus-per-node; no per-task binding): a rank takes the
 # GPU of its local rank, and so does its engine (vLLM's external_launcher uses cuda:LOCAL_RANK).
 # Tasks are not bound to their cores either: the sandbox of each engine's episodes runs on its
-# group's first rank (rollout.sandbox_workers processes) and spreads over the node's CPUs.
+# group's first rank (rollout.sandbox_workers processes), on its group's half of the node's CPUs.
 # Resumes from run.dir's latest checkpoint; SIGUSR1 5 minutes before the time limit ->
 # checkpoint, exit 75, requeue.
 #SBATCH --job-name=rlef-8b-1node
