@@ -114,6 +114,43 @@ def require_gpus_where_asked() -> None:
         sys.exit(2)
 
 
+def engine_gpu_hidden(env: Mapping[str, str], cuda_devices: int) -> str | None:
+    """Why this task's colocated vLLM engine would not find its GPU, or None. Under
+    torchrun/srun vLLM's external_launcher takes cuda:LOCAL_RANK (vllm/v1/worker/gpu_worker.py,
+    Worker.init_device), so each task must see all of its node's GPUs (srun's default with the
+    job's --gpus-per-node, and torchrun's), not only its own (--gpus-per-task, or
+    CUDA_VISIBLE_DEVICES of one device)."""
+    local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", "0")))
+    if cuda_devices == 0 or local < cuda_devices:
+        return None
+    return (
+        f"error: rollout.layout=colocated: local rank {local} sees {cuda_devices} GPU(s), but "
+        f"its vLLM engine takes cuda:{local}: give every task all of its node's GPUs (the "
+        "job's --gpus-per-node, no --gpus-per-task)"
+    )
+
+
+def require_engine_gpu_visible() -> None:
+    """Exits with status 2 and one line (engine_gpu_hidden) where a colocated engine would
+    miss its GPU."""
+    import torch
+
+    problem = engine_gpu_hidden(os.environ, torch.cuda.device_count())
+    if problem:
+        print(problem, file=sys.stderr)
+        sys.exit(2)
+
+
+def local_world_size(env: Mapping[str, str]) -> int:
+    """How many processes of the job run on this node: torchrun's LOCAL_WORLD_SIZE, else this
+    node's count in srun's SLURM_STEP_TASKS_PER_NODE, else 1."""
+    if "LOCAL_WORLD_SIZE" in env:
+        return int(env["LOCAL_WORLD_SIZE"])
+    counts = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE", ""))
+    node = int(env.get("SLURM_NODEID", "0"))
+    return counts[node] if node < len(counts) else 1
+
+
 def tasks_per_node(spec: str) -> list[int]:
     """Slurm's tasks-a-node list ("2(x3),1", SLURM_STEP_TASKS_PER_NODE) as [2, 2, 2, 1]."""
     counts: list[int] = []

@@ -27,9 +27,10 @@ rlef_finish() {
 }
 
 # rlef_colocated CONFIG [KEY=VALUE ...]: one trainer rank per task of the job, each with its
-# own vLLM engine.
+# share of a vLLM engine (one engine per tensor-parallel group). Tasks are not bound to cores:
+# at TP > 1 only each group's first rank runs episodes in the sandbox, over the node's CPUs.
 rlef_colocated() {
-  srun --kill-on-bad-exit=1 "$RLEF_PYTHON" -m rlef_hpc.train.cli "$@"
+  srun --kill-on-bad-exit=1 --cpu-bind=none "$RLEF_PYTHON" -m rlef_hpc.train.cli "$@"
   rlef_finish $?
 }
 

@@ -16,6 +16,7 @@ from megatron.core.transformer.module import MegatronModule
 from rlef_hpc import dist_env
 from rlef_hpc.mismatch import MismatchLimits
 from rlef_hpc.rl.logprobs import naive_token_logprobs
+from rlef_hpc.rollout.lockstep import EngineGroup
 from rlef_hpc.train import sources
 
 
@@ -107,6 +108,7 @@ def test_the_refit_probe_recasts_fp8_weights_as_a_schedules_first_microbatch(mon
 
     source = sources.Colocated.__new__(sources.Colocated)
     source.policy, source.probe, source.engine = policy, probe, Engine()
+    source.engines = EngineGroup(source.engine, None)  # one process: its own engine group
     source.cfg = SimpleNamespace(rollout=SimpleNamespace(mismatch=MismatchLimits()))
     stats = source.check_refit(1.0)
     assert policy.linear.recast == [True, False, False, True]

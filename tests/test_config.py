@@ -129,19 +129,28 @@ def test_each_group_checks_its_own_fields_where_it_is_made():
     assert RunConfig(iterations=0).iterations == 0  # accepted: evaluate the initial policy only
 
 
-COLOCATED_TP = ["parallel.tensor", "parallel.pipeline", "rollout.layout=colocated"]
+COLOCATED_PP = ["parallel.pipeline=2", "rollout.layout=colocated"]
 
 
 @pytest.mark.parametrize("cls", [TrainConfig, JobConfig])
-def test_the_colocated_layout_refuses_tensor_or_pipeline_parallelism(cls):
-    for key in ("parallel.tensor=2", "parallel.pipeline=2"):
-        with pytest.raises(ConfigError) as err:
-            load(cls, CONFIGS / "demo_cpu.yaml", [key])
-        assert all(k in str(err.value) for k in COLOCATED_TP), err.value
+def test_the_colocated_layout_refuses_pipeline_parallelism_and_asynchronous_tp(cls):
+    """Colocated engines span a tensor-parallel group (any TP the model allows); a pipeline
+    stage holds part of the model, and an asynchronous engine at TP > 1 would interleave its
+    collectives with the trainer's: both refused, naming the keys."""
+    with pytest.raises(ConfigError) as err:
+        load(cls, CONFIGS / "demo_cpu.yaml", ["parallel.pipeline=2"])
+    assert all(k in str(err.value) for k in COLOCATED_PP), err.value
+    with pytest.raises(ConfigError) as err:
+        load(cls, CONFIGS / "demo_cpu.yaml", ["parallel.tensor=2", "rollout.asynchronous=true"])
+    for key in ("rollout.asynchronous=true", "rollout.layout=colocated", "parallel.tensor=2"):
+        assert key in str(err.value), err.value
+    assert load(cls, CONFIGS / "demo_cpu.yaml", ["parallel.tensor=2"]).parallel.tensor == 2
     disaggregated = load(
-        cls, CONFIGS / "demo_cpu.yaml", ["parallel.tensor=2", "rollout.layout=disaggregated"]
+        cls,
+        CONFIGS / "demo_cpu.yaml",
+        ["parallel.pipeline=2", "rollout.layout=disaggregated", "warmstart.steps=0"],
     )
-    assert disaggregated.parallel.tensor == 2
+    assert disaggregated.parallel.pipeline == 2
 
 
 @pytest.mark.parametrize(
@@ -210,16 +219,16 @@ def test_a_renamed_key_is_refused_in_one_line_naming_its_new_name(tmp_path):
     assert load(TrainConfig, None, ["data.valid_problems=8"]).data.valid_problems == 8
 
 
-def test_cli_refuses_a_colocated_tensor_parallel_run_before_writing_anything(tmp_path):
+def test_cli_refuses_a_colocated_pipeline_parallel_run_before_writing_anything(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "rlef_hpc.train.cli", str(CONFIGS / "demo_cpu.yaml"),
-         "parallel.tensor=2", f"run.dir={run}"],
+         "parallel.pipeline=2", f"run.dir={run}"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("rlef-train: error:")
-    assert all(k in proc.stderr for k in COLOCATED_TP), proc.stderr
+    assert all(k in proc.stderr for k in COLOCATED_PP), proc.stderr
     assert not run.exists()
 
 

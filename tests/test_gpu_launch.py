@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from rlef_hpc.config import load, to_dict
-from rlef_hpc.dist_env import cuda_device_index, init_process_groups, missing_gpus
+from rlef_hpc.dist_env import (
+    cuda_device_index,
+    engine_gpu_hidden,
+    init_process_groups,
+    missing_gpus,
+)
 from rlef_hpc.launch.config import JobConfig
 from rlef_hpc.train.loop import collective_timeout_s
 from tests.helpers import TESTS_DIR, require
@@ -32,6 +37,47 @@ def test_gpus_asked_by_slurm_and_absent_are_refused():
     assert missing_gpus({"SLURM_GPUS_ON_NODE": "2"}, 2) is None
     assert missing_gpus({"SLURM_GPUS_ON_NODE": "0"}, 0) is None
     assert missing_gpus({}, 0) is None  # not a Slurm job, or one without GPUs: CPU runs
+
+
+def test_a_colocated_engine_needs_its_tasks_to_see_the_nodes_gpus():
+    """vLLM's external_launcher takes cuda:LOCAL_RANK: a task bound to its own GPU (1 visible)
+    at local rank 3 would start its engine on a GPU it cannot see; refused in one line."""
+    assert engine_gpu_hidden({"LOCAL_RANK": "3"}, 8) is None
+    assert engine_gpu_hidden({"SLURM_LOCALID": "7"}, 8) is None  # srun without torchrun
+    refusal = engine_gpu_hidden({"LOCAL_RANK": "3"}, 1)
+    assert refusal.startswith("error: rollout.layout=colocated: local rank 3 sees 1 GPU(s)")
+    assert "--gpus-per-node" in refusal and "\n" not in refusal
+    assert engine_gpu_hidden({"SLURM_LOCALID": "1"}, 1) is not None
+    assert engine_gpu_hidden({"LOCAL_RANK": "3"}, 0) is None  # no CUDA: a CPU engine
+
+
+def test_each_engine_leader_on_a_node_takes_its_own_share_of_the_cpus():
+    """The one-node layout's two leaders (local ranks 0 and 4 at TP 4) pin their sandbox
+    workers to disjoint halves of the node's CPUs, not both to the first ones."""
+    from rlef_hpc.dist_env import local_world_size
+    from rlef_hpc.rollout.lockstep import cpu_share
+
+    cpus = list(range(96))
+    assert cpu_share(cpus, 0, 2) == list(range(48)) and cpu_share(cpus, 1, 2) == cpus[48:]
+    assert cpu_share([0, 1], 1, 2) == [1] and cpu_share([0], 1, 2) == [0]  # fewer than shares
+    assert local_world_size({"LOCAL_WORLD_SIZE": "8"}) == 8  # torchrun
+    srun = {"SLURM_STEP_TASKS_PER_NODE": "8(x2),4", "SLURM_NODEID": "2"}
+    assert local_world_size(srun) == 4 and local_world_size({}) == 1
+    # In a process of its own: the second leader of two (local rank 2 at TP 2) keeps the
+    # second half of its CPUs.
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import os; from rlef_hpc.rollout.lockstep import claim_leader_cpus; "
+        "claim_leader_cpus(2, {'LOCAL_RANK': '2', 'LOCAL_WORLD_SIZE': '4'}); "
+        "print(sorted(os.sched_getaffinity(0)))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(cpu_share(sorted(os.sched_getaffinity(0)), 1, 2))
 
 
 def demo(*overrides: str) -> JobConfig:

@@ -89,11 +89,11 @@ def test_plan_tool_prints_the_70b_table():
     assert bad.returncode == 1 and "DOES NOT FIT" in bad.stdout
 
 
-def test_plan_tool_refuses_a_colocated_tensor_parallel_layout_with_exit_2():
-    proc = run_tool("plan.py", CONFIGS / "demo_cpu.yaml", "parallel.tensor=2")
+def test_plan_tool_refuses_a_colocated_pipeline_parallel_layout_with_exit_2():
+    proc = run_tool("plan.py", CONFIGS / "demo_cpu.yaml", "parallel.pipeline=2")
     assert proc.returncode == 2 and proc.stdout == "", proc.stdout
     assert proc.stderr.startswith("plan: error:") and proc.stderr.count("\n") == 1, proc.stderr
-    for key in ("parallel.tensor=2", "parallel.pipeline", "rollout.layout=colocated"):
+    for key in ("parallel.pipeline=2", "rollout.layout=colocated"):
         assert key in proc.stderr, proc.stderr
 
 
@@ -207,3 +207,73 @@ def test_fp32_activations_are_twice_bf16s():
 
     same = seq * 2 * (job.model.tokenizer_vocab * 4 + 8)  # logits (fp32) and token ids
     assert activations("float32") - same == pytest.approx(2 * (activations("bfloat16") - same))
+
+
+def test_the_one_node_8b_config_fits_both_phases_by_hand_arithmetic():
+    """configs/llama3_8b_1node.yaml (TP4 x DP2 on 8 x 80 GB, colocated engines at TP4, the
+    paper's 3 turns of 2048 tokens): every term of both phases against the arithmetic written
+    out here, and the totals as the docs give them."""
+    cfg = load(JobConfig, CONFIGS / "llama3_8b_1node.yaml")
+    report = plan(cfg)
+    h, layers, vocab, kv, ffn, tp, dp = 4096, 32, 128256, 8 * 128, 14336, 4, 2
+    block = layers * (2 * h * h + 2 * h * kv + 3 * h * ffn + 2 * h) + h
+    n = (block + 2 * vocab * h) / tp  # untied embedding and LM head, both on the one stage
+    states = n * (2 + 4 + (4 + 8) / dp)  # bf16 weights, fp32 grads, Adam sharded over DP
+    seq, rows = 3 * (2048 + 1024), 18432 / 9216
+    tokens = seq * rows  # one micro-batch: two of the longest episodes
+    activations = (
+        tokens * h * 2 * layers  # recompute=full: each layer's bf16 input
+        + tokens * h * (10 + 24 / tp)  # and one layer's activations, recomputed
+        + tokens * h
+        + 8 * tokens  # the embedding's output and the token ids
+        + tokens * vocab / tp * 4  # fp32 logits of the vocabulary shard
+    )
+    reserve = 3 * GB
+    update = {
+        "policy weights + grads + optimizer": states,
+        "value model weights + grads + optimizer": states,
+        "reference policy (frozen)": n * 2,
+        "activations": activations,
+        "vLLM asleep (level 2: weights and KV cache released)": 0.0,
+        "CUDA context, NCCL buffers, vLLM's CUDA graphs (slurm.gpu_reserve_gb)": reserve,
+    }
+    assert report.trainer == pytest.approx(update, rel=1e-12)
+    share = 0.3 * 80 * GB
+    weights = (block + 2 * vocab * h) * 2 / tp
+    forward = 8192 * (2 * h + (h + 2 * kv + 3 * ffn) / tp) * 2
+    generation = {
+        "policy weights + grads + optimizer (resident)": states,
+        "value model weights + grads + optimizer (resident)": states,
+        "reference policy (frozen) (resident)": n * 2,
+        "CUDA context, NCCL buffers, vLLM's CUDA graphs (slurm.gpu_reserve_gb)": reserve,
+        "vLLM weights": weights,
+        "vLLM forward pass (8,192-token prefill chunk)": forward,
+        "vLLM KV cache": share - weights - forward,
+    }
+    assert report.rollout == pytest.approx(generation, rel=1e-12)
+    kv_bytes_per_token = 2 * layers * kv * 2 / tp  # K and V, bf16, the rank's KV heads
+    assert report.kv_tokens == pytest.approx((share - weights - forward) / kv_bytes_per_token)
+    assert report.fits and report.kv_tokens > 70 * seq
+    assert round(report.trainer_peak / GB, 2) == 59.51  # docs/slurm.md's table
+    assert round(report.generation_peak / GB, 2) == 75.61
+    table = report.table()
+    assert "update phase" in table and "generation phase" in table and "\nfits" in table
+    # Megatron's optimizer CPU offload would take the fp32 master weights and both moments of
+    # both models off the card: not needed here, and the plan says so.
+    assert report.offload == pytest.approx(2 * n * 12 / dp)
+    assert "not needed" in table
+
+
+def test_a_colocated_phase_that_does_not_fit_is_named_with_its_knob():
+    one_node = CONFIGS / "llama3_8b_1node.yaml"
+    refusal = plan(load(JobConfig, one_node, ["rollout.gpu_memory_utilization=0.4"])).refusal()
+    assert "generation phase does not fit" in refusal
+    assert "rollout.gpu_memory_utilization to at most 0.35" in refusal
+    refusal = plan(load(JobConfig, one_node, ["precision.recompute=null"])).refusal()
+    assert "update phase does not fit" in refusal and "activations" in refusal
+    # TP2 x DP4: the trainer's states alone leave the engine no room
+    cfg = load(JobConfig, one_node, ["parallel.tensor=2", "parallel.data=4"])
+    refusal = plan(cfg).refusal()
+    assert "raise parallel.tensor" in refusal and "optimizer CPU offload" in refusal
+    proc = run_tool("plan.py", one_node, "rollout.gpu_memory_utilization=0.4")
+    assert proc.returncode == 1 and "DOES NOT FIT: the generation phase" in proc.stdout

@@ -282,7 +282,8 @@ def test_dry_run_of_the_70b_config_is_an_sbatch_script_slurm_accepts(slurm, tmp_
     # other directive is the script's own. (slurm/train_*.sh run for real on 3 nodes: the
     # placement test below.)
     nodes = min(2, len(set(sh("sinfo", "-h", "-N", "-o", "%N").stdout.split())))
-    for script_path in (path, REPO / "slurm" / "train_70b.sh", REPO / "slurm" / "train_8b.sh"):
+    scripts = ("train_70b.sh", "train_8b.sh", "train_8b_1node.sh")
+    for script_path in (path, *(REPO / "slurm" / name for name in scripts)):
         test = sh(
             "sbatch", "--test-only", f"--nodes={nodes}", "--cpus-per-task=1", "--mem=1G",
             script_path,
@@ -290,15 +291,15 @@ def test_dry_run_of_the_70b_config_is_an_sbatch_script_slurm_accepts(slurm, tmp_
         assert test.returncode == 0 and "to start at" in test.stderr, (script_path, test.stderr)
 
 
-def test_a_colocated_tensor_parallel_run_is_refused_before_anything_is_written(tmp_path):
+def test_a_colocated_pipeline_parallel_run_is_refused_before_anything_is_written(tmp_path):
     """No cluster needed: the config is refused before submitit or Slurm is asked."""
     run = tmp_path / "run"
     demo = REPO / "configs" / "demo_cpu.yaml"
     for dry_run in (["--dry-run"], []):
-        proc = run_tool("submit.py", demo, "parallel.tensor=2", f"run.dir={run}", *dry_run)
+        proc = run_tool("submit.py", demo, "parallel.pipeline=2", f"run.dir={run}", *dry_run)
         assert proc.returncode == 2 and proc.stdout == "", proc.stdout
         assert proc.stderr.startswith("submit: error:") and proc.stderr.count("\n") == 1
-        for key in ("parallel.tensor=2", "parallel.pipeline", "rollout.layout=colocated"):
+        for key in ("parallel.pipeline=2", "rollout.layout=colocated"):
             assert key in proc.stderr, proc.stderr
     assert not run.exists()
 
@@ -501,6 +502,42 @@ def test_the_8b_and_70b_scripts_place_trainer_and_workers_on_the_nodes_of_their_
         devices = [set(d.split(",")) for _, _, d in rollout]
         assert all(len(d) == gpus for d in devices), (script_name, rollout)
         assert len(set().union(*devices)) == workers * gpus, (script_name, rollout)
+
+
+@pytest.mark.slurm
+def test_the_one_node_8b_script_places_8_ranks_on_one_node_and_requeues(slurm, tmp_path):
+    """slurm/train_8b_1node.sh as shipped (8 tasks and 8 GPUs on one node, --exclusive; CPUs a
+    task scaled down), a stand-in Python recording each task's node, rank, local rank and
+    devices, and exiting 75 (stopped with a checkpoint) on the job's first run: the 8 ranks
+    share one node, local ranks 0-7, each seeing all 8 of the node's stand-in GPUs (a rank's
+    engine takes cuda:LOCAL_RANK); the trainer gets the one-node config; the script requeues
+    the job, which runs again (SLURM_RESTART_COUNT 1) and completes."""
+    node = cluster_nodes(1)[0]
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/bash\n"
+        'echo "$SLURMD_NODENAME $SLURM_PROCID $SLURM_LOCALID ${CUDA_VISIBLE_DEVICES:-none} $3"'
+        f" > {tmp_path}/rank.${{SLURM_RESTART_COUNT:-0}}.$SLURM_PROCID\n"
+        '[ "${SLURM_RESTART_COUNT:-0}" = 0 ] && exit 75\nexit 0\n'
+    )
+    fake.chmod(0o755)
+    proc = sh(
+        "sbatch", "--parsable", "--output", tmp_path / "job.out", f"--nodelist={node}",
+        "--cpus-per-task=1", "--time=5", f"--export=ALL,RLEF_PYTHON={fake}",
+        REPO / "slurm" / "train_8b_1node.sh",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    assert wait_done(job, timeout=300) == "COMPLETED", (tmp_path / "job.out").read_text()
+    for run in (0, 1):
+        seen = [p.read_text().split() for p in tmp_path.glob(f"rank.{run}.*")]
+        ranks = sorted((int(rank), int(local), n, d, c) for n, rank, local, d, c in seen)
+        assert [r[:3] for r in ranks] == [(r, r, node) for r in range(8)], ranks
+        devices = {r[3] for r in ranks}
+        assert len(devices) == 1 and len(devices.pop().split(",")) == 8, ranks
+        assert {r[4] for r in ranks} == {"configs/llama3_8b_1node.yaml"}, ranks
+    log = (tmp_path / "job.out").read_text()
+    assert f"stopped with a checkpoint: requeueing job {job}" in log, log
 
 
 @pytest.mark.slurm

@@ -56,6 +56,27 @@ def test_dry_run_without_slurm_prints_the_plan_and_every_jobs_script(tmp_path, n
     assert not run.parent.exists()
 
 
+def test_submit_takes_the_one_node_8b_config(tmp_path, no_slurm):
+    """configs/llama3_8b_1node.yaml: the plan of both phases fits; one trainer job of one node,
+    8 tasks and 8 GPUs, its tasks not bound to cores (each engine's sandbox runs on its
+    group's first rank); no rollout workers."""
+    run = tmp_path / "runs" / "8b"
+    proc = run_tool(
+        "submit.py", CONFIGS / "llama3_8b_1node.yaml", f"run.dir={run}", "--dry-run",
+        env=no_slurm,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    out = proc.stdout
+    assert re.findall(r"^# ==== (\w+)", out, re.M) == ["memory", "train", "eval", "rollout"]
+    assert "| update phase, one GPU | GB |" in out and "| generation phase, one GPU | GB |" in out
+    assert "\nfits\n" in out
+    train = out.split("# ==== train")[1].split("# ==== eval")[0]
+    for directive in ("--nodes=1", "--ntasks-per-node=8", "--gpus-per-node=8", "--requeue"):
+        assert f"#SBATCH {directive}\n" in train, train
+    assert "--cpu-bind=none" in train
+    assert "# ==== rollout: none (colocated" in out
+
+
 def test_the_eval_job_waits_for_training_unless_it_follows_checkpoints(tmp_path, no_slurm):
     config = (
         CONFIGS / "demo_cpu.yaml",

@@ -108,9 +108,11 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig
 def split_qkv(
     qkv: torch.Tensor, cfg: ModelConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    groups, d, rest = cfg.num_query_groups, cfg.head_dim, qkv.shape[1:]
-    per_group = cfg.num_attention_heads // groups
-    view = qkv.reshape(groups, (per_group + 2) * d, *rest)
+    """q, k and v of megatron's QKV (weight or bias): all of it, or a tensor-parallel rank's
+    (its query groups')."""
+    d, rest = cfg.head_dim, qkv.shape[1:]
+    per_group = cfg.num_attention_heads // cfg.num_query_groups
+    view = qkv.reshape(-1, (per_group + 2) * d, *rest)
     q = view[:, : per_group * d].reshape(-1, *rest)
     k = view[:, per_group * d : (per_group + 1) * d].reshape(-1, *rest)
     v = view[:, (per_group + 1) * d :].reshape(-1, *rest)

@@ -188,10 +188,19 @@ def engine_weights(model: torch.nn.Module, cfg: ModelConfig) -> Iterator[tuple[s
     were ("ParallelLMHead: Failed to load weights"), and on CPU the head's GEMM keeps a packed
     copy of the old embedding (dispatch_cpu_unquantized_gemm): the engine sampled from a stale
     output layer. Sent to both, each layer loads the same values."""
+    yield from with_tied_head(hf_weights(model, cfg), cfg)
+
+
+def with_tied_head(
+    weights: Iterable[tuple[str, torch.Tensor]], cfg: ModelConfig
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """`weights`, and with tied embeddings `lm_head.weight` after `model.embed_tokens.weight`
+    (the same tensor: whole, or a rank's vocabulary shard), on the last pipeline stage (at
+    PP > 1 it holds its own copy, which is sent). See engine_weights for why."""
     from megatron.core import parallel_state as ps
 
-    head = cfg.tie_embeddings and ps.is_pipeline_last_stage()  # PP > 1: its own copy is sent
-    for name, tensor in hf_weights(model, cfg):
+    head = cfg.tie_embeddings and ps.is_pipeline_last_stage()
+    for name, tensor in weights:
         yield name, tensor
         if head and name == "model.embed_tokens.weight":
             yield "lm_head.weight", tensor

@@ -26,6 +26,9 @@ class SlurmConfig:
     nodes: int = 1
     gpus_per_node: int = 0
     gpu_memory_gb: float = 80.0  # per GPU, for the preflight memory plan (H100 80GB)
+    # Per GPU, what neither the trainer nor a sleeping engine gives back (the CUDA context,
+    # NCCL buffers, vLLM's CUDA graphs): the colocated plan's reserve, an assumption.
+    gpu_reserve_gb: float = 3.0
     # What the plan prices a refit and an iteration with (tools/plan.py), in GB/s (1e9 B/s)
     # and TFLOP/s: one InfiniBand NDR port per GPU (400 Gb/s), a parallel filesystem's rate
     # to one node and in all (Lustre/GPFS class), an H100 SXM's dense bf16 peak, and the

@@ -12,8 +12,8 @@ Trainer GPU (the most loaded one: the first pipeline stage, which also holds the
              each layer's input plus one layer being recomputed)
 Rollout GPU: vLLM takes rollout.gpu_memory_utilization of the card for its weights (at
 rollout.tensor_parallel) and KV cache; the plan reports how many tokens of KV cache remain.
-Colocated, the engine shares the trainer's GPUs: it holds its share while the trainer's
-states stay resident (activations come only while the engine sleeps).
+Colocated, the engine shares the trainer's GPUs, at parallel.tensor: the update and the
+generation phase are planned apart (rlef_hpc.launch.phases).
 
 The parameter count and the weight + optimizer bytes per parameter (2 + 4 + 12/DP in bf16)
 follow megatron's own theoretical memory report (megatron/training/theoretical_memory_usage.py).
@@ -202,17 +202,29 @@ def plan(cfg: JobConfig) -> Plan:
     budget = r.gpu_memory_utilization * gpu_gb * GB
     kv_per_token = 2 * mc.num_layers * mc.num_query_groups * mc.head_dim * width / engine_tp
     rollout = {"vLLM weights": engine_weights, "vLLM KV cache": max(0.0, budget - engine_weights)}
-    if r.layout == "colocated":
-        # The engine keeps its share while the trainer's states stay resident; training's
-        # activations come while it sleeps (freed KV cache, weights offloaded).
-        resident = sum(v for k, v in trainer.items() if k != "activations")
-        trainer["vLLM (colocated)"] = max(0.0, budget - activations)
-        rollout = {"trainer states (resident)": resident, **rollout}
     notes.append(
         f"{total / 1e9:.2f}B parameters; longest episode {seq} tokens "
         f"({cfg.episodes.max_turns} turns x ({r.max_tokens} answer + {PROMPT_TOKENS_PER_TURN} "
         "prompt/feedback))"
     )
+    if r.layout == "colocated":  # the engine on the trainer's GPUs: two phases (phases.py)
+        from rlef_hpc.launch.phases import PREFILL_CHUNK, colocated_plan
+
+        kv = mc.num_query_groups * mc.head_dim
+        forward = PREFILL_CHUNK * (2 * h + (h + 2 * kv + 3 * mc.ffn_hidden_size) / p.tensor)
+        return colocated_plan(
+            gpu_gb,
+            {k: v for k, v in trainer.items() if k != "activations"},
+            activations,
+            {"share": budget, "weights": engine_weights, "forward": forward * width},
+            kv_per_token,
+            kv_needed=max(seq, mc.max_position_embeddings),
+            longest=seq,
+            reserve_gb=s.gpu_reserve_gb,
+            # fp32 master weights and Adam's two moments of both trained models
+            offload=2 * n * (master + 8) / p.data,
+            notes=notes,
+        )
     return Plan(gpu_gb, trainer, rollout, notes, kv_tokens=rollout["vLLM KV cache"] / kv_per_token)
 
 
@@ -299,10 +311,11 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps({"trainer": result.trainer, "rollout": result.rollout, "fits": result.fits})
         )
     else:
-        p = cfg.parallel
+        p, r = cfg.parallel, cfg.rollout
+        engine_tp = p.tensor if r.layout == "colocated" else r.tensor_parallel
         print(
             f"{args.config}: TP {p.tensor} x PP {p.pipeline} x DP {p.data} training, "
-            f"rollout {cfg.rollout.layout} at TP {cfg.rollout.tensor_parallel}, "
+            f"rollout {r.layout} at TP {engine_tp}, "
             f"{cfg.slurm.gpu_memory_gb:.0f} GB GPUs\n"
         )
         print(result.table())

@@ -5,8 +5,10 @@
     python tools/submit.py cancel RUN_DIR
 
 Layouts (rollout.layout):
-- colocated (default): one job of parallel.world_size tasks; each trainer rank has its own vLLM
-  engine on its GPU (rollout and training alternate on the same devices).
+- colocated (default): one job of parallel.world_size tasks; each tensor-parallel group of
+  trainer ranks has its own vLLM engine on its GPUs, at the trainer's TP size (rollout and
+  training alternate on the same devices; at TP 4 x DP 2 one node of 8 GPUs trains Llama 3.1
+  8B: configs/llama3_8b_1node.yaml).
 - disaggregated: a trainer job (any TP x PP x DP) and a job array of rollout.workers rollout
   workers, started together; they meet in the run directory (published weights, trajectory
   shards; see rlef_hpc.rollout.shards), so either side can be requeued on its own.
@@ -154,6 +156,10 @@ def submitters(cfg: JobConfig, dry_run: bool = False) -> dict[str, Any]:
     tasks = s.gpus_per_node or p.world_size // s.nodes
     job = functools.partial(_submitter, cfg, dry_run=dry_run)
     out = {"train": job("train", s.nodes, tasks, s.gpus_per_node, s.mem_gb)}
+    if r.layout == "colocated" and p.tensor > 1:
+        # Each engine's episodes run in the sandbox on its group's first rank: over the
+        # node's CPUs, not the rank's share (slurm/lib.sh rlef_colocated does the same).
+        out["train"].update_parameters(srun_args=["--cpu-bind=none"])
     rollout_gpus = r.tensor_parallel if s.gpus_per_node else 0
     # slurm.mem_gb is a whole node's: a one-task job on part of a node asks its share (its
     # GPUs' share, or one trainer task's on CPU clusters), else one worker takes the node.
@@ -227,7 +233,10 @@ def dry_run(cfg: JobConfig) -> str:
         title = _JOB_TITLES["eval-follow" if job == "eval" and follows_training(cfg) else job]
         parts.append(f"# ==== {job}: {title}: sbatch script\n{script.rstrip()}")
     if "rollout" not in scripts:
-        parts.append("# ==== rollout: none (colocated: each trainer rank has its own engine)")
+        parts.append(
+            "# ==== rollout: none (colocated: each tensor-parallel group of trainer ranks has "
+            "its own engine)"
+        )
     return "\n\n".join([*parts, not_checked()])
 
 

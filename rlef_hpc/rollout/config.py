@@ -34,9 +34,10 @@ class WeightsConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """Episode sampling with vLLM: in the training processes (colocated), or in rollout
-    workers of their own that exchange weights and trajectory shards with the trainer through
-    the run directory (disaggregated; needed when the trainer uses tensor/pipeline parallelism)."""
+    """Episode sampling with vLLM: in the training processes (colocated: one engine per
+    tensor-parallel group of the trainer, at its TP size), or in rollout workers of their own
+    that exchange weights and trajectory shards with the trainer through the run directory
+    (disaggregated; needed when the trainer uses pipeline parallelism)."""
 
     layout: Literal["colocated", "disaggregated"] = "colocated"
     rollouts_per_iteration: int = 64  # the paper: 1024

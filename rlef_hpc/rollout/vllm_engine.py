@@ -187,7 +187,8 @@ def build_engine(
 ) -> VLLMGenerator:
     """The engine a rollout config describes, over the HF directory `model_dir`: sampling,
     CPU KV cache or GPU memory share, `tensor_parallel` GPUs. `colocated`: the engine of one
-    training process, sharing its GPU (and, under torchrun, its process group's launcher)."""
+    training process, sharing its GPU (and, under torchrun, its process group's launcher),
+    spread over `tensor_parallel` consecutive training processes."""
     import torch.distributed as dist
 
     extra: dict[str, Any] = {}
@@ -202,7 +203,11 @@ def build_engine(
     if tensor_parallel > 1:
         extra["tensor_parallel_size"] = tensor_parallel
     if colocated and dist.is_initialized() and dist.get_world_size() > 1:
-        extra.update(tensor_parallel_size=1, distributed_executor_backend="external_launcher")
+        # One engine per tensor-parallel group of the trainer, in its processes: vLLM groups
+        # consecutive ranks as megatron does (rlef_hpc.rollout.tp_refit).
+        extra.update(
+            tensor_parallel_size=tensor_parallel, distributed_executor_backend="external_launcher"
+        )
     if torch.cuda.is_available():
         extra["gpu_memory_utilization"] = rollout.gpu_memory_utilization
         if colocated:

@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         check_machine(cfg)
     except ValueError as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
+    if cfg.rollout.layout == "colocated":
+        dist_env.require_engine_gpu_visible()
     for file in cfg.eval.transfer:  # read only after the warm start: say it before anything
         if not Path(file).is_file():
             p.exit(2, f"{p.prog}: error: eval.transfer: {file}: no such file\n")

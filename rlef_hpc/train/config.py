@@ -235,12 +235,20 @@ class TrainConfig:
         the jobs) runs it. JobConfig (rlef_hpc.launch.config) extends it with the Slurm
         allocation's checks; what only the machine can tell is check_machine's."""
         r, u, p = self.rollout, self.update, self.parallel
-        if r.layout == "colocated" and (p.tensor != 1 or p.pipeline != 1):
+        if r.layout == "colocated" and p.pipeline != 1:
             raise ValueError(
-                f"parallel.tensor={p.tensor}, parallel.pipeline={p.pipeline} with "
-                "rollout.layout=colocated: the colocated layout runs one engine per training "
-                "process, which needs both at 1; use rollout.layout=disaggregated (rollout "
-                "workers of their own) for TP/PP training"
+                f"parallel.pipeline={p.pipeline} with rollout.layout=colocated: a colocated "
+                "engine spans one tensor-parallel group of the trainer and holds the whole "
+                "model, which a pipeline stage does not; use rollout.layout=disaggregated "
+                "(rollout workers of their own) for pipeline-parallel training"
+            )
+        if r.layout == "colocated" and p.tensor > 1 and r.asynchronous:
+            raise ValueError(
+                f"rollout.asynchronous=true with rollout.layout=colocated at parallel.tensor="
+                f"{p.tensor}: the engine would generate over its tensor-parallel group while "
+                "the trainer's collectives run over the same ranks and devices, in no agreed "
+                "order (on GPUs, a deadlock); set rollout.asynchronous=false, or "
+                "rollout.layout=disaggregated"
             )
         self._validate_shape()
         if r.temperature <= 0:

@@ -45,6 +45,7 @@ from rlef_hpc.models.gpt import sequence_multiple
 from rlef_hpc.models.megatron_compat import seed
 from rlef_hpc.rl.ppo import collate
 from rlef_hpc.rl.update import PPOUpdate
+from rlef_hpc.rollout.lockstep import claim_leader_cpus
 from rlef_hpc.sandbox import Executor
 from rlef_hpc.train.config import TrainConfig
 from rlef_hpc.train.evaluation import TrainerEvaluation
@@ -69,7 +70,8 @@ def collective_timeout_s(cfg: TrainConfig) -> float:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
-        from transformers import AutoTokenizer  # heavy: imported when a run starts
+        from megatron.core import parallel_state as ps  # heavy: imported when a run starts
+        from transformers import AutoTokenizer
 
         self.cfg = cfg
         p = cfg.parallel
@@ -119,7 +121,12 @@ class Trainer:
             self.start = state["iteration"]
             self._print(f"resumed from {checkpoint} (iteration {self.start})")
         self.saved = self.start
-        self.executor = Executor(workers=cfg.rollout.sandbox_workers)
+        # Colocated at TP > 1 only each engine group's first rank runs episodes (lockstep):
+        # the others' sandbox idles, the leaders' takes their group's share of the node's CPUs.
+        follower = cfg.rollout.layout == "colocated" and ps.get_tensor_model_parallel_rank() > 0
+        if cfg.rollout.layout == "colocated" and p.tensor > 1 and not follower:
+            claim_leader_cpus(p.tensor)
+        self.executor = Executor(workers=1 if follower else cfg.rollout.sandbox_workers)
         self.source = make_source(
             cfg,
             self.run_dir,

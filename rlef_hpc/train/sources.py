@@ -3,7 +3,11 @@ what it needs (an engine, a shard store) and the hooks the loop calls around the
 
 - Colocated: each data-parallel rank's own engine generates the rank's share of the
   iteration's episodes, sleeps through the update (its memory is the update's), then takes
-  the new weights in memory and is checked against the trainer (on-policy).
+  the new weights in memory and is checked against the trainer (on-policy). At tensor
+  parallelism > 1 the engine spans the rank's tensor-parallel group, at the same TP size: the
+  group's first process runs the episodes and the others make the same engine calls
+  (rlef_hpc.rollout.lockstep), and each process refits its own shards
+  (rlef_hpc.rollout.tp_refit).
 - AsyncColocated: the same engines generate iteration k+1's episodes while the policy trains
   on iteration k's (one version stale, corrected by the truncated importance weights).
 - Disaggregated: no engine here; after every update the policy goes to the rollout workers
@@ -15,6 +19,7 @@ what it needs (an engine, a shard store) and the hooks the loop calls around the
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,7 +31,7 @@ from rlef_hpc import dist_env
 from rlef_hpc.checkpoint.hf_dir import engine_weights
 from rlef_hpc.data.problem import Problem
 from rlef_hpc.data.trajectory import Trajectory
-from rlef_hpc.dist_env import host_group
+from rlef_hpc.dist_env import host_group, require_engine_gpu_visible
 from rlef_hpc.episodes.conversation import Conversation
 from rlef_hpc.episodes.runner import EpisodeConfig, EpisodeRunner, StopFn
 from rlef_hpc.episodes.templates import initial_prompt
@@ -34,9 +39,11 @@ from rlef_hpc.models.config import ModelConfig
 from rlef_hpc.models.gpt import causal_mask, sequence_multiple
 from rlef_hpc.rl.logprobs import next_token_logprobs
 from rlef_hpc.rollout.bus import BusSender
+from rlef_hpc.rollout.lockstep import EngineGroup, clear_stale_cpu_shm, tensor_host_group
 from rlef_hpc.rollout.publish import latest_version, publish
 from rlef_hpc.rollout.refit import check_batch_mismatch, check_mismatch, probe_limits
 from rlef_hpc.rollout.shards import ShardStore, load_shards
+from rlef_hpc.rollout.tp_refit import load_rank_weights, rank_weights, vocab_cuts_match
 from rlef_hpc.rollout.vllm_engine import VLLMGenerator, build_engine
 from rlef_hpc.sandbox import Executor
 from rlef_hpc.seeding import seed_sampling
@@ -75,9 +82,19 @@ def own_engine(cfg: TrainConfig, init_dir: Path) -> VLLMGenerator | None:
     if cfg.rollout.layout == "disaggregated":
         return None
     if torch.cuda.is_available():
+        require_engine_gpu_visible()  # jobs that start the loop without rlef-train's checks
         torch.cuda.empty_cache()
+    elif cfg.parallel.tensor > 1:  # CPU engines at TP > 1: what a killed run left (lockstep)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            clear_stale_cpu_shm()
+        dist.barrier(group=host_group())  # before any engine of this node creates its own
     return build_engine(
-        str(init_dir), cfg.rollout, cfg.run.seed, cfg.precision.dtype, colocated=True
+        str(init_dir),
+        cfg.rollout,
+        cfg.run.seed,
+        cfg.precision.dtype,
+        tensor_parallel=cfg.parallel.tensor,
+        colocated=True,
     )
 
 
@@ -99,6 +116,10 @@ class Colocated:
         self.rank = dist.get_rank()
         self.dp_rank, self.dp = _ranks()
         self.engine = engine
+        self.engines = EngineGroup(engine, _engine_group(cfg))
+        self.vocab_shards = self.engines.group is not None and vocab_cuts_match(
+            engine, model_cfg.vocab_size, self.engines.group
+        )
         self.probe = probe_sequences(
             tokenizer,
             problems[1][:2] or problems[0][:2],
@@ -119,16 +140,27 @@ class Colocated:
         stop: StopFn | None = None,
     ) -> list[Trajectory]:
         """Episodes of `problems` on this rank's engine (training's, or `config`'s: the
-        evaluation's). Sampling draws from torch's generator, seeded from (run seed, `key`,
-        rank): with the runner's deterministic batching, a resumed run samples exactly what the
-        uninterrupted one did. `stop`: see EpisodeRunner.run."""
-        seed_sampling(self.cfg.run.seed, key, self.rank)
+        evaluation's), on the leader of its engine group (the other ranks make its engine calls
+        with it and get []). Sampling draws from torch's generator, seeded from (run seed,
+        `key`, data-parallel rank): with the runner's deterministic batching, a resumed run
+        samples exactly what the uninterrupted one did, at any tensor parallelism. `stop`: see
+        EpisodeRunner.run."""
+        seed_sampling(self.cfg.run.seed, key, self.dp_rank)
+        if not self.engines.leader:
+            self.engines.follow()
+            return []
 
         def generate(prompts: list[list[int]]) -> Any:
-            return self.engine(prompts, temperature=temperature, top_p=top_p)
+            return self.engines.generate(prompts, temperature, top_p)
 
         runner = EpisodeRunner(self.tokenizer, self.executor, generate, config or self.cfg.episodes)
-        return runner.run(problems, progress=progress and self.rank == 0, stop=stop)
+        try:
+            trajectories = runner.run(problems, progress=progress and self.rank == 0, stop=stop)
+        except BaseException:
+            self.engines.release(failed=True)
+            raise
+        self.engines.release()
+        return trajectories
 
     def generate(self, iteration: int, progress: bool = True) -> tuple[list[Trajectory], dict]:
         r = self.cfg.rollout
@@ -148,6 +180,7 @@ class Colocated:
             r.top_p,
             progress=progress,
         )
+        trajectories = self.engines.share(trajectories)  # a TP group trains on the same batch
         seconds = time.perf_counter() - start
         tokens = sum(u.response_end - u.prompt_end for t in trajectories for u in t.turns)
         return trajectories, {
@@ -179,7 +212,11 @@ class Colocated:
     def load_policy(self) -> float:
         """The policy's weights into the engine, in memory; returns the seconds it took."""
         start = time.perf_counter()
-        self.engine.update_weights(engine_weights(self.policy, self.model_cfg))
+        if self.engines.group is None:  # the whole tensors, vLLM's loaders take them as they are
+            self.engine.update_weights(engine_weights(self.policy, self.model_cfg))
+        else:  # each rank's shards into its own engine rank
+            weights = rank_weights(self.policy, self.model_cfg, self.vocab_shards)
+            load_rank_weights(self.engine, weights, self.vocab_shards)
         return time.perf_counter() - start
 
     def check_refit(self, seconds: float) -> dict[str, float]:
@@ -202,7 +239,7 @@ class Colocated:
             logits = self.policy(x, positions, causal_mask(length, device))
             # Compared on the host, where the engine's log-probs arrive as lists.
             trainer = next_token_logprobs(logits.float(), x)[0][:, 1:].cpu()
-        engine = torch.tensor(self.engine.sequence_logprobs(self.probe.tolist()), device="cpu")
+        engine = torch.tensor(self.engines.sequence_logprobs(self.probe.tolist()), device="cpu")
         engine = engine[:, 1:]
         mask = torch.ones_like(trainer, dtype=torch.bool)
         limits = probe_limits(self.cfg.rollout, self.cfg.precision.dtype)
@@ -342,6 +379,20 @@ class Disaggregated:
 
     def close(self) -> None:
         pass
+
+
+def _engine_group(cfg: TrainConfig) -> Any:
+    """The gloo group of the processes this one's engine spans (its tensor-parallel group),
+    None at tensor parallelism 1. Its waits are the default group's: a follower waits for
+    its leader's next engine call while the leader runs a round of episodes in the sandbox."""
+    from datetime import timedelta
+
+    from megatron.core import parallel_state as ps
+
+    from rlef_hpc.train.loop import collective_timeout_s
+
+    timeout = timedelta(seconds=collective_timeout_s(cfg))
+    return tensor_host_group(ps.get_tensor_model_parallel_group(), timeout)
 
 
 def use_device(device: torch.device) -> None:

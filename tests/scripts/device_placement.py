@@ -174,6 +174,7 @@ def refit_probe() -> None:
     log-probs (computed before the strict part, the naive way)."""
     from rlef_hpc.mismatch import MismatchLimits
     from rlef_hpc.rl.logprobs import naive_token_logprobs
+    from rlef_hpc.rollout.lockstep import EngineGroup
     from rlef_hpc.train.sources import Colocated
     from tests.scripts.ppo_update import MODEL
 
@@ -189,6 +190,7 @@ def refit_probe() -> None:
     )
     source = Colocated.__new__(Colocated)  # its engine is the stand-in above
     source.policy, source.model_cfg, source.probe, source.engine = policy, MODEL, probe, engine
+    source.engines = EngineGroup(engine, None)  # one process: its own engine group
     limits = MismatchLimits(mean_limit=1e-4, quantile=1.0, quantile_limit=1e-4)
     source.cfg = SimpleNamespace(rollout=SimpleNamespace(mismatch=limits))
     with strict_devices(torch.device("cpu")):
