@@ -20,6 +20,7 @@ import json
 import os
 import re
 import secrets
+import select
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,10 @@ CPP_A_PLUS_B = (
 )
 LIMITS = {"time_s": 2.0, "memory_mb": 256, "output_bytes": 1 << 20}
 MODES = ("root", "userns")
+# No request takes a minute (the slowest: a compile bomb, 45 s at most); an executor that has not
+# answered in two is stuck (a judge that hangs is a hole too), and the case fails rather than the
+# suite hanging.
+REQUEST_TIMEOUT_S = 120.0
 
 
 def header(path: Path) -> dict[str, str]:
@@ -99,6 +104,10 @@ class Remote:
     def request(self, message: dict) -> dict:
         self.proc.stdin.write((json.dumps(message) + "\n").encode())  # type: ignore[union-attr]
         self.proc.stdin.flush()  # type: ignore[union-attr]
+        ready, _, _ = select.select([self.proc.stdout], [], [], REQUEST_TIMEOUT_S)
+        if not ready:
+            self.proc.kill()  # stuck: this executor is done for (the next case starts another)
+            pytest.fail(f"the executor ({self.mode}) did not answer in {REQUEST_TIMEOUT_S:g} s")
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         if not line:
             pytest.fail(f"the executor ({self.mode}) exited:\n{self.log_text()}")
@@ -326,6 +335,22 @@ def test_no_earlier_file_or_binary(remote: Remote) -> None:
     attack(remote, "py_list_tmp.py")
 
 
+@pytest.mark.parametrize(
+    ("leave", "look"),
+    [("py_stdin_state.py", "py_stdin_state.py"), ("py_stdin_state.py", "cpp_stdin_state.cpp")],
+    ids=["python", "python_then_cpp"],
+)
+def test_nothing_stays_on_the_next_tests_stdin(remote: Remote, leave: str, look: str) -> None:
+    """Flags, an owner, a signal and a lease set on standard input: a few bits a test could leave
+    for the next one, were the description the worker's to share."""
+    for name in {leave, look} - {"py_stdin_state.py"}:  # compiled first: no job between the two
+        remote.run(job(*program(name, mode="look")[:2], [("1\n", None)]))
+    language, source, _ = program(leave, mode="leave")
+    [[left]] = remote.run(job(language, source, [("1\n", "CLEAN\n")]))
+    assert left["verdict"] == "OK", describe(left)
+    attack(remote, look, [("1\n", "CLEAN\n")], fills={"mode": "look"})
+
+
 # --- persisting -----------------------------------------------------------------------------------
 
 
@@ -370,6 +395,14 @@ def test_the_worker_survives(remote: Remote, name: str) -> None:
     attack(remote, name)
 
 
+@pytest.mark.parametrize("name", ["cpp_exec_fails.cpp", "py_deep_expression.py"])
+def test_no_solution_makes_the_sandbox_fail(remote: Remote, name: str) -> None:
+    """SANDBOX_ERROR is not a verdict: its episode gets no reward at all (episodes.runner), so a
+    solution that could provoke it would trade a failure for nothing, at the cost of two
+    worker restarts per job. Whatever a source or its binary does is the solution's verdict."""
+    attack(remote, name, fills={"deep": "\nx = " + "-" * 3000 + "1"})
+
+
 # --- fooling the judge ----------------------------------------------------------------------------
 
 
@@ -384,6 +417,11 @@ def test_the_worker_survives(remote: Remote, name: str) -> None:
 )
 def test_the_judge_cannot_be_fooled(remote: Remote, name: str, expected: str) -> None:
     attack(remote, name, [("", expected)], output_bytes=32 << 20)
+
+
+def test_the_judge_cannot_be_hung(remote: Remote) -> None:
+    """A real expected: a million-digit token then a letter (REQUEST_TIMEOUT_S bounds it)."""
+    attack(remote, "py_real_redos.py", [("", "0.5\n")])
 
 
 # --- exhausting memory, CPU, compile time -------------------------------------------------------
@@ -401,9 +439,17 @@ def test_threads_are_bounded(remote: Remote, name: str) -> None:
     still_judging_right(remote, pids, language)
 
 
-@pytest.mark.parametrize("name", ["py_memfd.py", "cpp_memfd.cpp"])
+@pytest.mark.parametrize("name", ["py_memfd.py", "cpp_memfd.cpp", "py_posix_timers.py"])
 def test_no_memory_outside_the_limit(remote: Remote, name: str) -> None:
     attack(remote, name, memory_mb=64, time_s=10.0)
+
+
+def test_large_binaries_deny_no_compile(remote: Remote) -> None:
+    """17 distinct programs with a 15 MiB table each, one job after another on one worker: each
+    compiles and runs (none may find the worker's space taken by the ones before)."""
+    for i in range(17):
+        seed = f"t{i}-{secrets.token_hex(4)}"
+        attack(remote, "cpp_big_table.cpp", [("", "1\n")], fills={"seed": seed}, time_s=5.0)
 
 
 @pytest.mark.parametrize(

@@ -67,6 +67,29 @@ def test_the_comparison_reads_no_more_tokens_than_expected() -> None:
     assert peak < 1 << 20, f"{peak >> 20} MB to compare"
 
 
+@pytest.mark.parametrize(
+    "token",
+    [b"1" * 10**6 + b"x", b"1" * 10**6 + b".", b"9" * 10**6 + b".5", b"1e" + b"9" * 10**6],
+    ids=["digits_then_letter", "digits_then_point", "past_float", "huge_exponent"],
+)
+def test_the_comparison_takes_linear_time_on_any_token(token: bytes) -> None:
+    """A million-character token where a real is expected: the number pattern used to backtrack
+    over it quadratically (hours in the trainer's judging thread, for one test's output)."""
+
+    def too_long(signum: int, frame: object) -> None:
+        raise TimeoutError  # the regex engine checks for signals as it goes
+
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.setitimer(signal.ITIMER_REAL, 5.0)
+    try:
+        outputs_match(b"0.5\n", token)
+    except TimeoutError:
+        pytest.fail("the judge spent more than 5 s on one token")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 # --- the executor ------------------------------------------------------------------------------
 
 
