@@ -15,6 +15,7 @@ About 3 min (most of it the two compile-time attacks and the memory scans).
 
 from __future__ import annotations
 
+import concurrent.futures
 import fcntl
 import json
 import os
@@ -372,6 +373,59 @@ def test_the_operators_terminal_is_out_of_reach(remote: Remote, name: str) -> No
     assert remote.typed_into_terminal() == b"", "a test typed into the operator's terminal"
 
 
+def _test_processes(remote: Remote) -> dict[str, bool]:
+    """The remote executor's test processes (by name: rlef-test, a Python test; prog, a C++
+    one), each with whether it can dump core. The kernel lets a process of the same uid, without
+    capabilities, read the /proc files of a dumpable process only (ptrace_may_access): the test's
+    own uid, run through setpriv, tells (the files' owner would not: without root a
+    non-dumpable C++ test's are the worker's user's)."""
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if (proc / "comm").read_text().strip() not in ("rlef-test", "prog"):
+                continue
+            ancestors, pid = [], proc.name
+            while pid not in ("0", "1") and len(ancestors) < 16:
+                pid = (Path("/proc") / pid / "stat").read_text().rsplit(")", 1)[1].split()[1]
+                ancestors.append(int(pid))
+            if remote.proc.pid not in ancestors:
+                continue
+            status = (proc / "status").read_text()
+            uid = re.search(r"^Uid:\s+(\d+)", status, re.M)[1]  # type: ignore[index]
+            gid = re.search(r"^Gid:\s+(\d+)", status, re.M)[1]  # type: ignore[index]
+        except (OSError, IndexError, TypeError):
+            continue  # gone meanwhile
+        as_test = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
+        read = subprocess.run([*as_test, "cat", str(proc / "environ")], capture_output=True)
+        if (proc / "comm").exists():  # still there: the answer was about it
+            found[proc.name] = read.returncode == 0
+    return found
+
+
+@pytest.mark.parametrize("name", ["py_crash_later.py", "cpp_crash_later.cpp"])
+def test_a_crash_reaches_no_crash_handler(remote: Remote, name: str) -> None:
+    """No test can dump core: none runs the host's crash handler (a core_pattern pipe runs one
+    as root for each crash, RLIMIT_CORE or not), nor leaves a core file. Seen from outside, but
+    for a C++ test without root: its memory then belongs to the worker's user namespace, whose
+    owner (the user, our observer) may read it either way; there, the test cannot read its
+    binary (so exec made it non-dumpable), and the exec guard's prctl is the root mode's."""
+    language, source, _ = program(name)
+    remote.run(job(language, source, [("", None)], time_s=0.1))  # compiled beforehand
+    require(shutil.which("setpriv") is not None, "needs setpriv (util-linux)")
+    observable = not (remote.mode == "userns" and language == "cpp")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        crashed = pool.submit(attack, remote, name, [("", None)], time_s=5.0)
+        seen: dict[str, bool] = {}
+        deadline = time.monotonic() + 1.2
+        while observable and not seen and time.monotonic() < deadline and not crashed.done():
+            seen = _test_processes(remote)
+        result = crashed.result()
+    assert "readable" not in result["output"], result["output"]
+    if observable:
+        assert seen, "the test's process was never seen"
+        assert not any(seen.values()), f"test processes that can dump core: {seen}"
+
+
 # --- privileges -----------------------------------------------------------------------------------
 
 
@@ -382,7 +436,10 @@ def test_no_privilege_over_anything_else(remote: Remote, name: str) -> None:
     attack(remote, name, fills={"executor_uid": remote.info["uid"]})
 
 
-@pytest.mark.parametrize("name", ["py_tgkill_worker.py", "cpp_kill_others.cpp"])
+@pytest.mark.parametrize(
+    "name",
+    ["py_tgkill_worker.py", "cpp_kill_others.cpp", "py_sigio_worker.py", "cpp_foreign_abi.cpp"],
+)
 def test_signals_reach_nothing_but_the_test(remote: Remote, name: str) -> None:
     attack(remote, name)
 

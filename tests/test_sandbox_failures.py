@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rlef_hpc import sandbox
-from rlef_hpc.sandbox import Executor, Job, TestCase, TestResult, Verdict, outputs_match
+from rlef_hpc.sandbox import Executor, Job, Limits, TestCase, TestResult, Verdict, outputs_match
 from tests.test_episodes import RIGHT, WRONG, run, tokenizer  # noqa: F401 - tokenizer: a fixture
 
 A_PLUS_B = "a, b = map(int, input().split())\nprint(a + b)\n"
@@ -113,6 +113,22 @@ def test_an_exception_on_a_job_replaces_the_worker_and_marks_the_job(monkeypatch
         monkeypatch.undo()
         [after] = ex.run("python", A_PLUS_B, [TestCase("2 3\n", "5\n")])
         assert after.verdict == Verdict.OK, after.stderr
+
+
+def test_the_compile_cache_stays_within_its_budget(tmp_path: Path) -> None:
+    """Every distinct C++ source used to stay in the host's cache for good, each binary up to
+    the compile's 64 MiB file limit: a run's samples, or a policy that makes large binaries
+    (15 MiB of source-less table here), filled the disk. The oldest go first; a binary that went
+    is compiled again when needed."""
+    table = (Path(__file__).parent / "adversarial" / "cpp_big_table.cpp").read_text()
+    sources = [table.replace("@SEED@", f"seed {i}") for i in range(5)]
+    with Executor(workers=1, cache_dir=tmp_path, cache_mb=40) as ex:
+        for source in [*sources, sources[0]]:
+            [result] = ex.run("cpp", source, [TestCase("", "1\n")], Limits(time_s=5))
+            assert result.verdict == Verdict.OK, result.stderr
+            kept = [f for d in ("bin", "err") for f in tmp_path.glob(f"cxx-*/{d}/*")]
+            assert sum(f.stat().st_size for f in kept) <= 40 << 20, [f.name for f in kept]
+        assert ex.worker_restarts == 0
 
 
 def _template_pids(ex: Executor) -> list[int]:
