@@ -119,6 +119,7 @@ class Compiler:
         self.sandbox = sandbox
         self.workdir = sandbox.compiledir
         self.max_bytes = max_bytes
+        self._written = 0  # bytes this worker added to the cache since it last trimmed it
         self._sha256 = hashlib.sha256
         sandbox.fresh_compiledir(SCRATCH_SLACK)
         version = _check([CXX, "--version"])
@@ -131,6 +132,7 @@ class Compiler:
         self.toolchain = os.path.join(self.dir, "toolchain")
         with self._lock("toolchain"):
             self._build_toolchain()
+        self._trim()  # a cache a run with a larger budget left
         self.view = self.toolchain
         if sandbox.toolchain:
             _executor.bind(self.toolchain, sandbox.toolchain, True)
@@ -188,15 +190,17 @@ class Compiler:
                 # of the keys, not per key: per key, they would pile up without bound.
                 with self._lock(key[:3]):
                     if not os.path.exists(cached) and not os.path.exists(failed):
-                        self._compile(source, cached, failed)
-                        self._trim()
+                        self._written += self._compile(source, cached, failed)
+                        if self._written >= self.max_bytes // 10:
+                            self._trim()
             with contextlib.suppress(FileNotFoundError):
                 return open(cached, "rb")  # noqa: SIM115 - the caller closes it
             with contextlib.suppress(FileNotFoundError), open(failed, "rb") as f:
                 raise CompileError(f.read().decode(errors="replace"))
         raise RuntimeError(f"the compile cache dropped {key} twice while it was read")
 
-    def _compile(self, source: str, cached: str, failed: str) -> None:
+    def _compile(self, source: str, cached: str, failed: str) -> int:
+        """Compiles into the cache; returns the bytes of disk it added there."""
         text = source.encode("utf-8", "surrogatepass")
         # The compiler's /tmp holds this compile only: the source, the object and the binary
         # (each at most the file-size limit), and the compiler's few temporaries.
@@ -212,18 +216,24 @@ class Compiler:
             if obs["code"] == 0 and obs["reason"] == 0 and os.path.isfile(built):
                 self._keep("solution", cached)
                 os.chmod(cached, 0o755)
-                return
+                return os.stat(cached).st_blocks * 512
             tmp = f"{failed}.{os.getpid()}.tmp"
             with open(tmp, "w") as f:
                 f.write(failure_message(obs).replace(pch_dir + "/", ""))
             os.rename(tmp, failed)
+            return os.stat(failed).st_blocks * 512
         finally:
             self.sandbox.fresh_compiledir(SCRATCH_SLACK)
 
     def _trim(self) -> None:
-        """Keeps the cache's binaries and compile errors under `max_bytes`, the oldest out
-        first: every distinct source adds one, up to the compile's file-size limit, and a run's
-        samples (or a policy that learned to make large binaries) would fill the host's disk."""
+        """Keeps the cache's binaries and compile errors under `max_bytes` of disk (blocks: a
+        short compile error takes one), the oldest out first, down to 90 %: every distinct
+        source adds one, up to the compile's file-size limit, and a run's samples (or a policy
+        that learned to make large binaries) would fill the host's disk. A worker trims when it
+        starts and whenever it has added a tenth of the budget since its last trim: a scan per
+        compile would cost a second at the cache's fullest (a million short compile errors),
+        and the cache goes over by at most a tenth per worker in between."""
+        self._written = 0
         with self._lock("trim"):
             entries = []
             for sub in ("bin", "err"):
@@ -233,10 +243,12 @@ class Compiler:
                             continue
                         with contextlib.suppress(FileNotFoundError):
                             st = entry.stat(follow_symlinks=False)
-                            entries.append((st.st_mtime_ns, st.st_size, entry.path))
+                            entries.append((st.st_mtime_ns, st.st_blocks * 512, entry.path))
             total = sum(size for _, size, _ in entries)
+            if total <= self.max_bytes:
+                return
             for _, size, path in sorted(entries):
-                if total <= self.max_bytes:
+                if total <= self.max_bytes * 9 // 10:
                     break
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
