@@ -16,6 +16,7 @@ About 3 min (most of it the two compile-time attacks and the memory scans).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import fcntl
 import json
 import os
@@ -103,8 +104,11 @@ class Remote:
         self.info = self.request({"op": "info"})
 
     def request(self, message: dict) -> dict:
-        self.proc.stdin.write((json.dumps(message) + "\n").encode())  # type: ignore[union-attr]
-        self.proc.stdin.flush()  # type: ignore[union-attr]
+        try:
+            self.proc.stdin.write((json.dumps(message) + "\n").encode())  # type: ignore[union-attr]
+            self.proc.stdin.flush()  # type: ignore[union-attr]
+        except BrokenPipeError:
+            pytest.fail(f"the executor ({self.mode}) is gone:\n{self.log_text()}")
         ready, _, _ = select.select([self.proc.stdout], [], [], REQUEST_TIMEOUT_S)
         if not ready:
             self.proc.kill()  # stuck: this executor is done for (the next case starts another)
@@ -134,7 +138,8 @@ class Remote:
         return Path(self.log.name).read_text(errors="replace")[-4000:]
 
     def close(self) -> None:
-        self.proc.stdin.close()  # type: ignore[union-attr]
+        with contextlib.suppress(BrokenPipeError):  # gone already (killed when stuck)
+            self.proc.stdin.close()  # type: ignore[union-attr]
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
