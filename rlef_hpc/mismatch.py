@@ -55,6 +55,38 @@ class MismatchLimits:
             raise ValueError("mean_limit and quantile_limit must be positive")
 
 
+# The refit probe's limits by precision. The probe runs the engine and the trainer on the same
+# weights and the same tokens: only their kernels' numerics differ, so its limit is set by the
+# precision, not by sampling noise, and a stale or swapped tensor stops the run at the refit
+# that made it. Levels measured on SmolLM2-135M-Instruct (real weights) on CPU, vLLM's CPU build
+# against megatron's local spec, the probe of 2 x 88 tokens, before and after 3 refits of a
+# moved policy (benchmarks/refit_precision.py, 2 cores, 2026-12-06):
+#   fp32, correct refits: mean 0.9e-5 - 1.2e-5, max 3.1e-5 - 6.2e-5 nats
+#         one tensor left stale after one step: mean 5.6e-4, max 3.7e-3 (stops the run)
+#         the tied output layer not sent (cf0390d): mean 5.1e-3, max 0.025 (stops the run)
+#   bf16, correct refits: mean 0.059 - 0.067, max 0.26 - 0.57 nats; the broken refits above
+#         measure the same (a step's change is below bf16's noise: only gross errors show)
+# The limits are about 3 times the largest correct level (fp32: 10 times the mean, where a
+# factor 3 would sit inside run-to-run spread on other hardware).
+# FP8 (rollout.quantization=fp8, GPUs only) has no CPU measurement: its limits are the
+# per-batch guard's (MismatchLimits' defaults, set on a simulated FP8 engine).
+REFIT_PROBE_LIMITS = {
+    "float32": (1e-4, 1e-3),
+    "bfloat16": (0.2, 2.0),
+    "float16": (0.2, 2.0),  # bf16's: fp16 keeps more mantissa, so at most bf16's differences
+}
+
+
+def refit_probe_limits(dtype: str, quantization: str = "none") -> MismatchLimits:
+    """The refit probe's limits for a trainer and an engine in `dtype` (the engine quantised
+    to FP8 or not): the mean, and the max (quantile 1: the probe is a few hundred tokens of
+    the same weights, where no token may stray past the precision's level)."""
+    if quantization != "none":
+        return MismatchLimits()
+    mean, top = REFIT_PROBE_LIMITS[dtype]
+    return MismatchLimits(mean_limit=mean, quantile=1.0, quantile_limit=top)
+
+
 def mismatch_stats(
     trainer_logp: torch.Tensor,
     engine_logp: torch.Tensor,

@@ -139,19 +139,48 @@ def save_random_llama(path, tokenizer, **shape):
     """A randomly initialised (seed 0) Hugging Face Llama with `tokenizer` in `path`: the
     vocabulary is the tokenizer's, padded to even (tensor parallelism of 2 divides it),
     embeddings untied as in Llama 3.1; `shape` overrides the tiny default (hidden 64, ...)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    return save_random_model(path, "llama", tokenizer, transformers_init=True, **shape)
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer) + len(tokenizer) % 2,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **{**TINY_LLAMA, **shape},
-    )
+
+def random_config(family: str, tokenizer=None, **shape):
+    """The transformers config of a random model of `family` ("llama", "qwen2", "qwen3"): the
+    tiny default shape (TINY_LLAMA) updated by `shape`; the vocabulary the tokenizer's, padded
+    to even, with its special token ids (without one: 256 tokens)."""
+    from transformers import AutoConfig
+
+    vocab = {"vocab_size": 256}
+    if tokenizer is not None:
+        vocab = {
+            "vocab_size": len(tokenizer) + len(tokenizer) % 2,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
+    fields = {"tie_word_embeddings": False, **vocab, **TINY_LLAMA, **shape}
+    return AutoConfig.for_model(family, **fields)
+
+
+def save_random_model(path, family: str, tokenizer=None, transformers_init=False, **shape):
+    """A random (seed 0) Hugging Face model of `family` in `path` (random_config's), with
+    `tokenizer` if given. Every tensor is random, norms and biases too (transformers makes
+    those ones and zeros, which a mapping could swap or drop unseen), unless
+    `transformers_init`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = random_config(family, tokenizer, **shape)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if transformers_init:
+                break
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
     return path
 
 

@@ -24,17 +24,19 @@ def test_the_spec_decides_the_attention(monkeypatch):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from rlef_hpc.models.attention import SDPAttention
+    from rlef_hpc.models.config import PRESETS
     from rlef_hpc.models.gpt import Kernels, layer_spec
 
+    tiny = PRESETS["tiny"]
     assert core_attention(gpt_layer_specs.get_gpt_layer_local_spec()) is DotProductAttention
-    assert core_attention(layer_spec(Kernels())) is SDPAttention
-    assert core_attention(layer_spec(Kernels(cuda=True, apex=True))) is SDPAttention
+    assert core_attention(layer_spec(tiny, Kernels())) is SDPAttention
+    assert core_attention(layer_spec(tiny, Kernels(cuda=True, apex=True))) is SDPAttention
     # TE's spec cannot be built without TE installed: a stand-in shows it is returned as is.
     te_spec = object()
     monkeypatch.setattr(
-        gpt_layer_specs, "get_gpt_layer_with_transformer_engine_spec", lambda: te_spec
+        gpt_layer_specs, "get_gpt_layer_with_transformer_engine_spec", lambda **_: te_spec
     )
-    assert layer_spec(Kernels(cuda=True, te=True)) is te_spec
+    assert layer_spec(tiny, Kernels(cuda=True, te=True)) is te_spec
 
 
 def sdpa(heads: int, groups: int, **config_fields) -> torch.nn.Module:

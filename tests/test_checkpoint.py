@@ -129,7 +129,7 @@ def test_errors_exit_2_with_one_line(hf_model, tmp_path):
     cases.append(tool("convert_to_hf.py", ckpt, tmp_path / "o4"))
     messages = [
         "is not a model checkpoint",
-        "model_type: expected 'llama', got 'gpt2'",
+        "model_type: 'gpt2' is not supported (supported: llama, qwen2, qwen3)",
         "missing shard model-00001-of-00002.safetensors",
         "policy: cannot read",
     ]

@@ -13,7 +13,8 @@ WORKER = script("device_placement")
 
 
 @pytest.mark.parametrize(
-    "part", ["ppo_update", "warm_start", "refit_probe", "loop_reductions", "checkpoint"]
+    "part",
+    ["ppo_update", "warm_start", "refit_probe", "loop_reductions", "checkpoint", "value_head"],
 )
 def test_tensors_are_made_where_they_are_used(part):
     proc = run_script(WORKER, part, timeout=300)

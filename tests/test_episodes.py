@@ -282,3 +282,24 @@ def test_random_feedback_ablation_gives_another_problems_feedback(tokenizer, exe
     ]
     # Once feedback for the other problem exists, an episode is shown that instead.
     assert "input '7 2'" in swapped[2] and "input '1 2'" in swapped[3]
+
+
+def test_each_problem_kind_is_posed_with_its_own_prompt(executor):
+    """A function problem (its tests call the function) asks for the function, showing its
+    signature and docstring; a stdin problem keeps the paper's prompt, word for word."""
+    from rlef_hpc.data.functions import FunctionProblem, to_problems
+    from rlef_hpc.episodes.templates import initial_prompt
+
+    signature = 'def add(a: int, b: int) -> int:\n    """The sum of a and b."""\n'
+    function = FunctionProblem("t/0", signature, "add", "    return a + b\n", [[1, 2]])
+    [posed] = to_problems([function], executor)
+    text = initial_prompt(Templates(), posed, "python")
+    assert text.startswith("Complete the following Python function.")
+    assert f"```python\n{signature.strip()}\n```" in text
+    assert "competitive programming" not in text
+    stdin = initial_prompt(Templates(), SUM, "python")
+    assert stdin == (
+        "Provide a Python solution for the following competitive programming question: "
+        f"{SUM.description}.\nYour code should be enclosed in triple backticks like so: "
+        "```python YOUR CODE HERE ```. Use the backticks for your code only."
+    )

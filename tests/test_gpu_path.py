@@ -14,6 +14,7 @@ import torch
 
 from rlef_hpc.checkpoint.hf import checkpoint_key_to_name, hf_to_megatron, megatron_to_hf
 from rlef_hpc.models.config import PRESETS, ModelConfig, PrecisionConfig, validate
+from tests.helpers import run_script, script
 
 CFG = ModelConfig(
     vocab_size=32,
@@ -354,13 +355,14 @@ def test_local_spec_asks_for_rmsnorm(monkeypatch):
     from megatron.core.models import backends
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
+    from rlef_hpc.models.config import PRESETS
     from rlef_hpc.models.gpt import Kernels, layer_spec
 
     class ApexFusedLayerNorm(torch.nn.Module):
         pass
 
     monkeypatch.setattr(backends, "LNImpl", ApexFusedLayerNorm)
-    layer = layer_spec(Kernels()).submodules
+    layer = layer_spec(PRESETS["tiny"], Kernels()).submodules
     assert layer.input_layernorm is WrappedTorchNorm
     assert layer.pre_mlp_layernorm is WrappedTorchNorm
 
@@ -380,3 +382,12 @@ def test_step_finishes_an_overlapped_parameter_gather_unless_a_forward_comes_nex
     trainable(True, syncs).step(gather=False)
     trainable(False, syncs).step()
     assert syncs == [True]
+
+
+@pytest.mark.multiprocess
+def test_apex_without_te_builds_the_model_with_an_rmsnorm_final_norm():
+    """Issue 32.5: with apex importable and TE not, megatron's block-level final norm is apex's
+    FusedLayerNorm (LayerNorm only); the spec names an RMSNorm one."""
+    proc = run_script(script("apex_final_norm"), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [x for x in proc.stdout.splitlines() if x.startswith("FINAL")] == ["FINAL RMSNorm"] * 2

@@ -117,3 +117,26 @@ def test_limits_are_checked_where_the_config_names_them():
     assert cfg.rollout.mismatch == MismatchLimits(quantile_limit=3.0)
     with pytest.raises(ConfigError, match=r"rollout.mismatch.*quantile=1.5"):
         load(TrainConfig, overrides=["rollout.mismatch.quantile=1.5"])
+
+
+def test_the_refit_probe_limits_follow_the_precision():
+    """fp32: a correct refit of the real model is ~1e-5 nats off, a stale tensor 4e-3 (max):
+    the probe stops it; bf16 at its measured level; FP8 at the per-batch guard's."""
+    from rlef_hpc.mismatch import refit_probe_limits
+    from rlef_hpc.rollout.config import RolloutConfig
+    from rlef_hpc.rollout.refit import probe_limits
+
+    fp32 = refit_probe_limits("float32")
+    assert (fp32.mean_limit, fp32.quantile, fp32.quantile_limit) == (1e-4, 1.0, 1e-3)
+    trainer = torch.zeros(2, 88, dtype=torch.float64)
+    mask = torch.ones_like(trainer, dtype=torch.bool)
+    check_mismatch(trainer, trainer + 6e-5, mask, fp32)  # the measured correct level
+    stale = trainer.clone()
+    stale[0, 5] = 3.7e-3  # one token past the max: the stale tensor's level
+    with pytest.raises(RefitMismatchError):
+        check_mismatch(trainer, stale, mask, fp32)
+    assert refit_probe_limits("bfloat16").quantile_limit == 2.0
+    assert refit_probe_limits("bfloat16", "fp8") == MismatchLimits()
+    assert probe_limits(RolloutConfig(), "float32") == fp32
+    own = MismatchLimits(mean_limit=1.0)
+    assert probe_limits(RolloutConfig(refit_mismatch=own), "float32") is own

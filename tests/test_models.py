@@ -41,7 +41,7 @@ def test_hf_llama_config():
         ValueError, match="rope_scaling.high_freq_factor: megatron supports only 4.0"
     ):
         ModelConfig.from_hf(bad)
-    with pytest.raises(ValueError, match="model_type: expected 'llama', got 'gpt2'"):
+    with pytest.raises(ValueError, match="model_type: 'gpt2' is not supported"):
         ModelConfig.from_hf({**hf.to_dict(), "model_type": "gpt2"})
 
 

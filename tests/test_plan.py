@@ -155,3 +155,55 @@ def test_the_refit_cost_of_the_70b_layout_by_either_transport():
     assert refit.bus_s < 10 < refit.files_s  # the issue's 10 s goal, and why the bus
     out = run_tool("plan.py", CONFIGS / "llama3_70b.yaml")
     assert f"| weight bus | {refit.bus_s:.1f} | {refit.share(refit.bus_s):.0%} |" in out.stdout
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_parameter_counts_are_each_familys(family):
+    """Counted as transformers builds the family (Qwen3: head_dim apart from hidden / heads)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlef_hpc.launch.plan import parameter_counts
+    from rlef_hpc.models.config import ModelConfig
+    from tests.helpers import random_config
+
+    for tied in (True, False):
+        config = random_config(
+            family,
+            hidden_size=96,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            tie_word_embeddings=tied,
+        )
+        block, embedding = parameter_counts(ModelConfig.from_hf(config.to_dict()))
+        built = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        assert block + embedding * (1 if tied else 2) == built
+
+
+def test_released_shapes_have_their_published_sizes():
+    from rlef_hpc.launch.plan import KNOWN_SHAPES, parameter_counts
+
+    def billions(name: str) -> float:
+        block, embedding = parameter_counts(KNOWN_SHAPES[name])
+        return (block + embedding * (1 if KNOWN_SHAPES[name].tie_embeddings else 2)) / 1e9
+
+    # the sizes their model cards state
+    sizes = {"Llama-3.2-1B": 1.24, "Qwen2.5-0.5B": 0.49, "Qwen2.5-7B": 7.62, "Qwen3-0.6B": 0.6}
+    for name, size in sizes.items():
+        assert abs(billions(name) - size) / size < 0.02, (name, billions(name))
+
+
+def test_fp32_activations_are_twice_bf16s():
+    """The activation formula's bytes are 16-bit activations'; fp32 training holds 4 bytes each
+    (the fp32 logits and the token ids are the same either way)."""
+    overrides = ["update.batching=padded", "update.micro_batch_size=2"]
+
+    def activations(dtype: str) -> float:
+        return plan(load(JobConfig, None, [*overrides, f"precision.dtype={dtype}"])).trainer[
+            "activations"
+        ]
+
+    job = load(JobConfig, None, overrides)
+    seq = job.episodes.max_turns * (job.rollout.max_tokens + 1024)
+    same = seq * 2 * (job.model.tokenizer_vocab * 4 + 8)  # logits (fp32) and token ids
+    assert activations("float32") - same == pytest.approx(2 * (activations("bfloat16") - same))

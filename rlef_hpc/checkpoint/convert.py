@@ -1,8 +1,10 @@
-"""Hugging Face Llama directories <-> megatron torch_dist model checkpoints.
+"""Hugging Face directories (Llama, Qwen2, Qwen3) <-> megatron torch_dist model checkpoints.
 
 A model checkpoint directory holds `policy/` (and `value/`, from import) in megatron's
-torch_dist format, loadable at any TP/PP, and `model_config.json` (our ModelConfig) beside
-the tokenizer files. Conversion runs in one process, on CPU, at TP=1/PP=1.
+torch_dist format, loadable at any TP/PP, and `model_config.json` (our ModelConfig, the dtype,
+and the source's config.json) beside the tokenizer files and generation_config.json: what an
+export needs to write the source's config back. Conversion runs in one process, on CPU, at
+TP=1/PP=1.
 """
 
 from __future__ import annotations
@@ -10,28 +12,29 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rlef_hpc.checkpoint.hf import checkpoint_key_to_name, megatron_to_hf
+from rlef_hpc.checkpoint.hf import checkpoint_key_to_name, megatron_names, megatron_to_hf
 from rlef_hpc.checkpoint.hf_dir import (
     SHARD_BYTES,
     CheckpointError,
     build_from_hf,
+    checkpoint_model_config,
     copy_tokenizer,
     read_model_config,
+    split_model_config,
     stored_dtype,
     write_hf_dir,
 )
 from rlef_hpc.dist_env import init_process_groups
-from rlef_hpc.models.config import ModelConfig, PrecisionConfig
+from rlef_hpc.models.config import ARCHITECTURES, ModelConfig, PrecisionConfig
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, value_model: bool = True) -> ModelConfig:
-    """HF Llama -> torch_dist policy (and a value model from the same weights, new head)."""
+    """HF model -> torch_dist policy (and a value model from the same weights, new head)."""
     from megatron.core import dist_checkpointing
 
     from rlef_hpc.models.megatron_compat import seed
@@ -47,7 +50,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, value_model: bool = True)
         (out_dir / kind).mkdir(exist_ok=True)
         dist_checkpointing.save(model.sharded_state_dict(), str(out_dir / kind))
     (out_dir / "model_config.json").write_text(
-        json.dumps({**asdict(cfg), "dtype": precision.dtype})
+        json.dumps(checkpoint_model_config(cfg, precision.dtype, hf_dir))
     )
     copy_tokenizer(hf_dir, out_dir)
     return cfg
@@ -59,7 +62,7 @@ def load_model_checkpoint(ckpt_dir: Path, kind: str = "policy") -> tuple[Any, Mo
 
     from rlef_hpc.models.gpt import build_gpt
 
-    cfg, dtype = _read_model_config(ckpt_dir)
+    cfg, dtype, _ = _read_model_config(ckpt_dir)
     if not (ckpt_dir / kind).is_dir():
         raise CheckpointError(f"{ckpt_dir} is not a model checkpoint (no {kind}/)")
     model = build_gpt(cfg, PrecisionConfig(dtype), value=kind == "value")
@@ -73,13 +76,11 @@ def load_model_checkpoint(ckpt_dir: Path, kind: str = "policy") -> tuple[Any, Mo
     return model, cfg, dtype
 
 
-def _read_model_config(ckpt_dir: Path) -> tuple[ModelConfig, str]:
+def _read_model_config(ckpt_dir: Path) -> tuple[ModelConfig, str, dict[str, Any] | None]:
     meta = ckpt_dir / "model_config.json"
     if not meta.exists():
         raise CheckpointError(f"{ckpt_dir} is not a model checkpoint (no model_config.json)")
-    fields = json.loads(meta.read_text())
-    dtype = fields.pop("dtype", "float32")
-    return ModelConfig(**fields), dtype
+    return split_model_config(json.loads(meta.read_text()))
 
 
 def _read_slices(
@@ -162,16 +163,19 @@ def export_hf(
     tokenizer: str | Path | None = None,
     shard_bytes: int = SHARD_BYTES,
 ) -> Path:
-    """A model (or training) checkpoint -> HF Llama directory: config.json, tokenizer files
-    from the checkpoint or from `tokenizer`, safetensors shards written as they fill, and
-    their index. Streams: reads one layer at a time from the torch_dist files, builds no
-    model and needs no process group, so peak memory is about one layer plus one shard."""
+    """A model (or training) checkpoint -> HF directory: config.json (the source model's, with
+    the checkpoint's shape and dtype), tokenizer files and generation_config.json from the
+    checkpoint or from `tokenizer`, safetensors shards written as they fill, and their index.
+    Streams: reads one layer at a time from the torch_dist files, builds no model and needs
+    no process group, so peak memory is about one layer plus one shard."""
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    cfg, saved_dtype = _read_model_config(ckpt_dir)
+    cfg, saved_dtype, source = _read_model_config(ckpt_dir)
     kind = "value" if value_model else "policy"
     if not (ckpt_dir / kind).is_dir():
         raise CheckpointError(f"{ckpt_dir} is not a model checkpoint (no {kind}/)")
-    expected = 3 + 6 * cfg.num_layers + (1 if value_model else 0) - (1 if cfg.tie_embeddings else 0)
+    # the value head: output_layer.weight and .bias, in the tied output layer's place or beside
+    head = (2 if cfg.tie_embeddings else 1) if value_model else 0
+    expected = len(megatron_names(cfg)) + head
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:
         seen = 0
@@ -185,9 +189,18 @@ def export_hf(
             )
 
     config = {}
-    if value_model:
-        config["architectures"] = ["LlamaModel"]
+    if value_model:  # the trunk (e.g. LlamaModel) and the head beside it
+        config["architectures"] = [ARCHITECTURES[cfg.family].replace("ForCausalLM", "Model")]
         config["rlef_value_head"] = {"weight": "value_head.weight", "bias": "value_head.bias"}
     tokenizer_dir = Path(tokenizer) if tokenizer else ckpt_dir
-    write_hf_dir(out_dir, weights(), cfg, dtype or saved_dtype, tokenizer_dir, config, shard_bytes)
+    write_hf_dir(
+        out_dir,
+        weights(),
+        cfg,
+        dtype or saved_dtype,
+        tokenizer_dir,
+        config,
+        shard_bytes,
+        source=source,
+    )
     return out_dir

@@ -1,6 +1,11 @@
-"""Hugging Face Llama <-> megatron GPTModel parameter names and layouts, for full (unsharded,
-TP=1, global layer numbers) tensors. The one place that knows them: conversion in both
-directions and the rollout engine's refit use it.
+"""Hugging Face <-> megatron GPTModel parameter names and layouts, per model family (Llama,
+Qwen2, Qwen3: rlef_hpc.models.config.FAMILIES), for full (unsharded, TP=1, global layer
+numbers) tensors. The one place that knows them: import, export, each rank's slices, the
+refit, the published files and the weight bus all use it.
+
+- Every family has the Llama layer (the renames below); Qwen2 adds q/k/v biases, fused into
+  megatron's linear_qkv.bias like the weights' rows; Qwen3 adds the per-head query and key
+  norms (self_attn.q_norm / k_norm <-> self_attention.q_layernorm / k_layernorm).
 
 - Two layer specs name the layer norms differently: megatron's local spec has its own
   `input_layernorm` / `pre_mlp_layernorm` modules, Transformer Engine's fuses them into the
@@ -32,6 +37,29 @@ _LAYER_RENAMES = {
     "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
     "mlp.linear_fc2.weight": "mlp.down_proj.weight",
 }
+_QK_NORMS = {
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+}
+_QKV = "self_attention.linear_qkv."
+_FC1 = "mlp.linear_fc1.weight"
+
+
+def _renames(cfg: ModelConfig) -> dict[str, str]:
+    """The family's one-to-one layer renames (megatron suffix -> HF suffix)."""
+    return {**_LAYER_RENAMES, **(_QK_NORMS if cfg.qk_norm else {})}
+
+
+def _qkv_parts(cfg: ModelConfig) -> tuple[str, ...]:
+    """Which of linear_qkv's tensors the family has: its weight, and Qwen2's bias."""
+    return ("weight", "bias") if cfg.qkv_bias else ("weight",)
+
+
+def layer_suffixes(cfg: ModelConfig) -> tuple[str, ...]:
+    """The parameter names (local spec) of one decoder layer of the family."""
+    return (*_renames(cfg), *(_QKV + part for part in _qkv_parts(cfg)), _FC1)
+
+
 _GLOBAL_RENAMES = {
     "embedding.word_embeddings.weight": "model.embed_tokens.weight",
     "decoder.final_layernorm.weight": "model.norm.weight",
@@ -67,25 +95,25 @@ def local_name(name: str) -> str:
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """Megatron's QKV of the query groups q, k and v hold: all of them, or a tensor-parallel
-    rank's (a contiguous block of groups)."""
-    d, hidden = cfg.head_dim, cfg.hidden_size
+    """Megatron's QKV weight (or bias: rows alone) of the query groups q, k and v hold: all
+    of them, or a tensor-parallel rank's (a contiguous block of groups)."""
+    d, rest = cfg.head_dim, q.shape[1:]
     groups, per_group = k.shape[0] // d, cfg.num_attention_heads // cfg.num_query_groups
-    q = q.reshape(groups, per_group * d, hidden)
-    k = k.reshape(groups, d, hidden)
-    v = v.reshape(groups, d, hidden)
-    return torch.cat([q, k, v], dim=1).reshape(-1, hidden)
+    q = q.reshape(groups, per_group * d, *rest)
+    k = k.reshape(groups, d, *rest)
+    v = v.reshape(groups, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
 
 
 def split_qkv(
     qkv: torch.Tensor, cfg: ModelConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    groups, d, hidden = cfg.num_query_groups, cfg.head_dim, cfg.hidden_size
+    groups, d, rest = cfg.num_query_groups, cfg.head_dim, qkv.shape[1:]
     per_group = cfg.num_attention_heads // groups
-    view = qkv.reshape(groups, (per_group + 2) * d, hidden)
-    q = view[:, : per_group * d].reshape(-1, hidden)
-    k = view[:, per_group * d : (per_group + 1) * d].reshape(-1, hidden)
-    v = view[:, (per_group + 1) * d :].reshape(-1, hidden)
+    view = qkv.reshape(groups, (per_group + 2) * d, *rest)
+    q = view[:, : per_group * d].reshape(-1, *rest)
+    k = view[:, per_group * d : (per_group + 1) * d].reshape(-1, *rest)
+    v = view[:, (per_group + 1) * d :].reshape(-1, *rest)
     return q, k, v
 
 
@@ -99,12 +127,11 @@ _CHECKPOINT_GLOBAL = (
     "output_layer.bias",
 )
 _CHECKPOINT_LAYER = (
-    "input_layernorm.weight",
-    "self_attention.linear_qkv.weight",
-    "self_attention.linear_proj.weight",
-    "pre_mlp_layernorm.weight",
-    "mlp.linear_fc1.weight",
-    "mlp.linear_fc2.weight",
+    *_LAYER_RENAMES,
+    *_QK_NORMS,
+    _QKV + "weight",
+    _QKV + "bias",
+    _FC1,
 )
 
 
@@ -135,17 +162,19 @@ def megatron_to_hf(
     if m is None:
         raise KeyError(f"no Hugging Face name for megatron parameter {name!r}")
     prefix, suffix = f"model.layers.{m[1]}.", m[2]
-    if suffix == "self_attention.linear_qkv.weight":
-        for proj, part in zip(("q", "k", "v"), split_qkv(tensor, cfg), strict=True):
-            yield f"{prefix}self_attn.{proj}_proj.weight", part
-    elif suffix == "mlp.linear_fc1.weight":
+    renames = _renames(cfg)
+    if suffix.startswith(_QKV) and suffix.removeprefix(_QKV) in _qkv_parts(cfg):
+        part = suffix.removeprefix(_QKV)
+        for proj, t in zip(("q", "k", "v"), split_qkv(tensor, cfg), strict=True):
+            yield f"{prefix}self_attn.{proj}_proj.{part}", t
+    elif suffix == _FC1:
         gate, up = tensor.chunk(2, dim=0)
         yield f"{prefix}mlp.gate_proj.weight", gate
         yield f"{prefix}mlp.up_proj.weight", up
-    elif suffix in _LAYER_RENAMES:
-        yield prefix + _LAYER_RENAMES[suffix], tensor
+    elif suffix in renames:
+        yield prefix + renames[suffix], tensor
     else:
-        raise KeyError(f"no Hugging Face name for megatron parameter {name!r}")
+        raise KeyError(f"no Hugging Face name for megatron parameter {name!r} ({cfg.family})")
 
 
 # (HF tensor name, dim to take this rank's chunk along or None for all of it) -> that block
@@ -168,29 +197,31 @@ def megatron_from_hf(name: str, cfg: ModelConfig, read: ReadHF, dim: int | None)
     if m is None:
         raise KeyError(f"no Hugging Face tensor for megatron parameter {name!r}")
     prefix, suffix = f"model.layers.{m[1]}.", m[2]
-    if suffix == "self_attention.linear_qkv.weight":
-        parts = (read(f"{prefix}self_attn.{p}_proj.weight", dim) for p in "qkv")
-        return fuse_qkv(*parts, cfg)
-    if suffix == "mlp.linear_fc1.weight":
+    renames = _renames(cfg)
+    if suffix.startswith(_QKV) and suffix.removeprefix(_QKV) in _qkv_parts(cfg):
+        part = suffix.removeprefix(_QKV)
+        return fuse_qkv(*(read(f"{prefix}self_attn.{p}_proj.{part}", dim) for p in "qkv"), cfg)
+    if suffix == _FC1:
         gate, up = (read(f"{prefix}mlp.{p}_proj.weight", dim) for p in ("gate", "up"))
         return torch.cat([gate, up], dim=0)
-    if suffix in _LAYER_RENAMES:
-        return read(prefix + _LAYER_RENAMES[suffix], dim)
-    raise KeyError(f"no Hugging Face tensor for megatron parameter {name!r}")
+    if suffix in renames:
+        return read(prefix + renames[suffix], dim)
+    raise KeyError(f"no Hugging Face tensor for megatron parameter {name!r} ({cfg.family})")
 
 
 def megatron_names(cfg: ModelConfig) -> list[str]:
-    """The full model's parameter names (local spec, global layers) an HF Llama provides."""
+    """The full model's parameter names (local spec, global layers) an HF model of the family
+    provides."""
     names = [n for n in _GLOBAL_RENAMES if not (n == "output_layer.weight" and cfg.tie_embeddings)]
     return names + [
         f"decoder.layers.{i}.{suffix}"
         for i in range(cfg.num_layers)
-        for suffix in (*_LAYER_RENAMES, "self_attention.linear_qkv.weight", "mlp.linear_fc1.weight")
+        for suffix in layer_suffixes(cfg)
     ]
 
 
 def hf_to_megatron(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """A whole HF Llama state dict -> full megatron tensors, named as the local spec names
+    """A whole HF state dict -> full megatron tensors, named as the local spec names
     them (load_full_state maps them onto either spec's model); missing names are errors."""
 
     def take(name: str, dim: int | None) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Hugging Face Llama directories: the one place that reads and writes them.
+"""Hugging Face model directories (the families of rlef_hpc.models.config): the one place that
+reads and writes them.
 
 What vLLM starts from, what users import and export, and the run's `init/` policy are all
 such directories: config.json, safetensors shards with their index, the tokenizer's files.
@@ -12,6 +13,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,15 +21,23 @@ import torch
 
 from rlef_hpc.checkpoint.hf import megatron_from_hf, megatron_to_hf
 from rlef_hpc.checkpoint.layout import full_of, global_name
-from rlef_hpc.models.config import ModelConfig, PrecisionConfig
+from rlef_hpc.models.config import ARCHITECTURES, ModelConfig, PrecisionConfig
 
+# What travels beside the weights: the tokenizer (BPE files of Qwen's and Llama-2's too), its
+# chat template, and generation_config.json (the ids generate() stops at).
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "generation_config.json",
     "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
 )
+# The special token ids a model's config and generation_config.json carry.
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 SHARD_BYTES = 2 << 30
 
 
@@ -167,10 +177,34 @@ def hf_weights(model: torch.nn.Module, cfg: ModelConfig) -> Iterator[tuple[str, 
         yield from megatron_to_hf(global_name(name, stage, per_stage), full, cfg)
 
 
-def hf_config(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
+def engine_weights(model: torch.nn.Module, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """What a vLLM engine is sent at each refit (in memory, as published files, over the weight
+    bus): `hf_weights`, and with tied embeddings `lm_head.weight` beside the last stage's
+    `model.embed_tokens.weight` (the same tensor; megatron holds one). vLLM ties the LM head to
+    the embedding (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM: `lm_head.tie_weights`)
+    but its in-place reload (model_executor/model_loader/reload/layerwise.py) restores and
+    re-processes each layer on its own: a layer sent nothing keeps its kernel tensors as they
+    were ("ParallelLMHead: Failed to load weights"), and on CPU the head's GEMM keeps a packed
+    copy of the old embedding (dispatch_cpu_unquantized_gemm): the engine sampled from a stale
+    output layer. Sent to both, each layer loads the same values."""
+    from megatron.core import parallel_state as ps
+
+    head = cfg.tie_embeddings and ps.is_pipeline_last_stage()  # PP > 1: its own copy is sent
+    for name, tensor in hf_weights(model, cfg):
+        yield name, tensor
+        if head and name == "model.embed_tokens.weight":
+            yield "lm_head.weight", tensor
+
+
+def hf_config(cfg: ModelConfig, dtype: str, source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """config.json of a model of shape `cfg` stored in `dtype`: the fields of the `source`
+    model's config.json (special token ids, settings its architecture reads that megatron's
+    model does not change), with the shape's own over them. Raises CheckpointError if the
+    result would not describe `cfg` (a source config of another model)."""
+    source = {k: v for k, v in (source or {}).items() if k != "quantization_config"}
     config: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [ARCHITECTURES[cfg.family]],
+        "model_type": cfg.family,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.ffn_hidden_size,
@@ -183,10 +217,15 @@ def hf_config(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
         "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings,
         "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "torch_dtype": dtype,
     }
+    if cfg.family != "qwen2":  # Qwen2's q/k/v biases are not a setting
+        config["attention_bias"] = False
+    elif cfg.kv_channels is None:  # Qwen2's config has no head_dim (hidden / heads)
+        config.pop("head_dim")
+    if cfg.family == "llama":
+        config["mlp_bias"] = False
+    else:
+        config["use_sliding_window"] = False
     if cfg.rope_scaling:
         config["rope_scaling"] = {
             "rope_type": "llama3",
@@ -195,7 +234,25 @@ def hf_config(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 8192,
         }
-    return config
+    if "rope_parameters" in source:  # transformers >= 5 reads RoPE from there alone
+        rope = {**source["rope_parameters"], "rope_theta": cfg.rope_theta}
+        config["rope_parameters"] = {**rope, **config.pop("rope_scaling", {})}
+        config.pop("rope_theta")
+    dtype_key = "dtype" if "dtype" in source and "torch_dtype" not in source else "torch_dtype"
+    merged = {**source, **config, dtype_key: dtype}
+    try:
+        described = ModelConfig.from_hf(merged)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"config.json: {e}") from None
+    if described != cfg:
+        raise CheckpointError(f"config.json would describe {described}, the weights are {cfg}")
+    return merged
+
+
+def generation_config(config: dict[str, Any]) -> dict[str, Any]:
+    """generation_config.json of a model whose source had none: its config's special token
+    ids, where generate() starts, pads and stops."""
+    return {k: config[k] for k in SPECIAL_TOKENS if config.get(k) is not None}
 
 
 class ShardWriter:
@@ -245,6 +302,26 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy(src / name, dst / name)
 
 
+def read_hf_config(hf_dir: Path) -> dict[str, Any]:
+    """An HF directory's config.json as it is (what an export of its weights carries on)."""
+    return json.loads((hf_dir / "config.json").read_text())
+
+
+def checkpoint_model_config(cfg: ModelConfig, dtype: str, hf_dir: Path | None) -> dict[str, Any]:
+    """model_config.json of a model or training checkpoint: the shape, the dtype, and the
+    config.json of the HF model it came from (`hf_dir`; None for a scratch model), so that an
+    export writes every field the source had."""
+    source = read_hf_config(hf_dir) if hf_dir is not None else None
+    return {**asdict(cfg), "dtype": dtype, "hf_config": source}
+
+
+def split_model_config(fields: dict[str, Any]) -> tuple[ModelConfig, str, dict[str, Any] | None]:
+    """checkpoint_model_config's fields -> (shape, dtype, source config)."""
+    fields = dict(fields)
+    dtype, source = fields.pop("dtype", "float32"), fields.pop("hf_config", None)
+    return ModelConfig(**fields), dtype, source
+
+
 def write_hf_dir(
     out_dir: Path,
     weights: Iterable[tuple[str, torch.Tensor]],
@@ -253,10 +330,13 @@ def write_hf_dir(
     tokenizer: Path | Any,
     config: dict[str, Any] | None = None,
     shard_bytes: int = SHARD_BYTES,
+    source: dict[str, Any] | None = None,
 ) -> int:
     """HF-named tensors (cast to `dtype`) as shards written as they fill, config.json
-    (`hf_config` updated by `config`), and the tokenizer: a directory to copy its files from,
-    or a tokenizer object to save. Returns how many tensors were written."""
+    (`hf_config` of `cfg` over the `source` model's config, updated by `config`), the tokenizer
+    (a directory to copy its files from, or a tokenizer object to save) and
+    generation_config.json (the tokenizer directory's, else made from config.json). Returns how
+    many tensors were written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(out_dir, shard_bytes)
     target = getattr(torch, dtype)
@@ -265,22 +345,32 @@ def write_hf_dir(
         writer.add(name, tensor.to(target).contiguous())
         count += 1
     writer.close()
-    (out_dir / "config.json").write_text(
-        json.dumps({**hf_config(cfg, dtype), **(config or {})}, indent=2)
-    )
     if isinstance(tokenizer, Path):
         copy_tokenizer(tokenizer, out_dir)
     else:
         tokenizer.save_pretrained(out_dir)
+    full = {**hf_config(cfg, dtype, source), **(config or {})}
+    if not (out_dir / "generation_config.json").exists():
+        (out_dir / "generation_config.json").write_text(
+            json.dumps(generation_config(full), indent=2)
+        )
+    # Last: a directory with config.json is complete (rlef_hpc.launch.jobs relies on it).
+    (out_dir / "config.json").write_text(json.dumps(full, indent=2))
     return count
 
 
 def save_model(
-    model: torch.nn.Module, cfg: ModelConfig, dtype: str, tokenizer: Any, out: Path
+    model: torch.nn.Module,
+    cfg: ModelConfig,
+    dtype: str,
+    tokenizer: Any,
+    out: Path,
+    source: Path | None = None,
 ) -> None:
-    """A live policy as an HF directory at `out`, replaced atomically. Collective over the
-    tensor-parallel group (the gathers); rank 0 writes, so one pipeline stage only (the warm
-    start's layout)."""
+    """A live policy as an HF directory at `out`, replaced atomically, with the config fields
+    and generation_config.json of the HF model in `source` (None: a scratch model). Collective
+    over the tensor-parallel group (the gathers); rank 0 writes, so one pipeline stage only
+    (the warm start's layout)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -290,8 +380,11 @@ def save_model(
     if dist.get_rank() == 0:
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        config = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
-        write_hf_dir(tmp, weights, cfg, dtype, tokenizer, config)
+        if source is None:
+            ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+            write_hf_dir(tmp, weights, cfg, dtype, tokenizer, ids)
+        else:  # the tokenizer is the source's: its files, chat template and generation config
+            write_hf_dir(tmp, weights, cfg, dtype, source, source=read_hf_config(source))
         os.replace(tmp, out)
     dist.barrier()
 

@@ -159,7 +159,7 @@ class EpisodeRunner:
 
     def _start(self, problem: Problem) -> _Episode:
         conversation = Conversation(self.tokenizer)
-        text = initial_prompt(self.config.templates, problem.description, self.config.language)
+        text = initial_prompt(self.config.templates, problem, self.config.language)
         return _Episode(problem, conversation, conversation.add_user(text))
 
     def _respond(self, episode: _Episode, generation: Generation) -> Any:

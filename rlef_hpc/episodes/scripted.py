@@ -36,9 +36,7 @@ class ScriptedPolicy:
         self.scripts = scripts
         self.logprob = logprob
         templates = templates or Templates()
-        self.first_prompts = [
-            (initial_prompt(templates, p.description, language), p.name) for p in problems
-        ]
+        self.first_prompts = [(initial_prompt(templates, p, language), p.name) for p in problems]
         self.eot = tokenizer.eos_token
         self.turns_taken: collections.Counter[tuple[str, tuple[str, ...]]] = collections.Counter()
 

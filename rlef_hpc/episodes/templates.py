@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from rlef_hpc.data.problem import Problem
 from rlef_hpc.sandbox import TestCase, TestResult, Verdict
 
 LANGUAGE_NAMES = {"python": "Python", "cpp": "C++"}
@@ -27,6 +28,14 @@ class Templates:
         "Provide a ${language} solution for the following competitive programming question: "
         "${problem}.\nYour code should be enclosed in triple backticks like so: "
         "```${fence} YOUR CODE HERE ```. Use the backticks for your code only."
+    )
+    # The first message of a function problem (HumanEval/MBPP style: its tests call the
+    # function, they give no stdin): the signature and docstring to complete (our wording; the
+    # paper poses CodeContests' stdin problems only).
+    initial_function: str = (
+        "Complete the following ${language} function. Write the whole function, its signature "
+        "as given:\n```${fence}\n${problem}\n```\nYour code should be enclosed in triple "
+        "backticks like so: ```${fence} YOUR CODE HERE ```. Use the backticks for your code only."
     )
     feedback_header: str = "Your code failed the following tests:"
     wrong_answer: str = (
@@ -116,11 +125,14 @@ def _quote(text: str | bytes | None, budget: int) -> str:
     return truncate((text or "").strip(), budget)
 
 
-def initial_prompt(templates: Templates, problem_text: str, language: str) -> str:
+def initial_prompt(templates: Templates, problem: Problem, language: str) -> str:
+    """The episode's first message, by the problem's kind: a function to complete (a problem
+    with a harness that calls it: rlef_hpc.data.functions) or a stdin program."""
+    template = templates.initial_function if problem.harness else templates.initial
     return fill(
-        templates.initial,
+        template,
         language=LANGUAGE_NAMES[language],
-        problem=problem_text.strip(),
+        problem=problem.description.strip(),
         fence=FENCE_TAGS[language],
     )
 

@@ -35,11 +35,33 @@ GB = 1024**3
 # longest episode adds up to (CodeContests statements and feedback run to ~1k tokens).
 PROMPT_TOKENS_PER_TURN = 1024
 
-# Shapes of the Llama 3.1 models, for planning before the checkpoint is downloaded.
+# Shapes of released models of each family, for planning before the checkpoint is downloaded
+# (from their config.json files): the directory name's suffix picks one.
 LLAMA_31 = {
     "8B": ModelConfig(128256, 4096, 32, 32, 8, 14336),
     "70B": ModelConfig(128256, 8192, 80, 64, 8, 28672),
     "405B": ModelConfig(128256, 16384, 126, 128, 8, 53248),
+}
+KNOWN_SHAPES = {
+    **{f"Llama-3.1-{size}": shape for size, shape in LLAMA_31.items()},
+    "Llama-3.2-1B": ModelConfig(128256, 2048, 16, 32, 8, 8192, tie_embeddings=True),
+    "Qwen2.5-0.5B": ModelConfig(
+        151936, 896, 24, 14, 2, 4864, tie_embeddings=True, family="qwen2", qkv_bias=True
+    ),
+    "Qwen2.5-7B": ModelConfig(152064, 3584, 28, 28, 4, 18944, family="qwen2", qkv_bias=True),
+    "Qwen3-0.6B": ModelConfig(
+        151936,
+        1024,
+        28,
+        16,
+        8,
+        3072,
+        tie_embeddings=True,
+        family="qwen3",
+        qk_norm=True,
+        kv_channels=128,
+    ),
+    "Qwen3-8B": ModelConfig(151936, 4096, 36, 32, 8, 12288, family="qwen3", qk_norm=True),
 }
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -103,6 +125,11 @@ def model_shape(cfg: TrainConfig, notes: list[str]) -> ModelConfig:
     if shape is not None:
         return shape
     hf = Path(cfg.model.hf_dir or "")
+    # the longest name that matches: Qwen3-8B before a bare 8B
+    for name in sorted(KNOWN_SHAPES, key=len, reverse=True):
+        if name.lower() in hf.name.lower():
+            notes.append(f"{hf}/config.json not found: {name}'s shape assumed")
+            return KNOWN_SHAPES[name]
     for size, shape in LLAMA_31.items():
         if f"-{size}" in hf.name:
             notes.append(f"{hf}/config.json not found: Llama-3.1-{size}'s shape assumed")
@@ -111,9 +138,13 @@ def model_shape(cfg: TrainConfig, notes: list[str]) -> ModelConfig:
 
 
 def parameter_counts(mc: ModelConfig) -> tuple[float, float]:
-    """(parameters in the transformer block incl. final norm, in one embedding table)."""
+    """(parameters in the transformer block incl. final norm, in one embedding table), of any
+    family: q and o are heads x head_dim wide (Qwen3's head_dim is not hidden / heads), Qwen2
+    adds q/k/v biases, Qwen3 two per-head norms."""
     h, kv = mc.hidden_size, mc.num_query_groups * mc.head_dim
-    attention = h * h * 2 + 2 * h * kv  # q and o; k and v (grouped)
+    q = mc.num_attention_heads * mc.head_dim
+    attention = 2 * h * q + 2 * h * kv  # q and o; k and v (grouped)
+    attention += (q + 2 * kv if mc.qkv_bias else 0) + (2 * mc.head_dim if mc.qk_norm else 0)
     mlp = 3 * h * mc.ffn_hidden_size  # gate, up, down (SwiGLU)
     layer = attention + mlp + 2 * h  # two RMSNorms
     return mc.num_layers * layer + h, mc.vocab_size * h
@@ -146,12 +177,15 @@ def plan(cfg: JobConfig) -> Plan:
     b = u.micro_batch_size if u.batching == "padded" else max(u.micro_batch_tokens, seq) / seq
     in_flight = p.pipeline  # 1F1B: the first stage holds one micro-batch per stage
     layers = mc.num_layers / p.pipeline * in_flight
-    per_layer = seq * b * h * (10 + 24 / p.tensor)
+    # Korthikanti et al.'s bytes are those of 16-bit activations: fp32 training holds twice
+    # (measured on SmolLM2-135M in fp32: benchmarks/real_model_memory.py)
+    per_layer = seq * b * h * (10 + 24 / p.tensor) * width / 2
     if cfg.precision.recompute == "full":  # each layer's input, and one layer recomputed
         activations = seq * b * h * width * layers + per_layer
     else:
         activations = per_layer * layers
-    activations += seq * b * h * in_flight + 8 * seq * b * in_flight  # embedding and its input
+    # the embedding's output and the token ids
+    activations += seq * b * h * width / 2 * in_flight + 8 * seq * b * in_flight
     if p.pipeline == 1:  # logits (fp32 log-softmax in chunks: count one full-vocab copy)
         activations += seq * b * mc.vocab_size / p.tensor * 4
     trainer = {

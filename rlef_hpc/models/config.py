@@ -1,5 +1,6 @@
-"""Model and parallel-layout configs: Llama-3.1 presets, any Llama-architecture HF config.json,
-the checks of a shape against a layout (naming the field), and of FP8 against the GPU."""
+"""Model and parallel-layout configs: Llama-3.1 presets, the HF config.json of a supported family
+(Llama 3.x, Qwen2/2.5, Qwen3), the checks of a shape against a layout (naming the field), and
+of FP8 against the GPU."""
 
 from __future__ import annotations
 
@@ -7,6 +8,17 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
+
+# The model families this stack trains: Hugging Face architecture -> family. Each is a Llama
+# trunk (RMSNorm, SwiGLU, RoPE, GQA) with megatron-core's own options for what differs:
+# Qwen2/2.5 add biases to q, k and v (add_qkv_bias); Qwen3 normalises each head's queries and
+# keys (qk_layernorm) and sets head_dim apart from hidden / heads (kv_channels).
+FAMILIES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+ARCHITECTURES = {family: arch for arch, family in FAMILIES.items()}
 
 
 @dataclass(frozen=True)
@@ -24,25 +36,31 @@ class ModelConfig:
     # Llama 3.1 RoPE scaling (megatron hard-codes low 1, high 4, original 8192: others rejected)
     rope_scaling: bool = False
     rope_scaling_factor: float = 8.0
+    family: Literal["llama", "qwen2", "qwen3"] = "llama"
+    qkv_bias: bool = False  # biases on q, k and v (Qwen2)
+    qk_norm: bool = False  # RMSNorm of each head's queries and keys, before RoPE (Qwen3)
+    kv_channels: int | None = None  # per-head width where it is not hidden / heads (Qwen3)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @classmethod
     def from_hf(cls, source: str | Path | dict[str, Any]) -> ModelConfig:
-        """From a Hugging Face LlamaConfig (a dict, a config.json, or a model directory)."""
+        """From a Hugging Face config (a dict, a config.json, or a model directory) of a
+        supported family, named by `architectures` (else `model_type`); anything the family's
+        architecture reads that megatron's model would not honour is refused by name."""
         if not isinstance(source, dict):
             path = Path(source)
             path = path / "config.json" if path.is_dir() else path
             source = json.loads(path.read_text())
         hf = source
-        arch = hf.get("model_type")
-        if arch != "llama":
-            raise ValueError(f"model_type: expected 'llama', got {arch!r}")
+        family = _family(hf)
         # transformers < 5: rope_theta and rope_scaling; >= 5: rope_parameters holding both.
         rope = hf.get("rope_parameters") or {}
         scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type") == "llama3" else {})
+        if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", None):
+            raise ValueError(f"rope_scaling: only llama3 scaling is supported, got {scaling}")
         theta = hf.get("rope_theta") or rope.get("rope_theta") or 10000.0
         if scaling:
             expected = {
@@ -55,13 +73,24 @@ class ModelConfig:
                     raise ValueError(
                         f"rope_scaling.{key}: megatron supports only {value}, got {scaling[key]}"
                     )
+        unsupported = {"hidden_act": "silu"}
+        if family != "qwen2":  # Qwen2's q/k/v always carry biases, its o_proj none
+            unsupported["attention_bias"] = False
+        if family == "llama":
+            unsupported["mlp_bias"] = False
+        else:
+            unsupported["use_sliding_window"] = False
+        for key, value in unsupported.items():
+            if hf.get(key, value) != value:
+                raise ValueError(f"{key}={hf[key]} is not supported (only {value})")
         heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
             num_layers=hf["num_hidden_layers"],
             num_attention_heads=heads,
-            num_query_groups=hf.get("num_key_value_heads", heads),
+            num_query_groups=hf.get("num_key_value_heads") or heads,
             ffn_hidden_size=hf["intermediate_size"],
             max_position_embeddings=hf.get("max_position_embeddings", 8192),
             rope_theta=float(theta),
@@ -69,7 +98,30 @@ class ModelConfig:
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             rope_scaling=bool(scaling),
             rope_scaling_factor=float(scaling.get("factor", 8.0)),
+            family=family,
+            qkv_bias=family == "qwen2",
+            qk_norm=family == "qwen3",
+            kv_channels=head_dim if head_dim * heads != hf["hidden_size"] else None,
         )
+
+
+def _family(hf: dict[str, Any]) -> str:
+    """The family of an HF config: its `architectures` (what transformers and vLLM build from
+    it), or its `model_type` where it names none."""
+    architectures = hf.get("architectures") or []
+    if architectures:
+        if len(architectures) != 1 or architectures[0] not in FAMILIES:
+            raise ValueError(
+                f"architectures: {', '.join(architectures)} is not supported (supported: "
+                f"{', '.join(FAMILIES)})"
+            )
+        return FAMILIES[architectures[0]]
+    model_type = hf.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"model_type: {model_type!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
+        )
+    return model_type
 
 
 PRESETS = {
@@ -137,7 +189,7 @@ def validate_layout(model: ModelConfig, parallel: ParallelConfig) -> None:
             raise ValueError(f"parallel.{axis}={divisor} must divide model.{field}={value}")
     if model.num_attention_heads % model.num_query_groups:
         raise ValueError("model.num_query_groups must divide model.num_attention_heads")
-    if model.hidden_size % model.num_attention_heads:
+    if model.kv_channels is None and model.hidden_size % model.num_attention_heads:
         raise ValueError("model.num_attention_heads must divide model.hidden_size")
 
 

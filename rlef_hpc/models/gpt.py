@@ -1,5 +1,6 @@
-"""Llama-architecture megatron-core GPTModels: the policy, and the value model (the same trunk
-with a fresh scalar head in place of the output layer)."""
+"""Megatron-core GPTModels of the supported families (Llama, Qwen2, Qwen3: models.config): the
+policy, and the value model (the same trunk with a fresh scalar head in place of the output
+layer)."""
 
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ def transformer_config(
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=model.qkv_bias,
+        qk_layernorm=model.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
@@ -140,20 +142,21 @@ def causal_mask(length: int, device: torch.device | str | None = None) -> torch.
     return torch.triu(torch.ones(1, 1, length, length, dtype=torch.bool, device=device), 1)
 
 
-def layer_spec(kernels: Kernels | None = None) -> Any:
+def layer_spec(model: ModelConfig, kernels: Kernels | None = None) -> Any:
     """Transformer Engine's spec where TE and CUDA exist (its fused attention included),
     megatron's local one elsewhere with SDPA as its core attention: the one place that decides
-    which attention implementation the model runs."""
+    which attention implementation the model runs. `model.qk_norm`: each head's queries and
+    keys normalised (Qwen3), by the spec's RMSNorm."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     kernels = available_kernels() if kernels is None else kernels
     if kernels.te:
-        return specs.get_gpt_layer_with_transformer_engine_spec()
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
     from rlef_hpc.models.attention import SDPAttention
 
     # RMSNorm named: without it the local spec takes apex's FusedLayerNorm where apex is
     # installed, which rejects RMSNorm (without apex both are torch's norm: the same numbers).
-    spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=model.qk_norm)
     # megatron's local DotProductAttention materialises the T x T scores and probabilities
     # (and apex's fused softmax, where it would help, needs fp16/bf16 and T <= 4096); SDPA's
     # kernels do neither and give the same numbers (tests/test_attention.py).
@@ -161,17 +164,47 @@ def layer_spec(kernels: Kernels | None = None) -> Any:
     return spec
 
 
+def block_spec(config: Any, model: ModelConfig, kernels: Kernels | None = None) -> Any:
+    """The decoder of this pipeline stage: layer_spec's layers and a final RMSNorm named here.
+    Given a layer spec alone, megatron picks the block's final norm itself, at import: TE's
+    where TE imports, else apex's FusedLayerNorm where apex imports, which asserts
+    normalization == "LayerNorm" (transformer_block.py's LayerNormImpl, fused_layer_norm.py's
+    FusedLayerNorm.__init__): a machine with apex and without TE could not build the model."""
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    kernels = available_kernels() if kernels is None else kernels
+    if kernels.te:
+        from megatron.core.extensions.transformer_engine import TENorm as final_norm
+    else:
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm as final_norm
+    layers = get_num_layers_to_build(config)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer_spec(model, kernels)] * layers, layer_norm=final_norm
+    )
+
+
 class ValueHead(torch.nn.Module):
     """Hidden state -> scalar, in the output layer's place. Every tensor-parallel rank holds
     the whole (tiny) head and sees the same hidden states, so their gradients agree."""
 
-    def __init__(self, hidden_size: int, dtype: torch.dtype, sequence_parallel: bool) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        dtype: torch.dtype,
+        sequence_parallel: bool,
+        device: torch.device | str,
+    ) -> None:
         super().__init__()
         self.sequence_parallel = sequence_parallel
         # Named like the output layer's (output_layer.weight / .bias), which megatron's
         # checkpointing expects; zero, so that V = 0 at the start and advantages start unbiased.
-        self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype))
-        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype))
+        # Made on the model's device: only megatron's distributed optimizer would move them
+        # (its buffer re-points param.data); without it, the first forward would mix devices.
+        self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype, device=device))
+        self.bias = torch.nn.Parameter(torch.zeros(1, dtype=dtype, device=device))
 
     def forward(self, hidden: torch.Tensor, weight: Any = None, runtime_gather_output: Any = None):
         if self.sequence_parallel:
@@ -214,7 +247,7 @@ def build_gpt(model: ModelConfig, precision: PrecisionConfig, value: bool = Fals
     )
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(kernels),
+        transformer_layer_spec=block_spec(config, model, kernels),
         vocab_size=model.vocab_size,
         max_sequence_length=model.max_position_embeddings,
         pre_process=ps.is_pipeline_first_stage(),
@@ -227,7 +260,9 @@ def build_gpt(model: ModelConfig, precision: PrecisionConfig, value: bool = Fals
         rope_scaling_factor=model.rope_scaling_factor,
     )
     if value and ps.is_pipeline_last_stage():
+        # where megatron made the trunk's parameters (use_cpu_initialization on CPU only)
+        device = torch.device("cuda", torch.cuda.current_device()) if kernels.cuda else "cpu"
         gpt.output_layer = ValueHead(
-            model.hidden_size, config.params_dtype, config.sequence_parallel
+            model.hidden_size, config.params_dtype, config.sequence_parallel, device
         )
     return gpt

@@ -52,6 +52,10 @@ class RolloutConfig:
     # mismatch.quantile (p99.9) passes mismatch.quantile_limit (2 nats), not on the max, which
     # a few tokens of a healthy bf16 or FP8 run exceed (see rlef_hpc.mismatch).
     mismatch: MismatchLimits = field(default_factory=MismatchLimits)
+    # The refit probe (the same weights and tokens on both sides, after each refit): None
+    # takes the limits of the run's precision (rlef_hpc.mismatch.refit_probe_limits: fp32
+    # mean 1e-4 and max 1e-3 nats, bf16's measured levels); set it to override them.
+    refit_mismatch: MismatchLimits | None = None
     sandbox_workers: int = 1  # per rank
     # Generate iteration k+1's episodes while training on iteration k's (staleness 1,
     # corrected by the truncated importance weights); a resumed run samples its first batch

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from rlef_hpc.checkpoint import atomic
-from rlef_hpc.checkpoint.hf_dir import ShardWriter, hf_weights
+from rlef_hpc.checkpoint.hf_dir import ShardWriter, engine_weights
 from rlef_hpc.models.config import ModelConfig
 from rlef_hpc.rollout.bus import BusReceiver, receive
 
@@ -55,7 +55,7 @@ def publish(
 ) -> Path:
     """Collective over the trainer's ranks (every rank calls it). In the first data-parallel
     replica, each pipeline stage's tensor-parallel group gathers the stage's tensors one at a
-    time (`hf_weights`) and its first rank writes them, HF-named, to shards of at most
+    time (`engine_weights`) and its first rank writes them, HF-named, to shards of at most
     `shard_bytes` as they fill: beyond the model, a writer holds one shard and the tensor in
     hand (not the stage's whole weights: 35 GB at 70B), the group's other ranks only the tensor
     being gathered. The other replicas hold the same weights: they neither gather nor write."""
@@ -74,7 +74,7 @@ def publish(
             stage = tmp / f"stage-{ps.get_pipeline_model_parallel_rank()}"
             stage.mkdir()
             writer = ShardWriter(stage, shard_bytes)
-        for name, tensor in hf_weights(model, cfg):  # every TP rank takes part in the gathers
+        for name, tensor in engine_weights(model, cfg):  # every TP rank takes part in the gathers
             if writer is not None:
                 # A host copy of its own: the split QKV and gate/up are views of one gathered
                 # tensor (safetensors refuses shared storage), and a GPU's tensor must not

@@ -4,9 +4,10 @@ Each parameter is gathered over tensor-parallel ranks (pipeline stages each yiel
 layers), renamed and split to the Hugging Face layout by the one shared mapping
 (rlef_hpc.checkpoint.hf), and streamed into the engine in memory, one tensor at a time.
 After a refit the engine's log-probs must equal the trainer's up to kernels and precision:
-`check_mismatch` compares them on the same tokens and refuses to go on past the limits
-(rlef_hpc.mismatch: the mean and a high quantile, not the max), so that a wrong refit never
-trains silently for hours. `check_batch_mismatch` applies the same limits to every batch's
+`check_mismatch` compares them on the same tokens and refuses to go on past the limits of the
+precision (`probe_limits`: the mean and the max, at the levels a correct refit of a real model
+reaches), so that a wrong refit stops the run at the refit that made it.
+`check_batch_mismatch` applies rollout.mismatch's limits (sampling noise) to every batch's
 sampled tokens, from the update's metrics.
 """
 
@@ -16,7 +17,13 @@ from collections.abc import Mapping
 
 import torch
 
-from rlef_hpc.mismatch import MismatchLimits, mismatch_stats, mismatch_violation
+from rlef_hpc.mismatch import (
+    MismatchLimits,
+    mismatch_stats,
+    mismatch_violation,
+    refit_probe_limits,
+)
+from rlef_hpc.rollout.config import RolloutConfig
 
 
 class RefitMismatchError(RuntimeError):
@@ -53,3 +60,12 @@ def check_batch_mismatch(
             f"iteration {iteration}: trainer and engine log-probs of the sampled tokens: "
             f"{problem} (rollout.mismatch)"
         )
+
+
+def probe_limits(rollout: RolloutConfig, dtype: str) -> MismatchLimits:
+    """The refit probe's limits: rollout.refit_mismatch where the config sets them, else the
+    precision's (rlef_hpc.mismatch.refit_probe_limits), far tighter than the per-batch guard's
+    (rollout.mismatch), which bound sampling noise over a batch of sampled tokens."""
+    if rollout.refit_mismatch is not None:
+        return rollout.refit_mismatch
+    return refit_probe_limits(dtype, rollout.quantization)

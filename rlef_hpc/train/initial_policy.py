@@ -28,7 +28,7 @@ def tokenizer_corpus(problems: list[Problem], episodes: EpisodeConfig) -> list[s
     """What the demo's tokenizer is trained on: the prompts, answers and feedback it will see."""
     texts = []
     for p in problems:
-        texts.append(initial_prompt(episodes.templates, p.description, episodes.language))
+        texts.append(initial_prompt(episodes.templates, p, episodes.language))
         texts += [f"```python\n{s.source}```" for s in p.solutions]
         texts += [f"{t.input} {t.output}" for t in p.public_tests]
     templates = [v for v in dataclasses.asdict(episodes.templates).values() if isinstance(v, str)]
@@ -66,4 +66,5 @@ def build_initial_policy(cfg: TrainConfig, problems: list[Problem], out: Path) -
         losses = warm_start(policy, examples, w.steps, w.batch_size, w.lr, cfg.run.seed, rank0)
         if rank0:
             print(f"warm start: loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
-    save_model(policy, model_cfg, cfg.precision.dtype, tokenizer, out)
+    source = Path(spec.hf_dir) if spec.init == "hf" else None  # its config and generation ids
+    save_model(policy, model_cfg, cfg.precision.dtype, tokenizer, out, source)

@@ -28,7 +28,12 @@ import torch.distributed as dist
 import yaml
 
 from rlef_hpc.checkpoint import training
-from rlef_hpc.checkpoint.hf_dir import TOKENIZER_FILES, build_from_hf, read_model_config
+from rlef_hpc.checkpoint.hf_dir import (
+    TOKENIZER_FILES,
+    build_from_hf,
+    checkpoint_model_config,
+    read_model_config,
+)
 from rlef_hpc.config import to_dict
 from rlef_hpc.dist_env import device, host_group, init_process_groups, mean_over_ranks
 from rlef_hpc.eval import protocol
@@ -224,7 +229,9 @@ class Trainer:
             self._schedulers(),
             {"iteration": iteration},
             keep_last=self.cfg.run.keep_last,
-            model_config={**dataclasses.asdict(self.model_cfg), "dtype": self.cfg.precision.dtype},
+            model_config=checkpoint_model_config(
+                self.model_cfg, self.cfg.precision.dtype, self.init_dir
+            ),
             async_queue=self.async_queue if asynchronous else None,
             # The tokenizer beside the weights: the checkpoint exports to a usable HF directory.
             files=[self.init_dir / n for n in TOKENIZER_FILES if (self.init_dir / n).exists()],

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from rlef_hpc import dist_env
-from rlef_hpc.checkpoint.hf_dir import hf_weights
+from rlef_hpc.checkpoint.hf_dir import engine_weights
 from rlef_hpc.data.problem import Problem
 from rlef_hpc.data.trajectory import Trajectory
 from rlef_hpc.dist_env import host_group
@@ -36,7 +36,7 @@ from rlef_hpc.models.gpt import causal_mask, sequence_multiple
 from rlef_hpc.rl.logprobs import next_token_logprobs
 from rlef_hpc.rollout.bus import BusSender
 from rlef_hpc.rollout.publish import latest_version, publish
-from rlef_hpc.rollout.refit import check_batch_mismatch, check_mismatch
+from rlef_hpc.rollout.refit import check_batch_mismatch, check_mismatch, probe_limits
 from rlef_hpc.rollout.shards import ShardStore, load_shards
 from rlef_hpc.rollout.vllm_engine import VLLMGenerator, build_engine
 from rlef_hpc.sandbox import Executor
@@ -182,7 +182,7 @@ class Colocated:
     def load_policy(self) -> float:
         """The policy's weights into the engine, in memory; returns the seconds it took."""
         start = time.perf_counter()
-        self.engine.update_weights(hf_weights(self.policy, self.model_cfg))
+        self.engine.update_weights(engine_weights(self.policy, self.model_cfg))
         return time.perf_counter() - start
 
     def check_refit(self, seconds: float) -> dict[str, float]:
@@ -208,7 +208,8 @@ class Colocated:
         engine = torch.tensor(self.engine.sequence_logprobs(self.probe.tolist()), device="cpu")
         engine = engine[:, 1:]
         mask = torch.ones_like(trainer, dtype=torch.bool)
-        stats = check_mismatch(trainer, engine, mask, self.cfg.rollout.mismatch)
+        limits = probe_limits(self.cfg.rollout, self.cfg.precision.dtype)
+        stats = check_mismatch(trainer, engine, mask, limits)
         return {
             "refit_seconds": seconds,
             "refit_mismatch_mean": stats["mismatch_mean"],
@@ -333,7 +334,7 @@ class Disaggregated:
         shards while they wait for its next version."""
         stats: dict[str, float] = {}
         if self.bus is not None:
-            stats = self.bus.send(iteration, lambda: hf_weights(self.policy, self.model_cfg))
+            stats = self.bus.send(iteration, lambda: engine_weights(self.policy, self.model_cfg))
             if stats["bus_ok"] and iteration % (self.cfg.rollout.max_staleness + 1):
                 return stats
         start = time.perf_counter()
@@ -364,7 +365,7 @@ def probe_sequences(
     sequences = []
     for p in problems:
         conversation = Conversation(tokenizer)
-        conversation.add_user(initial_prompt(episodes.templates, p.description, episodes.language))
+        conversation.add_user(initial_prompt(episodes.templates, p, episodes.language))
         sequences.append(conversation.tokens)
     length = max(multiple, min(len(s) for s in sequences) // multiple * multiple)
     sequences = [(s * -(-length // len(s)))[:length] for s in sequences]

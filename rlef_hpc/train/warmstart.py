@@ -64,7 +64,7 @@ def demonstrations(
         if solution is None:
             continue
         conversation = Conversation(tokenizer)
-        _, start = conversation.add_user(initial_prompt(templates, problem.description, language))
+        _, start = conversation.add_user(initial_prompt(templates, problem, language))
         wrong = near_miss(solution)
         for code in [solution] + ([wrong] * near_misses if wrong else []):
             out.append(
@@ -101,7 +101,7 @@ def repair_demonstrations(
         if all(r.passed for r in results):  # a near miss the public tests cannot tell apart
             continue
         conversation = Conversation(tokenizer)
-        conversation.add_user(initial_prompt(templates, problem.description, language))
+        conversation.add_user(initial_prompt(templates, problem, language))
         conversation.add_response(_answer(tokenizer, conversation, wrong, language))
         feedback = public_feedback(templates, language, problem.public_tests, results)
         _, start = conversation.add_user(feedback)

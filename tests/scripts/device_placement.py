@@ -264,7 +264,22 @@ def checkpoint() -> None:
     assert state["iteration"] == 1 and set(report.values()) == {"parallel"}, report
 
 
-PARTS = {f.__name__: f for f in (ppo_update, warm_start, refit_probe, loop_reductions, checkpoint)}
+def value_head() -> None:
+    """The value model's head is made where its trunk is (issue 32.3: it was made on the CPU
+    whatever the device, and reached a GPU only through the distributed optimizer's buffer)."""
+    from tests.scripts.ppo_update import MODEL
+
+    megatron_compat.seed(1234)
+    with strict_devices(torch.device("cpu")):
+        value = build_gpt(MODEL, PrecisionConfig(), value=True)
+    devices = {name: p.device for name, p in value.named_parameters()}
+    assert set(devices.values()) == {torch.device("cpu")}, devices
+
+
+PARTS = {
+    f.__name__: f
+    for f in (ppo_update, warm_start, refit_probe, loop_reductions, checkpoint, value_head)
+}
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ def main() -> None:
 
     engine = VLLMGenerator(str(hf_dir), SamplingConfig(temperature=0.7, max_tokens=8))
     from rlef_hpc.checkpoint.convert import load_model_checkpoint
-    from rlef_hpc.checkpoint.hf_dir import hf_weights
+    from rlef_hpc.checkpoint.hf_dir import engine_weights
     from rlef_hpc.dist_env import init_process_groups
     from rlef_hpc.mismatch import MismatchLimits, mismatch_stats
     from rlef_hpc.models.megatron_compat import seed
@@ -49,7 +49,7 @@ def main() -> None:
     everywhere = torch.ones_like(trainer, dtype=torch.bool)
     before = torch.tensor(engine.sequence_logprobs(sequences))[:, 1:]
     stale = float((trainer - before).abs().max())
-    engine.update_weights(hf_weights(model, cfg))
+    engine.update_weights(engine_weights(model, cfg))
     after = torch.tensor(engine.sequence_logprobs(sequences))[:, 1:]
     stats = check_mismatch(trainer, after, everywhere, exact)
     print(f"STALE {stale:.6g} REFIT {stats['mismatch_max']:.6g}")
@@ -64,7 +64,7 @@ def main() -> None:
     print(f"SAMPLED {len(generation.tokens)} GAP {gap:.6g}")
 
     def swapped():  # a broken refit: gate and up exchanged
-        for name, tensor in hf_weights(model, cfg):
+        for name, tensor in engine_weights(model, cfg):
             if name.endswith("gate_proj.weight"):
                 name = name.replace("gate_proj", "up_proj")
             elif name.endswith("up_proj.weight"):
@@ -72,7 +72,7 @@ def main() -> None:
             yield name, tensor
 
     def scaled():  # a broken refit: the output projection's weights twice what they are
-        for name, tensor in hf_weights(model, cfg):
+        for name, tensor in engine_weights(model, cfg):
             yield name, 2 * tensor if name == "lm_head.weight" else tensor
 
     for broken in (swapped, scaled):

@@ -27,7 +27,7 @@ def main() -> None:
     from megatron.core import parallel_state as ps
 
     from rlef_hpc.checkpoint.convert import load_model_checkpoint
-    from rlef_hpc.checkpoint.hf_dir import hf_weights
+    from rlef_hpc.checkpoint.hf_dir import engine_weights
     from rlef_hpc.mismatch import MismatchLimits
     from rlef_hpc.models.megatron_compat import seed
     from rlef_hpc.rl.logprobs import token_logprobs
@@ -80,7 +80,7 @@ def main() -> None:
         group=ps.get_tensor_model_parallel_group(),
     )
     before = torch.tensor(engine.sequence_logprobs(sequences))[:, 1:]
-    engine.update_weights(hf_weights(policy, cfg))
+    engine.update_weights(engine_weights(policy, cfg))
     after = torch.tensor(engine.sequence_logprobs(sequences))[:, 1:]
     everywhere = torch.ones_like(trainer, dtype=torch.bool)
     # fp32 on both sides: equal up to rounding, on every token (quantile 1: the max).
