@@ -55,9 +55,6 @@ sock_fprog g_policies[2][2];
 bool g_policies_ready = false;
 // The one path a native test may exec; its address is baked into the native policies.
 char g_exec_path[PATH_MAX];
-// Test input lives in a memfd so a solution that never reads stdin cannot block the supervisor.
-int g_stdin_rw = -1;
-int g_stdin_ro = -1;
 bool g_pid_namespace = false;
 // When the last test was spawned: its wall clock starts at the fork, not when the worker gets
 // round to supervising it (on a busy machine the test may even be over by then).
@@ -412,9 +409,15 @@ struct ChildSpec {
   // closes it (at exec for a native test, before the solution runs for Python). A descriptor
   // of its own, so nothing the solution prints can pass for it.
   int status_w;
+  // A native test or the compiler: it shares the worker's memory until it execs (vfork), and
+  // exec decides whether it can dump core (see Programs: a binary it may not read cannot).
+  bool execs;
   const Confinement* how;
   const sock_fprog* policy;  // nullptr: no seccomp (unsafe mode, or the compiler)
 };
+
+// RLIMIT_SIGPENDING of a test: far more queued signals and timers than a solution uses.
+constexpr unsigned long long kSignalsPending = 256;
 
 void set_limit(int resource, unsigned long long soft, unsigned long long hard) {
   rlimit rl{static_cast<rlim_t>(soft), static_cast<rlim_t>(hard)};
@@ -449,6 +452,7 @@ enum Step {
   kSetgid,
   kSetuid,
   kCapset,
+  kDumpable,
   kSeccomp,
   kSelfFilter,
   kExec,
@@ -457,7 +461,7 @@ enum Step {
 const char* const kStepNames[] = {
     "?",      "setsid",       "stdio",    "user namespace", "chroot", "chdir",
     "no_new_privs", "landlock", "bounding set", "setgroups", "setgid", "setuid",
-    "capset", "seccomp",      "seccomp (self filter)", "exec"};
+    "capset", "dumpable",     "seccomp",  "seccomp (self filter)", "exec"};
 static_assert(sizeof kStepNames / sizeof kStepNames[0] == kExec + 1, "a name per step");
 
 int failed(Step step) { return (step << 16) | (errno & 0xffff); }
@@ -496,6 +500,10 @@ int enter_sandbox(const ChildSpec& s) {
   set_limit(RLIMIT_CORE, 0, 0);
   set_limit(RLIMIT_MEMLOCK, 0, 0);
   set_limit(RLIMIT_MSGQUEUE, 0, 0);
+  // POSIX timers (and queued signals) are kernel memory outside RLIMIT_AS, bounded by this only:
+  // ~96,000 of them by default here (37 MB), millions on a large node; without root they would
+  // also use up the pending signals of the user, the trainer's.
+  set_limit(RLIMIT_SIGPENDING, kSignalsPending, kSignalsPending);
   // Every capability dropped while we still may (CAP_SETPCAP), then the uid where it can change.
   for (int cap = 0; cap <= 63; cap++) {
     if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 && errno != EINVAL) return failed(kBoundingSet);
@@ -509,6 +517,11 @@ int enter_sandbox(const ChildSpec& s) {
   } else if (clear_capabilities() != 0) {
     return failed(kCapset);
   }
+  // No core dump, nor the host's crash handler (a core_pattern pipe runs one as root for every
+  // crash, whatever RLIMIT_CORE says), for a process whose memory is its own: after the uid
+  // changed (that reset it to the host's suid_dumpable, 2 on some). Never in a vfork child: the
+  // flag belongs to the memory it shares with the worker.
+  if (!s.execs && prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) return failed(kDumpable);
   if (s.policy != nullptr) {
     // The self filter first: it lets seccomp() through, the policy then decides it.
     sock_filter filter[kSelfFilterLen];
@@ -614,25 +627,22 @@ int native_child(void* arg) {
   setup_failed(n.child.status_w, failed(kExec));
 }
 
-bool fill_stdin(const char* data, Py_ssize_t len) {
-  if (g_stdin_rw < 0) {
-    g_stdin_rw = memfd_create("stdin", MFD_CLOEXEC);
-    if (g_stdin_rw < 0) return false;
-    char path[64];
-    snprintf(path, sizeof path, "/proc/self/fd/%d", g_stdin_rw);
-    // A read-only description for the child; without /proc it shares the writable one.
-    g_stdin_ro = open(path, O_RDONLY | O_CLOEXEC);
-    if (g_stdin_ro < 0) g_stdin_ro = g_stdin_rw;
-  }
-  if (ftruncate(g_stdin_rw, 0) != 0) return false;
+// A test's input: a memfd of its own (a solution that never reads stdin cannot block the
+// supervisor), so that nothing one test sets on its description or file (flags, an owner, a
+// signal, a lease) is there for the next. Empty until fill_stdin(), for a spare made ahead.
+int new_stdin() { return memfd_create("stdin", MFD_CLOEXEC | MFD_ALLOW_SEALING); }
+
+// Writes the input and seals it: the test (which gets this very description) can read it only.
+bool fill_stdin(int fd, const char* data, Py_ssize_t len) {
   Py_ssize_t done = 0;
   while (done < len) {
-    ssize_t n = pwrite(g_stdin_rw, data + done, len - done, done);
+    ssize_t n = pwrite(fd, data + done, len - done, done);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) return false;
     done += n;
   }
-  return lseek(g_stdin_ro, 0, SEEK_SET) == 0;
+  const int seals = F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE;
+  return fcntl(fd, F_ADD_SEALS, seals) == 0;
 }
 
 // Four pipes' worth of descriptors for one test: [read, write] each, all close-on-exec.
@@ -698,10 +708,19 @@ PyObject* spawn(PyObject*, PyObject* args, PyObject* kwargs) {
     return PyErr_Format(PyExc_RuntimeError, "policies not built");
   // The test's policy allows exec of exactly this address.
   strcpy(g_exec_path, path);
-  if (!fill_stdin(stdin_data, stdin_len)) return os_error("stdin memfd");
+  int in = new_stdin();
+  if (in < 0 || !fill_stdin(in, stdin_data, stdin_len)) {
+    int saved = errno;
+    if (in >= 0) close(in);
+    errno = saved;
+    return os_error("stdin memfd");
+  }
   Pipes p;
-  if (!p.open(false)) return os_error("pipe");
-  NativeSpec spec{{l, g_stdin_ro, p.out[1], p.err[1], p.status[1], &how,
+  if (!p.open(false)) {
+    close(in);
+    return os_error("pipe");
+  }
+  NativeSpec spec{{l, in, p.out[1], p.err[1], p.status[1], true, &how,
                    how.seccomp ? &g_policies[1][allow_sub] : nullptr},
                   g_exec_path,
                   argv.data(),
@@ -712,6 +731,7 @@ PyObject* spawn(PyObject*, PyObject* args, PyObject* kwargs) {
   static char stack[64 * 1024] __attribute__((aligned(16)));
   pid_t pid = clone(native_child, stack + sizeof stack, CLONE_VM | CLONE_VFORK | SIGCHLD, &spec);
   int saved = errno;
+  close(in);
   close(p.out[1]);
   close(p.err[1]);
   close(p.status[1]);
@@ -742,8 +762,9 @@ struct GoHeader {
 
 struct Spare {
   pid_t pid = 0;
-  // In the worker: the write end of go, the read ends of out/err/status.
-  int go = -1, out = -1, err = -1, status = -1;
+  // In the worker: the write end of go, the read ends of out/err/status, and the spare's stdin
+  // (a memfd of its own, filled at dispatch).
+  int go = -1, out = -1, err = -1, status = -1, in = -1;
 };
 Spare g_spare;
 
@@ -752,7 +773,7 @@ enum { kGo, kOut, kErr, kStatus, kStdin, kSpareFds };
 int g_spare_fds[kSpareFds] = {-1, -1, -1, -1, -1};
 
 void close_spare() {
-  for (int* fd : {&g_spare.go, &g_spare.out, &g_spare.err, &g_spare.status}) {
+  for (int* fd : {&g_spare.go, &g_spare.out, &g_spare.err, &g_spare.status, &g_spare.in}) {
     if (*fd >= 0) close(*fd);
     *fd = -1;
   }
@@ -853,11 +874,15 @@ PyObject* prefork(PyObject*, PyObject*) {
   if (g_spare.pid > 0) return PyLong_FromLong(g_spare.pid);
   if (g_template_pid <= 0 || g_template_dead)
     return PyErr_Format(PyExc_OSError, "the template process is gone");
-  if (g_stdin_rw < 0 && !fill_stdin("", 0)) return os_error("stdin memfd");
+  int in = new_stdin();
+  if (in < 0) return os_error("stdin memfd");
   Pipes p;
-  if (!p.open(true)) return os_error("pipe");
+  if (!p.open(true)) {
+    close(in);
+    return os_error("pipe");
+  }
   // The spare's ends, in the order of kGo...kStdin.
-  int fds[kSpareFds] = {p.go[0], p.out[1], p.err[1], p.status[1], g_stdin_ro};
+  int fds[kSpareFds] = {p.go[0], p.out[1], p.err[1], p.status[1], in};
   char byte = 'F';
   iovec iov{&byte, 1};
   alignas(cmsghdr) char control[CMSG_SPACE(sizeof fds)];
@@ -887,7 +912,7 @@ PyObject* prefork(PyObject*, PyObject*) {
   Py_END_ALLOW_THREADS;
   for (int fd : {p.go[0], p.out[1], p.err[1], p.status[1]}) close(fd);
   if (reply <= 0) {
-    for (int fd : {p.go[1], p.out[0], p.err[0], p.status[0]}) close(fd);
+    for (int fd : {p.go[1], p.out[0], p.err[0], p.status[0], in}) close(fd);
     if (reply < 0) {
       errno = -reply;
       return os_error("the template could not fork");
@@ -895,7 +920,7 @@ PyObject* prefork(PyObject*, PyObject*) {
     g_template_dead = true;
     return PyErr_Format(PyExc_OSError, "the template process is gone");
   }
-  g_spare = {reply, p.go[1], p.out[0], p.err[0], p.status[0]};
+  g_spare = {reply, p.go[1], p.out[0], p.err[0], p.status[0], in};
   return PyLong_FromLong(reply);
 }
 
@@ -912,6 +937,7 @@ PyObject* await_go(PyObject*, PyObject*) {
                  g_spare_fds[kOut],
                  g_spare_fds[kErr],
                  g_spare_fds[kStatus],
+                 false,
                  &g_test,
                  g_test.seccomp ? &g_policies[0][h.allow_sub ? 1 : 0] : nullptr};
   int e = enter_sandbox(spec);
@@ -935,11 +961,12 @@ PyObject* dispatch(PyObject*, PyObject* args, PyObject* kwargs) {
   if (g_spare.pid <= 0) return PyErr_Format(PyExc_RuntimeError, "no spare process");
   h.payload_len = static_cast<uint32_t>(payload_len);
   h.allow_sub = allow_sub;
-  if (!fill_stdin(stdin_data, stdin_len)) return os_error("stdin memfd");
+  if (!fill_stdin(g_spare.in, stdin_data, stdin_len)) return os_error("stdin memfd");
   g_spawn_time = now_s();
   bool sent = write_all(g_spare.go, &h, sizeof h) && write_all(g_spare.go, payload, payload_len);
   Spare spare = g_spare;
   close(spare.go);
+  close(spare.in);
   g_spare = Spare{};
   if (!sent) {  // the spare died waiting (killed from outside): the caller forks another
     kill(spare.pid, SIGKILL);

@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <termios.h>
 #include <unistd.h>
@@ -106,6 +107,9 @@ int build(scmp_filter_ctx ctx, const Policy& p) {
     rc |= add(ctx, SCMP_ACT_ALLOW, "setsid");
     rc |= add(ctx, SCMP_ACT_ALLOW, "setpgid");
   }
+  // prctl: only what the exec guard asks, no core dump (nor the host's crash handler) after exec.
+  rc |= seccomp_rule_add(ctx, SCMP_ACT_ALLOW, SCMP_SYS(prctl), 2,
+                         SCMP_A0_64(SCMP_CMP_EQ, PR_SET_DUMPABLE), SCMP_A1_64(SCMP_CMP_EQ, 0));
   // exec: a Python test never execs; a native test execs exactly once, the binary whose path the
   // supervisor placed at exec_path (the filter compares the pointer, which the solution cannot
   // know). After that exec, the guard linked into every compiled solution forbids exec entirely.

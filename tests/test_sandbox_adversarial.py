@@ -15,11 +15,14 @@ About 3 min (most of it the two compile-time attacks and the memory scans).
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import fcntl
 import json
 import os
 import re
 import secrets
+import select
 import shutil
 import subprocess
 import sys
@@ -44,6 +47,10 @@ CPP_A_PLUS_B = (
 )
 LIMITS = {"time_s": 2.0, "memory_mb": 256, "output_bytes": 1 << 20}
 MODES = ("root", "userns")
+# No request takes a minute (the slowest: a compile bomb, 45 s at most); an executor that has not
+# answered in two is stuck (a judge that hangs is a hole too), and the case fails rather than the
+# suite hanging.
+REQUEST_TIMEOUT_S = 120.0
 
 
 def header(path: Path) -> dict[str, str]:
@@ -97,8 +104,15 @@ class Remote:
         self.info = self.request({"op": "info"})
 
     def request(self, message: dict) -> dict:
-        self.proc.stdin.write((json.dumps(message) + "\n").encode())  # type: ignore[union-attr]
-        self.proc.stdin.flush()  # type: ignore[union-attr]
+        try:
+            self.proc.stdin.write((json.dumps(message) + "\n").encode())  # type: ignore[union-attr]
+            self.proc.stdin.flush()  # type: ignore[union-attr]
+        except BrokenPipeError:
+            pytest.fail(f"the executor ({self.mode}) is gone:\n{self.log_text()}")
+        ready, _, _ = select.select([self.proc.stdout], [], [], REQUEST_TIMEOUT_S)
+        if not ready:
+            self.proc.kill()  # stuck: this executor is done for (the next case starts another)
+            pytest.fail(f"the executor ({self.mode}) did not answer in {REQUEST_TIMEOUT_S:g} s")
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         if not line:
             pytest.fail(f"the executor ({self.mode}) exited:\n{self.log_text()}")
@@ -124,7 +138,8 @@ class Remote:
         return Path(self.log.name).read_text(errors="replace")[-4000:]
 
     def close(self) -> None:
-        self.proc.stdin.close()  # type: ignore[union-attr]
+        with contextlib.suppress(BrokenPipeError):  # gone already (killed when stuck)
+            self.proc.stdin.close()  # type: ignore[union-attr]
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -326,6 +341,22 @@ def test_no_earlier_file_or_binary(remote: Remote) -> None:
     attack(remote, "py_list_tmp.py")
 
 
+@pytest.mark.parametrize(
+    ("leave", "look"),
+    [("py_stdin_state.py", "py_stdin_state.py"), ("py_stdin_state.py", "cpp_stdin_state.cpp")],
+    ids=["python", "python_then_cpp"],
+)
+def test_nothing_stays_on_the_next_tests_stdin(remote: Remote, leave: str, look: str) -> None:
+    """Flags, an owner, a signal and a lease set on standard input: a few bits a test could leave
+    for the next one, were the description the worker's to share."""
+    for name in {leave, look} - {"py_stdin_state.py"}:  # compiled first: no job between the two
+        remote.run(job(*program(name, mode="look")[:2], [("1\n", None)]))
+    language, source, _ = program(leave, mode="leave")
+    [[left]] = remote.run(job(language, source, [("1\n", "CLEAN\n")]))
+    assert left["verdict"] == "OK", describe(left)
+    attack(remote, look, [("1\n", "CLEAN\n")], fills={"mode": "look"})
+
+
 # --- persisting -----------------------------------------------------------------------------------
 
 
@@ -347,6 +378,59 @@ def test_the_operators_terminal_is_out_of_reach(remote: Remote, name: str) -> No
     assert remote.typed_into_terminal() == b"", "a test typed into the operator's terminal"
 
 
+def _test_processes(remote: Remote) -> dict[str, bool]:
+    """The remote executor's test processes (by name: rlef-test, a Python test; prog, a C++
+    one), each with whether it can dump core. The kernel lets a process of the same uid, without
+    capabilities, read the /proc files of a dumpable process only (ptrace_may_access): the test's
+    own uid, run through setpriv, tells (the files' owner would not: without root a
+    non-dumpable C++ test's are the worker's user's)."""
+    found = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if (proc / "comm").read_text().strip() not in ("rlef-test", "prog"):
+                continue
+            ancestors, pid = [], proc.name
+            while pid not in ("0", "1") and len(ancestors) < 16:
+                pid = (Path("/proc") / pid / "stat").read_text().rsplit(")", 1)[1].split()[1]
+                ancestors.append(int(pid))
+            if remote.proc.pid not in ancestors:
+                continue
+            status = (proc / "status").read_text()
+            uid = re.search(r"^Uid:\s+(\d+)", status, re.M)[1]  # type: ignore[index]
+            gid = re.search(r"^Gid:\s+(\d+)", status, re.M)[1]  # type: ignore[index]
+        except (OSError, IndexError, TypeError):
+            continue  # gone meanwhile
+        as_test = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
+        read = subprocess.run([*as_test, "cat", str(proc / "environ")], capture_output=True)
+        if (proc / "comm").exists():  # still there: the answer was about it
+            found[proc.name] = read.returncode == 0
+    return found
+
+
+@pytest.mark.parametrize("name", ["py_crash_later.py", "cpp_crash_later.cpp"])
+def test_a_crash_reaches_no_crash_handler(remote: Remote, name: str) -> None:
+    """No test can dump core: none runs the host's crash handler (a core_pattern pipe runs one
+    as root for each crash, RLIMIT_CORE or not), nor leaves a core file. Seen from outside, but
+    for a C++ test without root: its memory then belongs to the worker's user namespace, whose
+    owner (the user, our observer) may read it either way; there, the test cannot read its
+    binary (so exec made it non-dumpable), and the exec guard's prctl is the root mode's."""
+    language, source, _ = program(name)
+    remote.run(job(language, source, [("", None)], time_s=0.1))  # compiled beforehand
+    require(shutil.which("setpriv") is not None, "needs setpriv (util-linux)")
+    observable = not (remote.mode == "userns" and language == "cpp")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        crashed = pool.submit(attack, remote, name, [("", None)], time_s=5.0)
+        seen: dict[str, bool] = {}
+        deadline = time.monotonic() + 1.2
+        while observable and not seen and time.monotonic() < deadline and not crashed.done():
+            seen = _test_processes(remote)
+        result = crashed.result()
+    assert "readable" not in result["output"], result["output"]
+    if observable:
+        assert seen, "the test's process was never seen"
+        assert not any(seen.values()), f"test processes that can dump core: {seen}"
+
+
 # --- privileges -----------------------------------------------------------------------------------
 
 
@@ -357,7 +441,10 @@ def test_no_privilege_over_anything_else(remote: Remote, name: str) -> None:
     attack(remote, name, fills={"executor_uid": remote.info["uid"]})
 
 
-@pytest.mark.parametrize("name", ["py_tgkill_worker.py", "cpp_kill_others.cpp"])
+@pytest.mark.parametrize(
+    "name",
+    ["py_tgkill_worker.py", "cpp_kill_others.cpp", "py_sigio_worker.py", "cpp_foreign_abi.cpp"],
+)
 def test_signals_reach_nothing_but_the_test(remote: Remote, name: str) -> None:
     attack(remote, name)
 
@@ -368,6 +455,14 @@ def test_signals_reach_nothing_but_the_test(remote: Remote, name: str) -> None:
 @pytest.mark.parametrize("name", ["py_kill_others.py", "py_fake_setup_failure.py"])
 def test_the_worker_survives(remote: Remote, name: str) -> None:
     attack(remote, name)
+
+
+@pytest.mark.parametrize("name", ["cpp_exec_fails.cpp", "py_deep_expression.py"])
+def test_no_solution_makes_the_sandbox_fail(remote: Remote, name: str) -> None:
+    """SANDBOX_ERROR is not a verdict: its episode gets no reward at all (episodes.runner), so a
+    solution that could provoke it would trade a failure for nothing, at the cost of two
+    worker restarts per job. Whatever a source or its binary does is the solution's verdict."""
+    attack(remote, name, fills={"deep": "\nx = " + "-" * 3000 + "1"})
 
 
 # --- fooling the judge ----------------------------------------------------------------------------
@@ -386,6 +481,11 @@ def test_the_judge_cannot_be_fooled(remote: Remote, name: str, expected: str) ->
     attack(remote, name, [("", expected)], output_bytes=32 << 20)
 
 
+def test_the_judge_cannot_be_hung(remote: Remote) -> None:
+    """A real expected: a million-digit token then a letter (REQUEST_TIMEOUT_S bounds it)."""
+    attack(remote, "py_real_redos.py", [("", "0.5\n")])
+
+
 # --- exhausting memory, CPU, compile time -------------------------------------------------------
 
 
@@ -401,9 +501,17 @@ def test_threads_are_bounded(remote: Remote, name: str) -> None:
     still_judging_right(remote, pids, language)
 
 
-@pytest.mark.parametrize("name", ["py_memfd.py", "cpp_memfd.cpp"])
+@pytest.mark.parametrize("name", ["py_memfd.py", "cpp_memfd.cpp", "py_posix_timers.py"])
 def test_no_memory_outside_the_limit(remote: Remote, name: str) -> None:
     attack(remote, name, memory_mb=64, time_s=10.0)
+
+
+def test_large_binaries_deny_no_compile(remote: Remote) -> None:
+    """17 distinct programs with a 15 MiB table each, one job after another on one worker: each
+    compiles and runs (none may find the worker's space taken by the ones before)."""
+    for i in range(17):
+        seed = f"t{i}-{secrets.token_hex(4)}"
+        attack(remote, "cpp_big_table.cpp", [("", "1\n")], fills={"seed": seed}, time_s=5.0)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rlef_hpc import sandbox
-from rlef_hpc.sandbox import Executor, Job, TestCase, TestResult, Verdict, outputs_match
+from rlef_hpc.sandbox import Executor, Job, Limits, TestCase, TestResult, Verdict, outputs_match
 from tests.test_episodes import RIGHT, WRONG, run, tokenizer  # noqa: F401 - tokenizer: a fixture
 
 A_PLUS_B = "a, b = map(int, input().split())\nprint(a + b)\n"
@@ -67,6 +67,29 @@ def test_the_comparison_reads_no_more_tokens_than_expected() -> None:
     assert peak < 1 << 20, f"{peak >> 20} MB to compare"
 
 
+@pytest.mark.parametrize(
+    "token",
+    [b"1" * 10**6 + b"x", b"1" * 10**6 + b".", b"9" * 10**6 + b".5", b"1e" + b"9" * 10**6],
+    ids=["digits_then_letter", "digits_then_point", "past_float", "huge_exponent"],
+)
+def test_the_comparison_takes_linear_time_on_any_token(token: bytes) -> None:
+    """A million-character token where a real is expected: the number pattern used to backtrack
+    over it quadratically (hours in the trainer's judging thread, for one test's output)."""
+
+    def too_long(signum: int, frame: object) -> None:
+        raise TimeoutError  # the regex engine checks for signals as it goes
+
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.setitimer(signal.ITIMER_REAL, 5.0)
+    try:
+        outputs_match(b"0.5\n", token)
+    except TimeoutError:
+        pytest.fail("the judge spent more than 5 s on one token")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 # --- the executor ------------------------------------------------------------------------------
 
 
@@ -90,6 +113,22 @@ def test_an_exception_on_a_job_replaces_the_worker_and_marks_the_job(monkeypatch
         monkeypatch.undo()
         [after] = ex.run("python", A_PLUS_B, [TestCase("2 3\n", "5\n")])
         assert after.verdict == Verdict.OK, after.stderr
+
+
+def test_the_compile_cache_stays_within_its_budget(tmp_path: Path) -> None:
+    """Every distinct C++ source used to stay in the host's cache for good, each binary up to
+    the compile's 64 MiB file limit: a run's samples, or a policy that makes large binaries
+    (15 MiB of source-less table here), filled the disk. The oldest go first; a binary that went
+    is compiled again when needed."""
+    table = (Path(__file__).parent / "adversarial" / "cpp_big_table.cpp").read_text()
+    sources = [table.replace("@SEED@", f"seed {i}") for i in range(5)]
+    with Executor(workers=1, cache_dir=tmp_path, cache_mb=40) as ex:
+        for source in [*sources, sources[0]]:
+            [result] = ex.run("cpp", source, [TestCase("", "1\n")], Limits(time_s=5))
+            assert result.verdict == Verdict.OK, result.stderr
+            kept = [f for d in ("bin", "err") for f in tmp_path.glob(f"cxx-*/{d}/*")]
+            assert sum(f.stat().st_size for f in kept) <= 40 << 20, [f.name for f in kept]
+        assert ex.worker_restarts == 0
 
 
 def _template_pids(ex: Executor) -> list[int]:

@@ -16,8 +16,10 @@ import re
 FLOAT_TOLERANCE = 1e-5
 
 # Only plain decimal numbers are compared numerically: Python's float() also accepts "1_000",
-# "nan" and "infinity", which a judge must compare as text.
-_NUMBER = re.compile(rb"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+# "nan" and "infinity", which a judge must compare as text. Each digit can be matched one way
+# only (the fraction's digits follow a point): "\d+\.?\d*" let a token of n digits and a letter
+# be split n^2 ways before failing (a million-digit token held the trainer's judge for hours).
+_NUMBER = re.compile(rb"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _INTEGER = re.compile(rb"[+-]?\d+")
 _TOKEN = re.compile(rb"\S+")  # bytes patterns: \s is ASCII whitespace, as bytes.split() splits
 # Reals past float's range are compared exactly as decimals, in a context wide enough for any

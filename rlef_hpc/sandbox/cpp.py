@@ -13,15 +13,17 @@ other: only the worker copies its output into the shared cache.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
 import signal
 from collections.abc import Sequence
+from typing import BinaryIO
 
 from rlef_hpc import atomic
 from rlef_hpc.sandbox import _executor
-from rlef_hpc.sandbox.isolation import TOOLCHAIN, supervise
+from rlef_hpc.sandbox.isolation import TOOLCHAIN, Sandbox, supervise
 from rlef_hpc.sandbox.rlimits import Rlimits
 
 CXX = "g++"
@@ -41,6 +43,9 @@ COMPILE_WALL_S = 30.0
 # Building the precompiled header (trusted input) takes longer and writes ~100 MB.
 TOOLCHAIN_LIMITS = COMPILE_LIMITS._replace(address_space=8 << 30, cpu_s=600, file_size=1 << 30)
 TOOLCHAIN_WALL_S = 900.0
+# Room in the compiler's /tmp beyond its outputs (the compiler's temporaries), and all it keeps
+# between compiles.
+SCRATCH_SLACK = 8 << 20
 MESSAGE_BYTES = 8192
 ENV = ["PATH=/usr/bin:/bin", "LANG=C", "TMPDIR=/tmp"]
 GUARD_SOURCE = os.path.join(os.path.dirname(__file__), "exec_guard.c")
@@ -102,64 +107,61 @@ def failure_message(obs: dict) -> str:
     return (text + ("\n" if text and why else "") + why + ("\n" if why else ""))[-MESSAGE_BYTES:]
 
 
-def remove_contents(directory: str) -> None:
-    """Empties `directory` without recursion (a tree a program built may be thousands of
-    levels deep): an explicit stack of directories, emptied leaf first."""
-    stack, found = [directory], []
-    while stack:
-        current = stack.pop()
-        found.append(current)
-        with os.scandir(current) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(entry.path)
-                else:
-                    os.unlink(entry.path)
-    for path in reversed(found[1:]):
-        os.rmdir(path)
-
-
 class Compiler:
-    """Compiles solutions into `cache_dir`, shared by all workers (and runs) on the machine.
+    """Compiles solutions into the cache (`sandbox.cache_dir`), shared by all workers (and runs)
+    on the machine: `cxx-TAG/bin` and `err` keep each distinct source's binary or compile error,
+    by the source's hash, up to `max_bytes` in all (the oldest go first); `toolchain` holds the
+    precompiled header and the exec guard, the one directory the compiler sees of the cache
+    (its /toolchain, bound read-only; without a tree it is the cache's own path)."""
 
-    `workdir` is the compiler's /tmp as the worker sees it; `toolchain` the mount point of the
-    compiler's /toolchain, where the cache's toolchain directory is bound ("": no tree, the
-    compiler sees the cache itself)."""
-
-    def __init__(self, cache_dir: str, workdir: str, toolchain: str) -> None:
+    def __init__(self, sandbox: Sandbox, max_bytes: int) -> None:
         import hashlib
 
-        self.workdir = workdir
+        self.sandbox = sandbox
+        self.workdir = sandbox.compiledir
+        self.max_bytes = max_bytes
+        self._written = 0  # bytes this worker added to the cache since it last trimmed it
         self._sha256 = hashlib.sha256
+        sandbox.fresh_compiledir(SCRATCH_SLACK)
         version = _check([CXX, "--version"])
-        tag = self._sha256(version + " ".join(CXX_FLAGS + LINK_FLAGS).encode()).hexdigest()[:16]
-        self.dir = os.path.join(cache_dir, f"cxx-{tag}")
-        for sub in ("bin", "err", "locks", "pch/bits"):
+        with open(GUARD_SOURCE, "rb") as f:  # every binary links it: a new guard, a new cache
+            guard = f.read()
+        digest = self._sha256(version + " ".join(CXX_FLAGS + LINK_FLAGS).encode() + guard)
+        self.dir = os.path.join(sandbox.cache_dir, f"cxx-{digest.hexdigest()[:16]}")
+        for sub in ("bin", "err", "locks", "toolchain/pch/bits"):
             os.makedirs(os.path.join(self.dir, sub), exist_ok=True)
-        self.guard = os.path.join(self.dir, "exec_guard.o")
+        self.toolchain = os.path.join(self.dir, "toolchain")
         with self._lock("toolchain"):
             self._build_toolchain()
-        self.view = self.dir
-        if toolchain:
-            _executor.bind(self.dir, toolchain, True)
+        self._trim()  # a cache a run with a larger budget left
+        self.view = self.toolchain
+        if sandbox.toolchain:
+            _executor.bind(self.toolchain, sandbox.toolchain, True)
             self.view = TOOLCHAIN
 
     def _lock(self, name: str) -> _FileLock:
         return _FileLock(os.path.join(self.dir, "locks", f"{name}.lock"))
 
     def _keep(self, name: str, into: str) -> None:
-        """Moves the compiler's output `name` (in its /tmp) into the cache, atomically."""
-        with atomic.replacing(into) as tmp:
-            shutil.copyfile(os.path.join(self.workdir, name), tmp)
+        """Moves the compiler's output `name` (in its /tmp) into the cache, atomically; never
+        through a link the compiler's /tmp might hold."""
+        fd = os.open(os.path.join(self.workdir, name), os.O_RDONLY | os.O_NOFOLLOW)
+        with open(fd, "rb") as src, atomic.replacing(into) as tmp, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
             os.chmod(tmp, 0o644)
 
     def _build_toolchain(self) -> None:
+        guard = os.path.join(self.toolchain, "exec_guard.o")
+        pch = os.path.join(self.toolchain, "pch", "bits", "stdc++.h.gch")
+        if os.path.exists(guard) and os.path.exists(pch):
+            return
+        # Trusted input, and the header's output is large: room for the toolchain's file limit.
+        self.sandbox.fresh_compiledir(2 * TOOLCHAIN_LIMITS.file_size)
         try:
-            if not os.path.exists(self.guard):
+            if not os.path.exists(guard):
                 shutil.copyfile(GUARD_SOURCE, os.path.join(self.workdir, "exec_guard.c"))
                 _check(["gcc", "-O2", "-c", "exec_guard.c", "-o", "exec_guard.o"])
-                self._keep("exec_guard.o", self.guard)
-            pch = os.path.join(self.dir, "pch", "bits", "stdc++.h.gch")
+                self._keep("exec_guard.o", guard)
             if not os.path.exists(pch):
                 with open(os.path.join(self.workdir, "probe.cpp"), "w") as f:
                     f.write("#include <bits/stdc++.h>\n")
@@ -168,25 +170,42 @@ class Compiler:
                 _check([CXX, *CXX_FLAGS, "-x", "c++-header", header, "-o", "stdc++.h.gch"])
                 self._keep("stdc++.h.gch", pch)
         finally:
-            remove_contents(self.workdir)
+            self.sandbox.fresh_compiledir(SCRATCH_SLACK)
 
-    def binary(self, source: str) -> str:
-        """Path of the compiled, cached binary for `source`; raises CompileError."""
-        key = self._sha256(source.encode()).hexdigest()
+    def key(self, source: str) -> str:
+        """The cache's name for `source`'s binary (a lone surrogate is a byte sequence like any
+        other: g++ rejects it, never the worker)."""
+        return self._sha256(source.encode("utf-8", "surrogatepass")).hexdigest()
+
+    def binary(self, source: str) -> BinaryIO:
+        """The compiled binary for `source`, opened (an open file stays readable if the cache
+        drops it meanwhile); raises CompileError."""
+        key = self.key(source)
         cached = os.path.join(self.dir, "bin", key)
         failed = os.path.join(self.dir, "err", key)
-        if not os.path.exists(cached) and not os.path.exists(failed):
-            with self._lock(key):  # two workers given the same source compile it once
-                if not os.path.exists(cached) and not os.path.exists(failed):
-                    self._compile(source, cached, failed)
-        if os.path.exists(failed):
-            with open(failed, encoding="utf-8", errors="replace") as f:
-                raise CompileError(f.read())
-        return cached
+        for _ in range(2):  # another worker may trim the cache between two steps here
+            if not os.path.exists(cached) and not os.path.exists(failed):
+                # Two workers given the same source compile it once. One lock file per 4,096th
+                # of the keys, not per key: per key, they would pile up without bound.
+                with self._lock(key[:3]):
+                    if not os.path.exists(cached) and not os.path.exists(failed):
+                        self._written += self._compile(source, cached, failed)
+                        if self._written >= self.max_bytes // 10:
+                            self._trim()
+            with contextlib.suppress(FileNotFoundError):
+                return open(cached, "rb")  # noqa: SIM115 - the caller closes it
+            with contextlib.suppress(FileNotFoundError), open(failed, "rb") as f:
+                raise CompileError(f.read().decode(errors="replace"))
+        raise RuntimeError(f"the compile cache dropped {key} twice while it was read")
 
-    def _compile(self, source: str, cached: str, failed: str) -> None:
-        with open(os.path.join(self.workdir, "solution.cpp"), "w") as f:
-            f.write(source)
+    def _compile(self, source: str, cached: str, failed: str) -> int:
+        """Compiles into the cache; returns the bytes of disk it added there."""
+        text = source.encode("utf-8", "surrogatepass")
+        # The compiler's /tmp holds this compile only: the source, the object and the binary
+        # (each at most the file-size limit), and the compiler's few temporaries.
+        self.sandbox.fresh_compiledir(len(text) + 2 * COMPILE_LIMITS.file_size + SCRATCH_SLACK)
+        with open(os.path.join(self.workdir, "solution.cpp"), "wb") as f:
+            f.write(text)
         pch_dir = os.path.join(self.view, "pch")
         guard = os.path.join(self.view, "exec_guard.o")
         argv = [CXX, *CXX_FLAGS, "-I", pch_dir, guard, "solution.cpp", *LINK_FLAGS]
@@ -196,10 +215,40 @@ class Compiler:
             if obs["code"] == 0 and obs["reason"] == 0 and os.path.isfile(built):
                 self._keep("solution", cached)
                 os.chmod(cached, 0o755)
-                return
+                return os.stat(cached).st_blocks * 512
             atomic.write_text(failed, failure_message(obs).replace(pch_dir + "/", ""))
+            return os.stat(failed).st_blocks * 512
         finally:
-            remove_contents(self.workdir)
+            self.sandbox.fresh_compiledir(SCRATCH_SLACK)
+
+    def _trim(self) -> None:
+        """Keeps the cache's binaries and compile errors under `max_bytes` of disk (blocks: a
+        short compile error takes one), the oldest out first, down to 90 %: every distinct
+        source adds one, up to the compile's file-size limit, and a run's samples (or a policy
+        that learned to make large binaries) would fill the host's disk. A worker trims when it
+        starts and whenever it has added a tenth of the budget since its last trim: a scan per
+        compile would cost a second at the cache's fullest (a million short compile errors),
+        and the cache goes over by at most a tenth per worker in between."""
+        self._written = 0
+        with self._lock("trim"):
+            entries = []
+            for sub in ("bin", "err"):
+                with os.scandir(os.path.join(self.dir, sub)) as found:
+                    for entry in found:
+                        if entry.name.startswith(atomic.PREFIX):  # another worker's, being written
+                            continue
+                        with contextlib.suppress(FileNotFoundError):
+                            st = entry.stat(follow_symlinks=False)
+                            entries.append((st.st_mtime_ns, st.st_blocks * 512, entry.path))
+            total = sum(size for _, size, _ in entries)
+            if total <= self.max_bytes:
+                return
+            for _, size, path in sorted(entries):
+                if total <= self.max_bytes * 9 // 10:
+                    break
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                total -= size
 
 
 class _FileLock:

@@ -1,7 +1,9 @@
 /* Linked first into every compiled solution. Its .preinit_array entry runs before any of the
  * solution's own initialisers and adds a seccomp filter that forbids exec from then on: the
  * supervisor's policy lets the test's process exec exactly one binary, this one, and nothing
- * after that. Outside the sandbox (a user running the binary by hand) it only denies exec. */
+ * after that. It also makes the process non-dumpable (exec made it dumpable again): a crash
+ * dumps no core and runs no crash handler of the host's. Outside the sandbox (a user running
+ * the binary by hand) it only denies exec and core dumps. */
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
@@ -30,6 +32,7 @@ static void rlef_exec_guard(int argc, char** argv, char** envp) {
       BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
   };
   struct sock_fprog prog = {sizeof filter / sizeof filter[0], filter};
+  prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
   prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
   syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog);
 #endif

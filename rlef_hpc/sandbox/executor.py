@@ -301,7 +301,8 @@ class Executor:
     refuses to start, naming it, unless the caller names it in `allow_missing` (or passes
     `unsafe=True`: anything may be missing); a caller that passes none takes the names from
     $RLEF_SANDBOX_ALLOW_MISSING (comma-separated). `allow_subprocesses` lets tests fork (bounded by
-    `Limits.processes`); by default creating a process is a SANDBOX_VIOLATION.
+    `Limits.processes`); by default creating a process is a SANDBOX_VIOLATION. Compiled C++ is
+    cached in `cache_dir` (default: default_cache_dir()), `cache_mb` at most, the oldest first out.
 
         with Executor(workers=2) as ex:
             results = ex.run("python", source, [{"input": "1 2\\n", "output": "3\\n"}])
@@ -319,6 +320,7 @@ class Executor:
         allow_missing: Iterable[str] | None = None,
         allow_subprocesses: bool = False,
         cache_dir: str | os.PathLike[str] | None = None,
+        cache_mb: int = 4096,
         keep_bytes: int = 4096,
         scratch_mb: int = 256,
         tmp_mb: int = 64,
@@ -345,6 +347,7 @@ class Executor:
         slot = (os.getpid() * 7919 + next(_executor_ids)) % 100_000
         self.uids = [_UID_BASE + slot * _UIDS_PER_EXECUTOR + i for i in range(workers)]
         self._cache_dir = str(self.cache_dir)
+        self._cache_mb = cache_mb
         self._scratch_mb = scratch_mb
         self._tmp_mb = tmp_mb
         self._tmp_inodes = tmp_inodes
@@ -497,6 +500,7 @@ class Executor:
         python, libs, masks = host_paths(self._cache_dir)
         config = ServerConfig(
             cache_dir=self._cache_dir,
+            cache_mb=self._cache_mb,
             scratch=scratch,
             scratch_mb=self._scratch_mb,
             tmp_mb=self._tmp_mb,

@@ -13,7 +13,7 @@ recursive bind, so nothing mounted beneath a path comes along), then made read-o
   fresh tmpfs `/tmp`, its working directory;
 - the compiler's (C): `/usr` (but `/usr/local`) and the `/bin`, `/lib*` that lead into it, the
   precompiled header and exec guard (`/toolchain`), `/dev/null`, `/etc/ld.so.cache` and its own
-  `/tmp`.
+  `/tmp`, a tmpfs mounted afresh for every compile with room for that compile only.
 
 Every Python package directory (site-packages, dist-packages, this project) that falls inside a
 bound path is hidden under an empty tmpfs: no tree holds the project's data, its problems, a
@@ -55,10 +55,17 @@ def supervise(
     stderr_cap: int,
     everything: bool,
     who: str,
+    solutions_binary: bool = False,
 ) -> dict:
     """csrc: supervise() on a process spawn()/dispatch() started; raises SandboxSetupError if it
     never got into the sandbox (its status descriptor says which step failed, and why: nothing
-    it could print passes for that, the descriptor is closed before the solution runs)."""
+    it could print passes for that, the descriptor is closed before the solution runs).
+
+    `solutions_binary`: the process execs a binary the solution's source made (a C++ test). The
+    last step, exec, then depends on what is in that binary (an .interp section naming a missing
+    loader makes the kernel refuse it before the point of no return): a failure there, but for
+    want of memory or processes, is the solution's, reported as a crash with exit status 126,
+    never the sandbox's (a SANDBOX_ERROR would let a solution trade a verdict for no reward)."""
     pid, out_fd, err_fd, status_fd = started
     obs = _executor.supervise(
         pid=pid,
@@ -74,6 +81,9 @@ def supervise(
         step, err = code >> 16, code & 0xFFFF
         steps = _executor.SETUP_STEPS  # csrc/executor.cc: enum Step, by name
         name = steps[step] if 0 < step < len(steps) else "?"
+        if solutions_binary and name == "exec" and err not in (errno.ENOMEM, errno.EAGAIN):
+            message = f"the program could not be started: exec: {os.strerror(err)}\n"
+            return {**obs, "code": 126, "stderr": message.encode()}
         raise SandboxSetupError(f"{who} could not enter the sandbox: {name}: {os.strerror(err)}")
     return obs
 
@@ -92,12 +102,43 @@ class Sandbox:
     safe: bool  # tests load the seccomp policy
     workdir: str  # the tests' /tmp, remounted after a test that left anything in it
     tmp_options: str  # its tmpfs options
+    tmpfs_owner: str  # the tmpfs option that makes a tests' or the compiler's tmpfs theirs
     bindir: str  # compiled binaries, outside every test's reach
+    bin_bytes: int  # how much of them the scratch keeps
     solution_dir: str  # the tests' /solution: the current C++ job's binary only
     solution_exec: str  # its binary as a test execs it
     compiledir: str  # the compiler's /tmp
     compile_cwd: str  # the same, as the compiler sees it
     toolchain: str  # the compiler's /toolchain, a mount point ("": none, use the cache itself)
+
+    def fresh_compiledir(self, size: int) -> None:
+        """An empty /tmp for the compiler with room for `size` bytes: a tmpfs of its own, mounted
+        afresh (so that a compile never finds the space taken, by earlier compiles or by the
+        worker's binaries: that ENOSPC used to be cached as the source's COMPILE_ERROR); without
+        a tree, the host directory emptied."""
+        if not self.capabilities["minimal_root"]:
+            remove_contents(self.compiledir)
+            return
+        _executor.unmount(self.compiledir)
+        options = f"size={size},nr_inodes=1024,mode=0700{self.tmpfs_owner}"
+        _executor.mount_tmpfs(self.compiledir, options)
+
+
+def remove_contents(directory: str) -> None:
+    """Empties `directory` without recursion (a tree a program built may be thousands of
+    levels deep): an explicit stack of directories, emptied leaf first."""
+    stack, found = [directory], []
+    while stack:
+        current = stack.pop()
+        found.append(current)
+        with os.scandir(current) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                else:
+                    os.unlink(entry.path)
+    for path in reversed(found[1:]):
+        os.rmdir(path)
 
 
 def set_up(config: ServerConfig) -> Sandbox:
@@ -128,15 +169,16 @@ def set_up(config: ServerConfig) -> Sandbox:
         _executor.build_policies()
         caps["seccomp"] = True
     root_mode = os.geteuid() == 0
-    tmp = tmp_options(config, root_mode)
+    owner = tmpfs_owner(config, root_mode)
+    tmp = f"size={config['tmp_mb']}m,nr_inodes={config['tmp_inodes']},mode=0700{owner}"
     try:
         achieved = _executor.isolate(config["cpu"])
         caps["cpu_pinned"] = achieved.pop("cpu") >= 0
         caps.update(achieved)  # type: ignore[typeddict-item]
-        _build_trees(config, tmp, root_mode)
+        _build_trees(config, tmp, owner, root_mode)
         caps["minimal_root"] = caps["proc_private"] = True
         test_root, compile_root = scratch + "/t", scratch + "/c"
-        workdir = test_root + TEST_TMP
+        workdir, compiledir = test_root + TEST_TMP, compile_root + TEST_TMP
         test_cwd = compile_cwd = TEST_TMP
         solution_exec = SOLUTION
     except OSError as e:
@@ -145,18 +187,16 @@ def set_up(config: ServerConfig) -> Sandbox:
         # (the executor refuses this unless the caller named what may be missing).
         test_root = compile_root = ""
         workdir = test_cwd = os.path.join(scratch, "tmp")
-        compile_cwd = os.path.join(scratch, "compile")
+        compiledir = compile_cwd = os.path.join(scratch, "compile")
         solution_exec = os.path.join(scratch, "solution", "prog")
         for sub in ("tmp", "bin", "compile", "solution"):
             os.makedirs(os.path.join(scratch, sub), exist_ok=True)
     drop_uid = root_mode and not caps["user_ns"]
     unmapped = caps["user_ns"] and caps["minimal_root"]
     caps["uid_drop"], caps["unmapped_uid"] = drop_uid, unmapped
-    compiledir = os.path.join(scratch, "compile")
-    if drop_uid:
+    if drop_uid and not caps["minimal_root"]:
         os.chown(compiledir, uid, gid)
-        if not caps["minimal_root"]:
-            os.chown(workdir, uid, gid)
+        os.chown(workdir, uid, gid)
     test_landlock = compile_landlock = -1
     if caps["minimal_root"]:
         test_landlock = _executor.landlock_ruleset(test_root)
@@ -190,7 +230,9 @@ def set_up(config: ServerConfig) -> Sandbox:
         safe=caps["seccomp"],
         workdir=workdir,
         tmp_options=tmp,
+        tmpfs_owner=owner,
         bindir=os.path.join(scratch, "bin"),
+        bin_bytes=(config["scratch_mb"] - 1) << 20,  # the rest: the tests' links, directories
         solution_dir=os.path.join(scratch, "solution"),
         solution_exec=solution_exec,
         compiledir=compiledir,
@@ -199,11 +241,10 @@ def set_up(config: ServerConfig) -> Sandbox:
     )
 
 
-def tmp_options(config: ServerConfig, root_mode: bool) -> str:
-    """The tests' /tmp: bounded in bytes and inodes (memory a test holds there is outside its
-    RLIMIT_AS), private to the uid the tests run as."""
-    owner = f",uid={config['uid']},gid={config['gid']}" if root_mode else ""
-    return f"size={config['tmp_mb']}m,nr_inodes={config['tmp_inodes']},mode=0700{owner}"
+def tmpfs_owner(config: ServerConfig, root_mode: bool) -> str:
+    """The tmpfs options that make the tests' /tmp and the compiler's theirs (0700): with root
+    they run as the worker's uid; without, as the worker's own user (unmapped)."""
+    return f",uid={config['uid']},gid={config['gid']}" if root_mode else ""
 
 
 class Tree:
@@ -283,7 +324,7 @@ class Tree:
         os.chmod(self.root + path, 0o444)
 
 
-def _build_trees(config: ServerConfig, tmp: str, root_mode: bool) -> None:
+def _build_trees(config: ServerConfig, tmp: str, owner: str, root_mode: bool) -> None:
     scratch, masks = config["scratch"], config["masks"]
     w = Tree(scratch, masks)  # mounted on the scratch directory, then pivoted onto
     _executor.mount_tmpfs(scratch, TREE_OPTIONS)
@@ -296,7 +337,7 @@ def _build_trees(config: ServerConfig, tmp: str, root_mode: bool) -> None:
     w.bind(config["cache_dir"], readonly=False)
     s = w.mkdir(scratch, 0o700)
     _executor.mount_tmpfs(s, f"size={config['scratch_mb']}m,mode=0700")
-    for sub in ("bin", "compile", "solution", "t", "c"):
+    for sub in ("bin", "solution", "t", "c"):
         os.mkdir(os.path.join(s, sub), 0o755)
 
     uid, gid = (config["uid"], config["gid"]) if root_mode else (65534, 65534)
@@ -318,7 +359,7 @@ def _build_trees(config: ServerConfig, tmp: str, root_mode: bool) -> None:
     for path in (*SYSTEM_DIRS, "/etc/ld.so.cache"):
         c.bind(path)
     c.bind("/dev/null", readonly=False)
-    _executor.bind(s + "/compile", c.mkdir(TEST_TMP), False)
+    _executor.mount_tmpfs(c.mkdir(TEST_TMP), f"size=1m,nr_inodes=1024,mode=0700{owner}")
     c.mkdir(TOOLCHAIN)
     _executor.remount_readonly(c.root)
 

@@ -38,6 +38,7 @@ class ServerConfig(TypedDict):
     its trees are built from (see isolation.py)."""
 
     cache_dir: str  # C++ binaries, shared by all servers
+    cache_mb: int  # its binaries and compile errors, at most (the oldest go first)
     scratch: str  # this server's own directory: the mount point of its tree
     scratch_mb: int
     tmp_mb: int  # a test's /tmp

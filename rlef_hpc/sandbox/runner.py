@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 from rlef_hpc import atomic
 from rlef_hpc.sandbox import _executor, child
-from rlef_hpc.sandbox.cpp import CompileError, remove_contents
-from rlef_hpc.sandbox.isolation import Sandbox, SandboxSetupError, supervise
+from rlef_hpc.sandbox.cpp import CompileError
+from rlef_hpc.sandbox.isolation import Sandbox, SandboxSetupError, remove_contents, supervise
 from rlef_hpc.sandbox.programs import Programs
 from rlef_hpc.sandbox.protocol import RESULT, Report, RunRequest
 from rlef_hpc.sandbox.rlimits import BASELINE, Rlimits, rlimits_for
@@ -164,6 +164,7 @@ class Runner:
             stderr_cap=STDERR_CAPTURE,
             everything=allow_sub,
             who="a test's process",
+            solutions_binary=native,
         )
         code, stderr = obs["code"], obs["stderr"]
         peak_kb = obs["max_rss_kb"]

@@ -60,7 +60,7 @@ def main() -> None:
 
     sandbox = set_up(config)
     child.preload()
-    runner = Runner(sandbox, Programs(sandbox))
+    runner = Runner(sandbox, Programs(sandbox, config["cache_mb"] << 20))
     child.prepare_stdio()
     gc.freeze()  # a collection in a test's process would touch (and copy) every page
     # The template, before any job: it never holds a test's input, a solution or an output.
