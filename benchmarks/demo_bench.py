@@ -41,6 +41,7 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -352,6 +353,8 @@ def main() -> None:
     if args.child:
         child(*args.child, args.set)
         return
+    # SIGTERM (a timeout, a kill) still removes the temporary worktree
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(args.keep or tempfile.mkdtemp(prefix="demo-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     commit = run_git("rev-parse", "--short", args.baseline)
