@@ -8,8 +8,14 @@ thousand tokens and runs `PPOUpdate.step` with the loop's host-side collectives 
 (episode metrics averaged over ranks, the stop flag); the warm start; chunked against naive
 token log-probs (values and peak memory); streaming the policy out as HF tensors; the memory
 plan (rlef_hpc.launch.plan) against the measured peak; tokens/s and MFU of the update against
-a bf16 matmul rate measured in the same run. `--device cpu` runs the same checks on a tiny
-shape over gloo in float32, so that CI keeps this script working (tests/test_gpu_check.py).
+a bf16 matmul rate measured in the same run; the weight bus (rlef_hpc.rollout.bus) to a
+receiver in a child process, a round and then a round whose receiver is killed (over NCCL
+where there are two GPUs: NCCL refuses two ranks of a group on one device), and on CUDA the
+bus's NCCL failure handling: a stalled bus broadcast in a child process with torch's default
+NCCL settings around it, which must fail the round and leave the process running, beside a
+control made as torch's default group (which torch's watchdog ends). `--device cpu` runs the
+same checks on a tiny shape over gloo in float32 (all but the NCCL one), so that CI keeps this
+script working (tests/test_gpu_check.py).
 
 Prints one table and writes it as JSON (default $OUT/gpu_check.json where OUT is set, else
 /tmp/gpu_check.json); exits 1 if any check failed. A check that raises is recorded as failed
@@ -27,12 +33,16 @@ import math
 import os
 import random
 import resource
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +99,26 @@ COMMON = [
 NOT_ON_DEVICE = ("submitit", "vllm", "transformer_engine", "rlef_hpc.sandbox._executor")
 GB = 1024**3
 TARGET = 0.15  # planned vs measured memory: reported, not failed, outside this
+# The bus check: 16 tensors, each larger than half a bucket (so each is a broadcast of its own:
+# a receiver killed after its second has most of the round still to come).
+BUS_TENSORS, BUS_BUCKET_MIB, BUS_TIMEOUT_S = 16, 1, 20.0
+# The NCCL failure check's children run with torch's default NCCL settings except these waits,
+# shortened so that whatever would end a process does so within seconds: torch's watchdog
+# rethrows 4 x TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC after a failed work, and the first group's
+# heartbeat monitor ends the process TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC after a dump signal
+# (ProcessGroupNCCL.cpp, Watchdog::runLoop and HeartbeatMonitor::runLoop). No trace buffer: no
+# dump files.
+STALL_ENV = {
+    "TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC": "250",
+    "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC": "3",
+    "TORCH_NCCL_TRACE_BUFFER_SIZE": "0",
+}
+STALL_TIMEOUT_S = 2.0  # the stalled group's timeout
+# The GPU sleeps 4 s at 2 GHz (an H100 clocks at most 1.98): past the timeout. Its kernel
+# cannot be aborted (a dead peer's NCCL kernel can), and aborting the communicator may wait for
+# the device, so the failure may show only once it ends.
+STALL_CYCLES = 8_000_000_000
+SURVIVE_S = 12.0  # after the failure, past every teardown above
 
 
 class CheckFailed(Exception):
@@ -556,10 +586,217 @@ class GpuCheck:
         )
         expect(logp_diff < 1e-3 and entropy_diff < 1e-3, "chunked and naive differ")
 
+    def bus_rounds(self, numbers: dict[str, Any]) -> None:
+        """The weight bus from this process (a trainer's sender, BusSender) to a rollout
+        worker's receiver in a child process (`--bus-receiver`): version 1 arrives whole;
+        in version 2 the receiver kills itself (SIGKILL) after its second tensor. The round
+        must fail within the bus's timeout and this process go on: its own collectives and
+        kernels after it."""
+        import torch.distributed as dist
+
+        from rlef_hpc.dist_env import host_group
+        from rlef_hpc.rollout.bus import BusSender
+
+        torch = self.torch
+        two_gpus = self.device.type == "cuda" and torch.cuda.device_count() >= 2
+        backend = "nccl" if two_gpus else "gloo"
+        os.environ.setdefault("RLEF_BUS_ADDR", "127.0.0.1")  # both ends on this machine
+        numel = (1 << 20) if self.device.type == "cuda" else (1 << 18)  # 4 MiB or 1 MiB
+        gen = torch.Generator(device=self.device).manual_seed(0)
+        tensors = [
+            (f"w{i}", torch.randn(numel, device=self.device, generator=gen))
+            for i in range(BUS_TENSORS)
+        ]
+        with tempfile.TemporaryDirectory(prefix="gpu_check_bus_") as tmp:
+            run_dir = Path(tmp)
+            sender = BusSender(
+                run_dir, 1, BUS_BUCKET_MIB, 60.0, BUS_TIMEOUT_S, host_group(), backend=backend
+            )
+            log = open(run_dir / "receiver.log", "w")  # noqa: SIM115 - closed below
+            receiver = subprocess.Popen(
+                [sys.executable, __file__, "--bus-receiver", str(run_dir)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                first = sender.send(1, lambda: iter(tensors))
+                received = run_dir / "received-1.json"
+                deadline = time.monotonic() + 60
+                while not received.exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                expect(first["bus_ok"] == 1, f"version 1: {first}")
+                got = json.loads(received.read_text()) if received.exists() else {}
+                expect(got == _digests(tensors), "version 1 arrived different")
+                second = sender.send(2, lambda: iter(tensors))
+                code = receiver.wait(timeout=60)
+            finally:
+                receiver.kill()
+                receiver.wait()
+                log.close()
+                tail = (run_dir / "receiver.log").read_text()[-2000:]
+            expect(code == -signal.SIGKILL, f"the receiver ended with {code}: {tail}")
+            expect(second["bus_ok"] == 0, f"version 2 reported {second} with its receiver dead")
+            expect(second["bus_seconds"] < BUS_TIMEOUT_S + 10, f"version 2 took {second}")
+            # This process goes on: a collective of its own and kernels after the failed round.
+            x = torch.ones(1, device=self.device)
+            dist.all_reduce(x)
+            expect(float((x * 2).sum()) == 2.0, "the process's own group after the failed round")
+        numbers.update(
+            backend=backend,
+            gb=sum(t.numel() * t.element_size() for _, t in tensors) / GB,
+            round_s=first["bus_seconds"],
+            gb_per_s=first["bus_gbytes_per_s"],
+            failed_round_s=second["bus_seconds"],
+        )
+        if self.device.type == "cuda" and not two_gpus:
+            numbers["nccl"] = "one GPU: NCCL refuses two ranks on a device (bus_nccl_failure)"
+
+    def bus_nccl_failure(self, numbers: dict[str, Any]) -> None:
+        """The bus's NCCL failure handling (rollout/bus.py `_group`): two child processes
+        (`--nccl-stall`) each with a world group of NCCL (torch's defaults, the trainer's
+        situation) hold the GPU's stream (torch.cuda._sleep) so that a bus broadcast cannot
+        complete in time. The bus's group must fail the round as an exception, start no
+        watchdog, and leave its process running past every teardown torch has; the control,
+        a group made as torch makes it by default (the bus before), shows what it averts."""
+        outs, children = {}, {}
+        with tempfile.TemporaryDirectory(prefix="gpu_check_stall_") as tmp:
+            for kind in ("bus", "default"):
+                outs[kind] = Path(tmp, f"{kind}.json")
+                children[kind] = subprocess.Popen(
+                    [sys.executable, __file__, "--nccl-stall", kind, "--out", str(outs[kind])],
+                    env={**os.environ, **STALL_ENV},
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            results = {}
+            for kind, child in children.items():
+                try:
+                    log, _ = child.communicate(timeout=120)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    log, _ = child.communicate()
+                record = json.loads(outs[kind].read_text()) if outs[kind].exists() else {}
+                results[kind] = (child.returncode, record, log[-2000:])
+        code, bus, log = results["bus"]
+        expect(code == 0 and bus.get("survived"), f"bus child ended with {code}: {bus} {log}")
+        expect(bus["failure"] is not None, f"the stalled bus broadcast did not fail: {bus}")
+        expect(bus["failed_after_s"] < STALL_TIMEOUT_S + 10, f"failed late: {bus}")
+        expect(bus["watchdogs_added"] == 0, f"the bus's group started a watchdog: {bus}")
+        control_code, control, _ = results["default"]
+        numbers.update(
+            failure=bus["failure"],
+            failed_after_s=bus["failed_after_s"],
+            survived_s=SURVIVE_S,
+            bus_watchdogs=bus["watchdogs_added"],
+            default_watchdogs=control.get("watchdogs_added", -1),
+            default_exit=control_code,
+            default_survived=bool(control.get("survived")),
+        )
+
     def imports(self, numbers: dict[str, Any]) -> None:
         loaded = [m for m in NOT_ON_DEVICE if m in sys.modules]
         numbers["loaded"] = ",".join(loaded) or "none"
         expect(not loaded, f"the trainer path imported {loaded}, which the GPU machine lacks")
+
+
+def _digests(tensors: Any) -> dict[str, str]:
+    """Each tensor's bytes, hashed (equal exactly, whatever devices the two ends use)."""
+    import hashlib
+
+    import torch
+
+    def raw(t: Any) -> bytes:
+        return t.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes()
+
+    return {name: hashlib.sha256(raw(t)).hexdigest() for name, t in tensors}
+
+
+def bus_receiver(run_dir: Path) -> None:
+    """The bus check's rollout worker: follows the sender's versions (bus_rounds) and writes
+    version 1's digests to run_dir/received-1.json; in version 2 it kills itself after its
+    second tensor, the rest of the round still to come. On the second GPU where there are
+    two (NCCL), else on the CPU (gloo)."""
+    # A receiver with no engine: the bus's engine-rank lookup must not import vLLM (seconds
+    # here, absent on the GPU machine).
+    sys.modules["vllm"] = None  # type: ignore[assignment]
+    import torch
+
+    from rlef_hpc.rollout.bus import BusReceiver, receive
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(torch.cuda.device_count() - 1)
+    receiver = BusReceiver(run_dir, 0, 1, BUS_TIMEOUT_S)
+    deadline, seen = time.monotonic() + 300, 0
+    while seen < 2 and time.monotonic() < deadline:
+        version = receiver.announced()
+        if version is None or version <= seen:
+            time.sleep(0.02)
+            continue
+        seen, round_ = version, receiver.join(version)
+        if round_ is None:
+            continue
+        tensors = []
+        for i, item in enumerate(receive(round_)):
+            if version == 2 and i == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            tensors.append(item)
+        (run_dir / f"received-{version}.json").write_text(json.dumps(_digests(tensors)))
+
+
+def _threads(name: str) -> int:
+    """This process's threads named `name` (Linux keeps 15 characters of a thread's name)."""
+    return sum(t.read_text().strip() == name for t in Path("/proc/self/task").glob("*/comm"))
+
+
+def nccl_stall(kind: str, out: Path) -> None:
+    """One process of bus_nccl_failure: a world group of NCCL with torch's defaults, then a
+    one-rank group made by the bus (`kind` "bus") or as torch makes one by default
+    ("default"): a broadcast that completes, then one behind a stream the GPU sleeps on, waited
+    on as the bus waits; the group aborted as the bus aborts it; then SURVIVE_S seconds and the
+    world group's collective again. Writes what it saw to `out` (at the failure, and again if it
+    lives on)."""
+    import torch
+    import torch.distributed as dist
+
+    from rlef_hpc.rollout import bus
+
+    torch.cuda.set_device(0)
+    store = dist.HashStore()
+    device = torch.device("cuda", 0)
+    dist.init_process_group(
+        "nccl", store=dist.PrefixStore("world/", store), rank=0, world_size=1, device_id=device
+    )
+    x = torch.ones(1, device=device)
+    dist.all_reduce(x)
+    torch.cuda.synchronize()
+    watchdogs = _threads("pt_nccl_watchdg")
+    bus_store = dist.PrefixStore("bus/", store)
+    if kind == "bus":
+        group = bus._group(bus_store, "v/1/0/", 0, 1, "nccl", STALL_TIMEOUT_S)
+    else:
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timedelta(seconds=STALL_TIMEOUT_S)
+        group = dist.ProcessGroupNCCL(dist.PrefixStore("v/1/0/", bus_store), 0, 1, options)
+    flat = torch.zeros(1 << 20, dtype=torch.uint8, device=device)
+    bus._wait(bus._broadcast(group, flat), STALL_TIMEOUT_S)
+    record: dict[str, Any] = {"watchdogs_added": _threads("pt_nccl_watchdg") - watchdogs}
+    torch.cuda._sleep(STALL_CYCLES)
+    start = time.monotonic()
+    try:
+        bus._wait(bus._broadcast(group, flat), STALL_TIMEOUT_S)
+        record["failure"] = None
+    except Exception as e:  # noqa: BLE001 - the failure this check is after
+        record["failure"] = f"{type(e).__name__}: {str(e)[:200]}"
+    record["failed_after_s"] = time.monotonic() - start
+    bus._abort(group)
+    out.write_text(json.dumps(record))
+    time.sleep(SURVIVE_S)
+    dist.all_reduce(x)
+    torch.cuda.synchronize()
+    record["survived"] = float(x.item()) == 1.0
+    out.write_text(json.dumps(record))
+    dist.destroy_process_group()
 
 
 def _version(distribution: str) -> str:
@@ -588,7 +825,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(os.environ.get("OUT", "/tmp"), "gpu_check.json")
     ap.add_argument("--out", type=Path, default=out, help=f"the JSON report (default {out})")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    # The child processes of the bus checks.
+    ap.add_argument("--bus-receiver", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--nccl-stall", choices=["bus", "default"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.bus_receiver:
+        bus_receiver(args.bus_receiver)
+        return 0
+    if args.nccl_stall:
+        nccl_stall(args.nccl_stall, args.out)
+        return 0
     if args.device == "cpu":
         # Before torch loads: on a GPU machine, --device cpu must still mean gloo and the CPU.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -611,6 +857,9 @@ def main(argv: list[str] | None = None) -> int:
     report.run("hf_stream", check.hf_stream, ("ppo_update",))
     check.release()
     report.run("warm_start", check.warm_start, ("setup",))
+    report.run("bus_rounds", check.bus_rounds, ("setup",))
+    if args.device == "cuda":
+        report.run("bus_nccl_failure", check.bus_nccl_failure)
     report.run("imports", check.imports)
 
     header = {

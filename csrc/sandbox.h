@@ -2,6 +2,7 @@
 #pragma once
 
 #include <linux/filter.h>
+#include <sys/types.h>
 
 struct Policy {
   bool allow_subprocesses;
@@ -12,3 +13,9 @@ struct Policy {
 // Builds the seccomp filter for `policy` and exports it as BPF (owned by the caller).
 // Returns 0 or a negative errno.
 int export_policy(const Policy& policy, sock_fprog* out);
+
+// The second, per-test filter: signals (kill, tgkill) and prlimit64 only on the test itself,
+// `self` being its pid as it sees it. Written into `filter` (kSelfFilterLen instructions), no
+// allocation: it is built in the test's own process, possibly a vfork child.
+constexpr int kSelfFilterLen = 21;
+void self_filter(pid_t self, sock_filter* filter, sock_fprog* out);

@@ -59,8 +59,17 @@ def test_integers_are_exact(n, delta):
 
 
 @given(st.integers(min_value=-(10**9), max_value=10**9))
-def test_an_integer_written_as_a_real_is_a_real(n):
-    assert outputs_match(str(n), f"{n}.000000")
+def test_an_integer_answer_takes_an_integer(n):
+    """Issue 27: a real within the tolerance is not an integer answer ("1e12" for
+    1000000000001); an integer written differently ("+5", "005") is."""
+    assert not outputs_match(str(n), f"{n}.000000")
+    assert not outputs_match(str(n), f"{n:e}")
+    assert outputs_match(str(n), f"{n:+d}") and outputs_match(str(n), f"{n:+06d}")
+
+
+@given(st.integers(min_value=-(10**9), max_value=10**9))
+def test_a_real_answer_takes_an_integer_written_as_one(n):
+    assert outputs_match(f"{n}.000000", str(n))
 
 
 def test_words_that_float_parses_compare_as_text():

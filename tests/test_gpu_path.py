@@ -231,13 +231,72 @@ def test_batches_pad_to_the_models_sequence_multiple():
     assert torch.equal(padded.tokens[:, :5], plain.tokens) and not padded.response_mask[:, 5:].any()
     assert torch.equal(padded.logp_behaviour[:, :5], plain.logp_behaviour)
 
-    def config(fp8: str | None, sp: bool, tp: int) -> SimpleNamespace:
-        return SimpleNamespace(fp8=fp8, sequence_parallel=sp, tensor_model_parallel_size=tp)
+    assert sequence_multiple(_config(None, False, 4)) == 1
+    assert sequence_multiple(_config("e4m3", False, 4)) == 16
+    assert sequence_multiple(_config(None, True, 4)) == 4
+    assert sequence_multiple(_config("hybrid", True, 32)) == 256
 
-    assert sequence_multiple(config(None, False, 4)) == 1
-    assert sequence_multiple(config("e4m3", False, 4)) == 16
-    assert sequence_multiple(config(None, True, 4)) == 4
-    assert sequence_multiple(config("hybrid", True, 32)) == 32
+
+def _config(fp8: str | None, sp: bool, tp: int, recipe: str = "delayed") -> SimpleNamespace:
+    """The fields of megatron's TransformerConfig that decide the sequence multiple."""
+    return SimpleNamespace(
+        fp8=fp8, fp8_recipe=recipe, sequence_parallel=sp, tensor_model_parallel_size=tp
+    )
+
+
+# Transformer Engine 2.11's conditions on the token rows of an FP8 GEMM, copied from its source
+# (v2.11 tag): (where, the recipes it applies to, the rows it is asked of, the divisor).
+# "local": the input of a TE linear as the rank holds it (under sequence parallelism a
+# column-parallel layer's is the rank's s/tp positions); "gathered": the layer's whole token
+# count; "all-gathered": the local input of a layer that all-gathers it (column-parallel under
+# sequence parallelism).
+ALL_RECIPES = ("delayed", "tensorwise", "blockwise")
+TE_FP8_ROWS = [
+    # pytorch/utils.py assert_dim_for_fp8_exec: `math.prod(tensor.shape[:-1]) % 8 == 0`, on
+    # every FP8 linear's input (module/linear.py, layernorm_linear.py, layernorm_mlp.py forward)
+    ("utils.py assert_dim_for_fp8_exec", ALL_RECIPES, "local", 8),
+    # common/gemm/cublaslt_gemm.cu CanonicalizeGemmInput: `ret.lda % 16 == 0`, `ret.ldb % 16 ==
+    # 0` for FP8 operands (tensor scaling and block scaling), lda = ldb = k in the TN layout
+    # Hopper takes; k is the token count in the weight-gradient GEMM
+    ("cublaslt_gemm.cu CanonicalizeGemmInput", ALL_RECIPES, "gathered", 16),
+    # pytorch/utils.py assert_dim_for_all_gather(inputmat, with_input_all_gather, quantizer) ->
+    # tensor/float8_blockwise_tensor.py Float8BlockQuantizer.is_quantizable:
+    # `math.prod(inp.shape[:-1]) % self.block_len != 0` -> False, block_len = 128
+    ("Float8BlockQuantizer.is_quantizable", ("blockwise",), "all-gathered", 128),
+]
+
+
+def _te_violations(s: int, rows: int, tp: int, sp: bool, recipe: str) -> list[str]:
+    """The conditions of TE_FP8_ROWS that a batch of `rows` sequences of `s` positions breaks
+    (with sequence parallelism s must also split evenly over the tensor-parallel ranks)."""
+    if sp and s % tp:
+        return ["s/tp"]
+    local = (s // tp if sp else s) * rows
+    asked = {"local": local, "gathered": s * rows, "all-gathered": local if sp else None}
+    return [
+        where
+        for where, recipes, which, divisor in TE_FP8_ROWS
+        if recipe in recipes and asked[which] is not None and asked[which] % divisor
+    ]
+
+
+@pytest.mark.parametrize("recipe", ALL_RECIPES)
+def test_fp8_batches_pad_to_what_transformer_engine_asserts(recipe):
+    """For each FP8 recipe, tensor-parallel size and micro-batch rows, every length padded to
+    sequence_multiple meets TE's conditions (9,232 tokens at TP4 used to be padded to 16 only:
+    2,308 rows per rank, not a multiple of 8); and the multiple is the least length that meets
+    them, so no batch pads further than TE needs."""
+    from rlef_hpc.models.gpt import sequence_multiple
+
+    for tp, fp8 in itertools.product((1, 2, 4, 8), ("e4m3", "hybrid")):
+        for sp in (False, True) if tp > 1 else (False,):
+            multiple = sequence_multiple(_config(fp8, sp, tp, recipe))
+            for length, rows in itertools.product((1, 100, 2308, 6144, 9217, 9232), (1, 2, 3)):
+                s = -(-length // multiple) * multiple
+                broken = _te_violations(s, rows, tp, sp, recipe)
+                assert not broken, (recipe, fp8, tp, sp, length, rows, s, broken)
+            least = next(s for s in itertools.count(1) if not _te_violations(s, 1, tp, sp, recipe))
+            assert multiple == least, (recipe, tp, sp, multiple, least)
 
 
 @pytest.fixture

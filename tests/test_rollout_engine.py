@@ -356,6 +356,7 @@ def test_evaluation_runs_the_model_unquantised(monkeypatch, hf_dir):
 def test_the_refit_probe_is_a_multiple_of_the_models_sequence_multiple(hf_dir):
     """Under FP8 training the trainer's GEMMs take multiples of 16 tokens: the probe's length
     is one, as every batch's is (test_gpu_path)."""
+    import torch
     from transformers import AutoTokenizer
 
     from rlef_hpc.data.bundled import BUNDLED
@@ -369,3 +370,7 @@ def test_the_refit_probe_is_a_multiple_of_the_models_sequence_multiple(hf_dir):
     probe = probe_sequences(tokenizer, problems, EpisodeConfig(), multiple=16)
     assert probe.shape[1] % 16 == 0 and shortest - 16 < probe.shape[1] <= shortest
     assert probe.device.type == "cpu"
+    # Blockwise FP8 at TP8 pads to 1,024 tokens, more than a prompt: each prompt repeats.
+    long = probe_sequences(tokenizer, problems, EpisodeConfig(), multiple=1024)
+    assert shortest < 1024 and long.shape == (2, 1024)
+    assert torch.equal(long[:, :shortest], probe_sequences(tokenizer, problems, EpisodeConfig()))

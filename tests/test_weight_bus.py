@@ -1,18 +1,25 @@
 """The weight bus (rlef_hpc.rollout.bus) between a TP=2 trainer under torchrun and two
 rollout workers' vLLM engines, all on CPU over gloo: every version reaches both engines, their
 log-probs equal the trainer's, and a worker killed mid-broadcast (SIGKILL) neither hangs nor
-corrupts the trainer or the other worker; restarted, it rejoins for the next version."""
+corrupts the trainer or the other worker; restarted, it rejoins for the next version.
+On NCCL the same must hold: the bus's groups are made so that a failure is an exception of the
+round and nothing else (no watchdog to end the process), and a failed group is aborted at once
+(checked here with stand-in groups; on a GPU by benchmarks/gpu_check.py's bus checks)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 
+from rlef_hpc.rollout import bus
 from tests.helpers import require, save_random_llama, script, torchrun_command
 
 
@@ -91,3 +98,83 @@ def test_versions_reach_every_worker_and_a_killed_worker_harms_nobody(tmp_path):
         assert [r["version"] for r in loaded] == sorted(r["version"] for r in loaded)
     survivor = (logs / "w0-0.log").read_text()
     assert "weight bus: version 2 failed" in survivor  # its stream broke, it took the files
+
+
+@pytest.mark.parametrize("before", [None, "0"])
+def test_nccl_bus_groups_are_made_without_a_watchdog(monkeypatch, before):
+    """torch starts a ProcessGroupNCCL's watchdog (which ends the process on a failed work)
+    unless TORCH_NCCL_BLOCKING_WAIT is set when the group is constructed: set for the bus's
+    groups then, and put back as it was for every other group of the process. CPU torch has
+    no ProcessGroupNCCL: a stand-in records what its constructor would read."""
+    seen = []
+
+    class StandIn:
+        class Options:
+            _timeout = None
+
+        def __init__(self, store, rank, size, options):
+            seen.append((os.environ.get("TORCH_NCCL_BLOCKING_WAIT"), rank, size, options._timeout))
+
+    monkeypatch.setattr(dist, "ProcessGroupNCCL", StandIn, raising=False)
+    if before is None:
+        monkeypatch.delenv("TORCH_NCCL_BLOCKING_WAIT", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_NCCL_BLOCKING_WAIT", before)
+    bus._group(dist.HashStore(), "v/1/0/", 1, 3, "nccl", 7.0)
+    assert [s[0] for s in seen] == ["1"] and seen[0][1:3] == (1, 3)
+    assert seen[0][3].total_seconds() == 7.0
+    assert os.environ.get("TORCH_NCCL_BLOCKING_WAIT") == before
+
+
+def test_a_failed_broadcast_aborts_the_group_before_the_remaining_gathers(monkeypatch):
+    """The sender's broadcast fails (a member died): its group is aborted then, not after the
+    stage's remaining tensors were gathered (every TP rank of the stage still drives those),
+    and with TORCH_NCCL_EXTRA_DUMP_ON_EXEC off while torch aborts it (it would raise the
+    process-wide dump signal)."""
+    events: list[str] = []
+    monkeypatch.setenv("TORCH_NCCL_EXTRA_DUMP_ON_EXEC", "1")
+
+    class Work:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def wait(self, timeout) -> None:
+            if self.n == 1:
+                raise RuntimeError("NCCL error: remote process exited")
+
+    class Group:
+        broadcasts = 0
+
+        def broadcast(self, tensors, options):
+            Group.broadcasts += 1
+            events.append(f"broadcast {Group.broadcasts}")
+            return Work(Group.broadcasts)
+
+        def abort(self) -> None:
+            events.append(f"abort (extra dump {os.environ['TORCH_NCCL_EXTRA_DUMP_ON_EXEC']})")
+
+    monkeypatch.setattr(bus, "_group", lambda *args: Group())
+
+    def weights():
+        for i in range(6):
+            events.append(f"gather {i}")
+            yield f"w{i}", torch.full((16,), float(i))  # 64 bytes: one bucket each
+
+    sender = bus.BusSender.__new__(bus.BusSender)
+    sender.stage, sender.sends, sender.backend, sender.timeout_s = 0, True, "gloo", 1.0
+    sender.store, sender.half_bytes, sender._layouts = dist.HashStore(), 64, []
+    sent, failed = sender._stream(1, 2, weights())
+    assert failed
+    # Bucket 1 goes out with tensor 1's arrival, bucket 2 with tensor 2's, after waiting on
+    # bucket 1: that wait fails, and the group is aborted before tensor 3 is gathered.
+    assert events == [
+        "gather 0",
+        "gather 1",
+        "broadcast 1",
+        "gather 2",
+        "abort (extra dump 0)",
+        "gather 3",
+        "gather 4",
+        "gather 5",
+    ]
+    assert os.environ["TORCH_NCCL_EXTRA_DUMP_ON_EXEC"] == "1"

@@ -42,6 +42,10 @@ class Trajectory:
     turns: list[Turn]
     success: bool  # the last answer passed every public and private test
     messages: list[dict[str, str]] = field(default_factory=list)
+    # The sandbox could not run one of its jobs (SANDBOX_ERROR, see rlef_hpc.sandbox): the
+    # episode ended there, without a terminal reward. Not a verdict on the policy: train on it
+    # and a policy that found a way to break the sandbox would be rewarded for it.
+    sandbox_error: bool = False
 
     @property
     def total_reward(self) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from rlef_hpc.episodes.templates import (
 )
 from rlef_hpc.progress import progress_bar
 from rlef_hpc.sandbox import Job, TestResult, Verdict
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class _Episode:
         self.prompt_span = prompt_span
         self.turns: list[Turn] = []
         self.success = False
+        self.sandbox_error = False  # a job the sandbox could not run ended the episode
 
 
 class EpisodeRunner:
@@ -129,8 +133,15 @@ class EpisodeRunner:
                 done = []
             for future in done:
                 episode, stage = running.pop(future)
-                results = future.result()
-                if stage == "private":
+                results = _results(future)
+                if results is None or any(r.verdict is Verdict.SANDBOX_ERROR for r in results):
+                    # Not the policy's doing: no verdict, no reward, and no further turn (its
+                    # feedback would be about the sandbox). Marked for the trainer and metrics.
+                    episode.sandbox_error = True
+                    if results is not None and stage == "public":
+                        episode.turns[-1].public_verdicts = [r.verdict.value for r in results]
+                    self._finish(episode, bar)
+                elif stage == "private":
                     episode.success = all(r.passed for r in results)
                     self._finish(episode, bar)
                 elif self._next_turn(episode, results):
@@ -214,8 +225,9 @@ class EpisodeRunner:
         return self.executor.submit(job)
 
     def _finish(self, episode: _Episode, bar: Any) -> None:
-        reward = self.config.success_reward if episode.success else self.config.failure_reward
-        episode.turns[-1].reward += reward
+        if not episode.sandbox_error:
+            reward = self.config.success_reward if episode.success else self.config.failure_reward
+            episode.turns[-1].reward += reward
         if bar is not None:
             bar.update()
 
@@ -227,4 +239,15 @@ class EpisodeRunner:
             turns=episode.turns,
             success=episode.success,
             messages=list(episode.conversation.messages),
+            sandbox_error=episode.sandbox_error,
         )
+
+
+def _results(future: concurrent.futures.Future[list[TestResult]]) -> list[TestResult] | None:
+    """A job's results, or None where the sandbox raised instead of answering (an executor
+    closed under it): never an exception in the training step."""
+    try:
+        return future.result()
+    except Exception:  # noqa: BLE001 - whatever the sandbox raised, the episode is marked
+        log.exception("the sandbox could not run a job; its episode is marked sandbox_error")
+        return None

@@ -111,13 +111,28 @@ def transformer_config(
 
 
 def sequence_multiple(config: Any) -> int:
-    """What a batch's sequence length must be a multiple of for a model of this megatron
-    config: 16 under FP8 (its GEMMs need token counts divisible by 16), the tensor-parallel
-    size under sequence parallelism (each rank takes an equal slice); batches right-pad to it."""
-    multiple = 16 if config.fp8 else 1
-    if config.sequence_parallel:
-        multiple = math.lcm(multiple, config.tensor_model_parallel_size)
-    return multiple
+    """What a batch's sequence length s must be a multiple of for a model of this megatron
+    config (batches right-pad to it): the tensor-parallel size tp under sequence parallelism
+    (each rank takes s/tp positions), and under FP8 what Transformer Engine 2.11 requires of
+    the token rows of every FP8 GEMM (tests/test_gpu_path.py holds these conditions as data):
+    - 16 tokens: an FP8 operand's leading dimension must be a multiple of 16
+      (common/gemm/cublaslt_gemm.cu, CanonicalizeGemmInput), and in the weight-gradient GEMM
+      that dimension is the token count (s x rows, gathered under sequence parallelism);
+    - 8 rows of what the rank holds: every FP8 linear asserts it of its input
+      (pytorch/utils.py assert_dim_for_fp8_exec, from module/linear.py, layernorm_linear.py
+      and layernorm_mlp.py), and under sequence parallelism a column-parallel layer's input is
+      the rank's s/tp positions: s a multiple of 8 tp;
+    - blockwise, with sequence parallelism: the slice a column-parallel layer all-gathers must
+      quantize in blocks of 128 rows (utils.py assert_dim_for_all_gather ->
+      tensor/float8_blockwise_tensor.py Float8BlockQuantizer.is_quantizable, block_len 128):
+      s a multiple of 128 tp.
+    Rows are s times the micro-batch's rows: asked of s, each holds for any number of rows."""
+    sp = bool(config.sequence_parallel)
+    tp = config.tensor_model_parallel_size if sp else 1
+    if not config.fp8:
+        return tp
+    rows = 128 if sp and config.fp8_recipe == "blockwise" else 8
+    return math.lcm(16, rows * tp)
 
 
 def causal_mask(length: int, device: torch.device | str | None = None) -> torch.Tensor:

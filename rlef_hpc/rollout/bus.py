@@ -33,7 +33,13 @@ missed the round. The other members' streams end in an error (the broadcast's ti
 their engine then holds part of a version, so the worker loads the newest complete version
 from the files before it generates again (`rlef_hpc.rollout.publish.WeightFollower`): no
 episode is ever sampled from a partial version. Groups are made per round, so a worker
-that leaves, dies or is requeued is simply not a member of the next one.
+that leaves, dies or is requeued is simply not a member of the next one. A failed group is
+aborted the moment its failure shows, before anything else is sent.
+
+On NCCL a failure must stay an exception of the round, as it is on gloo: torch's default
+would take the whole process down (see `_group`). Left open: NCCL builds a group's
+communicator at its first broadcast (`ncclCommInitRank`, blocking, with no timeout); a member
+that dies between joining a round and that first broadcast leaves the others waiting in it.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -84,6 +91,54 @@ def _store(host: str, port: int, timeout_s: float, master: bool = False) -> Any:
     )
 
 
+@contextmanager
+def _environment(**values: str) -> Iterator[None]:
+    """These environment variables set while the block runs, then put back as they were:
+    torch reads its NCCL settings when a group is constructed or aborted (see `_group`), so
+    they apply to the bus's groups only, never to the process's own."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+# A bus group of NCCL is made with blocking wait: what makes a failure of a round an
+# exception in the thread that waits on it, and nothing else, on NCCL as on gloo. From torch's
+# ProcessGroupNCCL.cpp (the 2.13 layout its installed ProcessGroupNCCL.hpp declares):
+# - The constructor reads TORCH_NCCL_BLOCKING_WAIT and TORCH_NCCL_ASYNC_ERROR_HANDLING per
+#   group (`blockingWait_`, `asyncErrorHandling_`, default 3 = SkipCleanUp), and starts the
+#   group's watchdog thread only `if (!blockingWait_)`; the watchdog starts the group's
+#   HeartbeatMonitor (`Watchdog::run`). With blocking wait `workEnqueue` enqueues nothing for
+#   a watchdog either.
+# - Without blocking wait, `Watchdog::runLoop` polls every 100 ms; on a failed or timed-out
+#   work it calls `broadcastDumpSignal()`, which sets the process-wide static `shouldDump_`,
+#   sleeps 4 x TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC, then `WorkNCCL::handleException` rethrows
+#   in the watchdog thread under modes 1 and 3 (SHOULD_TEAR_DOWN): std::terminate. Worse,
+#   `shouldDump_` is read by the HeartbeatMonitor of the process's first NCCL group (uid 0:
+#   the trainer's own world), whose `runLoop` then dumps, sleeps
+#   TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC and calls `terminateProcess`, whatever mode the failing
+#   group had: per-group error handling (mode 0 or 2) would still lose the trainer 8 minutes
+#   later. Aborting at once narrows the race but does not close it: the watchdog sees an
+#   NCCL error within 100 ms, and checks each enqueued work's timeout even after `abort()`
+#   set `terminateProcessGroup_`. Only a group with no watchdog never raises the signal.
+# - With blocking wait, `WorkNCCL::wait` polls the work on the caller's thread until it
+#   completes, fails (the communicator's async error) or times out, then on failure aborts
+#   the communicator and rethrows there (`handleException(TearDown)` in the calling thread
+#   is a Python exception): the round fails, the process goes on.
+# The variable is set only while the group is constructed (`getCvarBool`, read in the
+# constructor; the TORCH_ name outranks the older NCCL_BLOCKING_WAIT), so the trainer's own
+# groups keep torch's watchdog. Not run on a GPU here: benchmarks/gpu_check.py's
+# bus_nccl_failure check runs it (a stalled bus broadcast on one GPU, and the same with
+# torch's default group as a control).
+_NCCL_BUS_GROUP = {"TORCH_NCCL_BLOCKING_WAIT": "1"}
+
+
 def _group(store: Any, prefix: str, rank: int, size: int, backend: str, timeout_s: float) -> Any:
     """A process group of its own (not registered with torch.distributed's default world,
     which the trainer's ranks have and the engines' processes may not)."""
@@ -92,7 +147,8 @@ def _group(store: Any, prefix: str, rank: int, size: int, backend: str, timeout_
     if backend == "nccl":
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
-        return dist.ProcessGroupNCCL(store, rank, size, options)
+        with _environment(**_NCCL_BUS_GROUP):
+            return dist.ProcessGroupNCCL(store, rank, size, options)
     return dist.ProcessGroupGloo(store, rank, size, timeout)
 
 
@@ -107,12 +163,17 @@ def _wait(work: Any, timeout_s: float) -> None:
 
 
 def _abort(group: Any) -> None:
-    # NCCL: a communicator with a collective stuck on a dead peer must be aborted, or its
-    # watchdog tears the process down later; gloo's is closed by dropping it.
+    """A failed group, at once: on NCCL a broadcast stuck on a dead peer holds its stream,
+    and every kernel the process queues behind it (`WorkNCCL::wait` made the caller's stream
+    wait on it), until its communicator is aborted; gloo's group is closed by dropping it.
+    `ProcessGroupNCCL::abort` first calls `dumpExtraDebuggingInfo`, which under
+    TORCH_NCCL_EXTRA_DUMP_ON_EXEC (read at the call) would set the process-wide dump signal
+    that ends the process (see `_group`): off for the bus's abort."""
     abort = getattr(group, "abort", None)
     if abort is not None:
         try:
-            abort()
+            with _environment(TORCH_NCCL_EXTRA_DUMP_ON_EXEC="0"):
+                abort()
         except Exception:  # noqa: BLE001 - best effort, the round has failed already
             pass
 
@@ -193,7 +254,10 @@ class BusSender:
         join_wait_s: float,
         timeout_s: float,
         host_group: Any,
+        backend: str | None = None,
     ) -> None:
+        """`backend`: the groups' (default NCCL where CUDA is, else gloo; benchmarks/gpu_check
+        takes gloo on one GPU, where NCCL refuses two ranks on one device)."""
         from megatron.core import parallel_state as ps
 
         self.workers, self.join_wait_s, self.timeout_s = workers, join_wait_s, timeout_s
@@ -206,7 +270,7 @@ class BusSender:
         self.stages = ps.get_pipeline_model_parallel_world_size()
         self.gathers = ps.get_data_parallel_rank() == 0
         self.sends = self.gathers and ps.get_tensor_model_parallel_rank() == 0
-        self.backend = "nccl" if torch.cuda.is_available() else "gloo"
+        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         address: list[Any] = [None]
         if self.rank == 0:
             host = _host_address()
@@ -300,7 +364,8 @@ class BusSender:
         self, version: int, size: int, weights: Iterator[tuple[str, torch.Tensor]]
     ) -> tuple[int, bool]:
         """This stage's tensors in buckets (the sender), or only the gathers (other TP ranks).
-        A failure stops the broadcasts, not the gathers the stage's other ranks wait in."""
+        A failure aborts the group at once and stops the broadcasts, not the gathers the
+        stage's other ranks wait in."""
         prefix = f"v/{version}/{self.stage}/"
         group, pending, sent, failed = None, None, 0, False
         if self.sends:
@@ -310,6 +375,12 @@ class BusSender:
                 print(f"weight bus: version {version}: no group ({e})", flush=True)
                 failed = True
         k = 0
+
+        def fail(e: Exception) -> None:
+            nonlocal failed
+            print(f"weight bus: version {version}: {type(e).__name__}: {e}", flush=True)
+            failed = True
+            _abort(group)  # now, not after the stage's remaining gathers
 
         def send(flat: torch.Tensor, layout: list[list[Any]]) -> None:
             nonlocal pending, sent, k
@@ -328,8 +399,7 @@ class BusSender:
                 for flat, layout in packer.add(name, tensor):
                     send(flat, layout)
             except Exception as e:  # noqa: BLE001 - a member died: the round fails, not training
-                print(f"weight bus: version {version}: {type(e).__name__}: {e}", flush=True)
-                failed = True
+                fail(e)
         if self.sends and not failed:
             try:
                 for flat, layout in packer.flush():
@@ -338,10 +408,7 @@ class BusSender:
                     _wait(pending, self.timeout_s)
                 self.store.set(f"{prefix}m{k}", json.dumps({"n": 0, "t": []}))  # the end
             except Exception as e:  # noqa: BLE001
-                print(f"weight bus: version {version}: {type(e).__name__}: {e}", flush=True)
-                failed = True
-        if failed and group is not None:
-            _abort(group)
+                fail(e)
         if self.sends:
             # The previous round's layouts: read by now, or never will be (this round's end
             # marker may still be unread by a member).

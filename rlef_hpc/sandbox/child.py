@@ -1,8 +1,10 @@
-"""What runs in a Python test's own process: a fork of the server, already inside the sandbox.
+"""What runs in a Python test's own process: a fork of the template, inside the sandbox.
 
 The server prepares here, once, what every such fork inherits (the modules solutions import,
-their stdio objects); `run_spare` is the forked process's whole life. Nothing in this module may
-hold another solution's code or a test's expected output: the solution can read its process.
+their stdio objects), then forks the template (csrc: start_template), which never sees a job:
+`run_template` is its whole life, and `run_spare` that of each process it forks. The solution
+can read its whole process, so nothing of another test may ever be in it: it is a copy of the
+template, which holds nothing of any test.
 """
 
 from __future__ import annotations
@@ -64,6 +66,13 @@ def prepare_stdio() -> None:
     for fd in (memfd, r, w):
         os.close(fd)
     _STDIO = (stdin, stdout, stderr)
+
+
+def run_template() -> NoReturn:
+    """The template: forks a spare whenever the server asks; only the spares return from
+    template_loop, each to wait for its test."""
+    _executor.template_loop()
+    run_spare()
 
 
 def run_spare() -> NoReturn:

@@ -1,7 +1,7 @@
 """rlef-sandbox: run one solution on a JSON-lines file of tests, in the sandbox.
 
     rlef-sandbox --lang python --source sol.py --tests tests.jsonl [--time-limit S]
-                 [--memory-limit MB] [--stop-on-first-failure]
+                 [--memory-limit MB] [--stop-on-first-failure] [--allow-missing NAME,...]
 
 Prints one JSON line per test; exits 0 when every test passes, 1 otherwise, 2 on bad usage.
 """
@@ -68,7 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=_positive(int), default=1)
     p.add_argument(
-        "--unsafe", action="store_true", help="run even where seccomp is unavailable (rlimits only)"
+        "--allow-missing",
+        default="",
+        metavar="NAME,...",
+        help="isolations this machine may lack (of: seccomp, namespaces, minimal_root, landlock,"
+        " unprivileged, cpu_pinned); without it the sandbox refuses to run where one is missing",
+    )
+    p.add_argument(
+        "--unsafe", action="store_true", help="run whatever isolation is missing (rlimits only)"
     )
     return p
 
@@ -101,11 +108,18 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         parser.exit(2, f"rlef-sandbox: error: {e}\n")
 
-    from rlef_hpc.sandbox.executor import Executor, SandboxUnavailableError
+    from rlef_hpc.sandbox.executor import REQUIRED, Executor, SandboxUnavailableError
 
+    allow_missing = [name for name in args.allow_missing.split(",") if name]
+    if unknown := [name for name in allow_missing if name not in REQUIRED]:
+        parser.exit(
+            2,
+            f"rlef-sandbox: error: --allow-missing: unknown {', '.join(unknown)}; expected "
+            f"some of {', '.join(REQUIRED)}\n",
+        )
     limits = Limits(time_s=args.time_limit, memory_mb=args.memory_limit)
     try:
-        with Executor(workers=args.workers, unsafe=args.unsafe) as ex:
+        with Executor(workers=args.workers, unsafe=args.unsafe, allow_missing=allow_missing) as ex:
             results = ex.run(
                 args.lang, source, tests, limits, args.stop_on_first_failure, args.compare
             )

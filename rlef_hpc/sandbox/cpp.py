@@ -2,115 +2,135 @@
 
 Every binary is static (faster to start, no loader to trust) and has the exec guard linked in
 first; `#include <bits/stdc++.h>` hits a precompiled header built once per compiler. The
-compiler reads untrusted source, so it runs as the sandbox uid, inside the worker's namespaces,
-under rlimits and a deadline; only the worker copies its output into the shared cache.
+compiler reads untrusted source, so it runs confined like a test (csrc: spawn with
+compile=True): chrooted into the compiler's tree (/usr, the toolchain, its /tmp: no /dev but
+null, no /proc, nothing of the project), as the sandbox uid (or capless, without root), under
+rlimits (address space, CPU, file size, processes) and a wall-clock deadline, with its whole
+process tree killed at the end. Whatever it does with a solution's source (an error, a timeout,
+running out of memory, `#include "/dev/zero"`) is that source's COMPILE_ERROR, cached like any
+other: only the worker copies its output into the shared cache.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-import resource
 import shutil
+import signal
 from collections.abc import Sequence
 
 from rlef_hpc.sandbox import _executor
+from rlef_hpc.sandbox.isolation import TOOLCHAIN, supervise
+from rlef_hpc.sandbox.rlimits import Rlimits
 
 CXX = "g++"
 CXX_FLAGS = ("-std=gnu++17", "-O2", "-pipe")
 LINK_FLAGS = ("-static",)
-COMPILE_TIME_S = 30
-COMPILE_MEMORY = 4 << 30
+BIN = "/usr/bin"  # where the compiler driver is, in the compiler's tree as on the host
+# A solution's compile: g++ with the precompiled header needs ~300 MB and well under a second.
+COMPILE_LIMITS = Rlimits(
+    address_space=2 << 30,
+    cpu_s=20,
+    file_size=64 << 20,
+    open_files=256,
+    processes=16,
+    stack=64 << 20,
+)
+COMPILE_WALL_S = 30.0
+# Building the precompiled header (trusted input) takes longer and writes ~100 MB.
+TOOLCHAIN_LIMITS = COMPILE_LIMITS._replace(address_space=8 << 30, cpu_s=600, file_size=1 << 30)
+TOOLCHAIN_WALL_S = 900.0
 MESSAGE_BYTES = 8192
-_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C"}
+ENV = ["PATH=/usr/bin:/bin", "LANG=C", "TMPDIR=/tmp"]
+GUARD_SOURCE = os.path.join(os.path.dirname(__file__), "exec_guard.c")
+REASON_WALL = 1  # csrc: supervise's Reason
 
 
 class CompileError(Exception):
     """The solution does not compile; the message is the compiler's (tail)."""
 
 
-def run_command(
-    argv: Sequence[str],
-    cwd: str,
-    *,
-    uid: int | None = None,
-    landlock: int = -1,
-    timeout_s: float = COMPILE_TIME_S,
-) -> tuple[int, bytes, bytes]:
-    """Runs a trusted program (the compiler) under rlimits, optionally as `uid` and confined by
-    a Landlock ruleset, killing its whole process tree at the deadline. os.fork rather than
-    subprocess: subprocess would load threading into the worker, and every Python module there
-    makes each test's fork slower."""
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child execs or exits
-        try:
-            os.setpgid(0, 0)
-            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-            os.dup2(out_w, 1)
-            os.dup2(err_w, 2)
-            _executor.landlock_apply(landlock)
-            os.closerange(3, 1 << 16)
-            for res, value in (
-                (resource.RLIMIT_CPU, int(timeout_s)),
-                (resource.RLIMIT_AS, COMPILE_MEMORY),
-                (resource.RLIMIT_FSIZE, 256 << 20),
-            ):
-                resource.setrlimit(res, (value, value))
-            if uid is not None:
-                os.setgroups([])
-                os.setresgid(uid, uid, uid)
-                os.setresuid(uid, uid, uid)
-            os.chdir(cwd)
-            os.execvpe(argv[0], list(argv), {**_ENV, "TMPDIR": cwd})
-        finally:
-            os._exit(127)
-    os.close(out_w)
-    os.close(err_w)
-    obs = _executor.supervise(
-        pid=pid,
-        stdout_fd=out_r,
-        stderr_fd=err_r,
-        wall_limit_s=timeout_s,
-        stdout_cap=1 << 24,
-        stderr_cap=MESSAGE_BYTES,
+def run_compiler(
+    argv: Sequence[str], limits: Rlimits = COMPILE_LIMITS, wall_s: float = COMPILE_WALL_S
+) -> dict:
+    """Runs the compiler (argv[0] in /usr/bin) confined (see the module docstring) in its
+    working directory; returns supervise()'s observation."""
+    started = _executor.spawn(
+        path=os.path.join(BIN, argv[0]),
+        argv=list(argv),
+        env=ENV,
+        stdin=b"",
+        rlimits=limits,
+        allow_subprocesses=True,
+        compile=True,
     )
-    if obs["reason"] == 1:
-        return -1, obs["stdout"], b"compilation timed out\n" + obs["stderr"]
-    return obs["code"], obs["stdout"], obs["stderr"]
+    return supervise(
+        started,
+        wall_limit_s=wall_s,
+        stdout_cap=1 << 20,
+        stderr_cap=MESSAGE_BYTES,
+        everything=True,
+        who="the compiler",
+    )
 
 
-def _check(argv: Sequence[str], cwd: str) -> bytes:
-    code, out, err = run_command(argv, cwd)
-    if code != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({code}): {err.decode(errors='replace')}")
-    return out
+def _check(argv: Sequence[str]) -> bytes:
+    """Runs a toolchain command on trusted input; its failure is the machine's, not a
+    solution's."""
+    obs = run_compiler(argv, TOOLCHAIN_LIMITS, TOOLCHAIN_WALL_S)
+    if obs["code"] != 0 or obs["reason"] != 0:
+        err = obs["stderr"].decode(errors="replace")
+        raise RuntimeError(f"{' '.join(argv)} failed ({obs['code']}): {err}")
+    return obs["stdout"]
+
+
+def failure_message(obs: dict) -> str:
+    """Why a compile failed, in the compiler's words where it has any."""
+    text = obs["stderr"].decode(errors="replace")
+    code = obs["code"]
+    if obs["reason"] == REASON_WALL:
+        why = f"compilation took longer than {COMPILE_WALL_S:g} s"
+    elif code in (-signal.SIGXCPU, -signal.SIGKILL):
+        why = f"compilation used more than {COMPILE_LIMITS.cpu_s} s of CPU"
+    elif code == -signal.SIGXFSZ:
+        why = f"the compiler's output exceeded {COMPILE_LIMITS.file_size >> 20} MB"
+    elif code < 0:
+        why = f"the compiler was killed by signal {-code}"
+    else:
+        why = "" if text else f"compiler exited with status {code}"
+    return (text + ("\n" if text and why else "") + why + ("\n" if why else ""))[-MESSAGE_BYTES:]
+
+
+def remove_contents(directory: str) -> None:
+    """Empties `directory` without recursion (a tree a program built may be thousands of
+    levels deep): an explicit stack of directories, emptied leaf first."""
+    stack, found = [directory], []
+    while stack:
+        current = stack.pop()
+        found.append(current)
+        with os.scandir(current) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                else:
+                    os.unlink(entry.path)
+    for path in reversed(found[1:]):
+        os.rmdir(path)
 
 
 class Compiler:
     """Compiles solutions into `cache_dir`, shared by all workers (and runs) on the machine.
 
-    `view` is where the compiler (running as `uid`) sees the toolchain directory: the cache
-    itself may sit under a home directory that uid cannot enter, so the worker binds it, read-
-    only, inside its scratch space.
-    """
+    `workdir` is the compiler's /tmp as the worker sees it; `toolchain` the mount point of the
+    compiler's /toolchain, where the cache's toolchain directory is bound ("": no tree, the
+    compiler sees the cache itself)."""
 
-    def __init__(
-        self,
-        cache_dir: str,
-        workdir: str,
-        uid: int | None,
-        view: str | None = None,
-        landlock: int = -1,
-    ) -> None:
-        self.workdir = workdir  # writable by `uid`: the untrusted compile happens here
-        self.uid = uid
-        self.landlock = landlock  # confines the untrusted compile's writes to workdir
+    def __init__(self, cache_dir: str, workdir: str, toolchain: str) -> None:
         import hashlib
 
+        self.workdir = workdir
         self._sha256 = hashlib.sha256
-        version = _check([CXX, "--version"], workdir)
+        version = _check([CXX, "--version"])
         tag = self._sha256(version + " ".join(CXX_FLAGS + LINK_FLAGS).encode()).hexdigest()[:16]
         self.dir = os.path.join(cache_dir, f"cxx-{tag}")
         for sub in ("bin", "err", "locks", "pch/bits"):
@@ -119,29 +139,36 @@ class Compiler:
         with self._lock("toolchain"):
             self._build_toolchain()
         self.view = self.dir
-        if view is not None:
-            os.makedirs(view, exist_ok=True)
-            _executor.bind_readonly(self.dir, view)
-            self.view = view
+        if toolchain:
+            _executor.bind(self.dir, toolchain, True)
+            self.view = TOOLCHAIN
 
     def _lock(self, name: str) -> _FileLock:
         return _FileLock(os.path.join(self.dir, "locks", f"{name}.lock"))
 
+    def _keep(self, name: str, into: str) -> None:
+        """Moves the compiler's output `name` (in its /tmp) into the cache, atomically."""
+        tmp = f"{into}.{os.getpid()}.tmp"
+        shutil.copyfile(os.path.join(self.workdir, name), tmp)
+        os.chmod(tmp, 0o644)
+        os.rename(tmp, into)
+
     def _build_toolchain(self) -> None:
-        if not os.path.exists(self.guard):
-            src = os.path.join(os.path.dirname(__file__), "exec_guard.c")
-            _check(["gcc", "-O2", "-c", src, "-o", self.guard + ".tmp"], self.workdir)
-            os.rename(self.guard + ".tmp", self.guard)
-        pch = os.path.join(self.dir, "pch", "bits", "stdc++.h.gch")
-        if not os.path.exists(pch):
-            probe = os.path.join(self.workdir, "probe.cpp")
-            with open(probe, "w") as f:
-                f.write("#include <bits/stdc++.h>\n")
-            deps = _check([CXX, *CXX_FLAGS, "-M", probe], self.workdir).decode().split()
-            os.unlink(probe)
-            header = next(d for d in deps if d.endswith("bits/stdc++.h"))
-            _check([CXX, *CXX_FLAGS, "-x", "c++-header", header, "-o", pch + ".tmp"], self.workdir)
-            os.rename(pch + ".tmp", pch)
+        try:
+            if not os.path.exists(self.guard):
+                shutil.copyfile(GUARD_SOURCE, os.path.join(self.workdir, "exec_guard.c"))
+                _check(["gcc", "-O2", "-c", "exec_guard.c", "-o", "exec_guard.o"])
+                self._keep("exec_guard.o", self.guard)
+            pch = os.path.join(self.dir, "pch", "bits", "stdc++.h.gch")
+            if not os.path.exists(pch):
+                with open(os.path.join(self.workdir, "probe.cpp"), "w") as f:
+                    f.write("#include <bits/stdc++.h>\n")
+                deps = _check([CXX, *CXX_FLAGS, "-M", "probe.cpp"]).decode().split()
+                header = next(d for d in deps if d.endswith("bits/stdc++.h"))
+                _check([CXX, *CXX_FLAGS, "-x", "c++-header", header, "-o", "stdc++.h.gch"])
+                self._keep("stdc++.h.gch", pch)
+        finally:
+            remove_contents(self.workdir)
 
     def binary(self, source: str) -> str:
         """Path of the compiled, cached binary for `source`; raises CompileError."""
@@ -158,42 +185,24 @@ class Compiler:
         return cached
 
     def _compile(self, source: str, cached: str, failed: str) -> None:
-        src = os.path.join(self.workdir, "solution.cpp")
-        out = os.path.join(self.workdir, "solution")
-        with open(src, "w") as f:
+        with open(os.path.join(self.workdir, "solution.cpp"), "w") as f:
             f.write(source)
         pch_dir = os.path.join(self.view, "pch")
         guard = os.path.join(self.view, "exec_guard.o")
-        argv = [
-            CXX,
-            *CXX_FLAGS,
-            "-I",
-            pch_dir,
-            guard,
-            "solution.cpp",
-            *LINK_FLAGS,
-            "-o",
-            "solution",
-        ]
+        argv = [CXX, *CXX_FLAGS, "-I", pch_dir, guard, "solution.cpp", *LINK_FLAGS]
         try:
-            code, _, err = run_command(argv, self.workdir, uid=self.uid, landlock=self.landlock)
-            if code != 0 and b"solution.cpp" not in err:
-                # Not the solution's fault (no compiler, no memory, a broken toolchain): never
-                # cache it as a compile error, let the caller see it.
-                raise RuntimeError(f"C++ toolchain failed ({code}): {err.decode(errors='replace')}")
-            tmp = f"{cached if code == 0 else failed}.{os.getpid()}.tmp"
-            if code == 0:
-                shutil.copyfile(out, tmp)
-                os.chmod(tmp, 0o755)
-            else:
-                text = err.decode(errors="replace").replace(pch_dir + "/", "")
-                with open(tmp, "w") as f:
-                    f.write(text or f"compiler exited with status {code}\n")
-            os.rename(tmp, cached if code == 0 else failed)
+            obs = run_compiler([*argv, "-o", "solution"])
+            built = os.path.join(self.workdir, "solution")
+            if obs["code"] == 0 and obs["reason"] == 0 and os.path.isfile(built):
+                self._keep("solution", cached)
+                os.chmod(cached, 0o755)
+                return
+            tmp = f"{failed}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(failure_message(obs).replace(pch_dir + "/", ""))
+            os.rename(tmp, failed)
         finally:
-            for p in (src, out):
-                if os.path.exists(p):
-                    os.unlink(p)
+            remove_contents(self.workdir)
 
 
 class _FileLock:

@@ -1,5 +1,6 @@
 """The server's caches of runnable programs: compiled Python code objects in memory, C++
-binaries compiled once into the shared cache and copied to where tests exec them."""
+binaries compiled once into the shared cache and copied into the server's scratch (whence the
+runner links the current job's binary into the tests' /solution)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,6 @@ class Programs:
         self.codes: OrderedDict[str, bytes] = OrderedDict()
         self.compiler: Compiler | None = None
 
-    def forget(self) -> None:
-        """Drops the cached Python programs: called in each test's process, where other
-        solutions' code must stay out of the solution's reach (one might have passed)."""
-        self.codes.clear()
-
     def python(self, source: str) -> bytes:
         """The compiled solution as the spare receives it; cached per distinct source."""
         if source in self.codes:
@@ -46,21 +42,12 @@ class Programs:
         sandbox = self.sandbox
         _executor.drop_spare()  # compiling cleans up after the compiler as after a test
         if self.compiler is None:
-            mount_ns = sandbox.capabilities["mount_ns"]
-            view = os.path.join(sandbox.scratch, "toolchain") if mount_ns else None
-            uid = sandbox.uid if sandbox.drop_uid else None
-            self.compiler = Compiler(
-                sandbox.cache_dir,
-                sandbox.compiledir,
-                uid,
-                view=view,
-                landlock=sandbox.compile_landlock,
-            )
+            self.compiler = Compiler(sandbox.cache_dir, sandbox.compiledir, sandbox.toolchain)
         cached = self.compiler.binary(source)
         local = os.path.join(sandbox.bindir, os.path.basename(cached))
         if not os.path.exists(local):
-            # Tests exec from the scratch tmpfs: the cache may not be reachable by the sandbox
-            # uid, and one copy per solution costs far less than its compile.
+            # Tests exec from the scratch tmpfs (the cache is outside their tree), and one copy
+            # per solution costs far less than its compile.
             old = sorted(os.scandir(sandbox.bindir), key=lambda e: e.stat().st_mtime)
             for entry in old[:-BINARIES_KEPT]:
                 os.unlink(entry.path)

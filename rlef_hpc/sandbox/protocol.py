@@ -34,34 +34,46 @@ FATAL: Final = "fatal"  # the sandbox itself failed; the server exits
 
 
 class ServerConfig(TypedDict):
-    """The server's command-line argument (JSON): who it is and where it works."""
+    """The server's command-line argument (JSON): who it is, where it works, and the host paths
+    its trees are built from (see isolation.py)."""
 
     cache_dir: str  # C++ binaries, shared by all servers
-    scratch: str  # this server's own directory (a tmpfs once isolated)
+    scratch: str  # this server's own directory: the mount point of its tree
     scratch_mb: int
+    tmp_mb: int  # a test's /tmp
+    tmp_inodes: int
     uid: int  # the unprivileged uid/gid its tests run as (when started as root)
     gid: int
-    isolate: bool
+    cpu: int  # the CPU this server and its tests are pinned to (-1: none)
     seccomp: bool
+    python_paths: list[str]  # the interpreter's standard library (and lib-dynload)
+    lib_paths: list[str]  # shared libraries the interpreter and its extension modules load
+    masks: list[str]  # Python package directories: hidden wherever they fall in a tree
+    package_dir: str  # rlef_hpc/sandbox: the server's own code
 
 
 class Capabilities(TypedDict):
-    """The isolation a server achieved (`Executor.capabilities`)."""
+    """The isolation a server achieved (`Executor.capabilities`, `sandbox.capabilities()`)."""
 
-    user_ns: bool
+    user_ns: bool  # not root: the worker's namespaces hang off a user namespace
     pid_ns: bool
     net_ns: bool
     ipc_ns: bool
     mount_ns: bool
     uts_ns: bool
-    proc_private: bool
-    readonly_root: bool
-    scratch_tmpfs: bool
-    landlock: bool
+    cgroup_ns: bool
+    proc_private: bool  # the worker's /proc shows its own PID namespace only (tests: no /proc)
+    minimal_root: bool  # the worker pivoted onto its tree; tests chroot into theirs
+    landlock: bool  # tests and the compiler may touch files beneath their root only
+    landlock_scoped: bool  # and signal nothing outside their Landlock domain (ABI 6+)
     seccomp: bool
-    uid_drop: bool
+    uid_drop: bool  # root: tests run as the worker's own unprivileged uid
+    unmapped_uid: bool  # not root: tests run as an unmapped uid in a user namespace of their own
+    no_tty: bool  # no process of the sandbox has a controlling terminal
+    cpu_pinned: bool  # each worker (its tests, its compiler) on one CPU of its own
     rlimits: bool
-    isolation_error: NotRequired[str]  # why isolate() failed, when it did
+    isolation_error: NotRequired[str]  # why isolation failed, when it did
+    kernel: NotRequired[dict[str, Any]]  # what this kernel offers (added by the executor)
 
 
 class RunRequest(TypedDict):

@@ -4,27 +4,22 @@ outside, measures it, and reports what it did."""
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 
 from rlef_hpc.sandbox import _executor, child
-from rlef_hpc.sandbox.cpp import CompileError
-from rlef_hpc.sandbox.isolation import Sandbox
+from rlef_hpc.sandbox.cpp import CompileError, remove_contents
+from rlef_hpc.sandbox.isolation import Sandbox, SandboxSetupError, supervise
 from rlef_hpc.sandbox.programs import Programs
 from rlef_hpc.sandbox.protocol import RESULT, Report, RunRequest
 from rlef_hpc.sandbox.rlimits import BASELINE, Rlimits, rlimits_for
 from rlef_hpc.sandbox.types import Limits, Verdict
 from rlef_hpc.sandbox.verdicts import verdict_of
 
-# Exit status and stderr marker of a test's process whose sandbox set-up failed (csrc:
-# setup_failed): the sandbox, not the solution, is at fault.
-SETUP_FAILED_STATUS, SETUP_FAILED = 120, b"rlef-sandbox-setup-failed"
 STDERR_CAPTURE = 1 << 20
 STDERR_KEPT = 4096
-
-
-class SandboxSetupError(RuntimeError):
-    """The sandbox, not the solution, failed: the test was not run."""
+# A C++ test's argv and environment: nothing of the worker's.
+NATIVE_ARGV = ["solution"]
+NATIVE_ENV = ["PATH=/usr/bin:/bin", "LANG=C.UTF-8", "HOME=/tmp"]
 
 
 _PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -46,52 +41,56 @@ class Runner:
         self.sandbox = sandbox
         self.programs = programs
         self.baseline_kb = 0
-        self.baseline_private_kb = 0
-        self.python_baseline_kb = 0
+        self.template_vm_kb = 0
+
+    def template_started(self) -> None:
+        """Called right after the template was forked: its address space (what every Python
+        test starts with) is this process's now, and a Python test's budget comes on top."""
+        self.template_vm_kb = _memory_kb()[0]
 
     def measure_baseline(self) -> None:
         """Peak RSS of a Python test that does nothing: what the warm interpreter itself costs,
-        subtracted from each Python test's peak so that `memory_kb` is the solution's own. A
-        fork starts with the server's private pages counted, so their growth since this
-        measurement is subtracted too (see run_job). Call once the interpreter is warm."""
-        pid, out_fd, err_fd = self._start(False, child.payload("pass"), b"", False, BASELINE)
-        obs = _executor.supervise(
-            pid=pid,
-            stdout_fd=out_fd,
-            stderr_fd=err_fd,
+        subtracted from each Python test's peak so that `memory_kb` is the solution's own.
+        Every Python test is a fork of the template, whose memory never changes: one
+        measurement holds for good."""
+        started = self._start(False, child.payload("pass"), b"", False, BASELINE)
+        obs = supervise(
+            started,
             wall_limit_s=10.0,
             stdout_cap=1 << 16,
-            stderr_cap=1 << 16,
+            stderr_cap=STDERR_CAPTURE,
+            everything=False,
+            who="a test's process",
         )
         self.baseline_kb = obs["max_rss_kb"]
-        self.baseline_private_kb = _memory_kb()[1]
 
     def ensure_spare(self) -> None:
-        """Forks the next Python test's process ahead of its test (see csrc: prefork)."""
-        if _executor.prefork() == 0:
-            self.programs.forget()
-            child.run_spare()
+        """Has the template fork the next Python test's process ahead of its test (see csrc:
+        prefork)."""
+        try:
+            _executor.prefork()
+        except OSError as e:
+            raise SandboxSetupError(f"no process for the next Python test: {e}") from None
 
     def _start(
         self, native: bool, program: bytes | str, stdin: bytes, allow_sub: bool, rlimits: Rlimits
-    ) -> tuple[int, int, int]:
+    ) -> tuple[int, int, int, int]:
         """Starts a test's process: the spare (Python) or a vfork+exec of the binary (C++)."""
-        s = self.sandbox
-        ids = {"safe": s.safe, "drop_uid": s.drop_uid, "uid": s.uid, "gid": s.gid}
         if native:
             _executor.drop_spare()  # the test's cleanup must reach only the test's processes
             return _executor.spawn(
-                native=True,
-                allow_subprocesses=allow_sub,
+                path=self.sandbox.solution_exec,
+                argv=NATIVE_ARGV,
+                env=NATIVE_ENV,
                 stdin=stdin,
-                exec_path=program,
                 rlimits=rlimits,
-                **ids,
+                allow_subprocesses=allow_sub,
+                compile=False,
             )
         while True:
             self.ensure_spare()
             started = _executor.dispatch(
-                allow_subprocesses=allow_sub, stdin=stdin, payload=program, rlimits=rlimits, **ids
+                allow_subprocesses=allow_sub, stdin=stdin, payload=program, rlimits=rlimits
             )
             if started is not None:
                 return started
@@ -118,44 +117,61 @@ class Runner:
                 send(_not_run(req["first_index"] + i, Verdict.COMPILE_ERROR, str(e)[-4096:]))
             return
         limits = Limits(**req["limits"])
-        vm_kb, private_kb = _memory_kb()
-        self.python_baseline_kb = self.baseline_kb + private_kb - self.baseline_private_kb
-        rlimits = rlimits_for(limits, native=native, inherited_vm_bytes=vm_kb * 1024)
-        for i, stdin in enumerate(inputs):
-            index = req["first_index"] + i
-            started = self._start(native, program, stdin, req["allow_subprocesses"], rlimits)
-            result = self._finish(native, started, limits, index)
-            send(result)
-            last = i + 1 == len(inputs)
-            failed = result["verdict"] != Verdict.OK
-            if req["stop_on_first_failure"] and (failed or stop_requested()):
-                return
-            if not native and not last:
-                self.ensure_spare()  # for the last test, only after DONE (see server)
+        rlimits = rlimits_for(limits, native=native, inherited_vm_bytes=self.template_vm_kb * 1024)
+        if native:
+            self._install(program)
+        try:
+            for i, stdin in enumerate(inputs):
+                index = req["first_index"] + i
+                started = self._start(native, program, stdin, req["allow_subprocesses"], rlimits)
+                result = self._finish(native, started, limits, index, req["allow_subprocesses"])
+                send(result)
+                last = i + 1 == len(inputs)
+                failed = result["verdict"] != Verdict.OK
+                if req["stop_on_first_failure"] and (failed or stop_requested()):
+                    return
+                if not native and not last:
+                    self.ensure_spare()  # for the last test, only after DONE (see server)
+        finally:
+            if native:  # the next job's tests (another solution's) must not find this binary
+                self._install(None)
+
+    def _install(self, binary: str | None) -> None:
+        """Makes `binary` (in the server's cache) the tests' /solution/prog, or removes it."""
+        prog = os.path.join(self.sandbox.solution_dir, "prog")
+        if binary is None:
+            if os.path.lexists(prog):
+                os.unlink(prog)
+            return
+        new = prog + ".new"
+        if os.path.lexists(new):
+            os.unlink(new)
+        os.link(binary, new)  # same tmpfs: instant
+        os.rename(new, prog)
 
     def _finish(
-        self, native: bool, started: tuple[int, int, int], limits: Limits, index: int
+        self,
+        native: bool,
+        started: tuple[int, int, int, int],
+        limits: Limits,
+        index: int,
+        allow_sub: bool,
     ) -> Report:
         """Supervises one started test to its end; OK means it exited cleanly, the executor
         then compares its output."""
-        pid, out_fd, err_fd = started
-        obs = _executor.supervise(
-            pid=pid,
-            stdout_fd=out_fd,
-            stderr_fd=err_fd,
+        obs = supervise(
+            started,
             wall_limit_s=limits.wall_s,
             stdout_cap=limits.output_bytes,
             stderr_cap=STDERR_CAPTURE,
+            everything=allow_sub,
+            who="a test's process",
         )
         code, stderr = obs["code"], obs["stderr"]
-        if code == SETUP_FAILED_STATUS and SETUP_FAILED in stderr:
-            raise SandboxSetupError(stderr.decode(errors="replace"))
         peak_kb = obs["max_rss_kb"]
-        memory_kb = peak_kb if native else max(0, peak_kb - self.python_baseline_kb)
+        memory_kb = peak_kb if native else max(0, peak_kb - self.baseline_kb)
         verdict = verdict_of(obs, limits, memory_kb)
-        workdir = self.sandbox.workdir
-        if os.listdir(workdir):  # nothing a test writes may reach the next one
-            _clear(workdir)
+        self._clear_tmp()
         return Report(
             type=RESULT,
             index=index,
@@ -167,6 +183,25 @@ class Runner:
             stdout=obs["stdout"],
             stderr=stderr[-STDERR_KEPT:].decode(errors="replace"),
         )
+
+    def _clear_tmp(self) -> None:
+        """Nothing a test writes may reach the next one: a /tmp that is not empty is replaced
+        by a fresh tmpfs, whatever the test built in it (a walk of a tree the test built could
+        be made to fail). A server that cannot must not serve on."""
+        workdir = self.sandbox.workdir
+        try:
+            if not os.listdir(workdir):
+                return
+        except OSError:
+            pass
+        try:
+            if self.sandbox.capabilities["minimal_root"]:
+                _executor.unmount(workdir)
+                _executor.mount_tmpfs(workdir, self.sandbox.tmp_options)
+            else:
+                remove_contents(workdir)
+        except OSError as e:
+            raise SandboxSetupError(f"cannot clear the tests' /tmp: {e}") from None
 
 
 def _not_run(index: int, verdict: Verdict, stderr: str) -> Report:
@@ -181,11 +216,3 @@ def _not_run(index: int, verdict: Verdict, stderr: str) -> Report:
         stdout=b"",
         stderr=stderr,
     )
-
-
-def _clear(directory: str) -> None:
-    for entry in os.scandir(directory):
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
-        else:
-            os.unlink(entry.path)

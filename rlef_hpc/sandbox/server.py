@@ -1,10 +1,12 @@
 """A sandbox server: the long-lived process that runs one executor worker's tests.
 
 Started by `Executor` as `python -I -m rlef_hpc.sandbox.server CONFIG` from a clean environment
-(never forked from the trainer). It isolates itself once (isolation.py), warms the interpreter
-that Python tests fork from (child.py), and then serves requests over a pipe (protocol.py): per
-test a fork of this warm interpreter (Python) or a vfork+exec of a cached binary (C++, see
-programs.py), supervised from outside (runner.py).
+(never forked from the trainer), in a session of its own. It isolates itself once
+(isolation.py), warms the interpreter, forks the template that every Python test's process is
+forked from (child.py), and then serves requests over a pipe (protocol.py): per test a fork of
+the template (Python) or a vfork+exec of a cached binary (C++, see programs.py), supervised from
+outside (runner.py). Any failure of the sandbox itself ends the server (FATAL): the executor
+starts a fresh one rather than trust this one with another test.
 """
 
 from __future__ import annotations
@@ -17,12 +19,11 @@ import signal
 import sys
 import traceback
 
-from rlef_hpc.sandbox import child
+from rlef_hpc.sandbox import _executor, child
 from rlef_hpc.sandbox.isolation import set_up
 from rlef_hpc.sandbox.programs import Programs
 from rlef_hpc.sandbox.protocol import (
     DONE,
-    ERROR,
     EXIT,
     FATAL,
     HELLO,
@@ -38,7 +39,7 @@ from rlef_hpc.sandbox.protocol import (
     read_message,
     write_frame,
 )
-from rlef_hpc.sandbox.runner import Runner, SandboxSetupError
+from rlef_hpc.sandbox.runner import Runner
 
 
 def main() -> None:
@@ -62,6 +63,10 @@ def main() -> None:
     runner = Runner(sandbox, Programs(sandbox))
     child.prepare_stdio()
     gc.freeze()  # a collection in a test's process would touch (and copy) every page
+    # The template, before any job: it never holds a test's input, a solution or an output.
+    if _executor.start_template() == 0:
+        child.run_template()
+    runner.template_started()
     runner.measure_baseline()
     write_frame(wfd, Hello(type=HELLO, capabilities=sandbox.capabilities))
     runner.ensure_spare()
@@ -79,9 +84,10 @@ def main() -> None:
     while True:
         try:
             req = read_message(rfd, TO_SERVER)
-        except ProtocolError:  # the executor's bug: fail this request, keep serving
-            write_frame(wfd, Failure(type=ERROR, message=traceback.format_exc()))
-            continue
+        except (ProtocolError, ValueError, EOFError, TypeError):
+            # The channel is out of step: nothing read from it can be trusted any more.
+            write_frame(wfd, Failure(type=FATAL, message=traceback.format_exc()))
+            raise
         if req is None or req["type"] == EXIT:
             return
         if req["type"] != RUN:
@@ -92,11 +98,12 @@ def main() -> None:
             write_frame(wfd, Done(type=DONE))
             if req["language"] == "python":  # the next job is likely Python too: be ready
                 runner.ensure_spare()
-        except SandboxSetupError as e:
-            write_frame(wfd, Failure(type=FATAL, message=str(e)))
+        except BaseException:
+            # Any failure on a job ends this server: whatever state it left (a half-cleared
+            # /tmp, a spare in an unknown state, unread output) must not reach the next test.
+            # The executor starts a fresh one.
+            write_frame(wfd, Failure(type=FATAL, message=traceback.format_exc()))
             raise
-        except Exception:  # noqa: BLE001 - the job fails, the server keeps serving
-            write_frame(wfd, Failure(type=ERROR, message=traceback.format_exc()))
 
 
 if __name__ == "__main__":

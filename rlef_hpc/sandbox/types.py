@@ -21,6 +21,9 @@ class Verdict(enum.StrEnum):
     OUTPUT_LIMIT = "OUTPUT_LIMIT"
     COMPILE_ERROR = "COMPILE_ERROR"
     SANDBOX_VIOLATION = "SANDBOX_VIOLATION"
+    # Not a verdict on the solution: the sandbox could not run the test (its worker failed
+    # twice). A caller must not reward or punish it (see episodes.runner).
+    SANDBOX_ERROR = "SANDBOX_ERROR"
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,8 @@ def episode_metrics(trajectories: Sequence[Trajectory], max_turns: int) -> dict[
         "success_rate": sum(t.success for t in trajectories) / n,
         "turns_mean": sum(turns) / n,
         "invalid_code_rate": sum(not u.valid for t in trajectories for u in t.turns) / sum(turns),
+        # Episodes a sandbox failure ended (no reward: see Trajectory.sandbox_error).
+        "sandbox_error_rate": sum(t.sandbox_error for t in trajectories) / n,
         "response_tokens": float(
             sum(u.response_end - u.prompt_end for t in trajectories for u in t.turns)
         ),

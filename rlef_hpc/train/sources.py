@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from rlef_hpc import dist_env
 from rlef_hpc.checkpoint.hf_dir import hf_weights
 from rlef_hpc.data.problem import Problem
 from rlef_hpc.data.trajectory import Trajectory
@@ -190,6 +191,15 @@ class Colocated:
         device = next(self.policy.parameters()).device
         x = self.probe.to(device)
         length = x.shape[1]
+        # Under FP8, TE casts the weights to FP8 only in a forward whose is_first_microbatch
+        # is True and otherwise reuses the cast it cached (TE 2.11 module/linear.py and
+        # layernorm_linear.py: `update_workspace = is_first_microbatch is None or
+        # is_first_microbatch`); megatron's TE wrappers set the flag False after every forward
+        # (core/extensions/transformer_engine.py TELinear.forward) and only the schedules set
+        # it True again (pipeline_parallel/schedules.py forward_step). The probe runs outside
+        # a schedule after the optimizer step: as a schedule's first micro-batch, so that it
+        # sees the weights the engine was given, not the casts made before the step.
+        self.policy.set_is_first_microbatch()
         with torch.no_grad():
             positions = torch.arange(length, device=device).expand(len(x), -1)
             logits = self.policy(x, positions, causal_mask(length, device))
@@ -218,7 +228,14 @@ class AsyncColocated(Colocated):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rollout")
+        # The engine runs in the thread that calls it (vLLM's UniProcExecutor.collective_rpc
+        # runs the worker's method in the caller's thread; its Worker.init_device set the
+        # device in the thread that built it) and orders its output copies on
+        # torch.cuda.current_stream(): the background thread takes this rank's device, not
+        # the CUDA device 0 every new thread starts with.
+        self._background = concurrent.futures.ThreadPoolExecutor(
+            1, "rollout", initializer=use_device, initargs=(dist_env.device(),)
+        )
         self._pending: concurrent.futures.Future | None = None
 
     def batch(self, iteration: int) -> tuple[list[Trajectory], dict[str, float]]:
@@ -331,20 +348,27 @@ class Disaggregated:
         pass
 
 
+def use_device(device: torch.device) -> None:
+    """`device` as this thread's CUDA device (CUDA's current device is per thread)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def probe_sequences(
     tokenizer: Any, problems: list[Problem], episodes: EpisodeConfig, multiple: int = 1
 ) -> torch.Tensor:
     """The refit check's sequences: first prompts of the problems, cut to one length, a
-    `multiple` of tokens (the model's sequence_multiple: FP8 GEMMs take multiples of 16)."""
+    `multiple` of tokens (the model's sequence_multiple, which FP8 with sequence parallelism
+    can make longer than a prompt: then each prompt is repeated up to it, as good a probe,
+    both sides seeing the same tokens)."""
     sequences = []
     for p in problems:
         conversation = Conversation(tokenizer)
         conversation.add_user(initial_prompt(episodes.templates, p.description, episodes.language))
         sequences.append(conversation.tokens)
-    length = min(len(s) for s in sequences) // multiple * multiple
-    if length == 0:
-        raise ValueError(f"the probe's prompts are shorter than {multiple} tokens")
-    return torch.tensor([s[:length] for s in sequences], device="cpu")  # moved where checked
+    length = max(multiple, min(len(s) for s in sequences) // multiple * multiple)
+    sequences = [(s * -(-length // len(s)))[:length] for s in sequences]
+    return torch.tensor(sequences, device="cpu")  # moved where checked
 
 
 def make_source(

@@ -1,7 +1,11 @@
 # expect: OK
 # output: SAFE
-# Only the sandbox's own PID namespace is visible: no trainer, no other worker.
+# No process outside the test may be visible: a test's tree has no /proc at all (and if it had
+# one, it would show the sandbox's own PID namespace only: no trainer, no other worker).
 import os
 
-pids = [p for p in os.listdir("/proc") if p.isdigit()]
+try:
+    pids = [p for p in os.listdir("/proc") if p.isdigit()]
+except FileNotFoundError:
+    pids = []
 print("SAFE" if len(pids) <= 3 else f"LEAK {len(pids)}")

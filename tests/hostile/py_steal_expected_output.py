@@ -19,7 +19,7 @@ frame = sys._getframe()
 while frame is not None:
     found.update(pattern.findall(repr(frame.f_locals).encode()))
     frame = frame.f_back
-try:  # unreadable once the uid is dropped (the process is no longer dumpable)
+try:  # a test's tree has no /proc (tests/adversarial/ scans memory without it)
     with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", 0) as mem:
         for line in maps:
             start, end = (int(x, 16) for x in line.split()[0].split("-"))
@@ -30,7 +30,7 @@ try:  # unreadable once the uid is dropped (the process is no longer dumpable)
                 found.update(pattern.findall(mem.read(end - start)))
             except (OSError, ValueError, OverflowError):
                 pass
-except PermissionError:
+except OSError:
     pass
 found.discard(needle.encode())
 print(max(found, default=b"nothing").decode())

@@ -1,31 +1,30 @@
 # expect: OK
 # output: SAFE
-# Find every mount this process can see (the worker's scratch, its C++ cache, ...) and try to
-# create, overwrite or delete files anywhere under them but the working directory.
+# Walk everything this process can see (its tree: the standard library, /dev, /etc, /solution)
+# and try to create, overwrite or delete files anywhere but the working directory.
 import os
 
 here = os.path.realpath(".")
-mounts = {line.split()[4] for line in open("/proc/self/mountinfo")}
 wrote = []
-for mount in sorted(mounts, key=len, reverse=True):  # the specific mounts first
-    for seen, (root, dirs, files) in enumerate(os.walk(mount)):
-        if seen > 300 or root.startswith(("/proc", "/sys", "/dev")):
-            dirs.clear()  # kernel interfaces, not storage; and a bound on the walk
-            continue
-        if os.path.realpath(root).startswith(here):
-            continue
+for seen, (root, _dirs, files) in enumerate(os.walk("/")):
+    if seen > 3000:
+        break
+    if os.path.realpath(root).startswith(here):
+        continue
+    try:
+        with open(os.path.join(root, "rlef_pwned"), "x") as f:
+            f.write("x")
+        wrote.append(root)
+    except OSError:
+        pass
+    for name in files[:3]:
+        path = os.path.join(root, name)
+        if path.startswith("/dev/"):
+            continue  # null, zero, full: writable devices, not storage
         try:
-            with open(os.path.join(root, "rlef_pwned"), "x") as f:
-                f.write("x")
-            wrote.append(root)
+            with open(path, "r+b") as f:
+                f.write(b"x")
+            wrote.append(path)
         except OSError:
             pass
-        for name in files[:3]:
-            path = os.path.join(root, name)
-            try:
-                with open(path, "r+b") as f:
-                    f.write(b"x")
-                wrote.append(path)
-            except OSError:
-                pass
 print("SAFE" if not wrote else f"LEAK {wrote[:5]}")

@@ -1,5 +1,6 @@
 # expect: RUNTIME_ERROR
-with open("/tmp/rlef_hostile_target", "w") as f:
+# Writes outside /tmp, the only writable directory of a test's tree.
+with open("/rlef_hostile_sentinel", "w") as f:
     f.write("pwned")
-with open("/tmp/rlef_hostile_sentinel", "w") as f:
+with open("/etc/passwd", "a") as f:
     f.write("pwned")

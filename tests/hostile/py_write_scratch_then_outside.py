@@ -1,7 +1,7 @@
 # expect: RUNTIME_ERROR
-# Writing in the scratch directory is allowed; escaping it by path is not.
+# Writing in the scratch directory (/tmp) is allowed; escaping it by path is not.
 import os
 
 with open("local.txt", "w") as f:
     f.write("fine")
-os.makedirs("../../../../../../tmp/rlef_hostile_sentinel_dir")
+os.makedirs("../../../../../../etc/rlef_hostile_sentinel_dir")
