@@ -24,7 +24,8 @@ class RunConfig:
     iterations: int = 30
     eval_every: int = 0  # iterations; 0: only before and after training
     # Iterations between checkpoints (and always at the end, and on SIGTERM/SIGUSR1): at 1, a
-    # SIGKILL loses at most the iteration in progress.
+    # SIGKILL loses at most the iteration in progress (with async_save, also the one before it
+    # if its checkpoint was still being written in the background).
     checkpoint_every: int = 1
     keep_last: int = 2
     async_save: bool = False
@@ -202,20 +203,24 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    run: RunConfig = field(default_factory=RunConfig)
+    # The demo's checkpoints are written in the background, during the next iteration's
+    # episodes: the saves are off the critical path of a run that saves every iteration.
+    run: RunConfig = field(default_factory=lambda: RunConfig(async_save=True))
     model: ModelInitConfig = field(default_factory=ModelInitConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     episodes: EpisodeConfig = field(default_factory=lambda: EpisodeConfig(deterministic=True))
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # Two sandbox processes judge an iteration's programs side by side on the demo's two
+    # cores while the engine waits (episodes.deterministic: the same episodes as with one).
+    rollout: RolloutConfig = field(default_factory=lambda: RolloutConfig(sandbox_workers=2))
     ppo: PPOConfig = field(default_factory=PPOConfig)
     # The demo's tiny model from scratch moves at a far larger step than the paper's 2e-7 for 8B.
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=3))
     update: UpdateConfig = field(default_factory=UpdateConfig)
     # The demo's: a policy that answers in form, right or almost right (see near_misses).
     warmstart: WarmStartConfig = field(
-        default_factory=lambda: WarmStartConfig(steps=400, batch_size=32, near_misses=1)
+        default_factory=lambda: WarmStartConfig(steps=400, batch_size=16, near_misses=1)
     )
     eval: EvalConfig = field(default_factory=EvalConfig)
     # Groups of the same YAML files that a layer above owns: `slurm`, the launch layer's
