@@ -192,7 +192,9 @@ def refit_probe() -> None:
     source.policy, source.model_cfg, source.probe, source.engine = policy, MODEL, probe, engine
     source.engines = EngineGroup(engine, None)  # one process: its own engine group
     limits = MismatchLimits(mean_limit=1e-4, quantile=1.0, quantile_limit=1e-4)
-    source.cfg = SimpleNamespace(rollout=SimpleNamespace(mismatch=limits))
+    source.cfg = SimpleNamespace(
+        rollout=SimpleNamespace(refit_mismatch=limits), precision=SimpleNamespace(dtype="float32")
+    )
     with strict_devices(torch.device("cpu")):
         stats = source.refit()
     assert stats["refit_mismatch_max"] < 1e-4
