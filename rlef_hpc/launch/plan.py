@@ -159,6 +159,44 @@ def shard_parameters(mc: ModelConfig, tp: int, pp: int) -> float:
     return shard / tp
 
 
+def layer_activation_bytes(tokens: float, h: int, tp: int, sp: bool, width: int) -> float:
+    """What one transformer layer keeps for its backward, for `tokens` (micro-batch rows x
+    positions) of hidden size `h`: Korthikanti et al. (2022)'s s*b*h*(10 + 24/TP) bytes of
+    16-bit activations with fused attention (no s^2 scores), scaled to `width` bytes. The 10
+    are what tensor parallelism alone leaves whole on every rank (the two norms' inputs, the
+    QKV and fc1 inputs, the dropout masks); under sequence parallelism they are [s/TP, b, h]
+    too, so the whole layer is 34*s*b*h/TP (their eq. 5). In megatron-core 0.16.1: the
+    hidden states between layers are scattered over TP (models/common/embeddings/
+    language_model_embedding.py LanguageModelEmbedding.forward,
+    scatter_to_sequence_parallel_region), and a column-parallel linear saves its input
+    before the all-gather and gathers it again in backward (tensor_parallel/layers.py
+    LinearWithGradAccumulationAndAsyncCommunication.forward: save_for_backward(input, weight);
+    .backward: total_input = all_gather_buffer), so the norms' outputs feeding QKV and fc1
+    are kept sharded; Transformer Engine's fused LayerNormLinear does the same under
+    sequence_parallel (megatron/core/extensions/transformer_engine.py passes it on)."""
+    whole = 10 / tp if sp else 10
+    return tokens * h * (whole + 24 / tp) * width / 2
+
+
+def logits_bytes(positions: float, vocab_shard: float, width: int, device: str) -> float:
+    """The logits path's peak for `positions` logits of `vocab_shard` entries each, in the
+    model's `width`, as the policy's loss holds them at the start of its backward
+    (rl/logprobs.py _ChunkedLogProbs): the output layer's logits (saved for the backward),
+    their gradient (`empty_like(logits)`), and about three fp32 [chunk, vocab shard]
+    temporaries of the chunk being recomputed (its logits upcast, their softmax, the next
+    chunk's upcast), a chunk being `default_chunk` tokens on `device`. Megatron's output
+    layer makes a second copy twice (GPTModel._postprocess: logits.transpose(0, 1)
+    .contiguous() for rows > 1; its backward: utils.py prepare_input_tensors_for_wgrad_compute,
+    grad_output.contiguous()), each while the first is freed or not yet made: two copies at
+    most (benchmarks/real_model_memory.py --breakdown counts them)."""
+    import torch
+
+    from rlef_hpc.rl.logprobs import default_chunk
+
+    chunk = min(positions, default_chunk(torch.device(device), int(vocab_shard)))
+    return 2 * positions * vocab_shard * width + 3 * chunk * vocab_shard * 4
+
+
 def plan(cfg: JobConfig) -> Plan:
     notes: list[str] = []
     mc = model_shape(cfg, notes)
@@ -175,17 +213,30 @@ def plan(cfg: JobConfig) -> Plan:
     b = max(u.micro_batch_tokens, seq) / seq
     in_flight = p.pipeline  # 1F1B: the first stage holds one micro-batch per stage
     layers = mc.num_layers / p.pipeline * in_flight
-    # Korthikanti et al.'s bytes are those of 16-bit activations: fp32 training holds twice
-    # (measured on SmolLM2-135M in fp32: benchmarks/real_model_memory.py)
-    per_layer = seq * b * h * (10 + 24 / p.tensor) * width / 2
+    # On GPU nodes (Transformer Engine) megatron runs with sequence parallelism at TP > 1
+    # (models/gpt.transformer_config), which shards what Korthikanti et al. keep whole too.
+    sp = s.gpus_per_node > 0 and p.tensor > 1
+    tokens = seq * b
+    per_layer = layer_activation_bytes(tokens, h, p.tensor, sp, width)
+    sharded = p.tensor if sp else 1  # a layer's input is [s/TP, b, h] under SP
     if cfg.precision.recompute == "full":  # each layer's input, and one layer recomputed
-        activations = seq * b * h * width * layers + per_layer
+        activations = tokens * h * width / sharded * layers + per_layer
     else:
         activations = per_layer * layers
-    # the embedding's output and the token ids
-    activations += seq * b * h * width / 2 * in_flight + 8 * seq * b * in_flight
-    if p.pipeline == 1:  # logits (fp32 log-softmax in chunks: count one full-vocab copy)
-        activations += seq * b * mc.vocab_size / p.tensor * 4
+    # the embedding's output (scattered over TP under SP) and the token ids
+    activations += (tokens * h * width / 2 / sharded + 8 * tokens) * in_flight
+    if p.pipeline == 1:  # the last stage's logits path (the first stage's, at PP 1)
+        # Under SP the output layer gathers the whole sequence; else (rl/update.py
+        # select_logits) logits exist only where they predict a response token.
+        answers = cfg.episodes.max_turns * r.max_tokens
+        positions = tokens if sp else b * answers
+        device = "cuda" if s.gpus_per_node > 0 else "cpu"
+        activations += logits_bytes(positions, mc.vocab_size / p.tensor, width, device)
+    if sp:
+        notes.append(
+            f"sequence parallelism at TP {p.tensor} (Transformer Engine on the GPU nodes): "
+            "activations sharded over TP"
+        )
     trainer = {
         "policy weights + grads + optimizer": n * per_param,
         "value model weights + grads + optimizer": n * per_param,
