@@ -319,3 +319,29 @@ def test_the_logits_term_is_what_the_policy_update_allocates(tmp_path):
     # large vocabulary) are made and added to the gradient buffer outside the peak, and the
     # allocator rounds nothing on the CPU: a few per cent at most.
     assert planned(large) - planned(small) == pytest.approx(grown, rel=0.05)
+
+
+def test_sequence_parallelism_shards_every_activation_over_tp():
+    """configs/llama3_8b.yaml (TP 4 on GPU nodes: Transformer Engine, so megatron runs with
+    sequence parallelism): Korthikanti et al.'s 34*s*b*h/TP bytes a layer (every part sharded,
+    the norms' and dropouts' too), the scattered embedding output, and the logits of every
+    position (the output layer gathers the sequence), by hand; the same layout on CPU nodes
+    (no sequence parallelism) keeps s*b*h*(10 + 24/TP) a layer and logits at the answers only."""
+    h, layers, vocab, tp = 4096, 32, 128256, 4
+    tokens = 18432  # update.micro_batch_tokens: two 9,216-token episodes
+    chunk = 512 * 2**20 // (4 * vocab // tp)  # a 512 MiB fp32 chunk of the vocabulary shard
+    logits = 2 * tokens * vocab / tp * 2 + 3 * chunk * vocab / tp * 4
+    sp = tokens * h * 34 / tp * layers + tokens / tp * h + 8 * tokens + logits
+    report = plan(load(JobConfig, CONFIGS / "llama3_8b.yaml"))
+    assert report.trainer["activations"] == pytest.approx(sp, rel=1e-12)
+    assert round(report.trainer["activations"] / GB, 2) == 22.84  # docs/slurm.md's table
+    assert round(report.trainer_peak / GB, 2) == 50.42
+    assert any("sequence parallelism at TP 4" in n for n in report.notes)
+
+    cpu = ["slurm.gpus_per_node=0", "slurm.nodes=32"]  # 4 ranks a node, no TE: no SP
+    answers = 2 * 3 * 2048  # the two episodes' response positions
+    chunk = 128 * 2**20 // (4 * vocab // tp)  # the CPU's 128 MiB chunk
+    logits = 2 * answers * vocab / tp * 2 + 3 * chunk * vocab / tp * 4
+    no_sp = tokens * h * (10 + 24 / tp) * layers + tokens * h + 8 * tokens + logits
+    report = plan(load(JobConfig, CONFIGS / "llama3_8b.yaml", cpu))
+    assert report.trainer["activations"] == pytest.approx(no_sp, rel=1e-12)

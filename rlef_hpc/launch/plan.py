@@ -7,9 +7,11 @@ Trainer GPU (the most loaded one: the first pipeline stage, which also holds the
   value      the same again: a network of its own (trunk + scalar head), trained alongside
   reference  the frozen initial policy: weights only
   activations  one micro-batch of the longest episode, for each micro-batch the 1F1B pipeline
-             schedule keeps in flight (Korthikanti et al. 2022, fused attention, no sequence
-             parallelism: s*b*h*(10 + 24/TP) bytes per layer; with precision.recompute=full,
-             each layer's input plus one layer being recomputed)
+             schedule keeps in flight (Korthikanti et al. 2022, fused attention:
+             s*b*h*(10 + 24/TP) bytes per layer, 34*s*b*h/TP under the sequence parallelism
+             megatron runs with on GPU nodes at TP > 1 (`layer_activation_bytes`); with
+             precision.recompute=full, each layer's input plus one layer being recomputed),
+             and on the last stage the logits path of the policy's loss (`logits_bytes`)
 Rollout GPU: vLLM takes rollout.gpu_memory_utilization of the card for its weights (at
 rollout.tensor_parallel) and KV cache; the plan reports how many tokens of KV cache remain.
 Colocated, the engine shares the trainer's GPUs, at parallel.tensor: the update and the
