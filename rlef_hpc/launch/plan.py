@@ -181,22 +181,31 @@ def layer_activation_bytes(tokens: float, h: int, tp: int, sp: bool, width: int)
 
 
 def logits_bytes(positions: float, vocab_shard: float, width: int, device: str) -> float:
-    """The logits path's peak for `positions` logits of `vocab_shard` entries each, in the
-    model's `width`, as the policy's loss holds them at the start of its backward
-    (rl/logprobs.py _ChunkedLogProbs): the output layer's logits (saved for the backward),
-    their gradient (`empty_like(logits)`), and about three fp32 [chunk, vocab shard]
-    temporaries of the chunk being recomputed (its logits upcast, their softmax, the next
-    chunk's upcast), a chunk being `default_chunk` tokens on `device`. Megatron's output
-    layer makes a second copy twice (GPTModel._postprocess: logits.transpose(0, 1)
-    .contiguous() for rows > 1; its backward: utils.py prepare_input_tensors_for_wgrad_compute,
-    grad_output.contiguous()), each while the first is freed or not yet made: two copies at
-    most (benchmarks/real_model_memory.py --breakdown counts them)."""
+    """The peak of the policy loss's logits path for `positions` logits of `vocab_shard`
+    entries each in the model's `width` (rl/logprobs.py _ChunkedLogProbs, chunks of
+    `default_chunk` tokens on `device`, each upcast to fp32):
+    - forward: the output layer's logits, and three fp32 chunk temporaries at once
+      (_chunk_stats: the upcast z, z - max, its exp; then z, exp, exp * z);
+    - backward, the higher once the logits outgrow a chunk: the logits (saved for it), their
+      gradient (`empty_like(logits)`), a chunk's upcast z and its softmax g, and, while those
+      are still bound, the next chunk's upcast (16-bit logits: its `.float()` and its
+      `/ temperature` for a moment).
+    Megatron's output layer makes a copy of the logits twice, each while one of the above is
+    freed or not made yet (GPTModel._postprocess: logits.transpose(0, 1).contiguous() for
+    rows > 1; its backward: utils.py prepare_input_tensors_for_wgrad_compute,
+    grad_output.contiguous()): two whole copies at most. Measured against a real update's
+    allocations in tests/test_plan.py."""
     import torch
 
     from rlef_hpc.rl.logprobs import default_chunk
 
-    chunk = min(positions, default_chunk(torch.device(device), int(vocab_shard)))
-    return 2 * positions * vocab_shard * width + 3 * chunk * vocab_shard * 4
+    chunk = default_chunk(torch.device(device), int(vocab_shard))
+    first, following = min(positions, chunk), min(chunk, max(0.0, positions - chunk))
+    logits, fp32 = positions * vocab_shard * width, vocab_shard * 4
+    upcasts = 1 if width == 4 else 2
+    forward = logits + 3 * first * fp32
+    backward = 2 * logits + (2 * first + upcasts * following) * fp32
+    return max(forward, backward)
 
 
 def plan(cfg: JobConfig) -> Plan:
