@@ -141,7 +141,8 @@ def main() -> None:
     else:
         with PeakRSS() as second:
             update.step(data, num_minibatches=1)
-    resident = sum(v for k, v in planned.items() if k not in ("activations", "vLLM (colocated)"))
+    # the three models' states (the colocated plan's other terms are the engine's and the GPU's)
+    resident = sum(v for k, v in planned.items() if "policy" in k or "value model" in k)
     weights_planned = planned["reference policy (frozen)"] * 3
     print(f"SmolLM2-135M-Instruct, fp32, {args.episodes} episodes x {args.tokens} tokens")
     print("| trainer term | measured GB | tools/plan.py GB |\n|---|---|---|")
