@@ -67,6 +67,8 @@ GPU_SHAPE = [
     "rollout.rollouts_per_iteration=8",
     "rollout.shard_rollouts=8",
     "slurm.gpu_memory_gb=139",
+    # one GPU: the plan sizes the log-softmax's chunks as rl/logprobs.py does on a GPU
+    "slurm.gpus_per_node=1",
 ]
 # The CPU shape: seconds on 2 cores, float32 (bf16 matmuls on CPUs are slow and not what CI
 # should time), two turns so that multi-turn batches are still covered.

@@ -11,7 +11,7 @@ import pytest
 from rlef_hpc.config import load
 from rlef_hpc.launch.config import JobConfig
 from rlef_hpc.launch.plan import GB, LLAMA_31, parameter_counts, plan, refit_cost
-from tests.helpers import TESTS_DIR, run_tool, script, torchrun_command
+from tests.helpers import SCRIPTS_DIR, TESTS_DIR, run_script, run_tool, script, torchrun_command
 
 CONFIGS = TESTS_DIR.parent / "configs"
 
@@ -66,7 +66,9 @@ def test_shipped_8b_and_70b_layouts_fit_80gb_gpus():
 
 
 def test_a_layout_that_does_not_fit_is_refused_naming_the_term_and_the_knob():
-    cfg = load(JobConfig, CONFIGS / "llama3_70b.yaml", ["precision.recompute=null"])
+    # without recomputation, four 9,216-token episodes a micro-batch
+    too_long = ["precision.recompute=null", "update.micro_batch_tokens=36864"]
+    cfg = load(JobConfig, CONFIGS / "llama3_70b.yaml", too_long)
     report = plan(cfg)
     assert not report.fits
     assert "activations" in report.refusal() and "precision.recompute=full" in report.refusal()
@@ -85,7 +87,12 @@ def test_plan_tool_prints_the_70b_table():
     for term in ("policy weights + grads + optimizer", "reference policy", "activations"):
         assert term in proc.stdout
     assert "TP 8 x PP 4 x DP 32" in proc.stdout and "fits" in proc.stdout
-    bad = run_tool("plan.py", CONFIGS / "llama3_70b.yaml", "precision.recompute=null")
+    bad = run_tool(
+        "plan.py",
+        CONFIGS / "llama3_70b.yaml",
+        "precision.recompute=null",
+        "update.micro_batch_tokens=36864",
+    )
     assert bad.returncode == 1 and "DOES NOT FIT" in bad.stdout
 
 
@@ -195,7 +202,7 @@ def test_released_shapes_have_their_published_sizes():
 
 def test_fp32_activations_are_twice_bf16s():
     """The activation formula's bytes are 16-bit activations'; fp32 training holds 4 bytes each
-    (the fp32 logits and the token ids are the same either way)."""
+    (the log-softmax's fp32 chunk temporaries and the token ids are the same either way)."""
     job = load(JobConfig, None, [])
     seq = job.episodes.max_turns * (job.rollout.max_tokens + 1024)
     overrides = [f"update.micro_batch_tokens={2 * seq}"]  # two rows of the longest episode
@@ -205,7 +212,11 @@ def test_fp32_activations_are_twice_bf16s():
             "activations"
         ]
 
-    same = seq * 2 * (job.model.tokenizer_vocab * 4 + 8)  # logits (fp32) and token ids
+    # on the CPU (no sequence parallelism) logits at the answers' positions only; one chunk
+    # holds them all at this vocabulary: the forward's three fp32 temporaries of it are the
+    # peak (fp32: as high as the backward's logits, gradient and two temporaries); the ids
+    answers = 2 * job.episodes.max_turns * job.rollout.max_tokens
+    same = 3 * answers * job.model.tokenizer_vocab * 4 + seq * 2 * 8
     assert activations("float32") - same == pytest.approx(2 * (activations("bfloat16") - same))
 
 
@@ -221,12 +232,17 @@ def test_the_one_node_8b_config_fits_both_phases_by_hand_arithmetic():
     states = n * (2 + 4 + (4 + 8) / dp)  # bf16 weights, fp32 grads, Adam sharded over DP
     seq, rows = 3 * (2048 + 1024), 18432 / 9216
     tokens = seq * rows  # one micro-batch: two of the longest episodes
+    # Sequence parallelism (TE, TP 4) shards every activation over TP, the logits included
+    # (the output layer gathers the whole sequence, so every position has its logits).
+    chunk = 512 * 2**20 // (4 * vocab // tp)  # tokens of a 512 MiB fp32 chunk on a GPU
     activations = (
-        tokens * h * 2 * layers  # recompute=full: each layer's bf16 input
-        + tokens * h * (10 + 24 / tp)  # and one layer's activations, recomputed
-        + tokens * h
-        + 8 * tokens  # the embedding's output and the token ids
-        + tokens * vocab / tp * 4  # fp32 logits of the vocabulary shard
+        tokens / tp * h * 2 * layers  # recompute=full: each layer's bf16 input, [s/TP, b, h]
+        + tokens * h * 34 / tp  # and one layer's activations, recomputed
+        + tokens / tp * h
+        + 8 * tokens  # the embedding's output (scattered) and the token ids
+        + 2 * tokens * vocab / tp * 2  # bf16 logits of the vocabulary shard and their grad
+        # the backward's fp32 chunks: one's upcast and softmax, the next one's two upcasts
+        + 4 * chunk * vocab / tp * 4
     )
     reserve = 3 * GB
     update = {
@@ -254,7 +270,7 @@ def test_the_one_node_8b_config_fits_both_phases_by_hand_arithmetic():
     kv_bytes_per_token = 2 * layers * kv * 2 / tp  # K and V, bf16, the rank's KV heads
     assert report.kv_tokens == pytest.approx((share - weights - forward) / kv_bytes_per_token)
     assert report.fits and report.kv_tokens > 70 * seq
-    assert round(report.trainer_peak / GB, 2) == 59.51  # docs/slurm.md's table
+    assert round(report.trainer_peak / GB, 2) == 57.55  # docs/slurm.md's table
     assert round(report.generation_peak / GB, 2) == 75.61
     table = report.table()
     assert "update phase" in table and "generation phase" in table and "\nfits" in table
@@ -269,7 +285,9 @@ def test_a_colocated_phase_that_does_not_fit_is_named_with_its_knob():
     refusal = plan(load(JobConfig, one_node, ["rollout.gpu_memory_utilization=0.4"])).refusal()
     assert "generation phase does not fit" in refusal
     assert "rollout.gpu_memory_utilization to at most 0.35" in refusal
-    refusal = plan(load(JobConfig, one_node, ["precision.recompute=null"])).refusal()
+    # without recomputation, three 9,216-token episodes a micro-batch
+    too_long = ["precision.recompute=null", "update.micro_batch_tokens=27648"]
+    refusal = plan(load(JobConfig, one_node, too_long)).refusal()
     assert "update phase does not fit" in refusal and "activations" in refusal
     # TP2 x DP4: the trainer's states alone leave the engine no room
     cfg = load(JobConfig, one_node, ["parallel.tensor=2", "parallel.data=4"])
@@ -277,3 +295,58 @@ def test_a_colocated_phase_that_does_not_fit_is_named_with_its_knob():
     assert "raise parallel.tensor" in refusal and "optimizer CPU offload" in refusal
     proc = run_tool("plan.py", one_node, "rollout.gpu_memory_utilization=0.4")
     assert proc.returncode == 1 and "DOES NOT FIT: the generation phase" in proc.stdout
+
+
+@pytest.mark.multiprocess
+def test_the_logits_term_is_what_the_policy_update_allocates(tmp_path):
+    """The policy's forward/backward in a real PPOUpdate.step (a small fp32 model of the
+    planner's longest episode, one row a micro-batch, logits at the response positions only),
+    at two vocabularies: the peak of live tensor bytes grows by what the planner's activation
+    term grows by, i.e. by the logits path (the layers do not depend on the vocabulary)."""
+    from tests.scripts import logits_memory
+
+    small, large = 1024, 65536
+    out = tmp_path / "logits.json"
+    env = {"PYTHONPATH": f"{TESTS_DIR.parent}:{SCRIPTS_DIR}"}
+    proc = run_script(script("logits_memory"), out, small, large, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads(out.read_text())
+
+    def planned(vocab: int) -> float:
+        overrides = [*logits_memory.OVERRIDES, f"model.tokenizer_vocab={vocab}"]
+        return plan(load(JobConfig, None, overrides)).trainer["activations"]
+
+    grown = measured[str(large)] - measured[str(small)]
+    # Measured to 2e-5 on this machine (2026-12-06): the embedding's and the output layer's
+    # weight gradients ([vocab, 64] fp32) are made and added to the gradient buffer after the
+    # peak, and the CPU allocator rounds nothing. The planner before this fix (one fp32 copy
+    # of every position's logits) grew by 1.37 times as much.
+    assert planned(large) - planned(small) == pytest.approx(grown, rel=0.01)
+
+
+def test_sequence_parallelism_shards_every_activation_over_tp():
+    """configs/llama3_8b.yaml (TP 4 on GPU nodes: Transformer Engine, so megatron runs with
+    sequence parallelism): Korthikanti et al.'s 34*s*b*h/TP bytes a layer (every part sharded,
+    the norms' and dropouts' too), the scattered embedding output, and the logits of every
+    position (the output layer gathers the sequence), by hand; the same layout on CPU nodes
+    (no sequence parallelism) keeps s*b*h*(10 + 24/TP) a layer and logits at the answers only."""
+    h, layers, vocab, tp = 4096, 32, 128256, 4
+    tokens = 18432  # update.micro_batch_tokens: two 9,216-token episodes
+    chunk = 512 * 2**20 // (4 * vocab // tp)  # a 512 MiB fp32 chunk of the vocabulary shard
+    # bf16 logits and their gradient; the backward's fp32 chunks: one's upcast and softmax,
+    # the next one's two upcasts (bf16 -> fp32, / temperature)
+    logits = 2 * tokens * vocab / tp * 2 + 4 * chunk * vocab / tp * 4
+    sp = tokens * h * 34 / tp * layers + tokens / tp * h + 8 * tokens + logits
+    report = plan(load(JobConfig, CONFIGS / "llama3_8b.yaml"))
+    assert report.trainer["activations"] == pytest.approx(sp, rel=1e-12)
+    assert round(report.trainer["activations"] / GB, 2) == 23.34  # docs/slurm.md's table
+    assert round(report.trainer_peak / GB, 2) == 50.92
+    assert any("sequence parallelism at TP 4" in n for n in report.notes)
+
+    cpu = ["slurm.gpus_per_node=0", "slurm.nodes=32"]  # 4 ranks a node, no TE: no SP
+    answers = 2 * 3 * 2048  # the two episodes' response positions
+    chunk = 128 * 2**20 // (4 * vocab // tp)  # the CPU's 128 MiB chunk
+    logits = 2 * answers * vocab / tp * 2 + 4 * chunk * vocab / tp * 4
+    no_sp = tokens * h * (10 + 24 / tp) * layers + tokens * h + 8 * tokens + logits
+    report = plan(load(JobConfig, CONFIGS / "llama3_8b.yaml", cpu))
+    assert report.trainer["activations"] == pytest.approx(no_sp, rel=1e-12)

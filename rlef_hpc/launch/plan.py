@@ -7,9 +7,11 @@ Trainer GPU (the most loaded one: the first pipeline stage, which also holds the
   value      the same again: a network of its own (trunk + scalar head), trained alongside
   reference  the frozen initial policy: weights only
   activations  one micro-batch of the longest episode, for each micro-batch the 1F1B pipeline
-             schedule keeps in flight (Korthikanti et al. 2022, fused attention, no sequence
-             parallelism: s*b*h*(10 + 24/TP) bytes per layer; with precision.recompute=full,
-             each layer's input plus one layer being recomputed)
+             schedule keeps in flight (Korthikanti et al. 2022, fused attention:
+             s*b*h*(10 + 24/TP) bytes per layer, 34*s*b*h/TP under the sequence parallelism
+             megatron runs with on GPU nodes at TP > 1 (`layer_activation_bytes`); with
+             precision.recompute=full, each layer's input plus one layer being recomputed),
+             and on the last stage the logits path of the policy's loss (`logits_bytes`)
 Rollout GPU: vLLM takes rollout.gpu_memory_utilization of the card for its weights (at
 rollout.tensor_parallel) and KV cache; the plan reports how many tokens of KV cache remain.
 Colocated, the engine shares the trainer's GPUs, at parallel.tensor: the update and the
@@ -159,6 +161,53 @@ def shard_parameters(mc: ModelConfig, tp: int, pp: int) -> float:
     return shard / tp
 
 
+def layer_activation_bytes(tokens: float, h: int, tp: int, sp: bool, width: int) -> float:
+    """What one transformer layer keeps for its backward, for `tokens` (micro-batch rows x
+    positions) of hidden size `h`: Korthikanti et al. (2022)'s s*b*h*(10 + 24/TP) bytes of
+    16-bit activations with fused attention (no s^2 scores), scaled to `width` bytes. The 10
+    are what tensor parallelism alone leaves whole on every rank (the two norms' inputs, the
+    QKV and fc1 inputs, the dropout masks); under sequence parallelism they are [s/TP, b, h]
+    too, so the whole layer is 34*s*b*h/TP (their eq. 5). In megatron-core 0.16.1: the
+    hidden states between layers are scattered over TP (models/common/embeddings/
+    language_model_embedding.py LanguageModelEmbedding.forward,
+    scatter_to_sequence_parallel_region), and a column-parallel linear saves its input
+    before the all-gather and gathers it again in backward (tensor_parallel/layers.py
+    LinearWithGradAccumulationAndAsyncCommunication.forward: save_for_backward(input, weight);
+    .backward: total_input = all_gather_buffer), so the norms' outputs feeding QKV and fc1
+    are kept sharded; Transformer Engine's fused LayerNormLinear does the same under
+    sequence_parallel (megatron/core/extensions/transformer_engine.py passes it on)."""
+    whole = 10 / tp if sp else 10
+    return tokens * h * (whole + 24 / tp) * width / 2
+
+
+def logits_bytes(positions: float, vocab_shard: float, width: int, device: str) -> float:
+    """The peak of the policy loss's logits path for `positions` logits of `vocab_shard`
+    entries each in the model's `width` (rl/logprobs.py _ChunkedLogProbs, chunks of
+    `default_chunk` tokens on `device`, each upcast to fp32):
+    - forward: the output layer's logits, and three fp32 chunk temporaries at once
+      (_chunk_stats: the upcast z, z - max, its exp; then z, exp, exp * z);
+    - backward, the higher once the logits outgrow a chunk: the logits (saved for it), their
+      gradient (`empty_like(logits)`), a chunk's upcast z and its softmax g, and, while those
+      are still bound, the next chunk's upcast (16-bit logits: its `.float()` and its
+      `/ temperature` for a moment).
+    Megatron's output layer makes a copy of the logits twice, each while one of the above is
+    freed or not made yet (GPTModel._postprocess: logits.transpose(0, 1).contiguous() for
+    rows > 1; its backward: utils.py prepare_input_tensors_for_wgrad_compute,
+    grad_output.contiguous()): two whole copies at most. Measured against a real update's
+    allocations in tests/test_plan.py."""
+    import torch
+
+    from rlef_hpc.rl.logprobs import default_chunk
+
+    chunk = default_chunk(torch.device(device), int(vocab_shard))
+    first, following = min(positions, chunk), min(chunk, max(0.0, positions - chunk))
+    logits, fp32 = positions * vocab_shard * width, vocab_shard * 4
+    upcasts = 1 if width == 4 else 2
+    forward = logits + 3 * first * fp32
+    backward = 2 * logits + (2 * first + upcasts * following) * fp32
+    return max(forward, backward)
+
+
 def plan(cfg: JobConfig) -> Plan:
     notes: list[str] = []
     mc = model_shape(cfg, notes)
@@ -175,17 +224,30 @@ def plan(cfg: JobConfig) -> Plan:
     b = max(u.micro_batch_tokens, seq) / seq
     in_flight = p.pipeline  # 1F1B: the first stage holds one micro-batch per stage
     layers = mc.num_layers / p.pipeline * in_flight
-    # Korthikanti et al.'s bytes are those of 16-bit activations: fp32 training holds twice
-    # (measured on SmolLM2-135M in fp32: benchmarks/real_model_memory.py)
-    per_layer = seq * b * h * (10 + 24 / p.tensor) * width / 2
+    # On GPU nodes (Transformer Engine) megatron runs with sequence parallelism at TP > 1
+    # (models/gpt.transformer_config), which shards what Korthikanti et al. keep whole too.
+    sp = s.gpus_per_node > 0 and p.tensor > 1
+    tokens = seq * b
+    per_layer = layer_activation_bytes(tokens, h, p.tensor, sp, width)
+    sharded = p.tensor if sp else 1  # a layer's input is [s/TP, b, h] under SP
     if cfg.precision.recompute == "full":  # each layer's input, and one layer recomputed
-        activations = seq * b * h * width * layers + per_layer
+        activations = tokens * h * width / sharded * layers + per_layer
     else:
         activations = per_layer * layers
-    # the embedding's output and the token ids
-    activations += seq * b * h * width / 2 * in_flight + 8 * seq * b * in_flight
-    if p.pipeline == 1:  # logits (fp32 log-softmax in chunks: count one full-vocab copy)
-        activations += seq * b * mc.vocab_size / p.tensor * 4
+    # the embedding's output (scattered over TP under SP) and the token ids
+    activations += (tokens * h * width / 2 / sharded + 8 * tokens) * in_flight
+    if p.pipeline == 1:  # the last stage's logits path (the first stage's, at PP 1)
+        # Under SP the output layer gathers the whole sequence; else (rl/update.py
+        # select_logits) logits exist only where they predict a response token.
+        answers = cfg.episodes.max_turns * r.max_tokens
+        positions = tokens if sp else b * answers
+        device = "cuda" if s.gpus_per_node > 0 else "cpu"
+        activations += logits_bytes(positions, mc.vocab_size / p.tensor, width, device)
+    if sp:
+        notes.append(
+            f"sequence parallelism at TP {p.tensor} (Transformer Engine on the GPU nodes): "
+            "activations sharded over TP"
+        )
     trainer = {
         "policy weights + grads + optimizer": n * per_param,
         "value model weights + grads + optimizer": n * per_param,
