@@ -69,10 +69,10 @@ def allowed_cpus() -> set[int]:
 
 
 def cpu_share(cpus: list[int], index: int, count: int) -> list[int]:
-    """The `index`-th of `count` contiguous, nearly equal shares of `cpus` (all of them where
-    there are fewer CPUs than shares)."""
+    """The `index`-th of `count` contiguous, nearly equal shares of `cpus` (where there are
+    fewer CPUs than shares, one CPU each, spread over them)."""
     share = cpus[index * len(cpus) // count : (index + 1) * len(cpus) // count]
-    return share or cpus
+    return share or [cpus[index * len(cpus) // count]]
 
 
 def sandbox_share(affinity: set[int], allowed: set[int], index: int, count: int) -> list[int]:
