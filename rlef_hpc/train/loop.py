@@ -127,7 +127,8 @@ class Trainer:
         if cfg.rollout.layout == "colocated" and not follower:
             claim_sandbox_cpus(every=p.tensor)
         self.executor = Executor(workers=1 if follower else cfg.rollout.sandbox_workers)
-        self._sandbox_seen = (0, 0)  # the executor's counters at the last iteration's end
+        # The executor's counters when the last iteration or evaluation ended.
+        self._sandbox_seen = (0, 0)
         self.source = make_source(
             cfg,
             self.run_dir,
@@ -253,6 +254,9 @@ class Trainer:
                 self.evaluation(iteration, stop.is_set)
             except EpisodesStopped:
                 self.stop_now(iteration, stop)
+        # The evaluation's sandbox errors are its report's (EvalReport.sandbox_errors), not
+        # the next iteration's.
+        self._sandbox_seen = (self.executor.sandbox_errors, self.executor.worker_restarts)
         # A signal after the evaluation's last gather: stop before another iteration starts.
         if iteration < self.cfg.run.iterations and stop.everywhere():
             self.stop_now(iteration, stop)
