@@ -290,12 +290,20 @@ def host_group() -> Any:
     )
 
 
-def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Each value averaged over every rank (collective, over the host group: a few floats)."""
+def sum_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value summed over every rank (collective, over the host group: a few floats)."""
     import torch
     import torch.distributed as dist
 
     keys = sorted(values)
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device="cpu")
     dist.all_reduce(t, group=host_group())
-    return dict(zip(keys, (t / dist.get_world_size()).tolist(), strict=True))
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over every rank (collective, over the host group: a few floats)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    return {k: v / world for k, v in sum_over_ranks(values).items()}

@@ -53,9 +53,10 @@ def test_a_colocated_engine_needs_its_tasks_to_see_the_nodes_gpus():
 
 def test_each_engine_leader_on_a_node_takes_its_own_share_of_the_cpus():
     """The one-node layout's two leaders (local ranks 0 and 4 at TP 4) pin their sandbox
-    workers to disjoint halves of the node's CPUs, not both to the first ones."""
+    workers to disjoint halves of the node's CPUs, not both to the first ones
+    (rlef_hpc.sandbox.cpus; tests/test_sandbox_cpus.py for the rest)."""
     from rlef_hpc.dist_env import local_world_size
-    from rlef_hpc.rollout.lockstep import cpu_share
+    from rlef_hpc.sandbox.cpus import cpu_share
 
     cpus = list(range(96))
     assert cpu_share(cpus, 0, 2) == list(range(48)) and cpu_share(cpus, 1, 2) == cpus[48:]
@@ -70,8 +71,8 @@ def test_each_engine_leader_on_a_node_takes_its_own_share_of_the_cpus():
     import sys
 
     code = (
-        "import os; from rlef_hpc.rollout.lockstep import claim_leader_cpus; "
-        "claim_leader_cpus(2, {'LOCAL_RANK': '2', 'LOCAL_WORLD_SIZE': '4'}); "
+        "import os; from rlef_hpc.sandbox.cpus import claim_sandbox_cpus; "
+        "claim_sandbox_cpus(2, {'LOCAL_RANK': '2', 'LOCAL_WORLD_SIZE': '4'}); "
         "print(sorted(os.sched_getaffinity(0)))"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}

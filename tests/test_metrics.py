@@ -99,3 +99,26 @@ def test_metric_names():
     assert parse_metric("10@100") == (10, 100)
     with pytest.raises(ValueError, match="not of the form n@k"):
         parse_metric("pass@1")
+
+
+def test_a_rollout_the_sandbox_failed_to_judge_is_scored_a_failure_and_reported():
+    """Whatever else its record says, a rollout with a sandbox error never counts as solved;
+    the report counts such rollouts and says how they were scored."""
+    from rlef_hpc.data.trajectory import Trajectory, Turn
+    from rlef_hpc.eval.report import outcomes_by_problem, score
+
+    def rollout(solved: bool, sandbox_error: bool = False) -> Trajectory:
+        turn = Turn(0, 1, 2, [0.0], "", "print(1)", True, passed_public=solved)
+        return Trajectory("p", "python", [1, 2], [turn], solved, sandbox_error=sandbox_error)
+
+    # Public tests passed, then the sandbox failed on the private ones: a failed submission.
+    unjudged = rollout(True, sandbox_error=True)
+    [outcome] = outcomes_by_problem([unjudged])["p"]
+    assert not outcome.correct and outcome.passed_public
+    report = score([rollout(True), unjudged, rollout(False)], ["1@1"], max_turns=1)
+    assert report.rows[0].mean == pytest.approx(1 / 3)
+    assert report.solved_by_turn == [pytest.approx(1 / 3)]
+    assert report.sandbox_errors == 1 and report.to_json()["sandbox_errors"] == 1
+    assert "sandbox errors: 1 rollouts the sandbox failed to judge, scored as failures" in (
+        report.table()
+    )

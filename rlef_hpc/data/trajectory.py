@@ -48,6 +48,13 @@ class Trajectory:
     sandbox_error: bool = False
 
     @property
+    def trainable(self) -> bool:
+        """Whether PPO may learn from it: not where the sandbox failed to judge it (its reward
+        says nothing of the policy, and is higher than a failure's). rlef_hpc.rl.ppo.collate
+        gives such a trajectory an empty row."""
+        return not self.sandbox_error
+
+    @property
     def total_reward(self) -> float:
         return sum(t.reward for t in self.turns)
 

@@ -99,7 +99,7 @@ def checkpoint_result(
         sampling = SamplingResult(
             d.temperature, d.top_p, report.rollouts_per_problem, report.problems,
             sorted(row.name for row in report.rows), report.skipped, report.solved_by_turn,
-            r.seconds, rate,
+            r.seconds, rate, report.sandbox_errors,
         )  # fmt: skip
         result = sets.setdefault(d.set_name, SetResult(report.problems, {}, []))
         result.samplings.append(sampling)

@@ -41,6 +41,8 @@ class EvalReport:
     resample_distance: float | None = None  # first answers of two rollouts: the yardstick
     # n@k against k for n in SAMPLE_CURVE_N ("1", "10": JSON keys), as [k, solve rate] pairs
     sample_curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    # Rollouts the sandbox failed to judge: scored as failures (outcomes_by_problem)
+    sandbox_errors: int = 0
 
     def table(self) -> str:
         lines = ["| metric | solve rate | 95% CI | problems |", "|---|---|---|---|"]
@@ -54,6 +56,11 @@ class EvalReport:
         )
         lines.append(f"\nsolved by turn (share of rollouts): {turns}")
         lines += [f"not estimated: {s}" for s in self.skipped]
+        if self.sandbox_errors:
+            lines.append(
+                f"sandbox errors: {self.sandbox_errors} rollouts the sandbox failed to judge, "
+                "scored as failures"
+            )
         lines.append(f"feedback after a failure: {self.feedback}")
         if self.edits:
             lines += [
@@ -84,11 +91,14 @@ class EvalReport:
 
 
 def outcomes_by_problem(trajectories: Sequence[Trajectory]) -> dict[str, list[RolloutOutcome]]:
+    """Each problem's rollouts. One the sandbox failed to judge (Trajectory.sandbox_error) is a
+    failure: never correct, whatever else it records. Where its public tests passed and its
+    private ones could not run, it stays a candidate for submission, one that fails (as a real
+    submission that the judge could not run would)."""
     grouped: dict[str, list[RolloutOutcome]] = collections.defaultdict(list)
     for t in trajectories:
-        grouped[t.problem].append(
-            RolloutOutcome(t.turns[-1].passed_public, t.success, len(t.turns))
-        )
+        correct = t.success and not t.sandbox_error
+        grouped[t.problem].append(RolloutOutcome(t.turns[-1].passed_public, correct, len(t.turns)))
     return dict(grouped)
 
 
@@ -127,4 +137,5 @@ def score(
         edits=edit_statistics(trajectories, max_turns),
         resample_distance=resample_distance(trajectories),
         sample_curves={str(n): sample_curve(grouped, n, max_turns) for n in SAMPLE_CURVE_N},
+        sandbox_errors=sum(t.sandbox_error for t in trajectories),
     )

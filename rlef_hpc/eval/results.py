@@ -49,6 +49,7 @@ class SamplingResult:
     solved_by_turn: list[float]
     seconds: float
     rollouts_per_second: float | None
+    sandbox_errors: int = 0  # rollouts the sandbox failed to judge (scored as failures)
 
 
 @dataclass(frozen=True)

@@ -148,10 +148,17 @@ def collate(
     default the CPU): built row by row on the host, then moved in one copy per tensor. The
     length is rounded up to a `multiple` (rlef_hpc.models.gpt.sequence_multiple: FP8,
     sequence parallelism); padding is masked out of every loss, and causal attention keeps
-    it from the real tokens' outputs."""
+    it from the real tokens' outputs.
+
+    A trajectory that is not `trainable` (the sandbox failed to judge it) gets an empty row: no
+    response, no turns, so no loss, advantage statistic, KL or mismatch reads it and it runs
+    one position long (row_lengths). It keeps its row rather than being dropped so that every
+    data-parallel rank keeps its share's row count, which the minibatch split and the equal
+    micro-batch counts across ranks depend on (rl.batching.plan_step)."""
     b = len(trajectories)
-    t = -(-max(len(x.tokens) for x in trajectories) // multiple) * multiple
-    k = max(len(x.turns) for x in trajectories)
+    kept = [x for x in trajectories if x.trainable]
+    t = -(-max([len(x.tokens) for x in kept] or [1]) // multiple) * multiple
+    k = max([len(x.turns) for x in kept] or [1])
     tokens = torch.full((b, t), pad_id, dtype=torch.long)
     response = torch.zeros((b, t), dtype=torch.bool)
     turn_of = torch.full((b, t), -1, dtype=torch.long)
@@ -160,6 +167,8 @@ def collate(
     reward = torch.zeros((b, k))
     behaviour = torch.zeros((b, t))
     for row, traj in enumerate(trajectories):
+        if not traj.trainable:
+            continue
         tokens[row, : len(traj.tokens)] = torch.tensor(traj.tokens)
         for j, turn in enumerate(traj.turns):
             span = slice(turn.prompt_end, turn.response_end)

@@ -148,6 +148,9 @@ class PPOUpdate:
             1,
         ).double()
         dist.all_reduce(counts, group=dp)
+        # A minibatch of nothing but empty rows (trajectories the sandbox failed to judge:
+        # ppo.collate) has no tokens to average over: its losses are zero, not 0 / 0.
+        counts = counts.clamp(min=1)
         return ppo.Prepared(
             logp_old,
             logp_ref,

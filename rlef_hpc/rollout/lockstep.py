@@ -16,7 +16,6 @@ A group of one process (tensor parallelism 1) is its own leader, and nothing is 
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from rlef_hpc.dist_env import host_group, local_world_size
+from rlef_hpc.dist_env import host_group
 from rlef_hpc.episodes.runner import Generation
 
 
@@ -58,26 +57,6 @@ def clear_stale_cpu_shm(shm_dir: Path = Path("/dev/shm")) -> list[str]:
             except OSError:
                 pass
     return removed
-
-
-def cpu_share(cpus: list[int], index: int, count: int) -> list[int]:
-    """The `index`-th of `count` contiguous, nearly equal shares of `cpus` (all of them where
-    there are fewer CPUs than shares)."""
-    share = cpus[index * len(cpus) // count : (index + 1) * len(cpus) // count]
-    return share or cpus
-
-
-def claim_leader_cpus(tensor: int, env: Any = os.environ) -> list[int]:
-    """Cuts this process's CPUs to its engine group's share of the node's (the leader of the
-    k-th of n groups on the node takes the k-th of n shares); returns them. Call before the
-    sandbox starts: its workers are pinned round-robin to the process's CPUs
-    (rlef_hpc/sandbox/executor.py), and the leaders' tasks, unbound to cores (slurm/lib.sh
-    rlef_colocated), would all have pinned theirs to the node's first CPUs."""
-    local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", "0")))
-    groups = max(1, local_world_size(env) // tensor)
-    share = cpu_share(sorted(os.sched_getaffinity(0)), local // tensor, groups)
-    os.sched_setaffinity(0, share)
-    return share
 
 
 class LeaderFailed(RuntimeError):

@@ -29,6 +29,7 @@ from rlef_hpc.dist_env import require_gpus_where_asked
 from rlef_hpc.episodes.runner import EpisodeRunner
 from rlef_hpc.models.config import compute_capability
 from rlef_hpc.sandbox import Executor
+from rlef_hpc.sandbox.cpus import claim_sandbox_cpus
 
 if TYPE_CHECKING:
     from rlef_hpc.train.config import TrainConfig
@@ -101,6 +102,9 @@ def run_worker(cfg: TrainConfig, worker: int, poll_s: float = 0.5) -> int:
         return engine(prompts)
 
     written = 0
+    # Unbound (several workers per node under one srun --cpu-bind=none step), each takes its
+    # share of the node's CPUs; a worker Slurm bound keeps its binding.
+    claim_sandbox_cpus()
     with Executor(workers=r.sandbox_workers) as executor:
         seq = store.next_seq(worker)
         while not store.done():
@@ -114,10 +118,15 @@ def run_worker(cfg: TrainConfig, worker: int, poll_s: float = 0.5) -> int:
             seed_sampling(cfg.run.seed, f"worker{worker}", f"shard{seq}")
             runner = EpisodeRunner(tokenizer, executor, generate, cfg.episodes)
             trajectories = runner.run(shard_problems(cfg, train_problems, worker, seq))
+            # Episodes the sandbox failed to judge go in the shard as they are (counted by the
+            # trainer's metrics); the trainer does not train on them (Trajectory.trainable).
             path = store.write(worker, seq, version, trajectories)
+            errors = sum(not t.trainable for t in trajectories)
             print(
                 f"worker {worker}: {path.name} ({len(trajectories)} episodes, "
-                f"policy version {version} from the {follower.via})",
+                f"policy version {version} from the {follower.via}; sandbox: {errors} episodes "
+                f"not judged, {executor.sandbox_errors} tests errored and "
+                f"{executor.worker_restarts} workers replaced so far)",
                 flush=True,
             )
             seq += 1
