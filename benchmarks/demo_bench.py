@@ -65,12 +65,15 @@ PHASES = (
     "logging/other",
 )
 # (module, attribute path, phase): what is timed as which phase. Nested calls count for the
-# innermost phase (an evaluation's episodes are evaluation, not rollout).
+# innermost phase (an evaluation's episodes are evaluation, not rollout). Where a function was
+# renamed or moved, both names are listed: a name that is missing is reported only when no
+# other hook of its phase exists at that commit.
 HOOKS = (
     ("rlef_hpc.train.loop", "Trainer.__init__", "start-up"),
     ("rlef_hpc.train.loop", "build_initial_policy", "warm start"),
     ("rlef_hpc.train.loop", "Trainer.run", "logging/other"),
-    ("rlef_hpc.train.loop", "Trainer.evaluate", "evaluation"),
+    ("rlef_hpc.train.loop", "Trainer.evaluate", "evaluation"),  # cf0390d
+    ("rlef_hpc.train.evaluation", "TrainerEvaluation.__call__", "evaluation"),  # since 51ebe5c
     ("rlef_hpc.train.loop", "Trainer.save", "checkpoint"),
     ("rlef_hpc.train.sources", "Colocated.batch", "rollout"),
     ("rlef_hpc.train.sources", "AsyncColocated.batch", "rollout"),
@@ -148,8 +151,9 @@ class PhaseClock:
 
 
 def install_hooks(clock: PhaseClock) -> list[str]:
-    """Wraps every HOOKS function that exists; returns those that do not."""
-    missing = []
+    """Wraps every HOOKS function that exists; returns those that do not, of the phases that
+    none of their hooks found."""
+    missing, found = [], set()
     for module_name, path, phase in HOOKS:
         try:
             owner: Any = importlib.import_module(module_name)
@@ -170,7 +174,9 @@ def install_hooks(clock: PhaseClock) -> list[str]:
                 return _f(*args, **kwargs)
 
         setattr(owner, name, functools.wraps(function)(wrapped))
-    return missing
+        found.add(phase)
+    phase_of = {f"{m}.{p}": phase for m, p, phase in HOOKS}
+    return [name for name in missing if phase_of[name] not in found]
 
 
 def child(run_dir: str, out: str, overrides: list[str]) -> None:
