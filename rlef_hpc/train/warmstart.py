@@ -141,9 +141,7 @@ def answer_batch(
     return tokens, answer
 
 
-def answer_targets(
-    tokens: torch.Tensor, answer: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_targets(tokens: torch.Tensor, answer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(where the logits that predict the answer tokens are, as an index into the hidden states
     [s, b] flattened (megatron's sequence-first layout: rlef_hpc.rl.passes.forward); those
     tokens) of a batch from `answer_batch`. Position p is predicted by the hidden state at
