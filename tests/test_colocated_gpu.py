@@ -109,7 +109,10 @@ def test_the_refit_probe_recasts_fp8_weights_as_a_schedules_first_microbatch(mon
     source = sources.Colocated.__new__(sources.Colocated)
     source.policy, source.probe, source.engine = policy, probe, Engine()
     source.engines = EngineGroup(source.engine, None)  # one process: its own engine group
-    source.cfg = SimpleNamespace(rollout=SimpleNamespace(mismatch=MismatchLimits()))
+    source.cfg = SimpleNamespace(
+        rollout=SimpleNamespace(refit_mismatch=MismatchLimits()),
+        precision=SimpleNamespace(dtype="bfloat16"),
+    )
     stats = source.check_refit(1.0)
     assert policy.linear.recast == [True, False, False, True]
     assert stats["refit_mismatch_max"] < 1e-5

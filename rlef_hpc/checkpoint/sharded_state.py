@@ -86,7 +86,7 @@ def _init_state(optimizer: Any) -> None:
             for p in group["params"]:
                 state = adam.state[p]
                 if "step" not in state:
-                    state["step"] = torch.zeros(())
+                    state["step"] = torch.zeros((), device="cpu")  # as torch.optim.Adam keeps it
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
 

@@ -147,7 +147,7 @@ class _Attempt:
         full = space.no_space(error) or (
             error is not None and self.rank == 0 and space.free(self.run_dir) < space.FULL
         )
-        failed = torch.tensor([int(error is not None), int(full)])
+        failed = torch.tensor([int(error is not None), int(full)], device="cpu")  # host group
         dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=host_group())
         if not failed[0]:
             return
@@ -161,7 +161,7 @@ class _Attempt:
         """Collective: refuses a save the filesystem cannot hold (less free than the previous
         checkpoint takes) before anything is written."""
         need = space.size(self.previous) if self.previous is not None else 0
-        full = torch.tensor(int(self.rank == 0 and need > self.free))
+        full = torch.tensor(int(self.rank == 0 and need > self.free), device="cpu")
         dist.all_reduce(full, op=dist.ReduceOp.MAX, group=host_group())
         if full:
             message = [self._full(need) if self.rank == 0 else ""]
@@ -456,7 +456,7 @@ def _estimated_bytes(models: Sequence[tuple[str, torch.nn.Module, Any]]) -> int:
             )
             total += p.numel() * (p.element_size() + main + 8)
     # Each data-parallel replica holds the model once: the sum over ranks counts it DP times.
-    summed = torch.tensor(total, dtype=torch.float64)
+    summed = torch.tensor(total, dtype=torch.float64, device="cpu")
     dist.all_reduce(summed, group=host_group())
     return int(summed.item() / ps.get_data_parallel_world_size())
 

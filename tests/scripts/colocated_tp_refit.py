@@ -53,6 +53,10 @@ def move(policy, step: int, tp_rank: int) -> None:
 
 
 def main() -> None:
+    from rlef_hpc import runtime
+
+    runtime.setup()
+    runtime.setup_megatron()
     start = time.perf_counter()
     hf = Path(sys.argv[1])
     from megatron.core import parallel_state as ps
