@@ -21,7 +21,7 @@ same names at both commits; a name that is missing is reported, and its time cou
     update         collate and the PPO update (PPOUpdate.step)
     refit          the new weights into the engine and the refit check (after_update)
     checkpoint     Trainer.save and the wait for background saves
-    evaluation     Trainer.evaluate (valid and test, before, during and after RLEF)
+    evaluation     the evaluator (valid and test, before, during and after RLEF)
     logging/other  metrics.jsonl, TensorBoard, plots, the end (best export, summary, exit)
 
 Wall seconds, and CPU seconds (user + system) of the trainer's whole process tree (sandbox
