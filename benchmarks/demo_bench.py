@@ -354,8 +354,17 @@ def main() -> None:
                    help="a config override for both arms")  # fmt: skip
     p.add_argument("--out", help="also write the table (and the raw numbers as .json) here")
     p.add_argument("--keep", help="keep the run directories and logs in this folder")
+    p.add_argument(
+        "--check-hooks",
+        action="store_true",
+        help="only say which phases find none of their functions in this tree (exit 1 if any)",
+    )
     p.add_argument("--child", nargs=2, metavar=("RUN_DIR", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.check_hooks:
+        missing = install_hooks(PhaseClock("start-up"))
+        print("hooks not found: " + (", ".join(missing) or "none"))
+        sys.exit(1 if missing else 0)
     if args.child:
         child(*args.child, args.set)
         return
