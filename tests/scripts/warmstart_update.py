@@ -82,10 +82,10 @@ def main() -> None:
     # The first batch as warm_start draws it (one data-parallel rank).
     first = random.Random(SEED).sample(data, min(BATCH, len(data)))
     untargeted = untargeted_loss(model, first)
-    # What the output layer is given: the hidden states of how many positions, per step.
+    # How many positions' logits the output layer computes, per step (its output [s, b, v]).
     head_rows = []
-    hook = model.output_layer.register_forward_pre_hook(
-        lambda _, args: head_rows.append(args[0].shape[0] * args[0].shape[1])
+    hook = model.output_layer.register_forward_hook(
+        lambda _, args, out: head_rows.append(out[0].shape[0] * out[0].shape[1])
     )
     losses = warm_start(model, data, STEPS, BATCH, LR, SEED)
     hook.remove()
