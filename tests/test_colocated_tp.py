@@ -111,7 +111,7 @@ def test_tp2_dp2_iterations_equal_tp1_dp2_across_a_stop_and_resume(tmp_path):
     so do the sampled tokens' (the per-batch guard)."""
     have_vllm()
     exact = ["rollout.mismatch={mean_limit: 1.0e-4, quantile: 1.0, quantile_limit: 1.0e-4}"]
-    common = [*exact, "run.iterations=3", "data.eval_problems=0", "data.test_problems=0"]
+    common = [*exact, "run.iterations=3", "data.valid_problems=0", "data.test_problems=0"]
     tp1, tp2 = tmp_path / "tp1", tmp_path / "tp2"
     code, out, err = finish(rlef_train(2, *common, f"run.dir={tp1}", "parallel.data=2"))
     assert code == 0, err[-4000:]

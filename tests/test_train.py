@@ -175,9 +175,11 @@ def test_a_stop_signal_during_an_evaluation_stops_it_at_once_and_the_resumed_run
     assert int((run / "latest").read_text()) == 1 and (run / "iter_0000001").is_dir()
     results = [json.loads(x) for x in (run / "eval" / "results.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in results] == [0]
-    # The whole evaluation of iteration 0 took this long; stopping took a small part of it.
+    # The whole evaluation of iteration 0 took this long (iteration 1's is the same size): the
+    # run ended, its checkpoint and teardown included, before the evaluation's remainder alone
+    # would have (finishing it first, as before, takes that remainder plus the teardown).
     evaluation_s = sum(x["seconds"] for s in results[0]["sets"].values() for x in s["samplings"])
-    assert stopped_s < evaluation_s / 2, (stopped_s, evaluation_s)
+    assert stopped_s < evaluation_s - 2, (stopped_s, evaluation_s)
 
     # The requeued run: from iteration 1's checkpoint, its evaluation first (one rollout a
     # problem now, to be quick), then iteration 2.

@@ -8,7 +8,7 @@ import random
 import re
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,7 +20,10 @@ from rlef_hpc.progress import progress_bar
 from rlef_hpc.rl.logprobs import next_token_logprobs, vocab_parallel_logprobs
 from rlef_hpc.rl.optim import OptimConfig, make_trainable
 from rlef_hpc.rl.passes import forward
-from rlef_hpc.sandbox import Executor, Job
+from rlef_hpc.sandbox import Job
+
+if TYPE_CHECKING:  # the executor's module loads the compiled sandbox: not on the trainer path
+    from rlef_hpc.sandbox import Executor
 
 
 def near_miss(source: str) -> str | None:
