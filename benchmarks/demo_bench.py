@@ -21,7 +21,7 @@ same names at both commits; a name that is missing is reported, and its time cou
     update         collate and the PPO update (PPOUpdate.step)
     refit          the new weights into the engine and the refit check (after_update)
     checkpoint     Trainer.save and the wait for background saves
-    evaluation     Trainer.evaluate (valid and test, before, during and after RLEF)
+    evaluation     the evaluator (valid and test, before, during and after RLEF)
     logging/other  metrics.jsonl, TensorBoard, plots, the end (best export, summary, exit)
 
 Wall seconds, and CPU seconds (user + system) of the trainer's whole process tree (sandbox
@@ -65,12 +65,15 @@ PHASES = (
     "logging/other",
 )
 # (module, attribute path, phase): what is timed as which phase. Nested calls count for the
-# innermost phase (an evaluation's episodes are evaluation, not rollout).
+# innermost phase (an evaluation's episodes are evaluation, not rollout). Where a function was
+# renamed or moved, both names are listed: a name that is missing is reported only when no
+# other hook of its phase exists at that commit.
 HOOKS = (
     ("rlef_hpc.train.loop", "Trainer.__init__", "start-up"),
     ("rlef_hpc.train.loop", "build_initial_policy", "warm start"),
     ("rlef_hpc.train.loop", "Trainer.run", "logging/other"),
-    ("rlef_hpc.train.loop", "Trainer.evaluate", "evaluation"),
+    ("rlef_hpc.train.loop", "Trainer.evaluate", "evaluation"),  # cf0390d
+    ("rlef_hpc.train.evaluation", "TrainerEvaluation.__call__", "evaluation"),  # since 51ebe5c
     ("rlef_hpc.train.loop", "Trainer.save", "checkpoint"),
     ("rlef_hpc.train.sources", "Colocated.batch", "rollout"),
     ("rlef_hpc.train.sources", "AsyncColocated.batch", "rollout"),
@@ -148,8 +151,9 @@ class PhaseClock:
 
 
 def install_hooks(clock: PhaseClock) -> list[str]:
-    """Wraps every HOOKS function that exists; returns those that do not."""
-    missing = []
+    """Wraps every HOOKS function that exists; returns those that do not, of the phases that
+    none of their hooks found."""
+    missing, found = [], set()
     for module_name, path, phase in HOOKS:
         try:
             owner: Any = importlib.import_module(module_name)
@@ -170,7 +174,9 @@ def install_hooks(clock: PhaseClock) -> list[str]:
                 return _f(*args, **kwargs)
 
         setattr(owner, name, functools.wraps(function)(wrapped))
-    return missing
+        found.add(phase)
+    phase_of = {f"{m}.{p}": phase for m, p, phase in HOOKS}
+    return [name for name in missing if phase_of[name] not in found]
 
 
 def child(run_dir: str, out: str, overrides: list[str]) -> None:
@@ -348,8 +354,17 @@ def main() -> None:
                    help="a config override for both arms")  # fmt: skip
     p.add_argument("--out", help="also write the table (and the raw numbers as .json) here")
     p.add_argument("--keep", help="keep the run directories and logs in this folder")
+    p.add_argument(
+        "--check-hooks",
+        action="store_true",
+        help="only say which phases find none of their functions in this tree (exit 1 if any)",
+    )
     p.add_argument("--child", nargs=2, metavar=("RUN_DIR", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.check_hooks:
+        missing = install_hooks(PhaseClock("start-up"))
+        print("hooks not found: " + (", ".join(missing) or "none"))
+        sys.exit(1 if missing else 0)
     if args.child:
         child(*args.child, args.set)
         return

@@ -91,3 +91,13 @@ def test_log_probs_without_the_tensor_parallel_group_would_differ(runs):
     tp1, tp2 = runs[1], runs[2]
     assert tp1["untargeted"] == pytest.approx(tp1["losses"][0], rel=1e-6)
     assert abs(tp2["untargeted"] - tp1["losses"][0]) > 100 * RTOL * tp1["losses"][0]
+
+
+@pytest.mark.multiprocess
+def test_the_output_layer_sees_only_the_answer_positions(runs):
+    """The loss reads only the answer tokens' predictions, so only their hidden states go
+    through the output layer (the first step's batch: its answer tokens, not all its
+    positions), at any tensor parallelism; the loss is the same (the comparison above)."""
+    for tp in (1, 2):
+        assert len(runs[tp]["head_rows"]) == 8  # one forward per step
+        assert runs[tp]["head_rows"][0] == runs[tp]["answer_tokens"]

@@ -17,8 +17,9 @@ from rlef_hpc.episodes.conversation import Conversation
 from rlef_hpc.episodes.templates import FENCE_TAGS, Templates, initial_prompt, public_feedback
 from rlef_hpc.models.gpt import causal_mask, sequence_multiple
 from rlef_hpc.progress import progress_bar
-from rlef_hpc.rl.logprobs import next_token_logprobs
+from rlef_hpc.rl.logprobs import next_token_logprobs, vocab_parallel_logprobs
 from rlef_hpc.rl.optim import OptimConfig, make_trainable
+from rlef_hpc.rl.passes import forward
 from rlef_hpc.sandbox import Job
 
 if TYPE_CHECKING:  # the executor's module loads the compiled sandbox: not on the trainer path
@@ -143,22 +144,47 @@ def answer_batch(
     return tokens, answer
 
 
+def answer_targets(tokens: torch.Tensor, answer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(where the logits that predict the answer tokens are, as an index into the hidden states
+    [s, b] flattened (megatron's sequence-first layout: rlef_hpc.rl.passes.forward); those
+    tokens) of a batch from `answer_batch`. Position p is predicted by the hidden state at
+    p - 1; `answer` is never set at position 0."""
+    positions, rows = answer.t().nonzero(as_tuple=True)  # in [s, b] order
+    return (positions - 1) * tokens.shape[0] + rows, tokens[rows, positions]
+
+
 def _nll(
+    targets: torch.Tensor, logits: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Megatron's loss function: the mean negative log-likelihood of the answer tokens, from
+    the logits [1, n, vocab shard] of the positions that predict them."""
+    logp, _ = vocab_parallel_logprobs(logits[0], targets)
+    nll = -logp.sum() / len(targets)
+    return nll, {"loss": nll.detach()}
+
+
+def _nll_all_positions(
     tokens: torch.Tensor, answer: torch.Tensor, logits: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Megatron's loss function: the mean negative log-likelihood of the answer tokens."""
+    """`_nll` from every position's logits [b, s, vocab shard] (sequence parallelism: the
+    output layer gathers the sequence itself, so it cannot be given a selection)."""
     logp, _ = next_token_logprobs(logits, tokens)
     nll = -(logp * answer).sum() / answer.sum()
     return nll, {"loss": nll.detach()}
 
 
 def _forward_step(data: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
-    """Megatron's forward step: the next (tokens, answer) through `model`, and its loss."""
+    """Megatron's forward step: the next (tokens, answer) through `model`, and its loss. The
+    output layer and the loss see only the answer tokens' predictions (under a fifth of the
+    demo's positions), as the PPO update's do (rlef_hpc.rl.passes.forward)."""
     tokens, answer = next(data)
     length = tokens.shape[1]
     positions = torch.arange(length, device=tokens.device).expand(len(tokens), -1)
-    logits = model(tokens, positions, causal_mask(length, tokens.device))
-    return logits, partial(_nll, tokens, answer)
+    mask = causal_mask(length, tokens.device)
+    if model.config.sequence_parallel:
+        return model(tokens, positions, mask), partial(_nll_all_positions, tokens, answer)
+    index, targets = answer_targets(tokens, answer)
+    return forward(model, tokens, positions, mask, index), partial(_nll, targets)
 
 
 def warm_start(

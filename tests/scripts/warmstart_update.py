@@ -82,10 +82,26 @@ def main() -> None:
     # The first batch as warm_start draws it (one data-parallel rank).
     first = random.Random(SEED).sample(data, min(BATCH, len(data)))
     untargeted = untargeted_loss(model, first)
+    # How many positions' logits the output layer computes, per step (its output [s, b, v]).
+    head_rows = []
+    hook = model.output_layer.register_forward_hook(
+        lambda _, args, out: head_rows.append(out[0].shape[0] * out[0].shape[1])
+    )
     losses = warm_start(model, data, STEPS, BATCH, LR, SEED)
+    hook.remove()
+    answer_tokens = int(answer_batch(first)[1].sum())
     state = gather_full_state(model, MODEL.num_layers)  # the plain model, updated in place
     if dist.get_rank() == 0:
-        torch.save({"losses": losses, "untargeted": untargeted, "state": state}, args.out)
+        torch.save(
+            {
+                "losses": losses,
+                "untargeted": untargeted,
+                "state": state,
+                "head_rows": head_rows,
+                "answer_tokens": answer_tokens,
+            },
+            args.out,
+        )
     dist.barrier()
 
 
