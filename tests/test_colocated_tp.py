@@ -143,7 +143,14 @@ def test_tp2_dp2_iterations_equal_tp1_dp2_across_a_stop_and_resume(tmp_path):
     assert sorted(second) == [1, 2, 3]
     for it in (1, 2, 3):
         for key in NUMBERS:
-            assert second[it][key] == pytest.approx(first[it][key], rel=1e-5, abs=1e-6), (it, key)
+            # explained variance is 1 - Var(R - V) / Var(R), here near 0: the TP layouts' fp32
+            # sums move it by up to 3e-6 absolute by iteration 3 (measured) while the values
+            # agree to 1e-5 relative, so it gets its own absolute tolerance.
+            near_zero = 1e-5 if key == "explained_variance" else 1e-6
+            assert second[it][key] == pytest.approx(first[it][key], rel=1e-5, abs=near_zero), (
+                it,
+                key,
+            )
         assert second[it]["refit_mismatch_max"] <= 1e-4 and second[it]["mismatch_max"] <= 1e-4
 
 

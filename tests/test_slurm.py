@@ -537,7 +537,7 @@ def test_the_one_node_8b_script_places_8_ranks_on_one_node_and_requeues(slurm, t
         assert len(devices) == 1 and len(devices.pop().split(",")) == 8, ranks
         assert {r[4] for r in ranks} == {"configs/llama3_8b_1node.yaml"}, ranks
     log = (tmp_path / "job.out").read_text()
-    assert f"stopped with a checkpoint: requeueing job {job}" in log, log
+    assert f"stopped cleanly (exit 75): requeueing job {job}" in log, log
 
 
 @pytest.mark.slurm
