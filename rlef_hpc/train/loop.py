@@ -38,7 +38,7 @@ from rlef_hpc.checkpoint.hf_dir import (
     read_model_config,
 )
 from rlef_hpc.config import to_dict
-from rlef_hpc.dist_env import device, init_process_groups, mean_over_ranks, sum_over_ranks
+from rlef_hpc.dist_env import device, init_process_groups, mean_over_ranks
 from rlef_hpc.episodes import EpisodesStopped
 from rlef_hpc.eval.sets import problems_path, transfer_sets
 from rlef_hpc.models.gpt import sequence_multiple
@@ -50,7 +50,13 @@ from rlef_hpc.sandbox.cpus import claim_sandbox_cpus
 from rlef_hpc.train.config import TrainConfig
 from rlef_hpc.train.evaluation import TrainerEvaluation
 from rlef_hpc.train.initial_policy import build_initial_policy
-from rlef_hpc.train.metrics import MetricsLog, episode_metrics, plot_training
+from rlef_hpc.train.metrics import (
+    MetricsLog,
+    SandboxCounts,
+    brief,
+    episode_metrics,
+    plot_training,
+)
 from rlef_hpc.train.preemption import STOP_SIGNALS, Preempted, StopFlag
 from rlef_hpc.train.problems import load_problems, load_test_problems, write_problems
 from rlef_hpc.train.sources import Colocated, make_source, own_engine
@@ -127,8 +133,7 @@ class Trainer:
         if cfg.rollout.layout == "colocated" and not follower:
             claim_sandbox_cpus(every=p.tensor)
         self.executor = Executor(workers=1 if follower else cfg.rollout.sandbox_workers)
-        # The executor's counters when the last iteration or evaluation ended.
-        self._sandbox_seen = (0, 0)
+        self.sandbox_counts = SandboxCounts(self.executor)
         self.source = make_source(
             cfg,
             self.run_dir,
@@ -168,26 +173,14 @@ class Trainer:
     def iteration(self, it: int) -> dict[str, float]:
         trajectories, rollout = self.source.batch(it)
         stats = mean_over_ranks(episode_metrics(trajectories, self.cfg.episodes.max_turns))
-        counts = self._sandbox_counts(trajectories)
+        counts = self.sandbox_counts.batch(trajectories)
         start = time.perf_counter()
         self.source.before_update()
-        if counts["trained_episodes"] > 0:
-            # Trajectories the sandbox failed to judge stay in the batch as empty rows
-            # (Trajectory.trainable, rl.ppo.collate): excluded from the update and its
-            # advantage statistics.
-            batch = collate(
-                trajectories,
-                pad_id=self.tokenizer.pad_token_id or 0,
-                device=device(),
-                multiple=sequence_multiple(self.update.trainables["policy"].module.config),
-            )
-            metrics = self.update.step(
-                batch, self.cfg.update.num_minibatches, progress=self.rank == 0
-            )
-        else:
-            # Every rank decides alike (the counts are summed over all of them). The source's
-            # hooks still run: the unchanged policy is this iteration's version (the rollout
-            # workers wait for it) and the engines wake as after an update.
+        if counts["trained_episodes"] > 0:  # a sandbox error is an empty row (ppo.collate)
+            multiple = sequence_multiple(self.update.trainables["policy"].module.config)
+            batch = collate(trajectories, self.tokenizer.pad_token_id or 0, device(), multiple)
+            metrics = self.update.step(batch, self.cfg.update.num_minibatches, self.rank == 0)
+        else:  # alike on every rank (summed counts); after_update still publishes the version
             self._print(
                 f"iteration {it}: every episode ended in a sandbox error "
                 f"({counts['sandbox_errors']:.0f}); nothing to train on, the update is skipped"
@@ -196,29 +189,6 @@ class Trainer:
         update_s = time.perf_counter() - start
         synced = self.source.after_update(it, metrics)
         return {**stats, **counts, **metrics, **synced, **rollout, "update_seconds": update_s}
-
-    def _sandbox_counts(self, trajectories: list[Any]) -> dict[str, float]:
-        """Over the whole batch: the episodes the update trains on and those it leaves out (a
-        sandbox error: Trajectory.trainable), and what this iteration added to the sandboxes'
-        own counters (tests that ended SANDBOX_ERROR, workers replaced; rlef_hpc.sandbox
-        Executor) on every rank that ran episodes."""
-        from megatron.core import parallel_state as ps
-
-        # The ranks of one data-parallel share hold the same trajectories: counted once.
-        holders = dist.get_world_size() / ps.get_data_parallel_world_size()
-        excluded = sum(not t.trainable for t in trajectories)
-        ex = self.executor
-        now = (ex.sandbox_errors, ex.worker_restarts)
-        errors, restarts = (a - b for a, b in zip(now, self._sandbox_seen, strict=True))
-        self._sandbox_seen = now
-        return sum_over_ranks(
-            {
-                "trained_episodes": (len(trajectories) - excluded) / holders,
-                "sandbox_errors": excluded / holders,
-                "sandbox_test_errors": float(errors),
-                "sandbox_worker_restarts": float(restarts),
-            }
-        )
 
     # --- checkpoints, evaluations, stopping -------------------------------------------------
 
@@ -254,9 +224,7 @@ class Trainer:
                 self.evaluation(iteration, stop.is_set)
             except EpisodesStopped:
                 self.stop_now(iteration, stop)
-        # The evaluation's sandbox errors are its report's (EvalReport.sandbox_errors), not
-        # the next iteration's.
-        self._sandbox_seen = (self.executor.sandbox_errors, self.executor.worker_restarts)
+        self.sandbox_counts.skip()  # the evaluation's are its report's, not an iteration's
         # A signal after the evaluation's last gather: stop before another iteration starts.
         if iteration < self.cfg.run.iterations and stop.everywhere():
             self.stop_now(iteration, stop)
@@ -311,28 +279,6 @@ class Trainer:
         self.executor.close()
         if self.log is not None:
             self.log.close()
-
-
-def brief(m: dict[str, float], layout: str) -> str:
-    """An iteration's line: reward, solve rate, KL, the engine's mismatch, how the rollouts
-    came (generated here, or waited for from the rollout workers) and the update's time."""
-    if layout == "disaggregated":
-        rollout = f"waited {m['rollout_seconds']:.1f}s for shards"
-    else:
-        tokens = m["generated_tokens_per_second"]
-        rollout = f"rollout {m['rollout_seconds']:.1f}s ({tokens:.0f} tok/s)"
-    line = (
-        f"reward {m['reward_mean']:+.3f}, solved {100 * m['success_rate']:.1f}%, "
-        f"kl {m.get('kl', 0.0):.4f}, mismatch {m.get('mismatch_max', 0.0):.2e}, "
-        f"{rollout}, update {m['update_seconds']:.1f}s"
-    )
-    if m.get("sandbox_errors") or m.get("sandbox_worker_restarts"):
-        line += (
-            f", sandbox errors: {m['sandbox_errors']:.0f} episodes not trained on "
-            f"({m['sandbox_test_errors']:.0f} tests, {m['sandbox_worker_restarts']:.0f} "
-            "worker restarts)"
-        )
-    return line
 
 
 def train(cfg: TrainConfig) -> int:

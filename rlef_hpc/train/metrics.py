@@ -40,6 +40,65 @@ def episode_metrics(trajectories: Sequence[Trajectory], max_turns: int) -> dict[
     return metrics
 
 
+class SandboxCounts:
+    """Per iteration, over the whole batch: the episodes the update trains on and those it
+    leaves out (a sandbox error: Trajectory.trainable), and what the iteration added to the
+    sandbox's own counters (tests that ended SANDBOX_ERROR, workers replaced; rlef_hpc.sandbox
+    Executor) on every rank that ran episodes. Collective (every rank calls `batch`)."""
+
+    def __init__(self, executor: Any) -> None:
+        self.executor = executor
+        self.seen = (0, 0)  # the counters when the last iteration or evaluation ended
+
+    def skip(self) -> None:
+        """What the sandbox counted since the last call is not an iteration's (an evaluation's:
+        its report counts them)."""
+        self.seen = (self.executor.sandbox_errors, self.executor.worker_restarts)
+
+    def batch(self, trajectories: Sequence[Trajectory]) -> dict[str, float]:
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        from rlef_hpc.dist_env import sum_over_ranks
+
+        # The ranks of one data-parallel share hold the same trajectories: counted once.
+        holders = dist.get_world_size() / ps.get_data_parallel_world_size()
+        excluded = sum(not t.trainable for t in trajectories)
+        before = self.seen
+        self.skip()
+        errors, restarts = (a - b for a, b in zip(self.seen, before, strict=True))
+        return sum_over_ranks(
+            {
+                "trained_episodes": (len(trajectories) - excluded) / holders,
+                "sandbox_errors": excluded / holders,
+                "sandbox_test_errors": float(errors),
+                "sandbox_worker_restarts": float(restarts),
+            }
+        )
+
+
+def brief(m: dict[str, float], layout: str) -> str:
+    """An iteration's line: reward, solve rate, KL, the engine's mismatch, how the rollouts
+    came (generated here, or waited for from the rollout workers) and the update's time."""
+    if layout == "disaggregated":
+        rollout = f"waited {m['rollout_seconds']:.1f}s for shards"
+    else:
+        tokens = m["generated_tokens_per_second"]
+        rollout = f"rollout {m['rollout_seconds']:.1f}s ({tokens:.0f} tok/s)"
+    line = (
+        f"reward {m['reward_mean']:+.3f}, solved {100 * m['success_rate']:.1f}%, "
+        f"kl {m.get('kl', 0.0):.4f}, mismatch {m.get('mismatch_max', 0.0):.2e}, "
+        f"{rollout}, update {m['update_seconds']:.1f}s"
+    )
+    if m.get("sandbox_errors") or m.get("sandbox_worker_restarts"):
+        line += (
+            f", sandbox errors: {m['sandbox_errors']:.0f} episodes not trained on "
+            f"({m['sandbox_test_errors']:.0f} tests, {m['sandbox_worker_restarts']:.0f} "
+            "worker restarts)"
+        )
+    return line
+
+
 class MetricsLog:
     """Rank 0's writer of metrics.jsonl (one record per iteration or evaluation)."""
 

@@ -35,6 +35,7 @@ from rlef_hpc.rl.optim import OptimConfig  # noqa: E402
 from rlef_hpc.rl.ppo import PPOConfig  # noqa: E402
 from rlef_hpc.rl.update import PPOUpdate  # noqa: E402
 from rlef_hpc.train.loop import Trainer  # noqa: E402
+from rlef_hpc.train.metrics import SandboxCounts  # noqa: E402
 
 
 def trajectory(seed_: int, spans: list[tuple[int, int, int]], rewards: list[float]) -> Trajectory:
@@ -88,7 +89,7 @@ def iteration(trajectories: list[Trajectory], minibatches: int, sandbox: tuple[i
     trainer.rank = 0
     trainer.tokenizer = SimpleNamespace(pad_token_id=0)
     trainer.executor = SimpleNamespace(sandbox_errors=sandbox[0], worker_restarts=sandbox[1])
-    trainer._sandbox_seen = (0, 0)
+    trainer.sandbox_counts = SandboxCounts(trainer.executor)
     trainer.source = Source(trajectories)
     trainer.update = Counting(
         *models, PPOConfig(), OptimConfig(lr=1e-3, warmup_steps=1), micro_batch_tokens=64
