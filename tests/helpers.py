@@ -100,6 +100,17 @@ def run_tool(name: str, *args: object, timeout: int = 300, env: dict[str, str] |
     return run_script(TESTS_DIR.parent / "tools" / name, *args, timeout=timeout, env=env)
 
 
+# What a training iteration reports that does not depend on how fast it ran: the numbers two
+# runs of the same training (resumed, or another layout) must agree on.
+ITERATION_NUMBERS = (
+    "reward_mean",
+    "success_rate",
+    "response_tokens",
+    "policy_loss",
+    "value_loss",
+    "kl",
+)
+
 # A training run in seconds: a tiny Llama and tokenizer, a few problems, a short warm start.
 TINY_TRAIN = [
     "model.hidden_size=64",

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import (
+    ITERATION_NUMBERS,
     TESTS_DIR,
     TINY_TRAIN,
     require,
@@ -108,14 +109,7 @@ def test_two_processes_log_checkpoint_convert_and_resume_exactly(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stdout
     first, resumed = records[3], train_records(again)[3]
-    for key in (
-        "reward_mean",
-        "success_rate",
-        "response_tokens",
-        "policy_loss",
-        "value_loss",
-        "kl",
-    ):
+    for key in ITERATION_NUMBERS:
         assert resumed[key] == pytest.approx(first[key], rel=1e-5, abs=1e-6), key
 
 
