@@ -194,9 +194,17 @@ export SLURM_CONF="$STATE/slurm.conf"
 running slurmdbd || /usr/sbin/slurmdbd  # reads slurmdbd.conf beside $SLURM_CONF
 for _ in $(seq 300); do (echo > /dev/tcp/127.0.0.1/6819) 2>/dev/null && break; sleep 0.1; done
 (echo > /dev/tcp/127.0.0.1/6819) 2>/dev/null || die "slurmdbd did not start: see $STATE/log/slurmdbd.log"
-running slurmctld || /usr/sbin/slurmctld -f "$SLURM_CONF"
+# A fresh controller starts with no jobs (-c): a previous cluster's state (a run killed with
+# its jobs still queued) would otherwise be recovered, its jobs holding the nodes. The nodes'
+# spool goes with it, and their stale locks (-c).
+if ! running slurmctld; then
+  /usr/sbin/slurmctld -c -f "$SLURM_CONF"
+fi
 for node in $(node_names "$NODES"); do
-  running "slurmd-$node" || /usr/sbin/slurmd -f "$SLURM_CONF" -N "$node"
+  if ! running "slurmd-$node"; then
+    rm -rf "spool/d/$node" && mkdir -p "spool/d/$node"
+    /usr/sbin/slurmd -c -f "$SLURM_CONF" -N "$node"
+  fi
 done
 
 idle=0
