@@ -178,3 +178,31 @@ def test_a_failed_broadcast_aborts_the_group_before_the_remaining_gathers(monkey
         "gather 5",
     ]
     assert os.environ["TORCH_NCCL_EXTRA_DUMP_ON_EXEC"] == "1"
+
+
+def test_a_worker_is_not_held_by_the_rendezvous_of_a_trainer_that_is_gone(tmp_path):
+    """A requeued trainer leaves bus.json pointing at its dead store until it is up again. The
+    worker sees no bus at once (torch's TCPStore client alone would retry the refused port for
+    the whole timeout_s, 120 s, at every look: CI's workers stalled for minutes), then joins
+    the new trainer's store as soon as the file names it."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    gone = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    dead_port = gone.port
+    del gone  # the port is closed now: nothing listens there
+    rendezvous = {"host": "127.0.0.1", "stages": 1, "backend": "gloo", "version": None}
+
+    def trainer_wrote(**info: object) -> None:
+        (weights / bus.RENDEZVOUS).write_text(json.dumps({**rendezvous, **info}))
+
+    trainer_wrote(id="old", port=dead_port)
+    receiver = bus.BusReceiver(tmp_path, worker=0, procs=1, timeout_s=120.0)
+    start = time.monotonic()
+    assert receiver.announced() is None and receiver.announced() is None
+    assert time.monotonic() - start < 2.0
+    trainer = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    trainer.set("announce", "7")
+    trainer_wrote(id="new", port=trainer.port)
+    assert receiver.announced() == 7
+    # The store's operations keep the configured timeout, not the connection's short one.
+    assert receiver.store.timeout.total_seconds() == 120.0

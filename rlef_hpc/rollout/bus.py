@@ -62,6 +62,7 @@ import torch.distributed as dist
 from rlef_hpc import atomic
 
 RENDEZVOUS = "bus.json"  # in run_dir/weights/
+CONNECT_S = 5.0  # a worker's connection to the trainer's store, which is up or gone
 
 
 class BusError(RuntimeError):
@@ -439,14 +440,21 @@ class BusReceiver:
         except (FileNotFoundError, json.JSONDecodeError):
             return False
         if info["id"] != self.id:
+            self.store, self.id = None, None
+            # The file outlives its trainer (a requeued trainer rewrites it only once it is
+            # up again). torch's TCPStore client retries a refused connection until its
+            # timeout: 120 s of a worker's time, each time it looked, lost to a dead trainer
+            # (CI saw workers stall for minutes after a requeue). A plain connection first:
+            # a dead trainer's port refuses at once.
             try:
-                # timeout_s bounds every wait on the store, the close of a round joined
-                # included (the trainer may wait join_wait_s for the others first).
-                self.store = _store(info["host"], info["port"], self.timeout_s)
+                socket.create_connection((info["host"], info["port"]), CONNECT_S).close()
+                store = _store(info["host"], info["port"], CONNECT_S)
             except Exception:  # noqa: BLE001 - a trainer gone since it wrote the file
-                self.store, self.id = None, None
                 return False
-            self.id, self.info = info["id"], info
+            # timeout_s bounds every wait on the store, the close of a round joined included
+            # (the trainer may wait join_wait_s for the others first).
+            store.set_timeout(timedelta(seconds=self.timeout_s))
+            self.store, self.id, self.info = store, info["id"], info
         return True
 
     def announced(self) -> int | None:
