@@ -76,3 +76,37 @@ def executor() -> Iterator[object]:
     require(caps["seccomp"], "seccomp filters are unavailable on this kernel")
     with sandbox.Executor(workers=2) as ex:
         yield ex
+
+
+def _queued_slurm_jobs() -> set[str] | None:
+    """The ids of the jobs in the local cluster's queue; None without a cluster."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(
+            ["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return set(proc.stdout.split()) if proc.returncode == 0 else None
+
+
+@pytest.fixture(autouse=True)
+def slurm_jobs_cancelled(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A Slurm test's jobs end with it: one that failed (or timed out) leaves nothing queued
+    or running to hold the nodes from the next test (CI once lost three tests to the jobs of
+    one that had hung)."""
+    import subprocess
+    import time
+
+    before = _queued_slurm_jobs() if request.node.get_closest_marker("slurm") else None
+    yield
+    if before is None:
+        return
+    left = (_queued_slurm_jobs() or set()) - before
+    if not left:
+        return
+    subprocess.run(["scancel", *sorted(left)], capture_output=True, timeout=30)
+    deadline = time.monotonic() + 60  # KillWait (10 s) and the steps' ends
+    while (_queued_slurm_jobs() or set()) & left and time.monotonic() < deadline:
+        time.sleep(1)
