@@ -1,12 +1,14 @@
 """Where the CPU demo's time goes (`make run`: rlef-train configs/demo_cpu.yaml, OMP_NUM_THREADS=2),
 phase by phase, at a baseline commit and at the working tree, in the same run.
 
-    python benchmarks/demo_bench.py [--baseline cf0390d] [--rounds 1] [--lock PATH]
-        [--set KEY=VALUE ...] [--out PATH] [--keep DIR]
+    python benchmarks/demo_bench.py [--baseline cf0390d] [--rounds 1 | --seeds S ...]
+        [--lock PATH] [--set KEY=VALUE ...] [--out PATH] [--keep DIR]
 
 The baseline is checked out into a temporary git worktree (its C++ executor built there); the
 two arms alternate `--rounds` times (baseline first), each a fresh `rlef-train` process on a
-fresh run directory, and each arm reports the median of its rounds. `--lock PATH` holds an
+fresh run directory, and each arm reports the median of its rounds. `--seeds 0 3 4` makes one
+round per seed (run.seed=S in both arms): the learning across seeds, each arm's pooled held-out
+1@3 after RLEF as a mean and range, besides the phases. `--lock PATH` holds an
 flock on PATH around each run only (on a shared machine: /tmp/rlef-heavy.lock), so that others
 can go between runs.
 
@@ -334,13 +336,23 @@ def table(arms: dict[str, list[dict]], labels: dict[str, str]) -> str:
                 f"{k} {percent(a)} -> {percent(b)}" for k, (a, b) in r["1@3"].items()
             )
             lines.append(
-                f"{labels[name]} round {i + 1}: 1@3 before -> after RLEF: {result}; "
+                f"{labels[name]} round {i + 1}{' (' + r['seed'] + ')' if r.get('seed') else ''}: "
+                f"1@3 before -> after RLEF: {result}; "
                 f"load average {r['load'][0]:.2f} at start, {r['load'][1]:.2f} at end"
                 + (
                     f"; hooks not found: {', '.join(r['missing_hooks'])}"
                     if r["missing_hooks"]
                     else ""
                 )
+            )
+    if any(r.get("seed") for runs in arms.values() for r in runs):
+        lines.append("")
+        for name, runs in arms.items():
+            after = [r["1@3"]["held-out"][1] for r in runs]
+            lines.append(
+                f"{labels[name]}: pooled held-out 1@3 after RLEF over {len(after)} seeds: mean "
+                f"{percent(statistics.mean(after))}, range {percent(min(after))}-"
+                f"{percent(max(after))}"
             )
     return "\n".join(lines)
 
@@ -349,6 +361,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--baseline", default="cf0390d", help="commit to compare with")
     p.add_argument("--rounds", type=int, default=1, help="runs per arm, alternating")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", metavar="S", help="one round per run.seed S (both arms)"
+    )
     p.add_argument("--lock", help="flock this file around each run (shared machines)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for both arms")  # fmt: skip
@@ -378,19 +393,22 @@ def main() -> None:
     labels = {"baseline": commit, "working": f"{head}{dirty}"}
     arms: dict[str, list[dict]] = {"baseline": [], "working": []}
     try:
+        rounds = [[f"run.seed={s}"] for s in args.seeds] if args.seeds else [[]] * args.rounds
         with baseline_tree(commit) as base:
-            for i in range(args.rounds):
+            for i, seed in enumerate(rounds):
                 for name, tree in (("baseline", base), ("working", ROOT)):
                     label = f"{name}{i + 1}"
-                    print(f"running {label} ({labels[name]})...", flush=True)
-                    arms[name].append(run_arm(tree, work, label, args.set, args.lock))
+                    print(f"running {label} ({labels[name]}{' ' + seed[0] if seed else ''})...",
+                          flush=True)  # fmt: skip
+                    arms[name].append(run_arm(tree, work, label, [*args.set, *seed], args.lock))
+                    arms[name][-1]["seed"] = seed[0] if seed else None
                     print(f"  {arms[name][-1]['wall']['total']:.1f} s", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     text = (
         f"the demo (rlef-train {CONFIG}{' ' + ' '.join(args.set) if args.set else ''}, "
-        f"OMP_NUM_THREADS=2), {os.cpu_count()} CPUs, median of {args.rounds} round(s)\n\n"
+        f"OMP_NUM_THREADS=2), {os.cpu_count()} CPUs, median of {len(rounds)} round(s)\n\n"
         + table(arms, labels)
     )
     print(text)
