@@ -10,7 +10,8 @@ from rlef_hpc.data import synthetic
 from rlef_hpc.episodes import Templates
 from rlef_hpc.models.tokenizer import build_tokenizer
 from rlef_hpc.sandbox import Executor
-from rlef_hpc.train.warmstart import demonstrations, near_miss, repair_demonstrations
+from rlef_hpc.train.config import WarmStartConfig
+from rlef_hpc.train.warmstart import demonstrations, lr_factor, near_miss, repair_demonstrations
 from tests.helpers import script, torchrun
 
 SCRIPT = script("warmstart_update")
@@ -101,3 +102,14 @@ def test_the_output_layer_sees_only_the_answer_positions(runs):
     for tp in (1, 2):
         assert len(runs[tp]["head_rows"]) == 8  # one forward per step
         assert runs[tp]["head_rows"][0] == runs[tp]["answer_tokens"]
+
+
+def test_the_learning_rate_rises_over_the_warm_up_then_decays_to_a_tenth():
+    """warmstart.warmup_steps (the demo's 40 of 400: with 10, its seed 3 ended at a loss of
+    0.145 and a policy solving 1.8% of held-out problems)."""
+    rises = [lr_factor(s, 400, 40) for s in (0, 19, 39)]
+    assert rises == pytest.approx([1 / 40, 20 / 40 * (1 - 19 / 400), 1 - 39 / 400])
+    assert lr_factor(0, 400) == pytest.approx(0.1)  # the default: 10 updates
+    assert lr_factor(399, 400, 40) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        WarmStartConfig(warmup_steps=0)

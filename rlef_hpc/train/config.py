@@ -144,6 +144,8 @@ class WarmStartConfig:
     steps: int = 0
     batch_size: int = 16
     lr: float = 3e-3
+    # Updates over which the learning rate rises linearly to `lr` (then decays to a tenth).
+    warmup_steps: int = 10
     # Copies of each problem's demonstration with a near-miss solution (a constant off by
     # one): a warm-started policy that often answers almost right, as RL's starting point.
     near_misses: int = 0
@@ -152,7 +154,9 @@ class WarmStartConfig:
     repairs: int = 0
 
     def __post_init__(self) -> None:
-        require_at_least("warmstart", self, steps=0, batch_size=1, lr=0, near_misses=0, repairs=0)
+        require_at_least(
+            "warmstart", self, steps=0, batch_size=1, lr=0, warmup_steps=1, near_misses=0, repairs=0
+        )
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,9 @@ def build_initial_policy(cfg: TrainConfig, problems: list[Problem], out: Path) -
                 )
             examples += repairs * w.repairs
         rank0 = dist.get_rank() == 0
-        losses = warm_start(policy, examples, w.steps, w.batch_size, w.lr, cfg.run.seed, rank0)
+        losses = warm_start(
+            policy, examples, w.steps, w.batch_size, w.lr, cfg.run.seed, rank0, w.warmup_steps
+        )
         if rank0:
             print(f"warm start: loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
     source = Path(spec.hf_dir) if spec.init == "hf" else None  # its config and generation ids

@@ -120,11 +120,12 @@ def repair_demonstrations(
 OPTIM = OptimConfig(weight_decay=0.0, grad_clip=1.0, betas=(0.9, 0.999), eps=1e-8)
 
 
-def lr_factor(step: int, steps: int) -> float:
+def lr_factor(step: int, steps: int, warmup: int = 10) -> float:
     """The learning rate of update `step` (from 0) of `steps`, relative to the peak: a linear
-    warm-up over 10 updates times a linear decay to a tenth. Not expressible in megatron's
-    scheduler (its warm-up and decay do not overlap), so set on the optimizer directly."""
-    return min(1.0, (step + 1) / 10) * max(0.1, 1 - step / steps)
+    warm-up over `warmup` updates times a linear decay to a tenth. Not expressible in
+    megatron's scheduler (its warm-up and decay do not overlap), so set on the optimizer
+    directly."""
+    return min(1.0, (step + 1) / max(1, warmup)) * max(0.1, 1 - step / steps)
 
 
 def answer_batch(
@@ -195,6 +196,7 @@ def warm_start(
     lr: float,
     seed: int,
     progress: bool = False,
+    warmup: int = 10,
 ) -> list[float]:
     """AdamW on the answer tokens' negative log-likelihood, through megatron's DDP, optimizer
     and forward-backward schedule (see rlef_hpc.rl.optim): data-parallel ranks take interleaved
@@ -219,7 +221,7 @@ def warm_start(
             rng.sample(examples, min(batch_size, len(examples)))[rank::world], device, multiple
         )
         for group in trainable.optimizer.param_groups:
-            group["lr"] = lr * lr_factor(step, steps)
+            group["lr"] = lr * lr_factor(step, steps, warmup)
         trainable.model.zero_grad_buffer()
         trainable.optimizer.zero_grad()
         [out] = get_forward_backward_func()(
