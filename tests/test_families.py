@@ -22,7 +22,6 @@ SHAPES = {
     "qwen2": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4),
     "qwen3": dict(hidden_size=96, intermediate_size=192, num_attention_heads=4, head_dim=32),
 }
-CASES = [(family, tied) for family in SHAPES for tied in (True, False)]
 
 
 def shape(family: str, tied: bool) -> dict:
@@ -130,7 +129,12 @@ def refit(family: str, tied: bool, engine_tp: int, tmp_path: Path) -> dict:
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize(("family", "tied"), CASES)
+@pytest.mark.parametrize(
+    # Every family tied (vLLM's LM head then a layer of its own to the reload: the bug the real
+    # model found) and Llama untied; the untied head is one more tensor by name, as any other.
+    ("family", "tied"),
+    [*((family, True) for family in SHAPES), ("llama", False)],
+)
 def test_a_refit_by_every_transport_leaves_the_engine_equal_to_transformers(family, tied, tmp_path):
     have_vllm()
     result = refit(family, tied, 1, tmp_path)
