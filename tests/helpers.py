@@ -123,6 +123,7 @@ TINY_TRAIN = [
     "data.valid_problems=4",
     "data.test_problems=2",
     "warmstart.steps=30",
+    "warmstart.warmup_steps=10",  # the demo's 40 would outlast these 30 steps
     "rollout.rollouts_per_iteration=16",
     "rollout.samples_per_problem=2",
     "rollout.max_tokens=40",

@@ -224,7 +224,9 @@ class TrainConfig:
     update: UpdateConfig = field(default_factory=UpdateConfig)
     # The demo's: a policy that answers in form, right or almost right (see near_misses).
     warmstart: WarmStartConfig = field(
-        default_factory=lambda: WarmStartConfig(steps=400, batch_size=16, near_misses=1)
+        default_factory=lambda: WarmStartConfig(
+            steps=400, batch_size=16, warmup_steps=40, near_misses=1
+        )
     )
     eval: EvalConfig = field(default_factory=EvalConfig)
     # Groups of the same YAML files that a layer above owns: `slurm`, the launch layer's
