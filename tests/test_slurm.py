@@ -193,29 +193,28 @@ def test_disaggregated_run_is_evaluated_every_eval_every_while_it_trains(slurm, 
     requeued midway, it neither repeats nor skips an evaluation; the best is exported."""
     run = tmp_path / "run"
     # Long enough (about 2 min of training here) that the evaluation job, whose start alone
-    # (vLLM's engine) outlasts 20 iterations of the demo, evaluates while training goes on
-    # (measured: iteration 20 evaluated when about 37 of 80 were trained).
-    jobs = submit(f"run.dir={run}", "run.iterations=80", "run.eval_every=20",
+    # (vLLM's engine) outlasts 20 iterations of the demo, evaluates while training goes on.
+    jobs = submit(f"run.dir={run}", "run.iterations=100", "run.eval_every=25",
                   "run.keep_last=1", "--layout", "disaggregated")  # fmt: skip
     results = run / "eval" / "results.jsonl"
     deadline = time.monotonic() + 600
-    while not results.exists() or '"iteration": 20,' not in results.read_text():
-        assert time.monotonic() < deadline, "no evaluation of iteration 20"
+    while not results.exists() or '"iteration": 25,' not in results.read_text():
+        assert time.monotonic() < deadline, "no evaluation of iteration 25"
         time.sleep(1)
     trained = train_iterations(run)
     assert sh("scontrol", "requeue", jobs["eval"]).returncode == 0
     for job in (jobs["train"], *jobs["rollout"], jobs["eval"]):
         assert wait_done(job, timeout=1200) == "COMPLETED", job
-    assert len(trained) < 80, "training had finished before the first periodic evaluation"
+    assert len(trained) < 100, "training had finished before the first periodic evaluation"
     records = [json.loads(x) for x in results.read_text().splitlines()]
-    assert [r["iteration"] for r in records] == [0, 20, 40, 60, 80]
+    assert [r["iteration"] for r in records] == [0, 25, 50, 75, 100]
     best = json.loads((run / "eval" / "best.json").read_text())
     assert (
         json.loads((run / "best" / "selected.json").read_text())["iteration"] == best["iteration"]
     )
     assert "test" in best["sets"] and (run / "eval" / "curve.png").exists()
     log = "".join(p.read_text() for p in (run / "slurm" / jobs["eval"]).glob("*_log.out"))
-    for it in (0, 20, 40, 60, 80):
+    for it in (0, 25, 50, 75, 100):
         assert log.count(f"evaluated iteration {it}:") == 1, it
 
 
