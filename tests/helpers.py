@@ -207,6 +207,22 @@ def live_processes(processes: Iterable[psutil.Process]) -> list[psutil.Process]:
     return [p for p in processes if running(p)]
 
 
+def kill_tree(proc: Any) -> None:
+    """SIGKILLs a process a test started (a subprocess.Popen) and every process under it: a
+    torchrun killed alone leaves its ranks running, orphaned, past the test."""
+    try:
+        tree = psutil.Process(proc.pid)
+        processes = [*tree.children(recursive=True), tree]
+    except psutil.NoSuchProcess:
+        processes = []
+    for p in processes:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
 def describe_processes(processes: Iterable[psutil.Process]) -> str:
     lines = []
     for p in processes:

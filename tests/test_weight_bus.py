@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from rlef_hpc.rollout import bus
-from tests.helpers import require, save_random_llama, script, torchrun_command
+from tests.helpers import kill_tree, require, save_random_llama, script, torchrun_command
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -76,7 +76,7 @@ def test_versions_reach_every_worker_and_a_killed_worker_harms_nobody(tmp_path):
         codes = [p.wait(timeout=max(1, 500 - (time.monotonic() - began))) for p in procs]
     finally:
         for p in procs:
-            p.kill()
+            kill_tree(p)
     detail = "\n".join(f.read_text()[-3000:] for f in sorted(logs.glob("*.log")))
     assert codes == [0, 0, 0], detail
 

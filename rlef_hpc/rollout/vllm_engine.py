@@ -83,10 +83,8 @@ class VLLMGenerator:
         re-packs every layer after loading, so it takes all weights in one pass: they stream
         through it as an iterator, one tensor in memory at a time (a partial reload would leave
         the layers it did not receive re-packed from nothing)."""
-        self.llm.collective_rpc(
-            "reload_weights",
-            kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True},
-        )
+        stream = iter(weights)  # by reference: the engine runs in this process
+        self.llm.collective_rpc(_reload_in_worker, args=(lambda: stream,))
         self.llm.reset_prefix_cache()
 
     def update_weights_from(self, load: Callable[[], Iterable[tuple[str, torch.Tensor]]]) -> None:
@@ -172,9 +170,39 @@ class VLLMGenerator:
 
 
 def _reload_in_worker(worker: Any, load: Callable[[], Iterable[tuple[str, torch.Tensor]]]) -> None:
-    """Runs in each vLLM worker process (collective_rpc): the in-place reload of
-    `update_weights`, from tensors read there."""
-    worker.reload_weights(weights_iterator=load(), is_checkpoint_format=True)
+    """Runs in each vLLM worker process (collective_rpc): the in-place reload, from the tensors
+    `load()` gives there. Where the stream fails part-way (a weight bus round lost with a
+    peer), the reload is abandoned so that the engine can take the next one: its weights are
+    then partly the new version's, and only a complete reload makes them one version again."""
+    try:
+        worker.reload_weights(weights_iterator=load(), is_checkpoint_format=True)
+    except BaseException:
+        _abandon_reload(worker.model_runner.get_model())
+        raise
+
+
+def _abandon_reload(model: torch.nn.Module) -> None:
+    """Undoes what an interrupted vLLM in-place reload left set up. vLLM 0.32's layer-wise
+    reload (model_executor/model_loader/reload/layerwise.py) moves each layer onto the meta
+    device with wrapped loaders when it starts and puts the layer's own tensors back only once
+    all of its weights are in (or in finalize_layerwise_reload, after the whole stream): a
+    stream that raises leaves the unfinished layers on meta, and the next reload skips them as
+    already prepared and fails ("'Parameter' object has no attribute 'weight_loader'"). The
+    unfinished layers get their tensors back, unchanged (new values are copied into them only
+    when a layer completes), as vLLM's own sharded_rdt_engine._restore_after_dry_run does."""
+    from vllm.model_executor.model_loader.reload.layerwise import (
+        LAYERWISE_INFO,
+        _place_kernel_tensors,
+    )
+
+    for layer in model.modules():
+        info = LAYERWISE_INFO.get(layer)
+        if info is not None and info.can_load():
+            if info.kernel_tensors is not None:
+                _place_kernel_tensors(layer, info)
+            info.reset()
+    if hasattr(model, "_original_do_torchao_reload"):
+        model._do_torchao_reload = model._original_do_torchao_reload
 
 
 def build_engine(
