@@ -187,3 +187,22 @@ def test_the_feedback_curriculum_adds_problems_only_feedback_solves(executor: Ex
     jobs = [Job.build("python", a.reference().source, p.judge_tests, p.limits()) for p in (a, b)]
     passed = [all(r.passed for r in rs) for rs in executor.run_many(jobs)]
     assert passed == [True, False]
+
+
+def test_a_runs_problems_are_drawn_by_data_seed_not_by_run_seed():
+    """Runs of different seeds (the demo's seed table) train and are measured on the same
+    problems and tests: only their training's randomness differs."""
+    from rlef_hpc.config import load
+    from rlef_hpc.train.config import TrainConfig
+    from rlef_hpc.train.problems import load_problems, load_test_problems
+
+    def problems(*overrides: str) -> list[tuple]:
+        cfg = load(TrainConfig, None, list(overrides))
+        train, valid = load_problems(cfg)
+        return [
+            (p.name, [(t.input, t.output) for t in p.public_tests + p.private_tests])
+            for p in train + valid + load_test_problems(cfg)
+        ]
+
+    assert problems("run.seed=0") == problems("run.seed=3")
+    assert problems("run.seed=0") != problems("data.seed=1")

@@ -11,13 +11,16 @@ ROOT = Path(__file__).parent.parent
 PACKAGE = ROOT / "rlef_hpc"
 ADAPTER = PACKAGE / "models" / "megatron_private.py"
 # Underscored members of other libraries, outside this rule: os._exit, sys._getframe, torch's
-# ProcessGroupNCCL options._timeout, submitit's command builders.
+# ProcessGroupNCCL options._timeout, submitit's command builders, the flags vLLM's layer-wise
+# reload sets on the model (rlef_hpc.rollout.vllm_engine._abandon_reload puts them back).
 OTHER_LIBRARIES = {
     "_exit",
     "_getframe",
     "_timeout",
     "_make_submission_file_text",
     "_submitit_command_str",
+    "_do_torchao_reload",
+    "_original_do_torchao_reload",
 }
 
 

@@ -109,6 +109,9 @@ class DataConfig:
     valid_path: str | None = None  # codecontests: the valid split (selection)
     test_path: str | None = None  # codecontests: the test split (the reported numbers)
     train_problems: int = 160  # synthetic: instances drawn from the train split
+    # synthetic: the draw of the problems and their tests (train, valid and test), apart from
+    # run.seed: runs of different seeds train and are measured on the same problems.
+    seed: int = 0
     # synthetic: "feedback" adds problems only the feedback can solve (the ablations' bench)
     curriculum: Literal["basic", "feedback"] = "basic"
     valid_problems: int = 20  # valid problems (synthetic: from the held-out split)

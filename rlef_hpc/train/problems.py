@@ -21,8 +21,8 @@ def load_problems(cfg: TrainConfig) -> tuple[list[Problem], list[Problem]]:
     d = cfg.data
     if d.source == "synthetic":
         return (
-            synthetic.generate(d.train_problems, "train", cfg.run.seed, d.curriculum),
-            synthetic.generate(d.valid_problems, "heldout", cfg.run.seed, d.curriculum),
+            synthetic.generate(d.train_problems, "train", d.seed, d.curriculum),
+            synthetic.generate(d.valid_problems, "heldout", d.seed, d.curriculum),
         )
     train = load_codecontests(d.train_path)
     valid = load_codecontests(d.valid_path)[: d.valid_problems] if d.valid_path else []
@@ -39,7 +39,7 @@ def load_test_problems(cfg: TrainConfig) -> list[Problem]:
             return []
         drawn = d.valid_problems + d.test_problems
         try:
-            both = synthetic.generate(drawn, "heldout", cfg.run.seed, d.curriculum)
+            both = synthetic.generate(drawn, "heldout", d.seed, d.curriculum)
         except ValueError as e:
             raise ValueError(
                 f"data.valid_problems={d.valid_problems} + data.test_problems={d.test_problems}: "
