@@ -241,14 +241,19 @@ def test_cli_refuses_a_colocated_pipeline_parallel_run_before_writing_anything(t
         ),
         (["rollout.quantization=fp8"], "rlef-train: error: rollout.quantization=fp8 needs a GPU"),
         (["parallel.data=2"], "error: 1 processes, but parallel.tensor x pipeline x data = 2"),
+        (
+            ["data.train_problems=400"],
+            "rlef-train: error: data.train_problems=400: cannot draw 400 distinct train problems",
+        ),
     ],
-    ids=["fp8", "engine-fp8", "world-size"],
+    ids=["fp8", "engine-fp8", "world-size", "too-many-problems"],
 )
 def test_cli_refuses_what_this_machine_or_launch_cannot_run_before_building(
     tmp_path, overrides, message
 ):
     """What only the machine or the launch can tell (no FP8 GPU here; one process for a layout
-    of two) is one line and exit 2 before anything is built or written, as a bad key is."""
+    of two), or only drawing the problems (more than the synthetic families hold), is one line
+    and exit 2 before anything is built or written, as a bad key is."""
     if any("fp8" in o for o in overrides) and torch_cuda_capability() >= (8, 9):
         pytest.skip("this machine has an FP8 GPU")
     run = tmp_path / "run"

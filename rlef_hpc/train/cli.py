@@ -74,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(file).is_file():
             p.exit(2, f"{p.prog}: error: eval.transfer: {file}: no such file\n")
     if cfg.data.source == "synthetic":  # drawn in a blink: too few is said before anything
-        from rlef_hpc.train.problems import load_test_problems
+        from rlef_hpc.train.problems import load_problems, load_test_problems
 
         try:
+            load_problems(cfg)
             load_test_problems(cfg)
         except ValueError as e:
             p.exit(2, f"{p.prog}: error: {e}\n")

@@ -20,10 +20,16 @@ def load_problems(cfg: TrainConfig) -> tuple[list[Problem], list[Problem]]:
     """(train, valid) problems."""
     d = cfg.data
     if d.source == "synthetic":
-        return (
-            synthetic.generate(d.train_problems, "train", d.seed, d.curriculum),
-            synthetic.generate(d.valid_problems, "heldout", d.seed, d.curriculum),
-        )
+        drawn = []
+        for key, n, split in (
+            ("train", d.train_problems, "train"),
+            ("valid", d.valid_problems, "heldout"),
+        ):
+            try:
+                drawn.append(synthetic.generate(n, split, d.seed, d.curriculum))
+            except ValueError as e:
+                raise ValueError(f"data.{key}_problems={n}: {e}") from None
+        return drawn[0], drawn[1]
     train = load_codecontests(d.train_path)
     valid = load_codecontests(d.valid_path)[: d.valid_problems] if d.valid_path else []
     return train, valid
