@@ -155,10 +155,21 @@ class WarmStartConfig:
     # Copies of each problem's repair demonstration (near miss, its real feedback, then the
     # solution): a policy that has seen feedback used, which RL can then reinforce.
     repairs: int = 0
+    # Steps between looks at the loss of the valid problems' reference solutions (and one after
+    # the last): the policy kept is the one where it was lowest. 0: the last step's.
+    select_every: int = 0
 
     def __post_init__(self) -> None:
         require_at_least(
-            "warmstart", self, steps=0, batch_size=1, lr=0, warmup_steps=1, near_misses=0, repairs=0
+            "warmstart",
+            self,
+            steps=0,
+            batch_size=1,
+            lr=0,
+            warmup_steps=1,
+            near_misses=0,
+            repairs=0,
+            select_every=0,
         )
 
 

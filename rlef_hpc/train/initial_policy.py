@@ -9,6 +9,7 @@ which the engines start from and the KL penalty refers to.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import torch.distributed as dist
@@ -23,6 +24,8 @@ from rlef_hpc.sandbox import Executor
 from rlef_hpc.train.config import TrainConfig
 from rlef_hpc.train.warmstart import demonstrations, repair_demonstrations, warm_start
 
+logger = logging.getLogger(__name__)
+
 
 def tokenizer_corpus(problems: list[Problem], episodes: EpisodeConfig) -> list[str]:
     """What the demo's tokenizer is trained on: the prompts, answers and feedback it will see."""
@@ -35,8 +38,12 @@ def tokenizer_corpus(problems: list[Problem], episodes: EpisodeConfig) -> list[s
     return texts * 4 + templates * 20
 
 
-def build_initial_policy(cfg: TrainConfig, problems: list[Problem], out: Path) -> None:
-    """Writes `out` (collective: every rank calls it; parallel state initialised, seeded)."""
+def build_initial_policy(
+    cfg: TrainConfig, problems: list[Problem], valid: list[Problem], out: Path
+) -> None:
+    """Writes `out` (collective: every rank calls it; parallel state initialised, seeded):
+    warm-started on `problems`; `valid`'s reference solutions choose where the warm start
+    ends (warmstart.select_every)."""
     spec, w, e = cfg.model, cfg.warmstart, cfg.episodes
     if spec.init == "hf" and not w.steps:  # the initial policy is the HF model as it is
         if dist.get_rank() == 0:
@@ -62,11 +69,28 @@ def build_initial_policy(cfg: TrainConfig, problems: list[Problem], out: Path) -
                     problems, tokenizer, e.templates, e.language, executor
                 )
             examples += repairs * w.repairs
+        heldout = None
+        if w.select_every and valid:
+            heldout = demonstrations(valid, tokenizer, e.templates, e.language)
         rank0 = dist.get_rank() == 0
-        losses = warm_start(
-            policy, examples, w.steps, w.batch_size, w.lr, cfg.run.seed, rank0, w.warmup_steps
+        result = warm_start(
+            policy,
+            examples,
+            w.steps,
+            w.batch_size,
+            w.lr,
+            cfg.run.seed,
+            rank0,
+            w.warmup_steps,
+            heldout,
+            w.select_every,
         )
         if rank0:
-            print(f"warm start: loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
+            line = f"warm start: loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}"
+            if result.kept is not None:
+                step, loss = result.kept
+                line += f"; kept step {step} (valid loss {loss:.3f})"
+            print(line, flush=True)
+            logger.info("warm start: valid loss by step %s", result.heldout)
     source = Path(spec.hf_dir) if spec.init == "hf" else None  # its config and generation ids
     save_model(policy, model_cfg, cfg.precision.dtype, tokenizer, out, source)

@@ -103,7 +103,7 @@ class Trainer:
         seed(cfg.run.seed)
         # An init/ left by a run that died before its first checkpoint is reused as it is.
         if checkpoint is None and not (self.init_dir / "config.json").exists():
-            build_initial_policy(cfg, self.train_problems, self.init_dir)
+            build_initial_policy(cfg, self.train_problems, valid_problems, self.init_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.init_dir)
         self.model_cfg = read_model_config(self.init_dir)
         engine = own_engine(cfg, self.init_dir)  # before the models fill the GPU

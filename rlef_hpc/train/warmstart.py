@@ -188,6 +188,56 @@ def _forward_step(data: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]
     return forward(model, tokens, positions, mask, index), partial(_nll, targets)
 
 
+@dataclasses.dataclass
+class WarmStartResult:
+    losses: list[float]  # this rank's training loss at each step
+    # (step, the held-out loss after it) at each look; the policy kept is the lowest's
+    heldout: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+
+    @property
+    def kept(self) -> tuple[int, float] | None:
+        return min(self.heldout, key=lambda x: x[1]) if self.heldout else None
+
+
+def _run(trainable: Any, tokens: torch.Tensor, answer: torch.Tensor, forward_only: bool) -> Any:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    [out] = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=iter([(tokens, answer)]),
+        model=[trainable.model],
+        num_microbatches=1,
+        seq_length=tokens.shape[1],
+        micro_batch_size=len(tokens),
+        forward_only=forward_only,
+    )
+    return out
+
+
+def heldout_loss(
+    trainable: Any, examples: list[tuple[list[int], int]], multiple: int, batch_size: int
+) -> float:
+    """The answer tokens' mean negative log-likelihood over `examples`, every data-parallel
+    rank taking an interleaved share, averaged over all of their tokens."""
+    from megatron.core import parallel_state as ps
+
+    rank, world = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    device = next(trainable.model.parameters()).device
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # nll summed, tokens
+    mine = examples[rank::world]
+    with torch.no_grad():
+        for i in range(0, len(mine), batch_size):
+            tokens, answer = answer_batch(mine[i : i + batch_size], device, multiple)
+            count = int(answer.sum())
+            total += torch.tensor(
+                [float(_run(trainable, tokens, answer, True)["loss"]) * count, count],
+                dtype=torch.float64,
+                device=device,
+            )
+    torch.distributed.all_reduce(total, group=ps.get_data_parallel_group())
+    return float(total[0] / total[1])
+
+
 def warm_start(
     model: torch.nn.Module,
     examples: list[tuple[list[int], int]],
@@ -197,21 +247,27 @@ def warm_start(
     seed: int,
     progress: bool = False,
     warmup: int = 10,
-) -> list[float]:
+    heldout: list[tuple[list[int], int]] | None = None,
+    look_every: int = 0,
+) -> WarmStartResult:
     """AdamW on the answer tokens' negative log-likelihood, through megatron's DDP, optimizer
     and forward-backward schedule (see rlef_hpc.rl.optim): data-parallel ranks take interleaved
     shares of each batch and their gradients are averaged; tensor-parallel ranks of a group see
     the same batch. `model` (one pipeline stage: the warm start runs without pipeline
-    parallelism) is updated in place. Returns this rank's losses."""
+    parallelism) is updated in place. With `heldout` demonstrations and `look_every`, their
+    loss is measured every `look_every` steps and after the last, and the model ends with the
+    weights of the lowest: how long a small model should memorise its demonstrations depends
+    on its seed, and what it then does on problems it has not seen shows in that loss."""
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     rank, world = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     device = next(model.parameters()).device
     trainable = make_trainable(model, dataclasses.replace(OPTIM, lr=lr))
     multiple = sequence_multiple(model.config)
     rng = random.Random(seed)
-    losses = []
+    result = WarmStartResult([])
+    best: list[torch.Tensor] | None = None
+    looks = bool(heldout) and look_every > 0
     bar = range(steps)
     if progress:
         bar = progress_bar(bar, desc="warm start", unit="step")
@@ -224,20 +280,22 @@ def warm_start(
             group["lr"] = lr * lr_factor(step, steps, warmup)
         trainable.model.zero_grad_buffer()
         trainable.optimizer.zero_grad()
-        [out] = get_forward_backward_func()(
-            forward_step_func=_forward_step,
-            data_iterator=iter([(tokens, answer)]),
-            model=[trainable.model],
-            num_microbatches=1,
-            seq_length=tokens.shape[1],
-            micro_batch_size=len(tokens),
-            forward_only=False,
-        )
+        out = _run(trainable, tokens, answer, False)
         trainable.finish_grads()  # the data-parallel average
+        look = looks and ((step + 1) % look_every == 0 or step == steps - 1)
         # clipped by the norm over the model-parallel group; the parameters' all-gather (when
-        # overlapped) waits for the next step's forward, and is finished after the last step
-        trainable.step(gather=step == steps - 1)
-        losses.append(float(out["loss"]))
+        # overlapped) waits for the next step's forward, and is finished where they are read
+        trainable.step(gather=look or step == steps - 1)
+        result.losses.append(float(out["loss"]))
+        if look:
+            assert heldout is not None
+            result.heldout.append((step + 1, heldout_loss(trainable, heldout, multiple, 64)))
+            if result.kept == result.heldout[-1]:
+                best = [p.detach().clone() for p in model.parameters()]
         if progress:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    return losses
+            bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
+    if best is not None:
+        with torch.no_grad():
+            for p, kept in zip(model.parameters(), best, strict=True):
+                p.copy_(kept)
+    return result

@@ -165,7 +165,7 @@ def warm_start() -> None:
     policy, _, _ = models()
     data = examples()
     with strict_devices(torch.device("cpu")):
-        losses = warm_start(policy, data, steps=2, batch_size=4, lr=1e-3, seed=0)
+        losses = warm_start(policy, data, steps=2, batch_size=4, lr=1e-3, seed=0).losses
     assert len(losses) == 2
 
 

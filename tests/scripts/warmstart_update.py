@@ -55,12 +55,25 @@ def untargeted_loss(model: torch.nn.Module, batch: list[tuple[list[int], int]]) 
     return float(-(logp * answer[:, 1:]).sum() / answer[:, 1:].sum())
 
 
+def select(model: torch.nn.Module, data: list[tuple[list[int], int]], out: str) -> None:
+    """Held out: five of the demonstrations with every answer token moved by one, which the
+    more the model learns the demonstrations, the less it predicts: the loss is lowest early,
+    and the weights kept must be those, not the last step's."""
+    heldout = [([*t[:a], *((x + 1) % MODEL.vocab_size for x in t[a:])], a) for t, a in data[:5]]
+    result = warm_start(model, data, STEPS, BATCH, LR, SEED, heldout=heldout, look_every=2)
+    if dist.get_rank() == 0:
+        final = untargeted_loss(model, heldout)  # the weights the model ends with
+        torch.save({"heldout": result.heldout, "kept": result.kept, "final": final}, out)
+    dist.barrier()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--init")
     p.add_argument("--out")
     p.add_argument("--make-init")
+    p.add_argument("--select", help="warm start choosing by a held-out loss; results here")
     args = p.parse_args()
     validate(MODEL, ParallelConfig(args.tp, 1, 1), PrecisionConfig())  # before any group
     if not dist.is_initialized():
@@ -79,6 +92,9 @@ def main() -> None:
         return
     load_full_state(model, torch.load(args.init), MODEL.num_layers)
     data = examples()
+    if args.select:
+        select(model, data, args.select)
+        return
     # The first batch as warm_start draws it (one data-parallel rank).
     first = random.Random(SEED).sample(data, min(BATCH, len(data)))
     untargeted = untargeted_loss(model, first)
@@ -87,7 +103,7 @@ def main() -> None:
     hook = model.output_layer.register_forward_hook(
         lambda _, args, out: head_rows.append(out[0].shape[0] * out[0].shape[1])
     )
-    losses = warm_start(model, data, STEPS, BATCH, LR, SEED)
+    losses = warm_start(model, data, STEPS, BATCH, LR, SEED).losses
     hook.remove()
     answer_tokens = int(answer_batch(first)[1].sum())
     state = gather_full_state(model, MODEL.num_layers)  # the plain model, updated in place
