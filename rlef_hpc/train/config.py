@@ -21,7 +21,7 @@ class RunConfig:
 
     dir: str = "runs/demo_cpu"
     seed: int = 0
-    iterations: int = 30
+    iterations: int = 25
     eval_every: int = 0  # iterations; 0: only before and after training
     # Iterations between checkpoints (and always at the end, and on SIGTERM/SIGUSR1): at 1, a
     # SIGKILL loses at most the iteration in progress (with async_save, also the one before it
@@ -239,7 +239,7 @@ class TrainConfig:
     # The demo's: a policy that answers in form, right or almost right (see near_misses).
     warmstart: WarmStartConfig = field(
         default_factory=lambda: WarmStartConfig(
-            steps=400, batch_size=16, warmup_steps=40, near_misses=1
+            steps=400, batch_size=16, warmup_steps=40, near_misses=1, select_every=50
         )
     )
     eval: EvalConfig = field(default_factory=EvalConfig)
