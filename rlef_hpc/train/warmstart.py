@@ -289,7 +289,9 @@ def warm_start(
         result.losses.append(float(out["loss"]))
         if look:
             assert heldout is not None
-            result.heldout.append((step + 1, heldout_loss(trainable, heldout, multiple, 64)))
+            # in batches no larger than a training step's share: no more memory than training
+            share = -(-batch_size // world)
+            result.heldout.append((step + 1, heldout_loss(trainable, heldout, multiple, share)))
             if result.kept == result.heldout[-1]:
                 best = [p.detach().clone() for p in model.parameters()]
         if progress:
